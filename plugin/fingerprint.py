@@ -1,0 +1,99 @@
+"""Fingerprints that tie an artifact to the checkpoint and tokenizer it was fitted on.
+
+A probe's neurons mean nothing on another checkpoint, even one with the same config (a fine-tune keeps the
+shapes and moves every weight), so the model fingerprint holds the architecture-defining config fields *and* a
+hash of the hooked layer's weights.
+
+Footgun: the weight hash is computed after casting to bfloat16, so the same checkpoint loaded in fp32 or bf16 (or
+on CPU vs GPU) matches, but a float16 load, or a differently quantised copy, is a different checkpoint here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from .hooks import find_decoder_layers
+
+__all__ = ["CONFIG_FIELDS", "model_fingerprint", "tokenizer_fingerprint", "chat_template_sha256", "diff_fingerprints"]
+
+# Fields that define the architecture; HF spells some differently per family (GPT-2's n_embd etc.).
+CONFIG_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "n_embd",
+    "num_hidden_layers",
+    "n_layer",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "intermediate_size",
+    "n_inner",
+    "vocab_size",
+    "max_position_embeddings",
+    "n_positions",
+    "rope_theta",
+    "hidden_act",
+    "activation_function",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "layer_norm_epsilon",
+    "tie_word_embeddings",
+)
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def layer_weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the layer's parameters (names, shapes, values rounded to bfloat16)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        values = param.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module, layer: int) -> dict[str, str]:
+    """Flat ``{field: value}`` fingerprint of ``model`` as seen by a probe on ``layer`` (1-based)."""
+    config = model.config.to_dict()
+    fields = {f"config.{k}": json.dumps(config[k], sort_keys=True) for k in CONFIG_FIELDS if k in config}
+    decoder = find_decoder_layers(model)
+    fields["layer_weights_sha256"] = layer_weights_sha256(decoder.block(layer))
+    return fields
+
+
+def chat_template_sha256(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return "none"
+    if isinstance(template, dict):  # multi-template tokenizers
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256(template.encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
+    """Flat fingerprint of a tokenizer: vocabulary, special tokens and chat template."""
+    vocab = tokenizer.get_vocab()
+    specials = {
+        "bos": tokenizer.bos_token,
+        "eos": tokenizer.eos_token,
+        "unk": getattr(tokenizer, "unk_token", None),
+        "additional": sorted(map(str, getattr(tokenizer, "additional_special_tokens", []) or [])),
+    }
+    return {
+        "vocab_size": str(len(vocab)),
+        "vocab_sha256": _sha256_json(sorted(vocab.items())),
+        "special_tokens_sha256": _sha256_json(specials),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+    }
+
+
+def diff_fingerprints(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
+    """Names of the fields whose values differ (or exist on one side only), sorted."""
+    return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))

