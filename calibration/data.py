@@ -229,6 +229,8 @@ def load_data(spec: str, *, seed: int = 0) -> list[Question]:
     else:
         raise DataError(f"unknown data spec {spec!r}: use a .jsonl file or one of {sorted(BUILTIN)}")
     if count:
-        rng = random.Random(f"{seed}-{name}")
-        questions = rng.sample(questions, min(int(count), len(questions)))
+        # Shuffle-then-take: a larger N extends a smaller one (so cached features are reused).
+        questions = list(questions)
+        random.Random(f"{seed}-{name}").shuffle(questions)
+        questions = questions[: int(count)]
     return questions

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.fingerprint import model_fingerprint, tokenizer_fingerprint
-from valueprobe.plugin.hooks import capture, find_decoder_layers
+from valueprobe.plugin.hooks import capture, find_decoder_layers, with_position_ids
 from valueprobe.plugin.prompting import PromptFormat
 
 from .data import Question, grade_numeric, grade_open
@@ -117,9 +117,11 @@ def _entropy(p: torch.Tensor) -> float:
 def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], layers, device):
     texts = [fmt.render(tokenizer, q.prompt()) for q in batch]
     tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer)).to(device)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer),
+                    return_token_type_ids=False).to(device)
     with capture(model, layers) as cap:
-        out = model(**enc, use_cache=False)
+        # Only the last position's logits are needed: skip the LM head elsewhere (a big matmul for large vocabs).
+        out = model(**with_position_ids(enc), use_cache=False, logits_to_keep=1)
     feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
     logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()  # left padding: last column is real
     rows = []
@@ -146,7 +148,8 @@ def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question]
 def _run_generate_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], layers, device, max_new_tokens):
     texts = [fmt.render(tokenizer, q.prompt()) for q in batch]
     tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer)).to(device)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer),
+                    return_token_type_ids=False).to(device)
     with capture(model, layers) as cap:
         gen = model.generate(
             **enc,

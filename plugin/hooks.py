@@ -278,3 +278,17 @@ class _Capture:
         if not self.batches:
             return {}
         return {layer: torch.cat([b[layer] for b in self.batches]) for layer in self.batches[0]}
+
+
+def with_position_ids(encoding: dict) -> dict:
+    """Add ``position_ids`` counting real tokens only, so left padding does not shift absolute positions.
+
+    ``generate`` does this itself; a plain forward pass does not, and models with absolute position embeddings
+    (GPT-2, OPT) then see different positions for a left-padded row than for the same prompt alone.
+    """
+    mask = encoding.get("attention_mask")
+    if mask is None or "position_ids" in encoding:
+        return encoding
+    out = dict(encoding)
+    out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return out

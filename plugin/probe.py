@@ -33,7 +33,7 @@ from .artifact import (
     save_artifact,
 )
 from .fingerprint import diff_fingerprints, model_fingerprint, tokenizer_fingerprint
-from .hooks import LastTokenReader, find_decoder_layers
+from .hooks import LastTokenReader, capture, find_decoder_layers, with_position_ids
 from .prompting import Prompt, PromptFormat
 from .readout import calibrate, head_logit
 
@@ -218,6 +218,7 @@ class ValueProbe:
                 return_tensors="pt",
                 padding=True,
                 add_special_tokens=self.prompt_format.adds_special_tokens(tokenizer),
+                return_token_type_ids=False,
             )
         finally:
             tokenizer.padding_side = old_side
@@ -243,13 +244,11 @@ class ValueProbe:
         ):
             prompts = [prompts]
         self.check_compatible(model, tokenizer, strict=check_fingerprint)
-        from .hooks import capture
-
         device = next(model.parameters()).device
         results: list[ProbeResult] = []
         for start in range(0, len(prompts), batch_size):
             batch = self.encode(tokenizer, prompts[start : start + batch_size]).to(device)
             with capture(model, [self.layer], self.neuron_indices, stop_after=True) as cap:
-                model(**batch, use_cache=False)
+                model(**with_position_ids(batch), use_cache=False)
             results.extend(self.readout(cap.batches[0][self.layer]))
         return results

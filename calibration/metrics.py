@@ -1,0 +1,141 @@
+"""Metrics for confidence scores, as pure functions.
+
+Naming follows scikit-learn: ``*_score`` is higher-is-better, ``*_loss`` / ``*_error`` lower-is-better. Inputs
+are ``y_true`` in {0, 1} (1 = the model's answer was correct) and a score where higher means "more likely
+correct". Degenerate input (one class only for ranking metrics, mismatched lengths, probabilities outside
+[0, 1]) raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+__all__ = [
+    "auroc_score",
+    "auprc_score",
+    "brier_loss",
+    "expected_calibration_error",
+    "reliability_curve",
+    "risk_coverage_curve",
+    "aurc_loss",
+    "prr_score",
+]
+
+
+def _check(y_true, y_score, *, probabilities: bool = False, both_classes: bool = False):
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim != 1 or y_score.ndim != 1:
+        raise ValueError("y_true and y_score must be 1-D")
+    if len(y_true) != len(y_score):
+        raise ValueError(f"length mismatch: {len(y_true)} labels, {len(y_score)} scores")
+    if len(y_true) == 0:
+        raise ValueError("empty input")
+    if not np.isin(y_true, (0, 1)).all():
+        raise ValueError("y_true must hold only 0 and 1")
+    if not np.isfinite(y_score).all():
+        raise ValueError("y_score has non-finite values")
+    if probabilities and ((y_score < 0).any() or (y_score > 1).any()):
+        raise ValueError("probabilities must lie in [0, 1]")
+    if both_classes and len(np.unique(y_true)) < 2:
+        raise ValueError("only one class present in y_true; the metric is undefined")
+    return y_true.astype(np.int64), y_score
+
+
+def auroc_score(y_true, y_score) -> float:
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score``)."""
+    y_true, y_score = _check(y_true, y_score, both_classes=True)
+    return float(roc_auc_score(y_true, y_score))
+
+
+def auprc_score(y_true, y_score) -> float:
+    """Average precision for the *correct* class (scikit-learn's ``average_precision_score``)."""
+    y_true, y_score = _check(y_true, y_score, both_classes=True)
+    return float(average_precision_score(y_true, y_score))
+
+
+def brier_loss(y_true, y_prob) -> float:
+    """Mean squared error between the probability and the outcome."""
+    y_true, y_prob = _check(y_true, y_prob, probabilities=True)
+    return float(np.mean((y_prob - y_true) ** 2))
+
+
+def _bin_edges(y_prob: np.ndarray, n_bins: int, strategy: str) -> np.ndarray:
+    if strategy == "uniform":
+        return np.linspace(0.0, 1.0, n_bins + 1)
+    if strategy == "quantile":
+        edges = np.quantile(y_prob, np.linspace(0.0, 1.0, n_bins + 1))
+        edges[0], edges[-1] = 0.0, 1.0
+        return np.unique(edges)
+    raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
+
+
+def reliability_curve(y_true, y_prob, *, n_bins: int = 15, strategy: str = "uniform"):
+    """Per non-empty bin: ``(mean predicted probability, observed accuracy, count)`` as three arrays."""
+    if n_bins < 1:
+        raise ValueError("n_bins must be >= 1")
+    y_true, y_prob = _check(y_true, y_prob, probabilities=True)
+    edges = _bin_edges(y_prob, n_bins, strategy)
+    # Right-closed last bin so that p = 1.0 lands in it.
+    ids = np.clip(np.searchsorted(edges, y_prob, side="right") - 1, 0, len(edges) - 2)
+    counts = np.bincount(ids, minlength=len(edges) - 1)
+    conf = np.bincount(ids, weights=y_prob, minlength=len(edges) - 1)
+    acc = np.bincount(ids, weights=y_true, minlength=len(edges) - 1)
+    keep = counts > 0
+    return conf[keep] / counts[keep], acc[keep] / counts[keep], counts[keep]
+
+
+def expected_calibration_error(y_true, y_prob, *, n_bins: int = 15, strategy: str = "uniform") -> float:
+    """ECE: count-weighted mean |accuracy − confidence| over bins.
+
+    ``strategy="uniform"`` uses equal-width bins, ``"quantile"`` equal-mass bins.
+    """
+    conf, acc, counts = reliability_curve(y_true, y_prob, n_bins=n_bins, strategy=strategy)
+    return float(np.sum(counts * np.abs(acc - conf)) / np.sum(counts))
+
+
+def risk_coverage_curve(y_true, y_score):
+    """Selective prediction: accept the ``c`` most confident answers, for c = 1..n.
+
+    Returns ``(coverage, risk)`` where risk is the error rate among accepted answers. Ties in the score are
+    accepted together (their risk is averaged), so the curve does not depend on the input order.
+    """
+    y_true, y_score = _check(y_true, y_score)
+    order = np.argsort(-y_score, kind="mergesort")
+    errors = 1 - y_true[order]
+    scores = y_score[order]
+    cum_err = np.cumsum(errors)
+    n = len(y_true)
+    # At a tie block's end, every member is accepted; inside a block use the block-end value, interpolated.
+    last_of_block = np.r_[scores[1:] != scores[:-1], True]
+    block_end = np.flatnonzero(last_of_block)
+    block_id = np.searchsorted(block_end, np.arange(n))
+    start = np.r_[0, block_end[:-1] + 1][block_id]
+    end = block_end[block_id]
+    err_before = np.r_[0, cum_err][start]
+    block_err = cum_err[end] - err_before
+    within = np.arange(n) - start + 1
+    expected_err = err_before + block_err * within / (end - start + 1)
+    coverage = np.arange(1, n + 1) / n
+    return coverage, expected_err / np.arange(1, n + 1)
+
+
+def aurc_loss(y_true, y_score) -> float:
+    """Area under the risk-coverage curve (mean selective risk over coverages 1/n..1). Lower is better."""
+    _, risk = risk_coverage_curve(y_true, y_score)
+    return float(np.mean(risk))
+
+
+def prr_score(y_true, y_score) -> float:
+    """Prediction rejection ratio: (AURC_random − AURC) / (AURC_random − AURC_oracle).
+
+    1 is an oracle, 0 is no better than random rejection, negative is worse than random.
+    """
+    y_true, y_score = _check(y_true, y_score, both_classes=True)
+    error_rate = 1 - y_true.mean()
+    random_aurc = error_rate
+    oracle_aurc = aurc_loss(y_true, y_true.astype(np.float64))
+    if random_aurc - oracle_aurc <= 0:
+        raise ValueError("PRR undefined: oracle and random rejection coincide")
+    return float((random_aurc - aurc_loss(y_true, y_score)) / (random_aurc - oracle_aurc))

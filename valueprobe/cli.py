@@ -1,0 +1,228 @@
+"""The ``valueprobe`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="valueprobe: calibrated confidence for LLM answers from a sparse set of value neurons.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks that print measured ratios (quality, perf).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+DEFAULT_ARTIFACT_NAME = "qwen2.5-coder-1.5b-instruct.safetensors"
+
+
+def default_artifact() -> Path:
+    """The shipped default artifact (``weights/`` inside the installed package)."""
+    from importlib.resources import files
+
+    return Path(str(files("valueprobe.weights") / DEFAULT_ARTIFACT_NAME))
+
+
+def _fail(message: str, code: int = 2):
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _load_probe(path: Path):
+    from valueprobe.plugin import ArtifactError, ValueProbe
+
+    try:
+        return ValueProbe.load(path)
+    except ArtifactError as exc:
+        _fail(str(exc))
+
+
+def _load_model(name: str, dtype: str):
+    import torch
+
+    from valueprobe.plugin.models import ModelNotInstalledError, load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        return load_model(name, dtype=dtype)
+    except ModelNotInstalledError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="Artifact (.safetensors) to describe.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw metadata as JSON.")] = False,
+):
+    """Print an artifact's metadata and eval card (validates the whole file first)."""
+    from valueprobe.calibration.evaluate import render_markdown
+
+    probe = _load_probe(artifact)
+    md = probe.data.metadata
+    if as_json:
+        typer.echo(json.dumps({k: (json.loads(v) if k in ("eval_card", "thresholds", "prompt_format", "model_fingerprint",
+                                                          "tokenizer_fingerprint") else v) for k, v in md.items()},
+                              indent=2, sort_keys=True))
+        return
+    typer.echo(f"artifact      {artifact}  (id {probe.artifact_id}, format {md['format_version']})")
+    typer.echo(f"model         {md['model_name']}")
+    typer.echo(f"layer         {probe.layer} ({md['hook_point']}, {md['token_position']})")
+    typer.echo(f"neurons       k={probe.k} of {probe.hidden_size} ({100 * probe.k / probe.hidden_size:.2f}%)")
+    typer.echo(f"head          {probe.head}, calibrator {probe.calibrator}, objective {md['objective']}")
+    typer.echo(f"prompt format {md['prompt_format']}")
+    if probe.thresholds:
+        typer.echo(f"thresholds    {json.dumps(probe.thresholds, sort_keys=True)}")
+    if probe.eval_card:
+        typer.echo("")
+        typer.echo(render_markdown(probe.eval_card))
+
+
+@app.command()
+def score(
+    prompts: Annotated[list[str], typer.Argument(help="Questions to score (prompt-only, no generation).")],
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name or folder; default: the artifact's model.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 (fastest on CPU), bfloat16 or float16.")] = "float32",
+    check_fingerprint: Annotated[bool, typer.Option(help="Refuse a model whose fingerprint differs.")] = True,
+):
+    """Score questions with an artifact: prints raw score and calibrated P(correct) per question."""
+    probe = _load_probe(artifact or default_artifact())
+    mdl, tok = _load_model(model or probe.model_name, dtype)
+    from valueprobe.plugin import FingerprintMismatchError
+
+    try:
+        results = probe.score(mdl, tok, list(prompts), check_fingerprint=check_fingerprint)
+    except FingerprintMismatchError as exc:
+        _fail(str(exc))
+    for prompt, r in zip(prompts, results):
+        typer.echo(f"{r.probability:.3f}  (raw {r.raw:+.3f})  {prompt}")
+
+
+@app.command()
+def fit(
+    model: Annotated[str, typer.Option(help="Model: a known name (see README), a local HF folder, or a hub name.")],
+    data: Annotated[list[str], typer.Option(help="Data spec, repeatable: file.jsonl[:N] or a built-in "
+                                            "(mmlu, arc-easy, arc-challenge, commonsenseqa, triviaqa, nq-open, gsm8k)[:N].")],
+    out: Annotated[Path, typer.Option(help="Artifact to write (.safetensors); report and plots go beside it.")],
+    cache: Annotated[Path, typer.Option(help="Feature cache folder; a rerun resumes from it.")] = Path("runs/cache"),
+    batch_size: Annotated[int, typer.Option(help="Prompts per prefill batch.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens for labelling open questions.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed for splits, sampling and probes.")] = 0,
+    tolerance: Annotated[float, typer.Option(help="Chosen k: smallest whose CV AUROC is within this of the best.")] = 0.01,
+    top_layers: Annotated[int, typer.Option(help="Layers (best by dense CV AUROC) that get a pruning path.")] = 3,
+    layer: Annotated[Optional[list[int]], typer.Option(help="Restrict selection to these layers (1-based).")] = None,
+    head: Annotated[str, typer.Option(help="Scoring head: linear or mlp (both are stored).")] = "linear",
+    calibrator: Annotated[str, typer.Option(help="platt, isotonic, temperature or identity.")] = "platt",
+    selector: Annotated[str, typer.Option(help="Probe that ranks neurons: linear, l1 or mlp.")] = "linear",
+    random_seeds: Annotated[int, typer.Option(help="Random-k baselines to average.")] = 10,
+    dtype: Annotated[str, typer.Option(help="Model dtype.")] = "float32",
+    name: Annotated[Optional[str], typer.Option(help="Model name recorded in the artifact (default: --model).")] = None,
+):
+    """Discover value neurons in a causal LM, calibrate them, evaluate against baselines and write the artifact."""
+    from valueprobe.calibration.data import DataError, load_data
+    from valueprobe.calibration.evaluate import format_table, render_markdown, write_plots
+    from valueprobe.calibration.extract import extract_features
+    from valueprobe.calibration.fit import FitConfig, fit_artifact
+    from valueprobe.plugin import PromptFormat, save_artifact
+
+    try:
+        questions = [q for spec in data for q in load_data(spec, seed=seed)]
+    except DataError as exc:
+        _fail(str(exc))
+    mdl, tok = _load_model(model, dtype)
+    fmt = PromptFormat()
+    features = extract_features(mdl, tok, questions, fmt, cache_dir=cache, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens)
+    cfg = FitConfig(seed=seed, tolerance=tolerance, top_layers=top_layers, layers=layer, head=head,
+                    calibrator=calibrator, selector_probe=selector, random_seeds=random_seeds,
+                    extra={"data_specs": list(data), "max_new_tokens": max_new_tokens})
+    try:
+        artifact, card = fit_artifact(mdl, tok, features, model_name=name or model, prompt_format=fmt, config=cfg)
+    except ValueError as exc:
+        _fail(str(exc))
+    save_artifact(artifact, out)
+    report_dir = out.parent
+    stem = out.name.removesuffix(".safetensors")
+    plots = write_plots(card, report_dir / f"{stem}.plots")
+    (report_dir / f"{stem}.md").write_text(render_markdown(card).replace("`layers.png`", f"`{stem}.plots/layers.png`"))
+    typer.echo(format_table(card["test"]))
+    typer.echo(card["verdict"])
+    typer.echo(f"wrote {out} (id {artifact.metadata['content_sha256'][:12]}), {stem}.md and {len(plots)} plots")
+
+
+@app.command(name="eval")
+def eval_(
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Data spec(s); default: the artifact's test split data.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model; default: the artifact's own model.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per item here.")] = None,
+    cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    dtype: str = "float32",
+    test_split_only: Annotated[bool, typer.Option(help="Score only questions in the artifact's test split.")] = True,
+):
+    """Score an artifact on labelled data: labels come from the model on the artifact's prompt format."""
+    import numpy as np
+    import torch
+
+    from valueprobe.calibration.data import DataError, load_data
+    from valueprobe.calibration.evaluate import BASELINES, format_table, score_metrics
+    from valueprobe.calibration.extract import extract_features
+    from valueprobe.calibration.fit import split_labels
+
+    path = artifact or default_artifact()
+    probe = _load_probe(path)
+    card = probe.eval_card
+    specs = data or card.get("config", {}).get("extra", {}).get("data_specs") or []
+    if not specs:
+        _fail("no --data given and the artifact records no data specs")
+    try:
+        questions = [q for spec in specs for q in load_data(spec, seed=seed)]
+    except DataError as exc:
+        _fail(str(exc))
+    if test_split_only and card.get("splits"):
+        s = card["splits"]
+        labels = split_labels([q.id for q in questions], seed=s["seed"], train_fraction=s["fractions"][0],
+                              calibration_fraction=s["fractions"][1])
+        questions = [q for q, lab in zip(questions, labels) if lab == "test"] or questions
+    mdl, tok = _load_model(model or probe.model_name, dtype)
+    probe.check_compatible(mdl, tok, strict=model is None)
+    fs = extract_features(mdl, tok, questions, probe.prompt_format, cache_dir=cache, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens)
+    values = fs.features[:, probe.layer - 1, :][:, probe.neuron_indices]
+    raw = probe.raw_scores(values)
+    prob = probe.predict_proba(values)
+    y = fs.labels
+    rows = [{"name": "value neurons, calibrated", **score_metrics(y, raw, prob)}]
+    for name, getter in BASELINES.items():
+        vals = getter(fs.rows)
+        if all(v is not None for v in vals):
+            rows.append({"name": name, **score_metrics(y, np.asarray(vals, dtype=float))})
+    typer.echo(f"{len(y)} questions, model accuracy {y.mean():.3f}")
+    typer.echo(format_table(rows))
+    if predictions:
+        with open(predictions, "w") as fh:
+            for row, r, p in zip(fs.rows, raw, prob):
+                rec = {"id": row["id"], "label": row["label"], "probability": float(p), "raw": float(r),
+                       "prediction": row["prediction"]}
+                rec.update({name: getter([row])[0] for name, getter in BASELINES.items()})
+                fh.write(json.dumps(rec) + "\n")
+        typer.echo(f"wrote {predictions}")
+    del torch
+
+
+def main():  # pragma: no cover
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
