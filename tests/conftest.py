@@ -80,3 +80,52 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def qwen_model(tokenizer):
     return build_model("qwen2", len(tokenizer))
+
+
+def synthetic_featureset(model, tokenizer, n: int = 160, seed: int = 0):
+    """Real hidden states of ``model`` on ``n`` varied prompts, with labels planted on one neuron of layer 2.
+
+    Plumbing only: the planted label makes probes learnable, it says nothing about real models.
+    """
+    import numpy as np
+
+    from valueprobe.calibration.extract import FeatureSet
+    from valueprobe.plugin.hooks import capture, with_position_ids
+    from valueprobe.plugin.prompting import PromptFormat
+
+    rng = np.random.default_rng(seed)
+    words = "what is the capital of france which planet largest answer letter only fox lazy dog spider legs".split()
+    prompts = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) + "?" for _ in range(n)]
+    fmt = PromptFormat()
+    texts = [fmt.render(tokenizer, p) for p in prompts]
+    tokenizer.padding_side = "left"
+    feats = []
+    for start in range(0, n, 32):
+        enc = tokenizer(texts[start : start + 32], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad(), capture(model, "all") as cap:
+            model(**with_position_ids(enc))
+        n_layers = len(cap.batches[0])
+        feats.append(torch.stack([cap.batches[0][l] for l in range(1, n_layers + 1)], dim=1))
+    tokenizer.padding_side = "right"
+    features = torch.cat(feats)
+    signal = features[:, 1, 7].numpy() + 0.3 * rng.standard_normal(n) * features[:, 1, 7].numpy().std()
+    labels = (signal > np.median(signal)).astype(int)
+    rows = [
+        {"id": f"q{i}", "dataset": "synthetic-a" if i % 2 else "synthetic-b", "kind": "choice", "label": int(labels[i]),
+         "prediction": "A", "max_softmax": float(rng.uniform(0.25, 1)), "option_entropy": float(rng.uniform(0, 1.3)),
+         "answer_logprob": float(-rng.uniform(0, 2)), "seq_logprob": None, "question_tokens": len(prompts[i])}
+        for i in range(n)
+    ]
+    return FeatureSet(features, rows), prompts
+
+
+@pytest.fixture(scope="session")
+def fitted(qwen_model, tokenizer):
+    """``(artifact_data, card, prompts)`` fitted on the tiny Qwen2 with planted labels."""
+    from valueprobe.calibration.fit import FitConfig, fit_artifact
+    from valueprobe.plugin.prompting import PromptFormat
+
+    fs, prompts = synthetic_featureset(qwen_model, tokenizer)
+    data, card = fit_artifact(qwen_model, tokenizer, fs, model_name="tiny-qwen2", prompt_format=PromptFormat(),
+                              config=FitConfig(random_seeds=3, progress=False))
+    return data, card, prompts, fs

@@ -87,14 +87,13 @@ def test_hooks_removed_and_stop_after(tokenizer):
     decoder = find_decoder_layers(model)
     enc = tokenizer(PROMPTS[:1], return_tensors="pt")
     with capture(model, [1], stop_after=True) as cap:
-        out = model(**enc)
+        model(**enc)
         pytest.fail("stop_after must end the forward pass")  # pragma: no cover
     assert cap.batches[0][1].shape == (1, 32)
     assert not decoder.layers[0]._forward_hooks and not decoder.owner._forward_pre_hooks
     with pytest.raises(RuntimeError), capture(model, [1]):
         raise RuntimeError("body failure")
     assert not decoder.layers[0]._forward_hooks, "hooks must be removed when the body raises"
-    del out
 
 
 def test_unknown_layer_raises(tokenizer):
