@@ -83,3 +83,34 @@ def test_cli_errors_are_clear(tmp_path, model_dir):
     assert result.exit_code == 2 and "error:" in result.output
     result = runner.invoke(app, ["fit", "--model", str(model_dir), "--data", "nosuch:12", "--out", str(bad)])
     assert result.exit_code == 2 and "unknown data spec" in result.output
+
+
+def test_ablate_runs_and_hook_changes_outputs(model_dir, data_file, tmp_path):
+    import torch
+
+    from valueprobe.calibration.ablate import ablate_neurons, magnitude_matched
+    from valueprobe.plugin import load_model
+
+    out = tmp_path / "a.safetensors"
+    fit = runner.invoke(app, ["fit", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--cache",
+                              str(tmp_path / "c"), "--max-new-tokens", "2", "--random-seeds", "2", "--top-layers", "1"])
+    assert fit.exit_code == 0, fit.output
+    result_path = tmp_path / "ablate.json"
+    res = runner.invoke(app, ["ablate", "--artifact", str(out), "--data", f"{data_file}:40", "--seeds", "2",
+                              "--out", str(result_path)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(result_path.read_text())
+    assert result["n"] > 0 and len(result["random_drops"]) == 2 and 0 < result["p_empirical_vs_random"] <= 1
+    # the ablation hook really edits the residual stream, and leaves no hook behind
+    model, tok = load_model(str(model_dir))
+    enc = tok(["capital of france?"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**enc).logits
+        with ablate_neurons(model, 1, list(range(32))):
+            during = model(**enc).logits
+        after = model(**enc).logits
+    assert not torch.allclose(before, during) and torch.equal(before, after)
+    # magnitude matching picks distinct neurons outside the value set
+    rng = __import__("numpy").random.default_rng(0)
+    picks = magnitude_matched([0, 1, 2], __import__("numpy").arange(32.0), rng)
+    assert len(set(picks.tolist())) == 3 and not set(picks.tolist()) & {0, 1, 2}
