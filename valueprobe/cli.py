@@ -19,14 +19,7 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks that print measured ratios (quality, perf).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-DEFAULT_ARTIFACT_NAME = "qwen2.5-coder-1.5b-instruct.safetensors"
-
-
-def default_artifact() -> Path:
-    """The shipped default artifact (``weights/`` inside the installed package)."""
-    from importlib.resources import files
-
-    return Path(str(files("valueprobe.weights") / DEFAULT_ARTIFACT_NAME))
+from valueprobe.weights import default_artifact
 
 
 def _fail(message: str, code: int = 2):
@@ -254,6 +247,54 @@ def ablate(
     )
     if out:
         out.write_text(json.dumps(result, indent=2))
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Model name or folder; default: the artifact's own model.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="embedded (generate here) or gateway (answers from --upstream-url).")] = None,
+    upstream_url: Annotated[Optional[str], typer.Option(help="Gateway mode: TGI or OpenAI-compatible server that answers.")] = None,
+    upstream_kind: Annotated[Optional[str], typer.Option(help="tgi or openai.")] = None,
+    upstream_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible upstream.")] = None,
+    escalate_url: Annotated[Optional[str], typer.Option(help="Bigger model for escalated questions.")] = None,
+    escalate_kind: Annotated[Optional[str], typer.Option(help="tgi or openai.")] = None,
+    escalate_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible escalation target.")] = None,
+    abstain_below: Annotated[Optional[float], typer.Option(help="Abstain when P(correct) is below this.")] = None,
+    escalate_below: Annotated[Optional[float], typer.Option(help="Escalate when P(correct) is below this.")] = None,
+    escalate_rate: Annotated[Optional[float], typer.Option(help="Use the artifact's threshold escalating this share (0.1, 0.2, 0.3).")] = None,
+    risk_alpha: Annotated[Optional[float], typer.Option(help="Abstain below the artifact's risk-controlled threshold at this error rate.")] = None,
+    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/reload.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Settings file (KEY=value lines, VALUEPROBE_ prefix).")] = None,
+    log_level: str = "info",
+):
+    """Run the sidecar: OpenAI and TGI routes with calibrated confidence, abstain/escalate, Prometheus metrics.
+
+    Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
+    --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
+    refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window, dtype,
+    check_fingerprint) are environment/config only; see server/settings.py.
+    """
+    import uvicorn
+    from pydantic import ValidationError
+
+    from valueprobe.server.app import create_app
+    from valueprobe.server.settings import Settings
+
+    given = {k: v for k, v in dict(model=model, artifact=artifact, mode=mode, upstream_url=upstream_url,
+                                   upstream_kind=upstream_kind, upstream_model=upstream_model, escalate_url=escalate_url,
+                                   escalate_kind=escalate_kind, escalate_model=escalate_model,
+                                   abstain_below=abstain_below, escalate_below=escalate_below,
+                                   escalate_rate=escalate_rate, risk_alpha=risk_alpha, admin_token=admin_token,
+                                   host=host, port=port).items() if v is not None}
+    try:
+        settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
+    except ValidationError as exc:
+        _fail(str(exc))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
 
 def main():  # pragma: no cover

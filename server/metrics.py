@@ -1,0 +1,92 @@
+"""Prometheus metrics of the sidecar, built on a registry passed in (tests use a fresh one).
+
+Names: ``valueprobe_`` prefix, base units, counters end in ``_total``; labels are bounded enums (model, artifact
+id, decision, outcome, bin), never prompts. Feedback is exported as counters per (confidence bin, outcome), so
+reliability, ECE and Brier aggregate in PromQL across replicas:
+
+    # observed accuracy per bin, all replicas
+    sum by (bin) (valueprobe_feedback_total{outcome="correct"}) / sum by (bin) (valueprobe_feedback_total)
+    # Brier score
+    sum(valueprobe_feedback_brier_sum) / sum(valueprobe_feedback_brier_count)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+CONFIDENCE_BUCKETS = tuple(round(x, 2) for x in np.linspace(0.05, 1.0, 20))
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+READOUT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
+DECISIONS = ("answer", "abstain", "escalate")
+N_BINS = 10
+
+
+def confidence_bin(p: float) -> str:
+    """Label of the equal-width bin holding ``p`` (``"0.0-0.1"`` … ``"0.9-1.0"``)."""
+    i = min(int(p * N_BINS), N_BINS - 1)
+    return f"{i / N_BINS:.1f}-{(i + 1) / N_BINS:.1f}"
+
+
+class SidecarMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.confidence = Histogram("valueprobe_confidence", "Calibrated P(correct) per request.",
+                                    ["model", "artifact", "decision"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.decisions = Counter("valueprobe_decisions_total", "Policy decisions.", ["decision"], registry=r)
+        self.escalations = Counter("valueprobe_escalations_total", "Escalations by result.", ["result"], registry=r)
+        self.probe_latency = Histogram("valueprobe_probe_latency_seconds", "Readout: k neurons to probability, per batch.",
+                                       buckets=READOUT_BUCKETS, registry=r)
+        self.prefill_latency = Histogram("valueprobe_prefill_duration_seconds", "Prompt-only scoring prefill per batch.",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("valueprobe_batch_size", "Prompts per scoring batch.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.request_latency = Histogram("valueprobe_request_duration_seconds", "Request latency by route.",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_latency = Histogram("valueprobe_upstream_request_duration_seconds", "Upstream calls.",
+                                          ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter("valueprobe_upstream_errors_total", "Failed upstream calls.", ["upstream"], registry=r)
+        self.errors = Counter("valueprobe_errors_total", "Error responses by type.", ["type"], registry=r)
+        self.queue_depth = Gauge("valueprobe_queue_depth", "Requests waiting for the scoring batcher.", registry=r)
+        self.info = Info("valueprobe_artifact", "Loaded artifact and model.", registry=r)
+        self.feedback = Counter("valueprobe_feedback_total", "Feedback outcomes by confidence bin.", ["bin", "outcome"],
+                                registry=r)
+        self.feedback_brier = Histogram("valueprobe_feedback_brier", "Squared error (p - outcome)^2 of each feedback.",
+                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
+        self.window_ece = Gauge("valueprobe_feedback_window_ece", "ECE over the last feedback window (this replica).",
+                                registry=r)
+        self.window_brier = Gauge("valueprobe_feedback_window_brier", "Brier over the last feedback window (this replica).",
+                                  registry=r)
+        # Start every bounded series at zero so rates exist before the first event.
+        for d in DECISIONS:
+            self.decisions.labels(decision=d)
+        for result in ("ok", "failed"):
+            self.escalations.labels(result=result)
+        for i in range(N_BINS):
+            for outcome in ("correct", "incorrect"):
+                self.feedback.labels(bin=confidence_bin((i + 0.5) / N_BINS), outcome=outcome)
+        self._window: deque = deque()
+
+    def set_window(self, size: int) -> None:
+        self._window = deque(self._window, maxlen=size)
+
+    def record_feedback(self, probability: float, correct: bool) -> dict:
+        self.feedback.labels(bin=confidence_bin(probability), outcome="correct" if correct else "incorrect").inc()
+        self.feedback_brier.observe((probability - float(correct)) ** 2)
+        self._window.append((probability, int(correct)))
+        return self.window_stats()
+
+    def window_stats(self) -> dict:
+        from valueprobe.calibration.metrics import brier_loss, expected_calibration_error
+
+        if not self._window:
+            return {"n": 0, "ece": None, "brier": None}
+        p = np.array([w[0] for w in self._window])
+        y = np.array([w[1] for w in self._window])
+        ece, brier = expected_calibration_error(y, p, n_bins=N_BINS), brier_loss(y, p)
+        self.window_ece.set(ece)
+        self.window_brier.set(brier)
+        return {"n": len(p), "ece": ece, "brier": brier}

@@ -1,0 +1,139 @@
+"""Request and response shapes: OpenAI (chat/completions, completions), TGI (generate), and valueprobe's own."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class Confidence(BaseModel):
+    probability: float = Field(description="Calibrated P(the answer is correct).")
+    raw: float = Field(description="The probe head's raw logit.")
+    decision: Literal["answer", "abstain", "escalate"]
+    artifact_id: str
+    routed: bool = Field(False, description="True when the answer came from the escalation model.")
+    upstream_error: Optional[str] = Field(None, description="Set when an upstream failed; the answer is a fallback.")
+    request_id: str
+
+
+class _GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(_GenerationParams):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_GenerationParams):
+    prompt: Union[str, list[str]]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: Message
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    confidence: Confidence
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: Optional[Any] = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    confidence: Confidence
+
+
+# -- TGI --------------------------------------------------------------------------------------------------------
+class TGIParameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    max_new_tokens: Optional[int] = Field(None, ge=1)
+    do_sample: bool = False
+    temperature: Optional[float] = Field(None, gt=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    seed: Optional[int] = None
+    stop: list[str] = Field(default_factory=list)
+    details: bool = False
+    return_full_text: bool = False
+
+
+class TGIRequest(BaseModel):
+    inputs: str = Field(min_length=1)
+    parameters: TGIParameters = Field(default_factory=TGIParameters)
+    stream: bool = False
+
+
+# -- valueprobe ------------------------------------------------------------------------------------------------
+class ConfidenceItem(BaseModel):
+    prompt: Optional[str] = Field(None, min_length=1, description="A question, rendered with the artifact's format.")
+    messages: Optional[list[Message]] = Field(None, min_length=1, description="A chat, rendered by the chat template.")
+    choices: Optional[list[str]] = Field(None, min_length=2, description="Options for a multiple-choice question.")
+
+
+class ConfidenceResult(BaseModel):
+    probability: float
+    raw: float
+    decision: Literal["answer", "abstain", "escalate"]
+    artifact_id: str
+
+
+class ConfidenceBatch(BaseModel):
+    results: list[ConfidenceResult]
+
+
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(min_length=1)
+    correct: bool
+    probability: Optional[float] = Field(None, ge=0, le=1, description="Needed when another replica served the request.")
+
+
+class FeedbackResponse(BaseModel):
+    recorded: bool
+    window: dict
+
+
+class ReloadRequest(BaseModel):
+    artifact: str = Field(min_length=1)

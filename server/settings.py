@@ -1,0 +1,58 @@
+"""Sidecar settings: environment (``VALUEPROBE_*``), an optional ``.env``/settings file, or constructor args."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every option of ``valueprobe serve``; each can be set as ``VALUEPROBE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="VALUEPROBE_", env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    model: Optional[str] = Field(None, description="Model name or folder; default: the artifact's own model.")
+    artifact: Optional[str] = Field(None, description="Artifact path; default: the shipped default artifact.")
+    mode: Literal["embedded", "gateway"] = Field("embedded", description="embedded: generate here; gateway: answers come from the upstream.")
+    dtype: str = Field("float32", description="Model dtype.")
+    check_fingerprint: bool = Field(True, description="Refuse an artifact fitted on another checkpoint.")
+
+    upstream_url: Optional[str] = Field(None, description="Gateway mode: the serving stack that answers (TGI or OpenAI-compatible).")
+    upstream_kind: Literal["tgi", "openai"] = "openai"
+    upstream_model: Optional[str] = Field(None, description="Model name sent to an OpenAI-compatible upstream.")
+    escalate_url: Optional[str] = Field(None, description="Bigger model that takes escalated questions (TGI or OpenAI-compatible).")
+    escalate_kind: Literal["tgi", "openai"] = "openai"
+    escalate_model: Optional[str] = None
+    upstream_timeout_s: float = Field(30.0, gt=0, description="Timeout for upstream and escalation calls.")
+    upstream_api_key: Optional[str] = None
+
+    abstain_below: Optional[float] = Field(None, ge=0, le=1, description="Abstain when P(correct) is below this.")
+    escalate_below: Optional[float] = Field(None, ge=0, le=1, description="Escalate when P(correct) is below this (and not abstaining).")
+    escalate_rate: Optional[float] = Field(None, gt=0, lt=1, description="Take escalate_below from the artifact's fitted threshold for this traffic share (e.g. 0.2).")
+    risk_alpha: Optional[float] = Field(None, gt=0, lt=1, description="Take abstain_below from the artifact's risk-controlled threshold at this error rate (e.g. 0.2).")
+    refusal_text: str = "I am not confident enough to answer this question."
+
+    admin_token: Optional[str] = Field(None, description="Bearer token for /v1/feedback and /v1/admin/*; unset = open.")
+    max_batch_size: int = Field(8, ge=1, description="Most prompts scored in one prefill batch.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to fill a batch.")
+    max_queue: int = Field(64, ge=1, description="Pending requests before answering 503 with Retry-After.")
+    max_prompt_chars: int = Field(16000, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1)
+    feedback_window: int = Field(1000, ge=10, description="Feedback outcomes kept for the windowed ECE/Brier.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "gateway" and not self.upstream_url:
+            raise ValueError("mode=gateway needs upstream_url")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

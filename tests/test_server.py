@@ -1,0 +1,227 @@
+"""The sidecar end to end: real uvicorn processes on loopback, the stock openai and text_generation clients,
+Prometheus text parsed back, escalation to a second valueprobe instance over TGI and over OpenAI, upstream down,
+bad inputs, auth."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from valueprobe.plugin import save_artifact
+from valueprobe.plugin.artifact import ArtifactData
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, fitted, qwen_model, tokenizer):
+    folder = tmp_path_factory.mktemp("sidecar")
+    qwen_model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    data, *_ = fitted
+    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), folder / "probe.safetensors")
+    return folder
+
+
+class Server:
+    def __init__(self, assets, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "VALUEPROBE_MODEL": str(assets / "model"), "VALUEPROBE_ARTIFACT": str(assets / "probe.safetensors"),
+               "VALUEPROBE_PORT": str(self.port), "VALUEPROBE_DEFAULT_MAX_NEW_TOKENS": "8", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": "1"}
+        env.update({f"VALUEPROBE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.log = open(assets / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {open(self.log.name).read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(open(self.log.name).read()[-2000:])
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def servers(assets):
+    dead_port = free_port()  # nothing listens here: an upstream that is down
+    upstream = Server(assets)
+    started = [upstream]
+    try:
+        tgi_escalating = Server(assets, escalate_url=upstream.url, escalate_kind="tgi", escalate_below=1.0)
+        gateway = Server(assets, mode="gateway", upstream_url=upstream.url, upstream_kind="tgi",
+                         escalate_url=upstream.url + "/v1", escalate_kind="openai", escalate_below=0.0)
+        openai_escalating = Server(assets, mode="gateway", upstream_url=upstream.url, upstream_kind="openai",
+                                   escalate_url=upstream.url, escalate_kind="openai", escalate_below=1.0)
+        down = Server(assets, escalate_url=f"http://127.0.0.1:{dead_port}", escalate_below=1.0,
+                      admin_token="s3cret", upstream_timeout_s=2)
+        gateway_down = Server(assets, mode="gateway", upstream_url=f"http://127.0.0.1:{dead_port}", upstream_kind="tgi",
+                              upstream_timeout_s=2)
+        started += [tgi_escalating, gateway, openai_escalating, down, gateway_down]
+        for s in started:
+            s.wait_ready()
+        yield {"upstream": upstream, "tgi_escalating": tgi_escalating, "gateway": gateway,
+               "openai_escalating": openai_escalating, "down": down, "gateway_down": gateway_down}
+    finally:
+        for s in started:
+            s.stop()
+
+
+def test_openai_client_chat_and_completions(servers):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=servers["upstream"].url + "/v1", api_key="unused")
+    chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                          max_tokens=6)
+    conf = chat.model_extra["confidence"]
+    assert 0 <= conf["probability"] <= 1 and conf["decision"] == "answer" and conf["routed"] is False
+    assert isinstance(chat.choices[0].message.content, str) and chat.usage.completion_tokens <= 6
+    raw = client.chat.completions.with_raw_response.create(
+        model="x", messages=[{"role": "user", "content": "Which planet is largest?"}], max_tokens=3)
+    assert raw.headers["x-valueprobe-decision"] == "answer"
+    assert float(raw.headers["x-valueprobe-confidence"]) == pytest.approx(raw.parse().model_extra["confidence"]["probability"], abs=1e-5)
+    comp = client.completions.create(model="x", prompt="What is the capital of France?", max_tokens=4)
+    assert comp.model_extra["confidence"]["probability"] == pytest.approx(conf["probability"], abs=1e-5)
+    # streaming: the confidence rides on the first chunk, before any token
+    chunks = list(client.chat.completions.create(model="x", stream=True, max_tokens=5,
+                                                 messages=[{"role": "user", "content": "What is the capital of France?"}]))
+    assert chunks[0].model_extra["confidence"]["probability"] == pytest.approx(conf["probability"], abs=1e-5)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    direct = client.chat.completions.create(model="x", max_tokens=5,
+                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert streamed == direct.choices[0].message.content
+
+
+def test_text_generation_client(servers):
+    from text_generation import Client
+
+    client = Client(servers["upstream"].url, timeout=60)
+    response = client.generate("What is the capital of France?", max_new_tokens=5)
+    assert isinstance(response.generated_text, str) and response.details.generated_tokens <= 5
+    tokens = list(client.generate_stream("What is the capital of France?", max_new_tokens=5))
+    assert tokens[-1].generated_text == response.generated_text
+    body = httpx.post(servers["upstream"].url + "/generate", json={"inputs": "Paris?", "parameters": {"max_new_tokens": 3}},
+                      timeout=60).json()
+    assert "generated_text" in body and 0 <= body["confidence"]["probability"] <= 1
+
+
+def test_escalation_over_tgi_and_openai(servers):
+    from openai import OpenAI
+
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    for name, kind in (("tgi_escalating", "tgi"), ("openai_escalating", "openai")):
+        chat = OpenAI(base_url=servers[name].url + "/v1", api_key="x").chat.completions.create(
+            model="x", messages=question, max_tokens=5)
+        conf = chat.model_extra["confidence"]
+        assert conf["decision"] == "escalate" and conf["routed"] is True, (kind, conf)
+        assert conf["upstream_error"] is None
+    # gateway mode answers through the TGI upstream with prompt-only confidence; the escalation threshold is 0
+    chat = OpenAI(base_url=servers["gateway"].url + "/v1", api_key="x").chat.completions.create(
+        model="x", messages=question, max_tokens=5)
+    assert chat.model_extra["confidence"]["decision"] == "answer" and chat.model_extra["confidence"]["routed"] is False
+    local = OpenAI(base_url=servers["upstream"].url + "/v1", api_key="x").chat.completions.create(
+        model="x", messages=question, max_tokens=5)
+    assert chat.choices[0].message.content == local.choices[0].message.content  # same model behind the TGI upstream
+
+
+def test_upstream_down_is_flagged_not_a_stack_trace(servers):
+    r = httpx.post(servers["down"].url + "/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4})
+    assert r.status_code == 200
+    conf = r.json()["confidence"]
+    assert conf["decision"] == "escalate" and conf["routed"] is False and "failed" in conf["upstream_error"]
+    assert r.headers["x-valueprobe-upstream-error"] == "true"
+    r = httpx.post(servers["gateway_down"].url + "/v1/completions", json={"prompt": "Capital of France?"}, timeout=60)
+    assert r.status_code == 200 and r.json()["confidence"]["upstream_error"]
+    assert r.json()["choices"][0]["text"].startswith("I am not confident")
+    metrics = httpx.get(servers["down"].url + "/metrics").text
+    assert 'valueprobe_escalations_total{result="failed"} 1.0' in metrics
+
+
+def test_bad_inputs_get_4xx_with_reasons(servers):
+    url = servers["upstream"].url
+    cases = [
+        ("/v1/chat/completions", {"messages": []}, 422),
+        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 422),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, 400),
+        ("/v1/completions", {"prompt": "   "}, 400),
+        ("/v1/completions", {"prompt": ["a", "b"]}, 400),
+        ("/v1/confidence", {}, 400),
+        ("/v1/confidence", [], 400),
+        ("/v1/completions", {"prompt": "x" * 20000}, 400),
+    ]
+    for path, body, status in cases:
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code == status, (path, body, r.text)
+        assert r.json()["error"]["message"], r.text
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/generate", json={"inputs": ""})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"  # TGI's error shape
+    assert httpx.get(url + "/nope").status_code == 404
+
+
+def test_confidence_feedback_metrics_and_auth(servers):
+    url = servers["down"].url
+    single = httpx.post(url + "/v1/confidence", json={"prompt": "What is the capital of France?"}, timeout=30).json()
+    batch = httpx.post(url + "/v1/confidence", timeout=30, json=[
+        {"prompt": "What is the capital of France?"},
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {"prompt": "Which planet is largest?", "choices": ["Mars", "Jupiter"]}]).json()["results"]
+    assert len(batch) == 3
+    assert batch[0]["probability"] == pytest.approx(single["probability"], abs=1e-4)
+    assert batch[1]["probability"] == pytest.approx(single["probability"], abs=1e-4)  # one user message = a question
+    answered = httpx.post(url + "/v1/completions", json={"prompt": "Capital of France?"}, timeout=60).json()
+    rid = answered["confidence"]["request_id"]
+    assert httpx.post(url + "/v1/feedback", json={"request_id": rid, "correct": True}).status_code == 401
+    auth = {"Authorization": "Bearer s3cret"}
+    assert httpx.post(url + "/v1/feedback", json={"request_id": rid, "correct": True}, headers={"Authorization": "Bearer no"}).status_code == 401
+    ok = httpx.post(url + "/v1/feedback", json={"request_id": rid, "correct": True}, headers=auth)
+    assert ok.status_code == 200 and ok.json()["window"]["n"] == 1
+    assert httpx.post(url + "/v1/feedback", json={"request_id": "vp-unknown", "correct": False}, headers=auth).status_code == 404
+    assert httpx.post(url + "/v1/feedback", json={"request_id": "other-replica", "correct": False, "probability": 0.9},
+                      headers=auth).status_code == 200
+    text = httpx.get(url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    conf = families["valueprobe_confidence"]
+    counts = [s for s in conf.samples if s.name == "valueprobe_confidence_count"]
+    assert sum(s.value for s in counts) >= 5 and {s.labels["decision"] for s in counts} <= {"answer", "abstain", "escalate"}
+    feedback = {(s.labels["bin"], s.labels["outcome"]): s.value for s in families["valueprobe_feedback"].samples
+                if s.name == "valueprobe_feedback_total"}
+    assert sum(feedback.values()) == 2 and feedback[("0.9-1.0", "incorrect")] == 1
+    assert "valueprobe_feedback_window_ece" in families and "valueprobe_queue_depth" in families
+    info = [s for s in families["valueprobe_artifact_info"].samples][0]
+    assert info.labels["artifact_id"] == single["artifact_id"]
+    assert httpx.get(url + "/healthz").json()["status"] == "ok"
+    card = httpx.get(url + "/v1/artifact").json()
+    assert card["artifact_id"] == single["artifact_id"] and "eval_card" in card
+    assert httpx.get(url + "/v1/models").json()["data"][0]["artifact_id"] == single["artifact_id"]
