@@ -9,6 +9,7 @@ on the old artifact.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +73,7 @@ class Engine:
     async def reload(self, path: str, *, check_fingerprint: bool = True) -> ValueProbe:
         """Load and check a new artifact, then swap it in on the model thread (between requests)."""
         new = await asyncio.get_running_loop().run_in_executor(None, ValueProbe.load, path)
-        await self.run(new.check_compatible, self.model, self.tokenizer, check_fingerprint)
+        await self.run(functools.partial(new.check_compatible, self.model, self.tokenizer, strict=check_fingerprint))
 
         def swap():
             self.probe = new

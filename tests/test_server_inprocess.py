@@ -1,0 +1,121 @@
+"""Sidecar behaviour that needs no second process: abstain, overload, hot reload, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from valueprobe.plugin import save_artifact
+from valueprobe.plugin.artifact import ArtifactData
+from valueprobe.server.app import create_app
+from valueprobe.server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def artifact_file(tmp_path_factory, fitted):
+    data, *_ = fitted
+    path = tmp_path_factory.mktemp("inproc") / "probe.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
+    return path
+
+
+def run_app(settings, model, tokenizer, scenario):
+    app = create_app(settings, registry=CollectorRegistry(), model=model, tokenizer=tokenizer)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://sidecar", timeout=60) as client:
+                for _ in range(200):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                return await scenario(client, app)
+
+    return asyncio.run(main())
+
+
+def test_abstain_returns_refusal_with_confidence(artifact_file, qwen_model, tokenizer):
+    settings = Settings(artifact=str(artifact_file), abstain_below=1.0, refusal_text="Not sure.")
+
+    async def scenario(client, app):
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Capital of France?"}]})
+        body = r.json()
+        assert r.status_code == 200 and body["choices"][0]["message"]["content"] == "Not sure."
+        assert body["confidence"]["decision"] == "abstain" and 0 <= body["confidence"]["probability"] <= 1
+        r = await client.post("/v1/chat/completions", json={"stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]})
+        assert r.headers["x-valueprobe-decision"] == "abstain" and "Not sure." in r.text and r.text.rstrip().endswith("[DONE]")
+
+    run_app(settings, qwen_model, tokenizer, scenario)
+
+
+def test_overload_answers_503_with_retry_after(artifact_file, qwen_model, tokenizer):
+    settings = Settings(artifact=str(artifact_file), max_queue=1, max_batch_size=1, max_wait_ms=0)
+
+    async def scenario(client, app):
+        rs = await asyncio.gather(*(client.post("/v1/confidence", json={"prompt": f"question {i}?"}) for i in range(40)))
+        codes = [r.status_code for r in rs]
+        assert 200 in codes and 503 in codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "overloaded"
+
+    run_app(settings, qwen_model, tokenizer, scenario)
+
+
+def test_hot_reload_swaps_and_refuses_bad_files(artifact_file, tmp_path, fitted, qwen_model, tokenizer):
+    data, *_ = fitted
+    other = tmp_path / "other.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), {**data.metadata, "calibrator": "identity"}), other)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"garbage")
+    settings = Settings(artifact=str(artifact_file), admin_token="t")
+
+    async def scenario(client, app):
+        auth = {"Authorization": "Bearer t"}
+        before = (await client.get("/v1/artifact")).json()["artifact_id"]
+        assert (await client.post("/v1/admin/reload", json={"artifact": str(other)})).status_code == 401
+        bad = await client.post("/v1/admin/reload", json={"artifact": str(broken)}, headers=auth)
+        assert bad.status_code == 400 and before in bad.json()["error"]["message"]
+        # requests in flight during the swap all complete
+        inflight = [client.post("/v1/confidence", json={"prompt": f"q{i}?"}) for i in range(6)]
+        swap = client.post("/v1/admin/reload", json={"artifact": str(other)}, headers=auth)
+        results = await asyncio.gather(*inflight, swap)
+        assert all(r.status_code == 200 for r in results)
+        after = (await client.get("/v1/artifact")).json()
+        assert after["artifact_id"] != before and after["calibrator"] == "identity"
+
+    run_app(settings, qwen_model, tokenizer, scenario)
+
+
+def test_not_ready_and_load_failure_are_503(tmp_path, qwen_model, tokenizer):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    settings = Settings(artifact=str(bad))
+
+    async def scenario(client, app):
+        await asyncio.sleep(0.2)
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+        assert (await client.get("/healthz")).status_code == 200
+        r = await client.post("/v1/completions", json={"prompt": "x?"})
+        assert r.status_code == 503
+
+    run_app(settings, qwen_model, tokenizer, scenario)
+
+
+def test_thresholds_from_artifact(artifact_file, fitted, qwen_model, tokenizer):
+    from valueprobe.server.service import resolve_thresholds
+
+    data, *_ = fitted
+    import json
+
+    thresholds = json.loads(data.metadata["thresholds"])
+    abstain, escalate = resolve_thresholds(Settings(escalate_rate=0.2, risk_alpha=0.2), thresholds)
+    assert escalate == thresholds["escalation"]["0.2"]
+    with pytest.raises(ValueError, match="no escalation threshold"):
+        resolve_thresholds(Settings(escalate_rate=0.25), thresholds)
+    with pytest.raises(ValueError, match="upstream_url"):
+        Settings(mode="gateway")
