@@ -8,6 +8,9 @@ reliability, ECE and Brier aggregate in PromQL across replicas:
     sum by (bin) (valueprobe_feedback_total{outcome="correct"}) / sum by (bin) (valueprobe_feedback_total)
     # Brier score
     sum(valueprobe_feedback_brier_sum) / sum(valueprobe_feedback_brier_count)
+    # ECE: sum over bins of |correct_b - sum of p_b|, over all feedback
+    sum(abs(sum by (bin) (valueprobe_feedback_total{outcome="correct"}) - sum by (bin) (valueprobe_feedback_confidence_total)))
+      / sum(valueprobe_feedback_total)
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ CONFIDENCE_BUCKETS = tuple(round(x, 2) for x in np.linspace(0.05, 1.0, 20))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 READOUT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
 DECISIONS = ("answer", "abstain", "escalate")
+ERROR_TYPES = ("invalid_request_error", "authentication_error", "not_found_error", "upstream_error", "not_ready",
+               "overloaded", "server_error")
 N_BINS = 10
 
 
@@ -54,6 +59,8 @@ class SidecarMetrics:
         self.info = Info("valueprobe_artifact", "Loaded artifact and model.", registry=r)
         self.feedback = Counter("valueprobe_feedback_total", "Feedback outcomes by confidence bin.", ["bin", "outcome"],
                                 registry=r)
+        self.feedback_confidence = Counter("valueprobe_feedback_confidence", "Sum of predicted P(correct) of feedback, by bin "
+                                           "(with valueprobe_feedback_total gives ECE in PromQL).", ["bin"], registry=r)
         self.feedback_brier = Histogram("valueprobe_feedback_brier", "Squared error (p - outcome)^2 of each feedback.",
                                         buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
         self.window_ece = Gauge("valueprobe_feedback_window_ece", "ECE over the last feedback window (this replica).",
@@ -65,9 +72,14 @@ class SidecarMetrics:
             self.decisions.labels(decision=d)
         for result in ("ok", "failed"):
             self.escalations.labels(result=result)
+        for upstream in ("upstream", "escalation"):
+            self.upstream_errors.labels(upstream=upstream)
+        for error_type in ERROR_TYPES:
+            self.errors.labels(type=error_type)
         for i in range(N_BINS):
             for outcome in ("correct", "incorrect"):
                 self.feedback.labels(bin=confidence_bin((i + 0.5) / N_BINS), outcome=outcome)
+            self.feedback_confidence.labels(bin=confidence_bin((i + 0.5) / N_BINS))
         self._window: deque = deque()
 
     def set_window(self, size: int) -> None:
@@ -75,6 +87,7 @@ class SidecarMetrics:
 
     def record_feedback(self, probability: float, correct: bool) -> dict:
         self.feedback.labels(bin=confidence_bin(probability), outcome="correct" if correct else "incorrect").inc()
+        self.feedback_confidence.labels(bin=confidence_bin(probability)).inc(probability)
         self.feedback_brier.observe((probability - float(correct)) ** 2)
         self._window.append((probability, int(correct)))
         return self.window_stats()

@@ -99,6 +99,8 @@ class Sidecar:
     def refresh_policy(self):
         abstain, escalate = resolve_thresholds(self.settings, self.probe.thresholds or {})
         self.policy = Policy(abstain, escalate, self.escalation is not None)
+        for decision in ("answer", "abstain", "escalate"):  # series start at zero
+            self.metrics.confidence.labels(model=self.model_name, artifact=self.probe.artifact_id, decision=decision)
         self.metrics.info.info({"artifact_id": self.probe.artifact_id, "model": self.model_name,
                                 "layer": str(self.probe.layer), "k": str(self.probe.k),
                                 "model_fingerprint": self.probe.model_fingerprint.get("layer_weights_sha256", "")[:16]})

@@ -119,3 +119,29 @@ def test_thresholds_from_artifact(artifact_file, fitted, qwen_model, tokenizer):
         resolve_thresholds(Settings(escalate_rate=0.25), thresholds)
     with pytest.raises(ValueError, match="upstream_url"):
         Settings(mode="gateway")
+
+
+def test_grafana_dashboard_uses_exported_metric_names():
+    import json
+    import re
+    from importlib.resources import files
+
+    from prometheus_client import generate_latest
+
+    from valueprobe.server.dashboard import build
+    from valueprobe.server.metrics import SidecarMetrics
+
+    shipped = json.loads((files("valueprobe.server") / "grafana-dashboard.json").read_text())
+    assert shipped == build(), "regenerate with: python -m valueprobe.server.dashboard"
+    metrics = SidecarMetrics(CollectorRegistry())
+    exported = set()
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "info": ("_info",)}
+    for family in metrics.registry.collect():
+        exported |= {family.name + s for s in suffixes.get(family.type, ("",))}
+    # bounded label sets start at zero, so the series exist before the first event
+    text = generate_latest(metrics.registry).decode()
+    assert 'valueprobe_decisions_total{decision="escalate"} 0.0' in text
+    assert 'valueprobe_errors_total{type="overloaded"} 0.0' in text
+    used = {name for panel in shipped["panels"] for t in panel["targets"] for name in re.findall(r"valueprobe_\w+", t["expr"])}
+    missing = used - exported
+    assert not missing, f"dashboard names metrics the sidecar does not export: {missing}"

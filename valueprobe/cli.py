@@ -297,6 +297,23 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[Optional[str], typer.Option(help="Model for the sidecars; default: the artifact's.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    url: Annotated[Optional[str], typer.Option(help="Drive this running server instead of starting two.")] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
+    seconds: Annotated[float, typer.Option(help="Seconds of load per server.")] = 20.0,
+    batch: Annotated[int, typer.Option(help="max_batch_size of the batched server.")] = 8,
+    endpoint: Annotated[str, typer.Option(help="confidence (prompt-only) or completions.")] = "confidence",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per completion (completions endpoint).")] = 16,
+):
+    """Load-test the sidecar: throughput, p50/p99, errors; batched vs one-at-a-time ratio, measured side by side."""
+    from valueprobe.bench.serve import run
+
+    run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens)
+
+
 def main():  # pragma: no cover
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     app()
