@@ -186,3 +186,50 @@ def reliability_dict(y, prob, n_bins: int = 10) -> dict:
 
 def dump_card(card: dict) -> str:
     return json.dumps(card, sort_keys=True, default=float)
+
+
+def evaluate_artifact(probe, model, tokenizer, questions, *, cache_dir=None, batch_size: int = 8,
+                      max_new_tokens: int = 16, progress: bool = True):
+    """Label ``questions`` with the model on the artifact's prompt format and score the artifact and the
+    prompt-only baselines. Returns ``(rows, featureset, raw, prob)``."""
+    from .extract import extract_features
+
+    fs = extract_features(model, tokenizer, questions, probe.prompt_format, cache_dir=cache_dir, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, progress=progress)
+    values = fs.features[:, probe.layer - 1, :][:, probe.neuron_indices]
+    raw = probe.raw_scores(values)
+    prob = probe.predict_proba(values)
+    y = fs.labels
+    rows = [{"name": "value neurons, calibrated", **score_metrics(y, raw, prob)}]
+    for name, getter in BASELINES.items():
+        vals = getter(fs.rows)
+        if all(v is not None for v in vals):
+            rows.append({"name": name, **score_metrics(y, np.asarray(vals, dtype=np.float64))})
+    return rows, fs, raw, prob
+
+
+def artifact_test_questions(probe, specs=None, *, seed: int = 0):
+    """Questions to evaluate on, never ones the artifact was fitted or calibrated on.
+
+    Default: the artifact's own test split (its recorded data specs, split seed and fractions). Given ``specs``
+    from a data set the artifact was fitted on are reduced to that test split too; other data sets are used whole.
+    """
+    from .data import load_data
+    from .fit import split_labels
+
+    card = probe.eval_card
+    fitted_specs = card.get("config", {}).get("extra", {}).get("data_specs") or []
+    fitted_names = {spec.partition(":")[0] for spec in fitted_specs}
+    specs = specs or fitted_specs
+    if not specs:
+        raise ValueError("no data given and the artifact records no data specs")
+    s = card.get("splits")
+    out = []
+    for spec in specs:
+        questions = load_data(spec, seed=seed)
+        if s and spec.partition(":")[0] in fitted_names:
+            labels = split_labels([q.id for q in questions], seed=s["seed"], train_fraction=s["fractions"][0],
+                                  calibration_fraction=s["fractions"][1])
+            questions = [q for q, lab in zip(questions, labels) if lab == "test"]
+        out.extend(questions)
+    return out

@@ -114,3 +114,18 @@ def test_ablate_runs_and_hook_changes_outputs(model_dir, data_file, tmp_path):
     rng = __import__("numpy").random.default_rng(0)
     picks = magnitude_matched([0, 1, 2], __import__("numpy").arange(32.0), rng)
     assert len(set(picks.tolist())) == 3 and not set(picks.tolist()) & {0, 1, 2}
+
+
+def test_bench_perf_and_quality_smoke(model_dir, data_file, tmp_path):
+    """The benchmark commands run end to end (numbers from a tiny random model mean nothing)."""
+    out = tmp_path / "b.safetensors"
+    fit = runner.invoke(app, ["fit", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--cache",
+                              str(tmp_path / "c"), "--max-new-tokens", "2", "--random-seeds", "2", "--top-layers", "1"])
+    assert fit.exit_code == 0, fit.output
+    perf = runner.invoke(app, ["bench", "perf", "--artifact", str(out), "--reps", "1", "--new-tokens", "2"])
+    assert perf.exit_code == 0, perf.output
+    assert "overhead" in perf.output and "readout" in perf.output and "batch 16" in perf.output
+    quality = runner.invoke(app, ["bench", "quality", "--artifact", str(out), "--cache", str(tmp_path / "c"),
+                                  "--out", str(tmp_path / "q")])
+    assert quality.exit_code == 0, quality.output
+    assert "(card)" in quality.output and (tmp_path / "q" / "quality.md").exists()

@@ -157,48 +157,33 @@ def eval_(
     predictions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per item here.")] = None,
     cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
     batch_size: int = 8,
-    max_new_tokens: int = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens for open questions (default: the fit's).")] = 16,
     seed: int = 0,
     dtype: str = "float32",
-    test_split_only: Annotated[bool, typer.Option(help="Score only questions in the artifact's test split.")] = True,
+    test_split_only: Annotated[bool, typer.Option(help="Keep only questions in the artifact's test split.")] = True,
 ):
-    """Score an artifact on labelled data: labels come from the model on the artifact's prompt format."""
-    import numpy as np
-    import torch
+    """Score an artifact on labelled data: labels come from the model on the artifact's prompt format.
 
+    With no --data, the artifact's own test split (data specs, split seed and fractions recorded in its card).
+    """
     from valueprobe.calibration.data import DataError, load_data
-    from valueprobe.calibration.evaluate import BASELINES, format_table, score_metrics
-    from valueprobe.calibration.extract import extract_features
-    from valueprobe.calibration.fit import split_labels
+    from valueprobe.calibration.evaluate import BASELINES, artifact_test_questions, evaluate_artifact, format_table
 
     path = artifact or default_artifact()
     probe = _load_probe(path)
-    card = probe.eval_card
-    specs = data or card.get("config", {}).get("extra", {}).get("data_specs") or []
-    if not specs:
-        _fail("no --data given and the artifact records no data specs")
     try:
-        questions = [q for spec in specs for q in load_data(spec, seed=seed)]
-    except DataError as exc:
+        if data and not test_split_only:
+            questions = [q for spec in data for q in load_data(spec, seed=seed)]
+        else:
+            questions = artifact_test_questions(probe, data, seed=seed)
+    except (DataError, ValueError) as exc:
         _fail(str(exc))
-    if test_split_only and card.get("splits"):
-        s = card["splits"]
-        labels = split_labels([q.id for q in questions], seed=s["seed"], train_fraction=s["fractions"][0],
-                              calibration_fraction=s["fractions"][1])
-        questions = [q for q, lab in zip(questions, labels) if lab == "test"] or questions
     mdl, tok = _load_model(model or probe.model_name, dtype)
     probe.check_compatible(mdl, tok, strict=model is None)
-    fs = extract_features(mdl, tok, questions, probe.prompt_format, cache_dir=cache, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens)
-    values = fs.features[:, probe.layer - 1, :][:, probe.neuron_indices]
-    raw = probe.raw_scores(values)
-    prob = probe.predict_proba(values)
+    max_new = probe.eval_card.get("config", {}).get("extra", {}).get("max_new_tokens", max_new_tokens)
+    rows, fs, raw, prob = evaluate_artifact(probe, mdl, tok, questions, cache_dir=cache, batch_size=batch_size,
+                                            max_new_tokens=max_new)
     y = fs.labels
-    rows = [{"name": "value neurons, calibrated", **score_metrics(y, raw, prob)}]
-    for name, getter in BASELINES.items():
-        vals = getter(fs.rows)
-        if all(v is not None for v in vals):
-            rows.append({"name": name, **score_metrics(y, np.asarray(vals, dtype=float))})
     typer.echo(f"{len(y)} questions, model accuracy {y.mean():.3f}")
     typer.echo(format_table(rows))
     if predictions:
@@ -209,7 +194,6 @@ def eval_(
                 rec.update({name: getter([row])[0] for name, getter in BASELINES.items()})
                 fh.write(json.dumps(rec) + "\n")
         typer.echo(f"wrote {predictions}")
-    del torch
 
 
 @app.command()
@@ -312,6 +296,50 @@ def bench_serve(
     from valueprobe.bench.serve import run
 
     run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens)
+
+
+@bench_app.command("perf")
+def bench_perf(
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model; default: the artifact's.")] = None,
+    reps: Annotated[int, typer.Option(help="Interleaved repetitions per measurement.")] = 5,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt in the generate comparison.")] = 16,
+    dtype: str = "float32",
+):
+    """Probe overhead on generate, scoring vs bare prefill, readout microseconds, throughput at batch 1/4/16."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from valueprobe.bench.perf import run
+
+    probe = _load_probe(artifact or default_artifact())
+    mdl, tok = _load_model(model or probe.model_name, dtype)
+    probe.check_compatible(mdl, tok, strict=model is None)
+    rows = run(mdl, tok, probe, reps=reps, new_tokens=new_tokens, progress=lambda r: typer.echo(" | ".join(r), err=True))
+    table = Table(title=f"valueprobe perf: {probe.model_name}, layer {probe.layer}, k={probe.k}, {reps} reps, "
+                        f"{os.cpu_count()} CPU threads")
+    for col in ("measurement", "value", "reference", "ratio"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@bench_app.command("quality")
+def bench_quality(
+    artifact: Annotated[Optional[list[Path]], typer.Option(help="Artifacts; default: every shipped one.")] = None,
+    cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
+    out: Annotated[Path, typer.Option(help="Folder for quality.md and the cards.")] = Path("runs/quality"),
+    model: Annotated[Optional[str], typer.Option(help="Override the artifact's model.")] = None,
+):
+    """Re-evaluate shipped artifacts on their held-out test splits; prints the comparison table, writes a report."""
+    from valueprobe.bench.quality import run
+    from valueprobe.weights import shipped_artifacts
+
+    paths = artifact or shipped_artifacts()
+    if not paths:
+        _fail("no artifacts given and none shipped")
+    run(paths, cache_dir=cache, out=out, model_override=model, echo=typer.echo)
 
 
 def main():  # pragma: no cover
