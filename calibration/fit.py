@@ -37,6 +37,7 @@ class FitConfig:
     train_fraction: float = 0.65
     calibration_fraction: float = 0.15
     tolerance: float = 0.01
+    max_fraction: float | None = None
     top_layers: int = 3
     selector_probe: str = "linear"
     head: str = "linear"
@@ -148,7 +149,7 @@ def fit_artifact(
     feats = features.features.numpy().astype(np.float64)
     n_layers, width = feats.shape[1], feats.shape[2]
 
-    selector = NeuronSelector(tolerance=cfg.tolerance, top_layers=cfg.top_layers, probe=cfg.selector_probe,
+    selector = NeuronSelector(tolerance=cfg.tolerance, max_fraction=cfg.max_fraction, top_layers=cfg.top_layers, probe=cfg.selector_probe,
                               seed=cfg.seed, layers=cfg.layers, progress=cfg.progress).fit(feats[tr], y[tr])
     layer, neurons = selector.layer_, selector.neurons_
     layer_feats = feats[:, layer - 1, :]

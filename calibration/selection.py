@@ -87,11 +87,14 @@ class NeuronSelector:
     Parameters
     ----------
     tolerance: the chosen k is the smallest whose CV AUROC is within this of the layer's best path point.
+    max_fraction: if set, only path points with k <= max_fraction * width may be chosen (the best of them when
+        none is within tolerance; the card then shows the gap to the dense probe honestly).
     top_layers: how many of the best-scanned layers get a pruning path.
     probe: probe used for scanning and ranking (``"linear"``, ``"l1"`` or ``"mlp"``).
     """
 
     tolerance: float = 0.01
+    max_fraction: float | None = None
     top_layers: int = 3
     fractions: tuple = DEFAULT_FRACTIONS
     probe: str = "linear"
@@ -119,7 +122,10 @@ class NeuronSelector:
                                 folds=self.folds, seed=self.seed)
             self.paths_[layer] = path
             top = max(p["auroc"] for p in path)
-            chosen = min((p for p in path if p["auroc"] >= top - self.tolerance), key=lambda p: p["k"])
+            allowed = [p for p in path if self.max_fraction is None or p["fraction"] <= self.max_fraction + 1e-12]
+            allowed = allowed or [min(path, key=lambda p: p["k"])]
+            within = [p for p in allowed if p["auroc"] >= top - self.tolerance]
+            chosen = min(within, key=lambda p: p["k"]) if within else max(allowed, key=lambda p: p["auroc"])
             # Across layers: highest chosen AUROC wins.
             if best is None or chosen["auroc"] > best[1]["auroc"]:
                 best = (layer, chosen)

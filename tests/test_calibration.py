@@ -206,3 +206,17 @@ def test_td_objective_bootstraps_along_trajectories():
     probe = MLPProbe(objective="td", epochs=40).fit(X, np.repeat(reward, steps), trajectory_index=traj)
     first = probe.decision_function(X[0::steps])
     assert auroc_score(reward, first) > 0.9
+
+
+def test_selector_finds_planted_sparse_signal_and_respects_cap():
+    from valueprobe.calibration.selection import NeuronSelector
+
+    rng = np.random.default_rng(0)
+    n, layers, width = 600, 3, 200
+    X = rng.standard_normal((n, layers, width))
+    y = (X[:, 1, [5, 17, 42]].sum(1) + 0.5 * rng.standard_normal(n) > 0).astype(int)
+    sel = NeuronSelector(progress=False, top_layers=2).fit(X, y)
+    assert sel.layer_ == 2 and {5, 17, 42} <= set(sel.neurons_.tolist())
+    assert sel.layer_auroc_[1] == max(sel.layer_auroc_)
+    capped = NeuronSelector(progress=False, layers=[2], max_fraction=0.01).fit(X, y)
+    assert len(capped.neurons_) <= 2 and set(capped.neurons_.tolist()) <= {5, 17, 42}

@@ -108,6 +108,7 @@ def fit(
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens for labelling open questions.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for splits, sampling and probes.")] = 0,
     tolerance: Annotated[float, typer.Option(help="Chosen k: smallest whose CV AUROC is within this of the best.")] = 0.01,
+    max_fraction: Annotated[Optional[float], typer.Option(help="Cap k at this share of the hidden width (e.g. 0.01).")] = None,
     top_layers: Annotated[int, typer.Option(help="Layers (best by dense CV AUROC) that get a pruning path.")] = 3,
     layer: Annotated[Optional[list[int]], typer.Option(help="Restrict selection to these layers (1-based).")] = None,
     head: Annotated[str, typer.Option(help="Scoring head: linear or mlp (both are stored).")] = "linear",
@@ -132,7 +133,7 @@ def fit(
     fmt = PromptFormat()
     features = extract_features(mdl, tok, questions, fmt, cache_dir=cache, batch_size=batch_size,
                                 max_new_tokens=max_new_tokens)
-    cfg = FitConfig(seed=seed, tolerance=tolerance, top_layers=top_layers, layers=layer, head=head,
+    cfg = FitConfig(seed=seed, tolerance=tolerance, max_fraction=max_fraction, top_layers=top_layers, layers=layer, head=head,
                     calibrator=calibrator, selector_probe=selector, random_seeds=random_seeds,
                     extra={"data_specs": list(data), "max_new_tokens": max_new_tokens})
     try:
