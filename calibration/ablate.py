@@ -70,20 +70,13 @@ def magnitude_matched(neurons, magnitude: np.ndarray, rng: np.random.Generator, 
 def _answers(model, tokenizer, fmt: PromptFormat, questions: list[Question], batch_size: int) -> np.ndarray:
     correct = []
     device = next(model.parameters()).device
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start : start + batch_size]
-            texts = [fmt.render(tokenizer, q.prompt()) for q in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer),
-                            return_token_type_ids=False).to(device)
-            logits = model(**with_position_ids(enc), use_cache=False).logits[:, -1, :].float().cpu()
-            for i, q in enumerate(batch):
-                ids = fmt.letter_token_ids(tokenizer, len(q.choices))
-                correct.append(int(int(logits[i, ids].argmax()) == q.answer))
-    finally:
-        tokenizer.padding_side = old
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start : start + batch_size]
+        enc = fmt.tokenize(tokenizer, [fmt.render(tokenizer, q.prompt()) for q in batch]).to(device)
+        logits = model(**with_position_ids(enc), use_cache=False).logits[:, -1, :].float().cpu()
+        for i, q in enumerate(batch):
+            ids = fmt.letter_token_ids(tokenizer, len(q.choices))
+            correct.append(int(int(logits[i, ids].argmax()) == q.answer))
     return np.asarray(correct)
 
 
@@ -108,18 +101,12 @@ def ablation_study(model, tokenizer, probe, questions: list[Question], *, seeds:
     # Activation statistics at the last prompt token, for magnitude matching and mean-ablation.
     device = next(model.parameters()).device
     stats = []
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(questions), batch_size):
-            texts = [fmt.render(tokenizer, q.prompt()) for q in questions[start : start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer),
-                            return_token_type_ids=False).to(device)
-            with torch.inference_mode(), capture(model, [layer], stop_after=True) as cap:
-                model(**with_position_ids(enc), use_cache=False)
-            stats.append(cap.batches[0][layer])
-    finally:
-        tokenizer.padding_side = old
+    for start in range(0, len(questions), batch_size):
+        texts = [fmt.render(tokenizer, q.prompt()) for q in questions[start : start + batch_size]]
+        enc = fmt.tokenize(tokenizer, texts).to(device)
+        with torch.inference_mode(), capture(model, [layer], stop_after=True) as cap:
+            model(**with_position_ids(enc), use_cache=False)
+        stats.append(cap.batches[0][layer])
     acts = torch.cat(stats).numpy()
     magnitude, mean = np.abs(acts).mean(0), acts.mean(0)
 

@@ -115,10 +115,7 @@ def _entropy(p: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], layers, device):
-    texts = [fmt.render(tokenizer, q.prompt()) for q in batch]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer),
-                    return_token_type_ids=False).to(device)
+    enc = fmt.tokenize(tokenizer, [fmt.render(tokenizer, q.prompt()) for q in batch]).to(device)
     with capture(model, layers) as cap:
         # Only the last position's logits are needed: skip the LM head elsewhere (a big matmul for large vocabs).
         out = model(**with_position_ids(enc), use_cache=False, logits_to_keep=1)
@@ -146,10 +143,7 @@ def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question]
 
 @torch.inference_mode()
 def _run_generate_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], layers, device, max_new_tokens):
-    texts = [fmt.render(tokenizer, q.prompt()) for q in batch]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=fmt.adds_special_tokens(tokenizer),
-                    return_token_type_ids=False).to(device)
+    enc = fmt.tokenize(tokenizer, [fmt.render(tokenizer, q.prompt()) for q in batch]).to(device)
     with capture(model, layers) as cap:
         gen = model.generate(
             **enc,
@@ -222,36 +216,32 @@ def extract_features(
     todo.sort(key=lambda q: (q.kind != "choice", lengths[q.id]))
     next_shard = len(list(folder.glob("shard-*.json"))) if folder else 0
     pending_feats, pending_rows = [], []
-    old_side = tokenizer.padding_side
-    try:
-        with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="extract", disable=not progress,
-                  unit="q") as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                by_kind = [q for q in batch if q.kind == "choice"], [q for q in batch if q.kind != "choice"]
-                for kind_batch, runner in zip(by_kind, ("choice", "generate")):
-                    if not kind_batch:
-                        continue
-                    if runner == "choice":
-                        feats, rows = _run_choice_batch(model, tokenizer, prompt_format, kind_batch, layers, device)
-                    else:
-                        feats, rows = _run_generate_batch(
-                            model, tokenizer, prompt_format, kind_batch, layers, device, max_new_tokens
-                        )
-                    for q, row in zip(kind_batch, rows):
-                        row.update({"id": q.id, "dataset": q.dataset, "kind": q.kind})
-                    pending_feats.append(feats)
-                    pending_rows.extend(rows)
-                    bar.update(len(kind_batch))
-                if folder is not None and (len(pending_rows) >= shard_size or start + batch_size >= len(todo)):
-                    feats = torch.cat(pending_feats)
-                    _write_shard(folder, next_shard, feats, pending_rows)
-                    for i, row in enumerate(pending_rows):
-                        done[row["id"]] = (feats[i], row)
-                    next_shard += 1
-                    pending_feats, pending_rows = [], []
-    finally:
-        tokenizer.padding_side = old_side
+    with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="extract", disable=not progress,
+              unit="q") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            by_kind = [q for q in batch if q.kind == "choice"], [q for q in batch if q.kind != "choice"]
+            for kind_batch, runner in zip(by_kind, ("choice", "generate")):
+                if not kind_batch:
+                    continue
+                if runner == "choice":
+                    feats, rows = _run_choice_batch(model, tokenizer, prompt_format, kind_batch, layers, device)
+                else:
+                    feats, rows = _run_generate_batch(
+                        model, tokenizer, prompt_format, kind_batch, layers, device, max_new_tokens
+                    )
+                for q, row in zip(kind_batch, rows):
+                    row.update({"id": q.id, "dataset": q.dataset, "kind": q.kind})
+                pending_feats.append(feats)
+                pending_rows.extend(rows)
+                bar.update(len(kind_batch))
+            if folder is not None and (len(pending_rows) >= shard_size or start + batch_size >= len(todo)):
+                feats = torch.cat(pending_feats)
+                _write_shard(folder, next_shard, feats, pending_rows)
+                for i, row in enumerate(pending_rows):
+                    done[row["id"]] = (feats[i], row)
+                next_shard += 1
+                pending_feats, pending_rows = [], []
     if folder is None:
         feats = torch.cat(pending_feats)
         for i, row in enumerate(pending_rows):

@@ -209,19 +209,7 @@ class ValueProbe:
 
     def encode(self, tokenizer, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         """Render ``prompts`` with the artifact's prompt format and tokenize them, left-padded."""
-        texts = [self.prompt_format.render(tokenizer, p) for p in prompts]
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            return tokenizer(
-                texts,
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=self.prompt_format.adds_special_tokens(tokenizer),
-                return_token_type_ids=False,
-            )
-        finally:
-            tokenizer.padding_side = old_side
+        return self.prompt_format.tokenize(tokenizer, [self.prompt_format.render(tokenizer, p) for p in prompts])
 
     @torch.inference_mode()
     def score(

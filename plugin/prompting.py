@@ -110,6 +110,18 @@ class PromptFormat:
         """Whether the tokenizer should add special tokens: not when the chat template already did."""
         return not self.chat_active(tokenizer)
 
+    def tokenize(self, tokenizer, texts: list[str]):
+        """Tokenize rendered texts left-padded (so the last column is every row's last real token), without
+        adding special tokens a chat template already put in, and without ``token_type_ids`` (which some
+        models' ``generate`` refuses). The tokenizer's own padding side is restored afterwards."""
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=self.adds_special_tokens(tokenizer),
+                             return_token_type_ids=False)
+        finally:
+            tokenizer.padding_side = old_side
+
     def letter_token_ids(self, tokenizer, n_choices: int) -> list[int]:
         """Token ids of the option letters as the model's next token (``"A"`` after a chat generation prompt,
         ``" A"`` after a plain ``Answer:``)."""

@@ -125,16 +125,8 @@ class Engine:
                     f.set_result(r)
 
     def _encode(self, texts: list[str]):
-        tok = self.tokenizer
-        old = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            # Rendered texts already carry the chat template's special tokens.
-            add_special = self.probe.prompt_format.adds_special_tokens(tok)
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=add_special, return_token_type_ids=False)
-        finally:
-            tok.padding_side = old
-        return enc.to(self.device)
+        # Rendered texts already carry the chat template's special tokens.
+        return self.probe.prompt_format.tokenize(self.tokenizer, texts).to(self.device)
 
     @torch.inference_mode()
     def _score_texts(self, texts: list[str]) -> list[ProbeResult]:
