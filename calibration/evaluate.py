@@ -125,9 +125,14 @@ def render_markdown(card: dict) -> str:
     lines += ["## Calibrators on the test split", "", "| calibrator | brier | ece | ece (equal mass) |", "|---|---|---|---|"]
     for kind, m in card["calibrators"].items():
         lines.append(f"| {kind} | {_fmt(m['brier'])} | {_fmt(m['ece'])} | {_fmt(m['ece_equal_mass'])} |")
-    lines += ["", "## Pruning path (CV AUROC on train, chosen layer)", "", "| k | share of width | CV AUROC |", "|---|---|---|"]
+    random_by_k = {r["k"]: r for r in card.get("random_k_curve", [])}
+    lines += ["", "## AUROC vs k (chosen layer)", "",
+              "| k | share of width | pruned, nested CV on train | pruned, test | random k, test (mean ± sd) |",
+              "|---|---|---|---|---|"]
     for p in card["selection"]["path"]:
-        lines.append(f"| {p['k']} | {100 * p['fraction']:.2f}% | {p['auroc']:.3f} |")
+        r = random_by_k.get(p["k"])
+        rand = f"{r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}" if r else "—"
+        lines.append(f"| {p['k']} | {100 * p['fraction']:.2f}% | {p['auroc']:.3f} | {_fmt(p.get('test_auroc'))} | {rand} |")
     lines += ["", "Plots: `layers.png`, `pruning.png`, `reliability.png`.", ""]
     return "\n".join(lines)
 
@@ -154,7 +159,12 @@ def write_plots(card: dict, folder: str | Path) -> list[str]:
         written.append("layers.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for layer, path in sel["paths"].items():
-        ax.plot([p["k"] for p in path], [p["auroc"] for p in path], marker="o", ms=3, label=f"layer {layer} (pruned)")
+        ax.plot([p["k"] for p in path], [p["auroc"] for p in path], marker="o", ms=3, ls=":",
+                label=f"layer {layer}, pruned (nested CV, train)")
+    chosen = sel["path"]
+    if chosen and "test_auroc" in chosen[0]:
+        ax.plot([p["k"] for p in chosen], [p["test_auroc"] for p in chosen], marker="o", color="crimson",
+                label=f"layer {sel['layer']}, pruned (test)")
     rk = card.get("random_k_curve") or []
     if rk:
         ax.errorbar([r["k"] for r in rk], [r["auroc_mean"] for r in rk], yerr=[r["auroc_std"] for r in rk],

@@ -200,7 +200,11 @@ def fit_artifact(
                 if len(np.unique(y[m_dst])) == 2:
                     transfer[src][dst] = auroc_score(y[m_dst], p.decision_function(X[m_dst]))
 
-    # Random-k curve over the path sizes on the test split (for the AUROC-vs-k plot).
+    # The chosen layer's path scored on the test split (fit on train), beside random k of the same sizes.
+    for point in selector.paths_[layer]:
+        subset = np.asarray(point["neurons"])
+        rp = LinearProbe().fit(layer_feats[tr][:, subset], y[tr])
+        point["test_auroc"] = auroc_score(y[te], rp.decision_function(layer_feats[te][:, subset]))
     random_curve = []
     for point in selector.paths_[layer]:
         k = point["k"]
