@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.stats import beta
 
-__all__ = ["escalation_threshold", "clopper_pearson_upper", "risk_controlled_threshold", "RiskControlledThreshold"]
+__all__ = ["escalation_threshold", "clopper_pearson_upper", "min_accepted", "risk_controlled_threshold", "RiskControlledThreshold"]
 
 
 def _scores(p) -> np.ndarray:
@@ -53,6 +53,11 @@ def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
     return float(beta.ppf(1.0 - delta, errors + 1, n - errors))
 
 
+def min_accepted(alpha: float, delta: float) -> int:
+    """Smallest n whose zero-error Clopper–Pearson bound ``1 - delta**(1/n)`` is at most ``alpha``."""
+    return max(1, math.ceil(math.log(delta) / math.log(1.0 - alpha) - 1e-12))
+
+
 @dataclass(frozen=True)
 class RiskControlledThreshold:
     """Result of :func:`risk_controlled_threshold`. ``threshold`` is ``inf`` when no coverage qualifies."""
@@ -79,7 +84,9 @@ def risk_controlled_threshold(
     Candidate thresholds are the distinct scores, scanned from the most confident down (coverage rising). With
     ``fixed_sequence=True`` (default) the scan stops at the first threshold whose bound exceeds ``alpha``: this
     is fixed-sequence testing (as in Learn-then-Test), which keeps the guarantee valid although many thresholds
-    are tried. ``fixed_sequence=False`` returns the largest qualifying coverage anywhere on the curve (more
+    are tried. The scan starts at ``min_accepted(alpha, delta)`` accepted answers, the fewest with which even zero
+    errors can pass (it depends only on alpha and delta, so the sequence stays fixed in advance); starting at one
+    answer would stop every scan at its first step. ``fixed_sequence=False`` returns the largest qualifying coverage anywhere on the curve (more
     coverage, but the 1 − delta guarantee no longer strictly holds after the search).
     """
     if not 0.0 < alpha < 1.0 or not 0.0 < delta < 1.0:
@@ -94,8 +101,11 @@ def risk_controlled_threshold(
     # Accepting p >= t takes whole tie blocks: evaluate at each block's last index.
     ends = np.flatnonzero(np.r_[p_sorted[1:] != p_sorted[:-1], True])
     best = RiskControlledThreshold(math.inf, 0.0, 0, 0.0, 1.0, alpha, delta)
+    n_min = min_accepted(alpha, delta)
     for end in ends:
         n_acc = int(end + 1)
+        if n_acc < n_min:
+            continue
         errors = int(cum_err[end])
         bound = clopper_pearson_upper(errors, n_acc, delta)
         if bound <= alpha:

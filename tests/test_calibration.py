@@ -26,6 +26,7 @@ from valueprobe.calibration.probes import MLPProbe
 from valueprobe.calibration.thresholds import (
     clopper_pearson_upper,
     escalation_threshold,
+    min_accepted,
     risk_controlled_threshold,
 )
 
@@ -169,12 +170,24 @@ def test_risk_controlled_threshold_bound_holds(data, alpha, delta, fixed):
     # maximality: no larger coverage qualifies (scan to the first violation in fixed-sequence mode)
     for t in sorted(set(p), reverse=True):
         acc = p >= t
+        if acc.sum() < min_accepted(alpha, delta):
+            assert clopper_pearson_upper(0, int(acc.sum()), delta) > alpha  # too few to ever pass
+            continue
         bound = clopper_pearson_upper(int((1 - y[acc]).sum()), int(acc.sum()), delta)
         if bound > alpha:
             if fixed:
                 break
             continue
         assert acc.sum() <= res.n_accepted
+
+
+def test_risk_control_finds_coverage_on_a_good_model():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=2000)
+    y = (rng.uniform(size=2000) < p).astype(int)  # calibrated scores
+    res = risk_controlled_threshold(p, y, alpha=0.2, delta=0.1)
+    assert 0.3 < res.coverage < 0.7 and res.risk_upper_bound <= 0.2
+    assert min_accepted(0.1, 0.1) == 22
 
 
 def test_clopper_pearson_known_values():
