@@ -10,6 +10,7 @@ import numpy as np
 
 from .calibrators import PlattCalibrator
 from .metrics import (
+    auroc_confidence_interval,
     aurc_loss,
     auprc_score,
     auroc_score,
@@ -42,9 +43,10 @@ def score_metrics(y, score, prob=None) -> dict:
     score = np.asarray(score, dtype=np.float64)
     out = {"n": int(len(y)), "accuracy": float(y.mean())}
     try:
-        out.update(auroc=auroc_score(y, score), auprc=auprc_score(y, score), prr=prr_score(y, score))
+        out.update(auroc=auroc_score(y, score), auprc=auprc_score(y, score), prr=prr_score(y, score),
+                   auroc_ci=list(auroc_confidence_interval(y, score)))
     except ValueError:
-        out.update(auroc=None, auprc=None, prr=None)
+        out.update(auroc=None, auprc=None, prr=None, auroc_ci=None)
     out["aurc"] = aurc_loss(y, score)
     if prob is not None:
         prob = np.asarray(prob, dtype=np.float64)
@@ -84,14 +86,18 @@ def _fmt(v, digits=3):
     return str(v)
 
 
-def format_table(rows: list[dict], columns=("auroc", "auprc", "brier", "ece", "ece_equal_mass", "aurc", "prr")) -> str:
-    """Markdown table of named metric rows."""
+def format_table(rows: list[dict], columns=("auroc", "auroc_ci", "auprc", "brier", "ece", "ece_equal_mass", "aurc", "prr")) -> str:
+    """Markdown table of named metric rows (``auroc_ci``: 95% bootstrap interval over questions)."""
     head = "| score | " + " | ".join(columns) + " |"
     sep = "|---|" + "---|" * len(columns)
     lines = [head, sep]
     for row in rows:
-        name = row["name"] + (f" (±{row['auroc_std']:.3f})" if row.get("auroc_std") is not None else "")
-        lines.append(f"| {name} | " + " | ".join(_fmt(_nan(row.get(c))) for c in columns) + " |")
+        name = row["name"] + (f" (sd over seeds {row['auroc_std']:.3f})" if row.get("auroc_std") is not None else "")
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append(f"{v[0]:.2f}–{v[1]:.2f}" if c == "auroc_ci" and v else _fmt(_nan(v)))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

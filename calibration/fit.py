@@ -102,7 +102,7 @@ def _evaluate_split(
         rand.append(score_metrics(y_te, r_raw, rc.predict_proba(r_raw)))
     if rand:
         mean = {k: (float(np.mean([r[k] for r in rand])) if all(r[k] is not None for r in rand) else None)
-                for k in rand[0] if k not in ("n", "accuracy")}
+                for k in rand[0] if k not in ("n", "accuracy", "auroc_ci")}
         std = float(np.std([r["auroc"] for r in rand])) if all(r["auroc"] is not None for r in rand) else None
         rows.append({"name": f"random {len(neurons)} neurons, same layer (mean of {len(rand)})", "n": len(y_te),
                      "accuracy": float(np.mean(y_te)), **mean, "auroc_std": std})
@@ -232,8 +232,9 @@ def fit_artifact(
     dense_row = next(r for r in test_rows if r["name"].startswith("dense"))
     gap_random = value_row["auroc"] - random_row["auroc"]
     gap_dense = dense_row["auroc"] - value_row["auroc"]
+    ci = value_row.get("auroc_ci") or [float("nan")] * 2
     verdict = (
-        f"value neurons AUROC {value_row['auroc']:.3f} vs random-{len(neurons)} {random_row['auroc']:.3f} "
+        f"value neurons AUROC {value_row['auroc']:.3f} (95% CI {ci[0]:.2f}–{ci[1]:.2f}, n={value_row['n']}) vs random-{len(neurons)} {random_row['auroc']:.3f} "
         f"(±{random_row['auroc_std']:.3f}) → {'+' if gap_random >= 0 else ''}{gap_random:.3f}; "
         f"dense probe {dense_row['auroc']:.3f} ({gap_dense:+.3f} over the value neurons). "
         + ("The sparse set beats random neurons by ≥ 0.05."

@@ -20,6 +20,7 @@ __all__ = [
     "risk_coverage_curve",
     "aurc_loss",
     "prr_score",
+    "auroc_confidence_interval",
 ]
 
 
@@ -139,3 +140,19 @@ def prr_score(y_true, y_score) -> float:
     if random_aurc - oracle_aurc <= 0:
         raise ValueError("PRR undefined: oracle and random rejection coincide")
     return float((random_aurc - aurc_loss(y_true, y_score)) / (random_aurc - oracle_aurc))
+
+
+def auroc_confidence_interval(y_true, y_score, *, level: float = 0.95, n_boot: int = 500, seed: int = 0):
+    """Percentile bootstrap interval for AUROC (resampling questions). Resamples with one class are skipped."""
+    y_true, y_score = _check(y_true, y_score, both_classes=True)
+    rng = np.random.default_rng(seed)
+    n = len(y_true)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        yt = y_true[idx]
+        if yt.min() == yt.max():
+            continue
+        stats.append(roc_auc_score(yt, y_score[idx]))
+    lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)

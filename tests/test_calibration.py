@@ -233,3 +233,17 @@ def test_selector_finds_planted_sparse_signal_and_respects_cap():
     assert sel.layer_auroc_[1] == max(sel.layer_auroc_)
     capped = NeuronSelector(progress=False, layers=[2], max_fraction=0.01).fit(X, y)
     assert len(capped.neurons_) <= 2 and set(capped.neurons_.tolist()) <= {5, 17, 42}
+
+
+def test_auroc_interval_covers_the_estimate_and_shrinks_with_n():
+    from valueprobe.calibration.metrics import auroc_confidence_interval
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (100, 2000):
+        y = rng.integers(0, 2, n)
+        s = y + rng.standard_normal(n)
+        lo, hi = auroc_confidence_interval(y, s)
+        assert lo < auroc_score(y, s) < hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
