@@ -70,8 +70,8 @@ def _sse(obj) -> str:
 
 
 def _query(sidecar: Sidecar, messages, rendered, req: p._GenerationParams) -> Query:
-    return Query(messages, rendered, sidecar.max_new_tokens(req.max_completion_tokens or req.max_tokens),
-                 req.temperature, req.top_p, req.seed, req.stop_list())
+    return sidecar.query(messages, rendered, req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
+                         req.seed, req.stop_list())
 
 
 async def _stream(sidecar: Sidecar, query: Query, chunk):
@@ -148,8 +148,8 @@ def _tgi_query(sidecar: Sidecar, req: p.TGIRequest) -> Query:
     prm = req.parameters
     temperature = prm.temperature if prm.do_sample else None
     # TGI semantics: `inputs` is the raw model text; OpenAI upstreams get it as one user message.
-    return Query([{"role": "user", "content": req.inputs}], req.inputs, sidecar.max_new_tokens(prm.max_new_tokens),
-                 temperature, prm.top_p, prm.seed, list(prm.stop))
+    return sidecar.query([{"role": "user", "content": req.inputs}], req.inputs, prm.max_new_tokens, temperature,
+                         prm.top_p, prm.seed, list(prm.stop))
 
 
 def _tgi_details(o: Outcome, seed):

@@ -144,6 +144,17 @@ class Sidecar:
             raise ClientError(f"max tokens {n} exceeds the limit {self.settings.max_new_tokens_limit}")
         return n
 
+    def query(self, messages, rendered: str, max_new_tokens: int | None, temperature=None, top_p=None, seed=None,
+              stop=None) -> Query:
+        """Validate a request's size against the model's context before any model work is queued."""
+        n_new = self.max_new_tokens(max_new_tokens)
+        context = getattr(self.engine.model.config, "max_position_embeddings", None)
+        if context:
+            n_prompt = len(self.engine.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+            if n_prompt + n_new > context:
+                raise ClientError(f"prompt ({n_prompt} tokens) plus max tokens ({n_new}) exceeds the model's context of {context}")
+        return Query(messages, rendered, n_new, temperature, top_p, seed, stop or [])
+
     # -- scoring ------------------------------------------------------------------------------------------------
     def _remember(self, request_id: str, p: float):
         self._recent[request_id] = p

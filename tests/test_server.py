@@ -178,6 +178,7 @@ def test_bad_inputs_get_4xx_with_reasons(servers):
         ("/v1/confidence", {}, 400),
         ("/v1/confidence", [], 400),
         ("/v1/completions", {"prompt": "x" * 20000}, 400),
+        ("/v1/completions", {"prompt": "word " * 300, "max_tokens": 8}, 400),  # beyond the tiny model's 256 positions
     ]
     for path, body, status in cases:
         r = httpx.post(url + path, json=body, timeout=30)
