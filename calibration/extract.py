@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from valueprobe.plugin.fingerprint import model_fingerprint, tokenizer_fingerprint
 from valueprobe.plugin.hooks import capture, find_decoder_layers, with_position_ids
+from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import PromptFormat
 
 from .data import Question, grade_numeric, grade_open
@@ -157,7 +158,7 @@ def _run_generate_batch(model, tokenizer, fmt: PromptFormat, batch: list[Questio
     new_tokens = gen.sequences[:, enc["input_ids"].shape[1] :]
     step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1).cpu()
     first_p = torch.softmax(gen.scores[0].float(), dim=-1).cpu()
-    eos = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    eos = eos_token_ids(model, tokenizer)
     rows = []
     for i, q in enumerate(batch):
         toks = new_tokens[i].tolist()

@@ -196,3 +196,16 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
     # Remember the short name so artifacts fitted on it can name it.
     model.config.valueprobe_model_name = name_or_path if name_or_path in KNOWN_MODELS else None
     return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a generation: the tokenizer's eos and pad, plus the generation config's eos (chat models
+    often end turns with a token, e.g. ``<|im_end|>``, that is not ``tokenizer.eos_token``)."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    ids.discard(None)
+    return ids

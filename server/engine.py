@@ -19,6 +19,7 @@ import torch
 
 from valueprobe.plugin import ProbeResult, ValueProbe
 from valueprobe.plugin.hooks import LastTokenReader, capture, with_position_ids
+from valueprobe.plugin.models import eos_token_ids
 
 from .errors import OverloadedError, ProbeNotLoadedError
 
@@ -181,7 +182,7 @@ class Engine:
         if not seen:
             raise ProbeNotLoadedError("the probe hook did not fire during the prefill")
         new = out[0, enc["input_ids"].shape[1]:].tolist()
-        eos = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        eos = eos_token_ids(self.model, self.tokenizer)
         stopped = next((i for i, t in enumerate(new) if t in eos), None)
         tokens = new if stopped is None else new[:stopped]
         generated = self.tokenizer.decode(tokens, skip_special_tokens=True)
