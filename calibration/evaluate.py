@@ -108,7 +108,7 @@ def render_markdown(card: dict) -> str:
     lines += [
         f"- layer **{sel['layer']}** of {sel['n_layers']}, **k = {sel['k']}** value neurons "
         f"({100 * sel['fraction']:.2f}% of width {sel['width']}), head `{card['head']}`, calibrator `{card['calibrator']}`",
-        f"- data: " + ", ".join(f"{d} (n={v['n']}, model accuracy {v['accuracy']:.2f})" for d, v in card["data"].items()),
+        "- data: " + ", ".join(f"{d} (n={v['n']}, model accuracy {v['accuracy']:.2f})" for d, v in card["data"].items()),
         f"- splits by question (seed {card['splits']['seed']}): train {card['splits']['n_train']}, "
         f"calibration {card['splits']['n_calibration']}, test {card['splits']['n_test']}; every number below is on the test split",
         f"- sparse vs random: {card['verdict']}",

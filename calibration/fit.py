@@ -18,7 +18,7 @@ from valueprobe.plugin.artifact import ArtifactData
 from valueprobe.plugin.fingerprint import chat_template_sha256, model_fingerprint, tokenizer_fingerprint
 from valueprobe.plugin.prompting import PromptFormat
 
-from .calibrators import CALIBRATOR_CLASSES, PlattCalibrator, make_calibrator
+from .calibrators import CALIBRATOR_CLASSES, PlattCalibrator
 from .evaluate import baseline_scores, reliability_dict, score_metrics
 from .extract import FeatureSet
 from .metrics import auroc_score

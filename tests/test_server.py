@@ -4,7 +4,6 @@ bad inputs, auth."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
