@@ -115,8 +115,8 @@ def _entropy(p: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], layers, device):
-    enc = fmt.tokenize(tokenizer, [fmt.render(tokenizer, q.prompt()) for q in batch]).to(device)
+def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], texts: list[str], layers, device):
+    enc = fmt.tokenize(tokenizer, texts).to(device)
     with capture(model, layers) as cap:
         # Only the last position's logits are needed: skip the LM head elsewhere (a big matmul for large vocabs).
         out = model(**with_position_ids(enc), use_cache=False, logits_to_keep=1)
@@ -143,8 +143,9 @@ def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question]
 
 
 @torch.inference_mode()
-def _run_generate_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], layers, device, max_new_tokens):
-    enc = fmt.tokenize(tokenizer, [fmt.render(tokenizer, q.prompt()) for q in batch]).to(device)
+def _run_generate_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], texts: list[str], layers, device,
+                        max_new_tokens):
+    enc = fmt.tokenize(tokenizer, texts).to(device)
     with capture(model, layers) as cap:
         gen = model.generate(
             **enc,
@@ -212,9 +213,9 @@ def extract_features(
         folder.mkdir(parents=True, exist_ok=True)
         done = _load_shards(folder)
     todo = [q for q in questions if q.id not in done]
-    # Group by kind, then by rendered length, so batches pad little.
-    lengths = {q.id: len(prompt_format.render(tokenizer, q.prompt())) for q in todo}
-    todo.sort(key=lambda q: (q.kind != "choice", lengths[q.id]))
+    # Render once; group by kind, then by rendered length, so batches pad little.
+    rendered = {q.id: prompt_format.render(tokenizer, q.prompt()) for q in todo}
+    todo.sort(key=lambda q: (q.kind != "choice", len(rendered[q.id])))
     next_shard = len(list(folder.glob("shard-*.json"))) if folder else 0
     pending_feats, pending_rows = [], []
     with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="extract", disable=not progress,
@@ -225,11 +226,12 @@ def extract_features(
             for kind_batch, runner in zip(by_kind, ("choice", "generate")):
                 if not kind_batch:
                     continue
+                texts = [rendered[q.id] for q in kind_batch]
                 if runner == "choice":
-                    feats, rows = _run_choice_batch(model, tokenizer, prompt_format, kind_batch, layers, device)
+                    feats, rows = _run_choice_batch(model, tokenizer, prompt_format, kind_batch, texts, layers, device)
                 else:
                     feats, rows = _run_generate_batch(
-                        model, tokenizer, prompt_format, kind_batch, layers, device, max_new_tokens
+                        model, tokenizer, prompt_format, kind_batch, texts, layers, device, max_new_tokens
                     )
                 for q, row in zip(kind_batch, rows):
                     row.update({"id": q.id, "dataset": q.dataset, "kind": q.kind})
