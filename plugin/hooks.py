@@ -17,6 +17,7 @@ Hooks are global state on the model: always use :func:`capture` as a context man
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -146,6 +147,18 @@ class LastTokenReader:
         Called once per prefill with ``{layer: tensor[batch, k or hidden]}`` (CPU float32, detached).
     stop_after:
         Raise :class:`StopForward` after the deepest requested layer (offline extraction; never when serving).
+    thread_only:
+        Act only on forward passes run by the thread that registered the hooks, so that two threads can run
+        forwards of one model at once (a server scoring prompts while another thread generates), each reading
+        only its own.
+    next_token_ids:
+        If given (option-letter token ids), also read the LM head's logits at the last prompt token of each
+        prefill and add ``values["next_token"]``: the ``[batch, 2 + letters]`` summary of
+        :func:`valueprobe.plugin.nexttoken.summarize_logits` (the vocabulary never leaves the device).
+    prefill_cache_length:
+        Cache length a prefill starts from: 0 normally; the shared prefix's length when the caller passes a
+        KV cache of a prompt prefix that every row shares (offline extraction reuses the chat template's
+        system part this way). Forwards that start later are decode steps and are skipped.
     """
 
     model: nn.Module
@@ -153,6 +166,9 @@ class LastTokenReader:
     on_prefill: Callable[[dict[int, torch.Tensor]], None]
     neuron_indices: torch.Tensor | None = None
     stop_after: bool = False
+    prefill_cache_length: int = 0
+    next_token_ids: Sequence[int] | None = None
+    thread_only: bool = False
     _handles: list = field(default_factory=list, init=False, repr=False)
     _positions: torch.Tensor | None = field(default=None, init=False, repr=False)
     _active: bool = field(default=False, init=False, repr=False)
@@ -166,14 +182,27 @@ class LastTokenReader:
         if self.neuron_indices is not None:
             self.neuron_indices = torch.as_tensor(self.neuron_indices, dtype=torch.long)
         self._device_indices: dict = {}
+        self._head = None
+        if self.next_token_ids is not None:
+            get = getattr(self.model, "get_output_embeddings", None)
+            self._head = get() if callable(get) else None
+            if self._head is None:
+                raise LayerNotFoundError("reading the next-token distribution needs a causal LM with an output head")
+            if self.stop_after:
+                raise ValueError("stop_after would skip the LM head whose logits were asked for")
+        self._pending: dict | None = None
+        self._thread: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def register(self) -> LastTokenReader:
         if self._handles:
             return self
+        self._thread = threading.get_ident() if self.thread_only else None
         self._handles.append(self.decoder.owner.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         for layer in self.layers:
             self._handles.append(self.decoder.block(layer).register_forward_hook(self._make_layer_hook(layer)))
+        if self._head is not None:
+            self._handles.append(self._head.register_forward_hook(self._head_hook))
         return self
 
     def remove(self) -> None:
@@ -188,11 +217,17 @@ class LastTokenReader:
         return bool(self._handles)
 
     # -- hooks -----------------------------------------------------------------------------------------------
+    def _foreign(self) -> bool:
+        return self._thread is not None and threading.get_ident() != self._thread
+
     def _pre_hook(self, module, args, kwargs):
+        if self._foreign():
+            return None
         past = kwargs.get("past_key_values", kwargs.get("past_key_value"))
         cache_position = kwargs.get("cache_position")
-        is_decode = _cache_length(past) > 0 or (
-            cache_position is not None and cache_position.numel() > 0 and int(cache_position.reshape(-1)[0]) > 0
+        start = self.prefill_cache_length
+        is_decode = _cache_length(past) > start or (
+            cache_position is not None and cache_position.numel() > 0 and int(cache_position.reshape(-1)[0]) > start
         )
         self._values = {}
         if is_decode:
@@ -210,7 +245,7 @@ class LastTokenReader:
         deepest = self.layers[-1]
 
         def hook(module, args, output):
-            if not self._active:
+            if not self._active or self._foreign():
                 return None
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             batch, seq_len = hidden.shape[0], hidden.shape[1]
@@ -227,12 +262,34 @@ class LastTokenReader:
             if layer == deepest:
                 values, self._values = self._values, {}
                 self._active = False
+                if self._head is not None:
+                    self._pending = values  # completed by the LM head hook of this same forward
+                    self._pending_len = seq_len
+                    return None
                 self.on_prefill(values)
                 if self.stop_after:
                     raise StopForward
             return None
 
         return hook
+
+
+    def _head_hook(self, module, args, output):
+        if self._foreign():
+            return None
+        values, self._pending = self._pending, None
+        if values is None:
+            return None
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+        if logits.shape[1] == self._pending_len and self._positions is not None:
+            last = logits[torch.arange(logits.shape[0], device=logits.device), self._positions.to(logits.device)]
+        else:  # logits_to_keep=1 (generate): only the last column was computed, and with left padding it is real
+            last = logits[:, -1, :]
+        from .nexttoken import summarize_logits
+
+        values["next_token"] = summarize_logits(last, self.next_token_ids)
+        self.on_prefill(values)
+        return None
 
 
 @contextlib.contextmanager
@@ -242,6 +299,9 @@ def capture(
     neuron_indices: torch.Tensor | Sequence[int] | None = None,
     *,
     stop_after: bool = False,
+    prefill_cache_length: int = 0,
+    next_token_ids: Sequence[int] | None = None,
+    thread_only: bool = False,
 ):
     """Context manager collecting last-real-token hidden states of each prefill run inside it.
 
@@ -254,12 +314,15 @@ def capture(
 
     ``stop_after=True`` ends the forward pass after the deepest requested layer (saves compute when only
     features are wanted); the resulting :class:`StopForward` is swallowed here, so no logits are produced.
+    ``prefill_cache_length`` is the length of a shared-prefix KV cache passed to the forward (see
+    :class:`LastTokenReader`).
     Hooks are removed on exit, also when the body raises.
     """
     decoder = find_decoder_layers(model)
     chosen = range(1, len(decoder) + 1) if layers == "all" else layers
     sink = _Capture()
-    reader = LastTokenReader(model, list(chosen), sink.batches.append, neuron_indices, stop_after)
+    reader = LastTokenReader(model, list(chosen), sink.batches.append, neuron_indices, stop_after,
+                             prefill_cache_length, next_token_ids, thread_only)
     reader.register()
     try:
         yield sink

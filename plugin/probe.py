@@ -19,7 +19,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,21 +32,34 @@ from .artifact import (
     head_tensors,
     load_artifact,
     save_artifact,
+    stack_arrays,
 )
 from .fingerprint import diff_fingerprints, model_fingerprint, tokenizer_fingerprint
 from .hooks import LastTokenReader, capture, find_decoder_layers, with_position_ids
+from .nexttoken import next_token_features, prompt_kind
 from .prompting import Prompt, PromptFormat
-from .readout import calibrate, head_logit
+from .readout import calibrate, head_logit, mahalanobis, stack_features, stack_proba
 
 __all__ = ["ValueProbe", "ProbeResult", "ProbeHandle"]
 
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """Confidence for one prompt: ``raw`` is the head's logit, ``probability`` the calibrated P(correct)."""
+    """Confidence for one prompt.
+
+    ``probability`` is the served, calibrated P(correct): the stacked score of the prompt's ``kind`` when the
+    artifact serves one (``served_score == "stacked"``), else the value neurons' calibrated probability. ``raw``
+    is the value head's logit. ``components`` holds each part (``value_probability``, ``max_softmax``,
+    ``entropy``); ``ood_distance`` / ``ood`` say how far the prompt's neuron values lie from the fitting data
+    (``None`` when the artifact carries no OOD model).
+    """
 
     raw: float
     probability: float
+    kind: str = "open"
+    components: dict = field(default_factory=dict, compare=False)
+    ood_distance: float | None = None
+    ood: bool | None = None
 
 
 class ProbeHandle:
@@ -57,18 +70,23 @@ class ProbeHandle:
     Use as a context manager or call ``remove()``; removing twice is harmless.
     """
 
-    def __init__(self, probe: ValueProbe, model, on_score: Callable[[list[ProbeResult]], None] | None):
+    def __init__(self, probe: ValueProbe, model, on_score: Callable[[list[ProbeResult]], None] | None,
+                 letter_ids=None):
         self.probe = probe
         self._on_score = on_score
         self._lock = threading.Lock()
         self._batches: list[list[ProbeResult]] = []
         self.latest: list[ProbeResult] = []
+        #: Kinds of the rows of the next prefill (``[("choice", n_choices) | ("open", 0)]``); open by default.
+        #: Set it (or use ``probe.encode(..., handle=handle)``) before a multiple-choice ``generate``.
+        self.kinds: list[tuple[str, int]] | None = None
         self._reader = LastTokenReader(
-            model, [probe.layer], self._record, neuron_indices=probe.neuron_indices
+            model, [probe.layer], self._record, neuron_indices=probe.neuron_indices,
+            next_token_ids=letter_ids if probe.needs_next_token else None,
         ).register()
 
     def _record(self, values: dict[int, torch.Tensor]) -> None:
-        results = self.probe.readout(values[self.probe.layer])
+        results = self.probe.readout(values[self.probe.layer], values.get("next_token"), self.kinds)
         with self._lock:
             self.latest = results
             self._batches.append(results)
@@ -122,6 +140,12 @@ class ValueProbe:
         self.scale = data.tensors["features.scale"].to(torch.float32)
         self._head_params = head_tensors(data, self.head)
         self._calibrator_params = calibrator_arrays(data)
+        self.served_score = md.get("served_score", "value")
+        self._stack = stack_arrays(data)
+        self._ood = None
+        if "ood.mean" in data.tensors:
+            self._ood = (data.tensors["ood.mean"].numpy(), data.tensors["ood.precision"].numpy(),
+                         float(data.tensors["ood.threshold"].reshape(-1)[0]))
         self.prompt_format = PromptFormat.from_json(md["prompt_format"])
         self.model_fingerprint = data.json("model_fingerprint")
         self.tokenizer_fingerprint = data.json("tokenizer_fingerprint")
@@ -161,10 +185,60 @@ class ValueProbe:
         """``[n, k]`` neuron values -> ``[n]`` calibrated P(correct)."""
         return calibrate(self.calibrator, self._calibrator_params, self.raw_scores(values))
 
-    def readout(self, values: torch.Tensor) -> list[ProbeResult]:
+    @property
+    def needs_next_token(self) -> bool:
+        """Whether the served score reads the next-token distribution of the prefill (stacked artifacts)."""
+        return self.served_score == "stacked"
+
+    def letter_ids(self, tokenizer) -> list[int]:
+        return self.prompt_format.letter_token_ids(tokenizer, len(self.prompt_format.letters))
+
+    def predict(self, values, max_softmax=None, entropy=None, kinds=None) -> dict[str, np.ndarray]:
+        """Vectorised served numbers for ``[n, k]`` neuron values and, for stacked artifacts, each row's
+        next-token ``max_softmax`` and ``entropy`` (as :func:`~valueprobe.plugin.nexttoken.next_token_features`
+        gives them) and ``kinds`` (``"choice"`` / ``"open"`` per row). Returns arrays ``value_raw``,
+        ``value_probability``, ``probability`` (the served score) and, with an OOD model, ``ood_distance`` and
+        ``ood``."""
         raw = self.raw_scores(values)
-        prob = calibrate(self.calibrator, self._calibrator_params, raw)
-        return [ProbeResult(float(r), float(p)) for r, p in zip(raw, prob)]
+        value_p = calibrate(self.calibrator, self._calibrator_params, raw)
+        prob = value_p.copy()
+        if self.served_score == "stacked" and max_softmax is not None:
+            kinds = np.asarray(kinds if kinds is not None else ["open"] * len(raw))
+            for kind, params in self._stack.items():
+                m = kinds == kind
+                if m.any():
+                    prob[m] = stack_proba(params, stack_features(raw[m], np.asarray(max_softmax)[m],
+                                                                 np.asarray(entropy)[m]))
+        out = {"value_raw": raw, "value_probability": value_p, "probability": prob}
+        if self._ood is not None:
+            dist = mahalanobis(torch.as_tensor(values, dtype=torch.float64).numpy(), self._ood[0], self._ood[1])
+            out.update(ood_distance=dist, ood=dist > self._ood[2])
+        return out
+
+    def readout(self, values: torch.Tensor, next_token: torch.Tensor | None = None,
+                kinds: Sequence[tuple[str, int]] | None = None) -> list[ProbeResult]:
+        """``[n, k]`` neuron values (and, for stacked artifacts, the ``[n, 2 + letters]`` next-token summary of
+        the same prefill) -> one :class:`ProbeResult` per row. ``kinds`` gives each row's ``(kind, n_choices)``;
+        rows default to open questions."""
+        n = int(torch.as_tensor(values).shape[0])
+        kinds = list(kinds) if kinds is not None else [("open", 0)] * n
+        if len(kinds) != n:
+            raise ValueError(f"{len(kinds)} kinds for {n} rows")
+        ms = ent = None
+        if next_token is not None:
+            feats = [next_token_features(next_token[i], kind, n_choices) for i, (kind, n_choices) in enumerate(kinds)]
+            ms, ent = np.array([f[0] for f in feats]), np.array([f[1] for f in feats])
+        pred = self.predict(values, ms, ent, [k for k, _ in kinds])
+        out = []
+        for i in range(n):
+            comps = {"value_raw": float(pred["value_raw"][i]), "value_probability": float(pred["value_probability"][i])}
+            if ms is not None:
+                comps.update(max_softmax=float(ms[i]), entropy=float(ent[i]))
+            dist = pred.get("ood_distance")
+            out.append(ProbeResult(float(pred["value_raw"][i]), float(pred["probability"][i]), kinds[i][0], comps,
+                                   None if dist is None else float(dist[i]),
+                                   None if dist is None else bool(pred["ood"][i])))
+        return out
 
     # -- model binding -------------------------------------------------------------------------------------------
     def check_compatible(self, model, tokenizer=None, *, strict: bool = True) -> list[str]:
@@ -174,7 +248,7 @@ class ValueProbe:
         :class:`FingerprintMismatchError`; with ``strict=False`` it warns and returns them.
         """
         cached = self._verified.get(model)
-        if cached is not None and (tokenizer is None or id(tokenizer) in cached):
+        if cached is not None and (tokenizer is None or tokenizer in cached):
             return []
         decoder = find_decoder_layers(model)
         if self.layer > len(decoder):
@@ -196,8 +270,11 @@ class ValueProbe:
                 raise FingerprintMismatchError(message, mismatched)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return mismatched
-        # Footgun: weights changed in place after this check are not re-hashed.
-        self._verified.setdefault(model, set()).add(id(tokenizer) if tokenizer is not None else None)
+        # Footgun: weights changed in place after this check are not re-hashed. Tokenizers are held weakly (not
+        # by id(): ids are reused after garbage collection, so a new tokenizer could pass unchecked).
+        checked = self._verified.setdefault(model, weakref.WeakSet())
+        if tokenizer is not None:
+            checked.add(tokenizer)
         return mismatched
 
     def attach(
@@ -214,7 +291,10 @@ class ValueProbe:
         ``check_fingerprint=False`` (which warns instead).
         """
         self.check_compatible(model, tokenizer, strict=check_fingerprint)
-        return ProbeHandle(self, model, on_score)
+        if self.needs_next_token and tokenizer is None:
+            raise ValueError("this artifact serves a stacked score: attach(model, tokenizer) needs the tokenizer "
+                             "to find the option-letter tokens")
+        return ProbeHandle(self, model, on_score, self.letter_ids(tokenizer) if tokenizer is not None else None)
 
     def encode(self, tokenizer, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         """Render ``prompts`` with the artifact's prompt format and tokenize them, left-padded."""
@@ -234,7 +314,8 @@ class ValueProbe:
 
         ``prompts`` is one prompt or a list; each is a question string, a ``{"question", "choices"}`` dict or a
         list of chat messages (see :mod:`valueprobe.plugin.prompting`). The forward pass stops right after the
-        hooked layer, so later layers and the LM head are not computed.
+        hooked layer (value-only artifacts) or at the LM head's last position (stacked artifacts, which add the
+        next-token distribution of this same prefill).
         """
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]
@@ -242,10 +323,16 @@ class ValueProbe:
             prompts = [prompts]
         self.check_compatible(model, tokenizer, strict=check_fingerprint)
         device = next(model.parameters()).device
+        letters = self.letter_ids(tokenizer) if self.needs_next_token else None
         results: list[ProbeResult] = []
         for start in range(0, len(prompts), batch_size):
-            batch = self.encode(tokenizer, prompts[start : start + batch_size]).to(device)
-            with capture(model, [self.layer], self.neuron_indices, stop_after=True) as cap:
-                model(**with_position_ids(batch), use_cache=False)
-            results.extend(self.readout(cap.batches[0][self.layer]))
+            chunk = list(prompts[start : start + batch_size])
+            batch = self.encode(tokenizer, chunk).to(device)
+            # Value-only artifacts stop after the hooked layer; stacked ones need the LM head's last-token logits.
+            with capture(model, [self.layer], self.neuron_indices, stop_after=letters is None,
+                         next_token_ids=letters) as cap:
+                model(**with_position_ids(batch), use_cache=False,
+                      **({"logits_to_keep": 1} if letters is not None else {}))
+            values = cap.batches[0]
+            results.extend(self.readout(values[self.layer], values.get("next_token"), [prompt_kind(p) for p in chunk]))
         return results

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
-__all__ = ["Prompt", "PromptFormat", "PromptError"]
+__all__ = ["Prompt", "PromptFormat", "PromptError", "pad_left", "pad_token_id"]
 
 Prompt = Union[str, Mapping[str, Any], Sequence[Mapping[str, str]]]
 
@@ -95,7 +95,7 @@ class PromptFormat:
                 raise PromptError("a chat prompt is a non-empty list of {'role', 'content'} messages")
             if not self.chat_active(tokenizer):
                 raise PromptError("chat messages need a tokenizer with a chat template")
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return _apply_template(tokenizer, messages)
         if not isinstance(prompt, (str, Mapping)):
             raise PromptError(f"unsupported prompt type {type(prompt).__name__}")
         user = self.user_text(prompt)
@@ -103,7 +103,7 @@ class PromptFormat:
             messages = ([{"role": "system", "content": self.system}] if self.system else []) + [
                 {"role": "user", "content": user}
             ]
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return _apply_template(tokenizer, messages)
         return self.plain_template.format(user=user)
 
     def adds_special_tokens(self, tokenizer) -> bool:
@@ -113,14 +113,14 @@ class PromptFormat:
     def tokenize(self, tokenizer, texts: list[str]):
         """Tokenize rendered texts left-padded (so the last column is every row's last real token), without
         adding special tokens a chat template already put in, and without ``token_type_ids`` (which some
-        models' ``generate`` refuses). The tokenizer's own padding side is restored afterwards."""
-        old_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=self.adds_special_tokens(tokenizer),
-                             return_token_type_ids=False)
-        finally:
-            tokenizer.padding_side = old_side
+        models' ``generate`` refuses).
+
+        Padding is done here, not by the tokenizer: tokenizers without a pad token (Llama-family ones) work, and
+        the caller's tokenizer is never mutated (no ``padding_side`` or ``pad_token`` change, which would also
+        race with other threads using it). Padded positions are masked, so the pad id is immaterial.
+        """
+        rows = [tokenizer(t, add_special_tokens=self.adds_special_tokens(tokenizer))["input_ids"] for t in texts]
+        return pad_left(rows, pad_token_id(tokenizer))
 
     def letter_token_ids(self, tokenizer, n_choices: int) -> list[int]:
         """Token ids of the option letters as the model's next token (``"A"`` after a chat generation prompt,
@@ -131,3 +131,39 @@ class PromptFormat:
             toks = tokenizer.encode(prefix + letter, add_special_tokens=False)
             ids.append(toks[-1])
         return ids
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id, else 0: padded positions are masked, any real id will do."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def pad_left(rows: list[list[int]], pad_id: int):
+    """Left-pad token id lists into a ``BatchEncoding`` with ``input_ids`` and ``attention_mask``."""
+    import torch
+    from transformers import BatchEncoding
+
+    if not rows or any(len(r) == 0 for r in rows):
+        raise PromptError("a prompt tokenized to no tokens")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+
+def _apply_template(tokenizer, messages) -> str:
+    """The chat template, with its own refusals (``raise_exception`` in Jinja: "roles must alternate", ...)
+    turned into :class:`PromptError`, a client error, instead of escaping as a server error."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:
+        raise PromptError(f"the chat template refused these messages: {exc}") from None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS"]
+__all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS", "STACK_FEATURES",
+           "STACK_PARAMS", "stack_features", "stack_logit", "stack_proba", "mahalanobis"]
 
 HEADS = ("linear", "mlp")
 CALIBRATORS = ("identity", "platt", "temperature", "isotonic")
@@ -70,3 +71,37 @@ def calibrate(kind: str, params: dict[str, np.ndarray], raw: np.ndarray) -> np.n
         y = np.asarray(params["y_thresholds"], dtype=np.float64)
         return np.clip(np.interp(raw, x, y), 0.0, 1.0)
     raise ValueError(f"unknown calibrator {kind!r}; expected one of {CALIBRATORS}")
+
+
+# -- the served score: value neurons stacked with the free next-token signal, per question kind ------------------
+STACK_FEATURES = ("value_raw", "logit_max_softmax", "entropy")
+STACK_PARAMS = ("mean", "scale", "weight", "bias", "calibrator.a", "calibrator.b")
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def stack_features(value_raw, max_softmax, entropy) -> np.ndarray:
+    """``[n, 3]`` stacking inputs in :data:`STACK_FEATURES` order (the max-softmax enters as a logit)."""
+    return np.c_[np.asarray(value_raw, dtype=np.float64), _logit(max_softmax), np.asarray(entropy, dtype=np.float64)]
+
+
+def stack_logit(params: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Logistic stacker of one kind: ``((f - mean) / scale) @ weight + bias``."""
+    f = (np.asarray(features, dtype=np.float64) - params["mean"]) / params["scale"]
+    return f @ params["weight"] + float(np.asarray(params["bias"]).reshape(-1)[0])
+
+
+def stack_proba(params: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """Calibrated P(correct) of the stacked score: Platt on the stacker's logit (fitted on the calibration split)."""
+    a = float(np.asarray(params["calibrator.a"]).reshape(-1)[0])
+    b = float(np.asarray(params["calibrator.b"]).reshape(-1)[0])
+    return _sigmoid(a * stack_logit(params, features) + b)
+
+
+def mahalanobis(values: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Distance of each row of ``values`` ``[n, k]`` from the fitting distribution (mean, precision matrix)."""
+    d = np.asarray(values, dtype=np.float64) - np.asarray(mean, dtype=np.float64)
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, np.asarray(precision, dtype=np.float64), d), 0.0))

@@ -1,15 +1,20 @@
 """The model side of the sidecar (no FastAPI here): dynamic batching of prompt-only scoring, and embedded
 generation with the probe's hook reading the prefill of the same forward pass.
 
-All model work runs on one worker thread, in order, so the hook state is never shared between two forward
-passes, and an artifact swap (hot reload) queued on that thread lands between requests: in-flight requests finish
-on the old artifact.
+Threads: scoring batches run on one worker thread and generations on another, so a long generation does not
+hold up prompt-only scoring. The probe hooks are registered per call with ``thread_only=True``: each thread's
+forward passes are read only by its own hooks. Every call carries the probe it must use (the request's
+snapshot), so a hot reload never mixes two artifacts inside one request.
+
+Tokenizer: a Hugging Face fast tokenizer must not be used from two threads at once ("Already borrowed"). Every
+encode goes through :meth:`Engine.tokenize` under a lock, prompts are tokenized once per request (on the event
+loop, for the context check) and the model threads receive token ids, which they pad themselves: the user's
+tokenizer is never mutated (no pad token or padding side is set on it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +25,19 @@ import torch
 from valueprobe.plugin import ProbeResult, ValueProbe
 from valueprobe.plugin.hooks import LastTokenReader, capture, with_position_ids
 from valueprobe.plugin.models import eos_token_ids
+from valueprobe.plugin.prompting import pad_left, pad_token_id
 
-from .errors import OverloadedError, ProbeNotLoadedError
+from .errors import OverloadedError, ProbeFailedError
+
+__all__ = ["Engine", "Generation", "Prompt"]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered, tokenized prompt and its kind (``("choice", n_choices)`` or ``("open", 0)``)."""
+
+    input_ids: tuple[int, ...]
+    kind: tuple[str, int] = ("open", 0)
 
 
 @dataclass
@@ -29,12 +45,12 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "aborted"
     confidence: ProbeResult
 
 
 class _StopFlag:
-    """A StoppingCriteria-compatible callable that ends generation when set (abstain/escalate while streaming)."""
+    """A StoppingCriteria-compatible callable that ends generation when set (decided not to answer, client gone)."""
 
     def __init__(self):
         self.event = threading.Event()
@@ -48,12 +64,17 @@ class Engine:
                  max_queue: int = 64, metrics=None):
         self.model, self.tokenizer, self.probe = model, tokenizer, probe
         self.max_batch_size, self.max_wait_s, self.metrics = max_batch_size, max_wait_ms / 1000, metrics
+        self.max_queue = max_queue
+        # One queue entry per *request* (a list of prompts counts once): a list longer than the queue can be admitted.
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valueprobe-model")
+        self.score_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valueprobe-score")
+        self.generate_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valueprobe-generate")
         self.device = next(model.parameters()).device
+        self.pad_id = pad_token_id(tokenizer)
+        self._tokenizer_lock = threading.Lock()
+        self._generations = 0
         self._batcher: asyncio.Task | None = None
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        self._letters: dict[str, list[int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self):
@@ -66,28 +87,36 @@ class Engine:
                 await self._batcher
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self.score_executor, self.generate_executor):
+            executor.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    # -- tokenizer -------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
+        """Token ids of a rendered prompt (thread-safe; no special tokens where the chat template put them)."""
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
+        return tuple(ids["input_ids"])
 
-    async def reload(self, path: str, *, check_fingerprint: bool = True) -> ValueProbe:
-        """Load and check a new artifact, then swap it in on the model thread (between requests)."""
-        new = await asyncio.get_running_loop().run_in_executor(None, ValueProbe.load, path)
-        await self.run(functools.partial(new.check_compatible, self.model, self.tokenizer, strict=check_fingerprint))
+    def decode(self, ids) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-        def swap():
-            self.probe = new
-
-        await self.run(swap)
-        return new
+    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
+        if not probe.needs_next_token:
+            return None
+        key = probe.artifact_id
+        if key not in self._letters:
+            with self._tokenizer_lock:
+                self._letters[key] = probe.letter_ids(self.tokenizer)
+        return self._letters[key]
 
     # -- prompt-only scoring, dynamically batched ----------------------------------------------------------------
-    async def score(self, text: str) -> ProbeResult:
-        """Score one rendered prompt; batched with concurrent callers. Raises OverloadedError when the queue is full."""
+    async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]:
+        """Score prompts with ``probe``; batched with concurrent callers. A list is admitted as one request (any
+        length the route allows); :class:`OverloadedError` when ``max_queue`` requests are already waiting."""
         future = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait((text, future))
+            self.queue.put_nowait((list(prompts), probe, future))
         except asyncio.QueueFull:
             raise OverloadedError("scoring queue is full; retry shortly") from None
         if self.metrics:
@@ -97,47 +126,68 @@ class Engine:
     async def _batch_loop(self):
         loop = asyncio.get_running_loop()
         while True:
-            first = await self.queue.get()
-            batch = [first]
+            entries = [await self.queue.get()]
+            size = len(entries[0][0])
             deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
+            while size < self.max_batch_size:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                    entry = await asyncio.wait_for(self.queue.get(), timeout)
                 except asyncio.TimeoutError:
                     break
+                entries.append(entry)
+                size += len(entry[0])
             if self.metrics:
                 self.metrics.queue_depth.set(self.queue.qsize())
-                self.metrics.batch_size.observe(len(batch))
-            live = [(t, f) for t, f in batch if not f.done()]
-            if not live:
-                continue
-            try:
-                results = await self.run(self._score_texts, [t for t, _ in live])
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(exc)
-                continue
-            for (_, f), r in zip(live, results):
-                if not f.done():
-                    f.set_result(r)
+            live = [e for e in entries if not e[2].done()]
+            # Only prompts rendered for the same artifact share a forward pass.
+            by_probe: dict[int, list] = {}
+            for e in live:
+                by_probe.setdefault(id(e[1]), []).append(e)
+            for group in by_probe.values():
+                await self._run_group(group)
 
-    def _encode(self, texts: list[str]):
-        # Rendered texts already carry the chat template's special tokens.
-        return self.probe.prompt_format.tokenize(self.tokenizer, texts).to(self.device)
+    async def _run_group(self, group):
+        probe = group[0][1]
+        prompts = [p for prompts, _, _ in group for p in prompts]
+        results: list[ProbeResult] = []
+        try:
+            for start in range(0, len(prompts), self.max_batch_size):
+                chunk = prompts[start : start + self.max_batch_size]
+                if self.metrics:
+                    self.metrics.batch_size.observe(len(chunk))
+                results.extend(await asyncio.get_running_loop().run_in_executor(
+                    self.score_executor, self._score_batch, chunk, probe))
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
+            for _, _, f in group:
+                if not f.done():
+                    f.set_exception(exc)
+            return
+        offset = 0
+        for prompts_, _, f in group:
+            if not f.done():
+                f.set_result(results[offset : offset + len(prompts_)])
+            offset += len(prompts_)
 
     @torch.inference_mode()
-    def _score_texts(self, texts: list[str]) -> list[ProbeResult]:
-        probe = self.probe
-        enc = self._encode(texts)
+    def _score_batch(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]:
+        enc = pad_left([list(p.input_ids) for p in prompts], self.pad_id).to(self.device)
+        letters = self.letter_ids(probe)
         started = time.perf_counter()
-        with capture(self.model, [probe.layer], probe.neuron_indices, stop_after=True) as cap:
-            self.model(**with_position_ids(enc), use_cache=False)
+        # Value-only artifacts stop after the hooked layer; stacked ones need the LM head's last-token logits.
+        with capture(self.model, [probe.layer], probe.neuron_indices, stop_after=letters is None,
+                     next_token_ids=letters, thread_only=True) as cap:
+            self.model(**with_position_ids(enc), use_cache=False, **({"logits_to_keep": 1} if letters else {}))
         t_readout = time.perf_counter()
-        results = probe.readout(cap.batches[0][probe.layer])
+        if not cap.batches:
+            raise ProbeFailedError("the probe hook did not fire during the prefill")
+        values = cap.batches[0]
+        try:
+            results = probe.readout(values[probe.layer], values.get("next_token"), [p.kind for p in prompts])
+        except Exception as exc:  # noqa: BLE001 - a readout failure is the probe's, named as such
+            raise ProbeFailedError(f"probe readout failed: {type(exc).__name__}: {exc}") from exc
         if self.metrics:
             self.metrics.prefill_latency.observe(t_readout - started)
             self.metrics.probe_latency.observe(time.perf_counter() - t_readout)
@@ -145,7 +195,7 @@ class Engine:
 
     # -- embedded generation --------------------------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None, seed: int | None):
-        kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id}
         if temperature and temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0)
             if seed is not None:
@@ -155,71 +205,99 @@ class Engine:
         return kwargs
 
     @torch.inference_mode()
-    def _generate(self, text: str, max_new_tokens: int, temperature, top_p, seed, stop: list[str],
-                  on_confidence=None, streamer=None, stop_flag=None) -> Generation:
+    def _generate(self, prompt: Prompt, probe: ValueProbe, max_new_tokens: int, temperature, top_p, seed,
+                  stop: list[str], on_confidence=None, streamer=None, stop_flag=None) -> Generation:
+        """Generate with the probe reading the prefill. ``on_confidence(result)`` runs as soon as the prefill is
+        scored, before the first decode step; it returns ``False`` to stop generating (the policy decided not
+        to answer), so no tokens are spent on an answer that will not be used."""
         from transformers import StoppingCriteriaList
 
-        probe = self.probe
-        enc = self._encode([text])
+        enc = pad_left([list(prompt.input_ids)], self.pad_id).to(self.device)
         seen: list[ProbeResult] = []
+        failures: list[Exception] = []
+        stop_flag = stop_flag or _StopFlag()
 
         def on_prefill(values):
-            result = probe.readout(values[probe.layer])[0]
+            try:
+                result = probe.readout(values[probe.layer], values.get("next_token"), [prompt.kind])[0]
+            except Exception as exc:  # noqa: BLE001 - re-raised below as a probe failure
+                failures.append(exc)
+                stop_flag.event.set()
+                return
             seen.append(result)
-            if on_confidence:
-                on_confidence(result)
+            if on_confidence is not None and on_confidence(result) is False:
+                stop_flag.event.set()
 
-        reader = LastTokenReader(self.model, [probe.layer], on_prefill, neuron_indices=probe.neuron_indices).register()
+        reader = LastTokenReader(self.model, [probe.layer], on_prefill, neuron_indices=probe.neuron_indices,
+                                 next_token_ids=self.letter_ids(probe), thread_only=True).register()
         try:
-            extra = {}
+            extra = {"stopping_criteria": StoppingCriteriaList([stop_flag])}
             if streamer is not None:
                 extra["streamer"] = streamer
-            if stop_flag is not None:
-                extra["stopping_criteria"] = StoppingCriteriaList([stop_flag])
             out = self.model.generate(**enc, **self._gen_kwargs(max_new_tokens, temperature, top_p, seed), **extra)
         finally:
             reader.remove()
+        if failures:
+            raise ProbeFailedError(f"probe readout failed: {type(failures[0]).__name__}: {failures[0]}")
         if not seen:
-            raise ProbeNotLoadedError("the probe hook did not fire during the prefill")
+            raise ProbeFailedError("the probe hook did not fire during the prefill")
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         eos = eos_token_ids(self.model, self.tokenizer)
         stopped = next((i for i, t in enumerate(new) if t in eos), None)
         tokens = new if stopped is None else new[:stopped]
-        generated = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        finish = "stop" if stopped is not None else "length"
+        generated = self.decode(tokens)
+        finish = "stop" if stopped is not None else ("aborted" if stop_flag.event.is_set() else "length")
         for s in stop or []:
             if s and s in generated:
                 generated, finish = generated.split(s, 1)[0], "stop"
-        return Generation(generated, int(enc["input_ids"].shape[1]), len(tokens), finish, seen[0])
+        return Generation(generated, len(prompt.input_ids), len(tokens), finish, seen[0])
 
-    async def generate(self, text: str, *, max_new_tokens: int, temperature=None, top_p=None, seed=None,
-                       stop=None) -> Generation:
-        return await self.run(self._generate, text, max_new_tokens, temperature, top_p, seed, stop or [])
+    def _admit_generation(self):
+        if self._generations >= self.max_queue:
+            raise OverloadedError("too many generations in flight; retry shortly")
+        self._generations += 1
 
-    async def generate_stream(self, text: str, *, max_new_tokens: int, temperature=None, top_p=None, seed=None,
-                              stop=None):
+    async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
+                       seed=None, stop=None, on_confidence=None) -> Generation:
+        self._admit_generation()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.generate_executor, self._generate, prompt, probe, max_new_tokens, temperature, top_p, seed,
+                stop or [], on_confidence)
+        finally:
+            self._generations -= 1
+
+    async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
+                              top_p=None, seed=None, stop=None, decide=None):
         """Start a streamed generation. Returns ``(confidence, pieces, stop_flag, done)``: the confidence is
         awaited (it is known at prefill, before the first token), ``pieces`` is an async iterator of text,
-        setting ``stop_flag.event`` ends generation early, ``done`` resolves to the :class:`Generation`."""
+        setting ``stop_flag.event`` ends generation early, ``done`` resolves to the :class:`Generation`.
+        ``decide(result) -> bool`` runs on the prefill; ``False`` stops the generation before decoding."""
         from transformers import TextIteratorStreamer
 
+        self._admit_generation()
         loop = asyncio.get_running_loop()
         confidence = loop.create_future()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        streamer = _LockedStreamer(self, skip_prompt=True, skip_special_tokens=True, timeout=600)
         stop_flag = _StopFlag()
 
         def on_confidence(result):
+            keep = True if decide is None else decide(result)
             loop.call_soon_threadsafe(lambda: confidence.done() or confidence.set_result(result))
+            return keep
 
-        done = loop.run_in_executor(self.executor, self._generate, text, max_new_tokens, temperature, top_p, seed,
-                                    stop or [], on_confidence, streamer, stop_flag)
+        done = loop.run_in_executor(self.generate_executor, self._generate, prompt, probe, max_new_tokens, temperature,
+                                    top_p, seed, stop or [], on_confidence, streamer, stop_flag)
 
-        def _fail_confidence(fut):
-            if fut.exception() and not confidence.done():
-                loop.call_soon_threadsafe(confidence.set_exception, fut.exception())
+        def _finished(fut):
+            self._generations -= 1
+            if fut.cancelled() or fut.exception() is not None:
+                exc = None if fut.cancelled() else fut.exception()
+                if not confidence.done():
+                    confidence.set_exception(exc or ProbeFailedError("generation was cancelled"))
                 streamer.end()
 
-        done.add_done_callback(_fail_confidence)
+        done.add_done_callback(_finished)
 
         async def pieces():
             iterator = iter(streamer)
@@ -232,3 +310,22 @@ class Engine:
 
         result = await confidence
         return result, pieces(), stop_flag, done
+
+
+class _LockedStreamer:
+    """``TextIteratorStreamer`` whose decoding takes the engine's tokenizer lock (it runs on the generation
+    thread while the event loop may be tokenizing)."""
+
+    def __new__(cls, engine: Engine, **kwargs):
+        from transformers import TextIteratorStreamer
+
+        class Streamer(TextIteratorStreamer):
+            def put(self, value):
+                with engine._tokenizer_lock:
+                    return super().put(value)
+
+            def end(self):
+                with engine._tokenizer_lock:
+                    return super().end()
+
+        return Streamer(engine.tokenizer, **kwargs)

@@ -1,5 +1,8 @@
 """Error types and their HTTP mapping. Handlers only raise; this module turns errors into responses.
 
+The domain errors (``ValueprobeError`` and subclasses) carry their status; the FastAPI part is only
+:func:`register_error_handlers`.
+
 OpenAI-style routes answer ``{"error": {"type", "message"}}``; TGI routes answer TGI's ``{"error", "error_type"}``
 so that the stock ``text_generation`` client raises its own typed errors.
 """
@@ -36,6 +39,11 @@ class AuthError(ClientError):
     type = "authentication_error"
 
 
+class ForbiddenError(ClientError):
+    status_code = 403
+    type = "permission_error"
+
+
 class NotFoundError(ClientError):
     status_code = 404
     type = "not_found_error"
@@ -53,6 +61,13 @@ class UpstreamError(ServerError):
 class ProbeNotLoadedError(ServerError):
     status_code = 503
     type = "not_ready"
+
+
+class ProbeFailedError(ServerError):
+    """The probe could not score a prefill (a readout or hook failure): a server fault, not "not loaded"."""
+
+    status_code = 500
+    type = "probe_error"
 
 
 class OverloadedError(ServerError):

@@ -127,5 +127,5 @@ def fitted(qwen_model, tokenizer):
 
     fs, prompts = synthetic_featureset(qwen_model, tokenizer)
     data, card = fit_artifact(qwen_model, tokenizer, fs, model_name="tiny-qwen2", prompt_format=PromptFormat(),
-                              config=FitConfig(random_seeds=3, progress=False))
+                              config=FitConfig(random_draws=10, progress=False))
     return data, card, prompts, fs

@@ -24,42 +24,57 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    rng = random.Random(0)
+def _write_questions(path, seed, prefix):
+    rng = random.Random(seed)
     words = "capital france planet largest fox lazy dog spider legs answer letter".split()
-    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
     with open(path, "w") as fh:
-        for i in range(240):
+        for i in range(120):
             q = " ".join(rng.choices(words, k=rng.randint(3, 8))) + "?"
             if i % 3 == 2:  # open question with aliases
-                fh.write(json.dumps({"id": f"o{i}", "question": q, "answer": ["fox", "the fox"]}) + "\n")
+                fh.write(json.dumps({"id": f"{prefix}o{i}", "question": q, "answer": ["fox", "the fox"]}) + "\n")
             else:
                 choices = rng.sample(words, 4)
-                fh.write(json.dumps({"id": f"c{i}", "question": q, "choices": choices, "answer": rng.randrange(4)}) + "\n")
+                fh.write(json.dumps({"id": f"{prefix}c{i}", "question": q, "choices": choices,
+                                     "answer": rng.randrange(4)}) + "\n")
     return path
 
 
-def test_fit_inspect_eval(model_dir, data_file, tmp_path):
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return _write_questions(tmp_path_factory.mktemp("data") / "qa.jsonl", 0, "a")
+
+
+@pytest.fixture(scope="module")
+def second_source(tmp_path_factory):
+    return _write_questions(tmp_path_factory.mktemp("data2") / "qb.jsonl", 1, "b")
+
+
+def test_fit_inspect_eval(model_dir, data_file, second_source, tmp_path):
     out = tmp_path / "tiny.safetensors"
     cache = tmp_path / "cache"
-    args = ["fit", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--cache", str(cache),
-            "--max-new-tokens", "3", "--random-seeds", "3", "--top-layers", "2"]
+    args = ["fit", "--model", str(model_dir), "--data", str(data_file), "--data", str(second_source), "--out", str(out),
+            "--cache", str(cache), "--max-new-tokens", "3", "--random-draws", "5"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "value neurons, calibrated" in result.output and "random" in result.output
+    assert "served score" in result.output and "random" in result.output
     probe = ValueProbe.load(out)
     assert probe.model_name == str(model_dir)
     card = probe.eval_card
-    names = {row["name"] for row in card["test"]}
-    assert {"dense probe, same layer", "max-softmax", "neg. question length"} <= names
-    assert card["splits"]["n_test"] > 0 and card["selection"]["path"]
+    names = {row["name"] for row in card["test"]["all"]}
+    assert {"dense probe, same layer", "max-softmax", "neg. question length", "value neurons, calibrated"} <= names
+    assert any(r["name"].startswith("next-token stack") for r in card["test"]["choice"])
+    # leave-one-source-out: one row per source, neurons chosen without it; k and head chosen by it
+    assert set(card["loso"]["rows"]) == {"qa", "qb"} and card["selection"]["criterion"].startswith("leave-one-source-out")
+    assert all("random_mean" in r and "ood_auroc" in r for r in card["loso"]["rows"].values())
+    assert card["served_score"] in ("stacked", "value") and probe.served_score == card["served_score"]
+    assert card["splits"]["n_test"] > 0 and card["selection"]["k_curve"]
     assert (tmp_path / "tiny.md").exists() and (tmp_path / "tiny.plots" / "reliability.png").exists()
+    assert "Leave-one-source-out" in (tmp_path / "tiny.md").read_text()
 
     # the cache makes a rerun skip extraction: same artifact content
     shards = sorted(p.name for p in cache.rglob("shard-*"))
-    again = runner.invoke(app, args[:-6] + ["--out", str(tmp_path / "again.safetensors"), "--cache", str(cache),
-                                            "--max-new-tokens", "3", "--random-seeds", "3", "--top-layers", "2"])
+    again = runner.invoke(app, args[:7] + ["--out", str(tmp_path / "again.safetensors"), "--cache", str(cache),
+                                           "--max-new-tokens", "3", "--random-draws", "5"])
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in cache.rglob("shard-*")) == shards
     assert ValueProbe.load(tmp_path / "again.safetensors").neuron_indices.tolist() == probe.neuron_indices.tolist()
@@ -73,7 +88,8 @@ def test_fit_inspect_eval(model_dir, data_file, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     lines = [json.loads(x) for x in preds.read_text().splitlines()]
     assert len(lines) == card["splits"]["n_test"]
-    assert {"id", "label", "probability", "raw", "max-softmax", "neg. question length"} <= set(lines[0])
+    assert {"id", "label", "probability", "raw", "value_probability", "served_score", "ood", "max-softmax",
+            "neg. question length"} <= set(lines[0])
 
 
 def test_cli_errors_are_clear(tmp_path, model_dir):
@@ -93,7 +109,7 @@ def test_ablate_runs_and_hook_changes_outputs(model_dir, data_file, tmp_path):
 
     out = tmp_path / "a.safetensors"
     fit = runner.invoke(app, ["fit", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--cache",
-                              str(tmp_path / "c"), "--max-new-tokens", "2", "--random-seeds", "2", "--top-layers", "1"])
+                              str(tmp_path / "c"), "--max-new-tokens", "2", "--random-draws", "2"])
     assert fit.exit_code == 0, fit.output
     result_path = tmp_path / "ablate.json"
     res = runner.invoke(app, ["ablate", "--artifact", str(out), "--data", f"{data_file}:40", "--seeds", "2",
@@ -120,7 +136,7 @@ def test_bench_perf_and_quality_smoke(model_dir, data_file, tmp_path):
     """The benchmark commands run end to end (numbers from a tiny random model mean nothing)."""
     out = tmp_path / "b.safetensors"
     fit = runner.invoke(app, ["fit", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--cache",
-                              str(tmp_path / "c"), "--max-new-tokens", "2", "--random-seeds", "2", "--top-layers", "1"])
+                              str(tmp_path / "c"), "--max-new-tokens", "2", "--random-draws", "2"])
     assert fit.exit_code == 0, fit.output
     perf = runner.invoke(app, ["bench", "perf", "--artifact", str(out), "--reps", "1", "--new-tokens", "2"])
     assert perf.exit_code == 0, perf.output
@@ -128,4 +144,5 @@ def test_bench_perf_and_quality_smoke(model_dir, data_file, tmp_path):
     quality = runner.invoke(app, ["bench", "quality", "--artifact", str(out), "--cache", str(tmp_path / "c"),
                                   "--out", str(tmp_path / "q")])
     assert quality.exit_code == 0, quality.output
-    assert "(card)" in quality.output and (tmp_path / "q" / "quality.md").exists()
+    assert "measured now" in quality.output and "refitted now" in quality.output
+    assert (tmp_path / "q" / "quality.md").exists()

@@ -68,6 +68,8 @@ def inspect(
     typer.echo(f"layer         {probe.layer} ({md['hook_point']}, {md['token_position']})")
     typer.echo(f"neurons       k={probe.k} of {probe.hidden_size} ({100 * probe.k / probe.hidden_size:.2f}%)")
     typer.echo(f"head          {probe.head}, calibrator {probe.calibrator}, objective {md['objective']}")
+    typer.echo(f"served score  {probe.served_score}" + (f" (stacked per kind: {', '.join(sorted(probe._stack))})"
+                                                       if probe.served_score == "stacked" else ""))
     typer.echo(f"prompt format {md['prompt_format']}")
     if probe.thresholds:
         typer.echo(f"thresholds    {json.dumps(probe.thresholds, sort_keys=True)}")
@@ -97,45 +99,93 @@ def score(
         typer.echo(f"{r.probability:.3f}  (raw {r.raw:+.3f})  {prompt}")
 
 
+def _interleave(groups: list[list]) -> list:
+    """Round-robin over the data specs, so that every prefix of the list (an interrupted run) has each source."""
+    out = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
+@app.command()
+def extract(
+    model: Annotated[str, typer.Option(help="Model: a known name (see README), a local HF folder, or a hub name.")],
+    data: Annotated[list[str], typer.Option(help="Data spec, repeatable: file.jsonl[:N] or a built-in[:N].")],
+    cache: Annotated[Path, typer.Option(help="Feature cache folder; a rerun resumes from it.")] = Path("runs/cache"),
+    labels: Annotated[Optional[Path], typer.Option(help="Labels JSONL: answers generated earlier are read from it "
+                                                   "(a prefill only) and every newly generated one is added to it.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per prefill batch.")] = 8,
+    generate_batch_size: Annotated[int, typer.Option(help="Open questions generated together.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens for labelling open questions.")] = 16,
+    wave_size: Annotated[int, typer.Option(help="Questions per wave (sources interleaved; sorted by length inside).")] = 280,
+    reuse_prefix: Annotated[bool, typer.Option(help="Reuse the KV cache of the prompt prefix all questions share.")] = True,
+    seed: int = 0,
+    dtype: str = "float32",
+):
+    """Extract features, labels and next-token baselines into the resumable cache (what `fit` reads), and keep
+    the generated answers in a labels file so that a later run only repeats the prefill."""
+    from valueprobe.calibration.data import DataError, load_data
+    from valueprobe.calibration.extract import extract_features, load_labels, save_labels
+    from valueprobe.plugin import PromptFormat
+
+    try:
+        questions = _interleave([load_data(spec, seed=seed) for spec in data])
+    except DataError as exc:
+        _fail(str(exc))
+    mdl, tok = _load_model(model, dtype)
+    known = load_labels(labels, model_name=model) if labels and labels.exists() else {}
+    fs = extract_features(mdl, tok, questions, PromptFormat(), cache_dir=cache, batch_size=batch_size,
+                          generate_batch_size=generate_batch_size, max_new_tokens=max_new_tokens, labels=known,
+                          reuse_prefix=reuse_prefix, wave_size=wave_size)
+    if labels:
+        merged = {**known, **{r["id"]: r for r in fs.rows if r["kind"] != "choice" and r.get("generated", True)}}
+        n = save_labels(list(merged.values()), labels, model_name=model, max_new_tokens=max_new_tokens)
+        typer.echo(f"wrote {n} generated answers to {labels}")
+    y = fs.labels
+    for kind in sorted({r["kind"] for r in fs.rows}):
+        m = [r["kind"] == kind for r in fs.rows]
+        typer.echo(f"{kind}: {sum(m)} questions, model accuracy {y[m].mean():.3f}")
+
+
 @app.command()
 def fit(
     model: Annotated[str, typer.Option(help="Model: a known name (see README), a local HF folder, or a hub name.")],
     data: Annotated[list[str], typer.Option(help="Data spec, repeatable: file.jsonl[:N] or a built-in "
-                                            "(mmlu, arc-easy, arc-challenge, commonsenseqa, triviaqa, nq-open, gsm8k)[:N].")],
+                                            "(mmlu, arc-easy, arc-challenge, commonsenseqa, sciq, triviaqa, nq-open, "
+                                            "gsm8k)[:N]. Each spec is one source for leave-one-source-out selection.")],
     out: Annotated[Path, typer.Option(help="Artifact to write (.safetensors); report and plots go beside it.")],
     cache: Annotated[Path, typer.Option(help="Feature cache folder; a rerun resumes from it.")] = Path("runs/cache"),
+    labels: Annotated[Optional[Path], typer.Option(help="Labels JSONL of earlier generated answers (see `extract`).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per prefill batch.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens for labelling open questions.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for splits, sampling and probes.")] = 0,
-    tolerance: Annotated[float, typer.Option(help="Chosen k: smallest whose CV AUROC is within this of the best.")] = 0.01,
-    max_fraction: Annotated[Optional[float], typer.Option(help="Cap k at this share of the hidden width (e.g. 0.01).")] = None,
-    top_layers: Annotated[int, typer.Option(help="Layers (best by dense CV AUROC) that get a pruning path.")] = 3,
-    layer: Annotated[Optional[list[int]], typer.Option(help="Restrict selection to these layers (1-based).")] = None,
-    head: Annotated[str, typer.Option(help="Scoring head: linear or mlp (both are stored).")] = "linear",
-    calibrator: Annotated[str, typer.Option(help="platt, isotonic, temperature or identity.")] = "platt",
-    selector: Annotated[str, typer.Option(help="Probe that ranks neurons: linear, l1 or mlp.")] = "linear",
-    random_seeds: Annotated[int, typer.Option(help="Random-k baselines to average.")] = 10,
+    tolerance: Annotated[float, typer.Option(help="Chosen k: smallest whose LOSO AUROC is within this of the best.")] = 0.01,
+    max_fraction: Annotated[float, typer.Option(help="Cap k at this share of the hidden width.")] = 0.01,
+    layer: Annotated[Optional[list[int]], typer.Option(help="Candidate layers (1-based); default: a grid.")] = None,
+    head: Annotated[list[str], typer.Option(help="Heads to compare by LOSO AUROC (linear, mlp).")] = ["linear", "mlp"],
+    random_draws: Annotated[int, typer.Option(help="Random-k neuron sets for the baseline.")] = 100,
     dtype: Annotated[str, typer.Option(help="Model dtype.")] = "float32",
     name: Annotated[Optional[str], typer.Option(help="Model name recorded in the artifact (default: --model).")] = None,
 ):
-    """Discover value neurons in a causal LM, calibrate them, evaluate against baselines and write the artifact."""
+    """Find value neurons by leave-one-source-out AUROC, stack them with the free next-token signal per question
+    kind, calibrate, evaluate against baselines (transfer and test split) and write the artifact and its card."""
     from valueprobe.calibration.data import DataError, load_data
     from valueprobe.calibration.evaluate import format_table, render_markdown, write_plots
-    from valueprobe.calibration.extract import extract_features
+    from valueprobe.calibration.extract import extract_features, load_labels
     from valueprobe.calibration.fit import FitConfig, fit_artifact
     from valueprobe.plugin import PromptFormat, save_artifact
 
     try:
-        questions = [q for spec in data for q in load_data(spec, seed=seed)]
+        questions = _interleave([load_data(spec, seed=seed) for spec in data])
     except DataError as exc:
         _fail(str(exc))
     mdl, tok = _load_model(model, dtype)
     fmt = PromptFormat()
+    known = load_labels(labels, model_name=model) if labels and labels.exists() else {}
     features = extract_features(mdl, tok, questions, fmt, cache_dir=cache, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens)
-    cfg = FitConfig(seed=seed, tolerance=tolerance, max_fraction=max_fraction, top_layers=top_layers, layers=layer, head=head,
-                    calibrator=calibrator, selector_probe=selector, random_seeds=random_seeds,
-                    extra={"data_specs": list(data), "max_new_tokens": max_new_tokens})
+                                max_new_tokens=max_new_tokens, labels=known)
+    cfg = FitConfig(seed=seed, tolerance=tolerance, max_fraction=max_fraction, layers=layer, heads=tuple(head),
+                    random_draws=random_draws, extra={"data_specs": list(data), "max_new_tokens": max_new_tokens})
     try:
         artifact, card = fit_artifact(mdl, tok, features, model_name=name or model, prompt_format=fmt, config=cfg)
     except ValueError as exc:
@@ -144,8 +194,11 @@ def fit(
     report_dir = out.parent
     stem = out.name.removesuffix(".safetensors")
     plots = write_plots(card, report_dir / f"{stem}.plots")
-    (report_dir / f"{stem}.md").write_text(render_markdown(card).replace("`layers.png`", f"`{stem}.plots/layers.png`"))
-    typer.echo(format_table(card["test"]))
+    markdown = render_markdown(card)
+    for plot in plots:
+        markdown = markdown.replace(f"`{plot}`", f"`{stem}.plots/{plot}`")
+    (report_dir / f"{stem}.md").write_text(markdown)
+    typer.echo(format_table(card["test"]["all"]))
     typer.echo(card["verdict"])
     typer.echo(f"wrote {out} (id {artifact.metadata['content_sha256'][:12]}), {stem}.md and {len(plots)} plots")
 
@@ -182,16 +235,20 @@ def eval_(
     mdl, tok = _load_model(model or probe.model_name, dtype)
     probe.check_compatible(mdl, tok, strict=model is None)
     max_new = probe.eval_card.get("config", {}).get("extra", {}).get("max_new_tokens", max_new_tokens)
-    rows, fs, raw, prob = evaluate_artifact(probe, mdl, tok, questions, cache_dir=cache, batch_size=batch_size,
-                                            max_new_tokens=max_new)
+    rows, fs, pred = evaluate_artifact(probe, mdl, tok, questions, cache_dir=cache, batch_size=batch_size,
+                                       max_new_tokens=max_new)
     y = fs.labels
     typer.echo(f"{len(y)} questions, model accuracy {y.mean():.3f}")
     typer.echo(format_table(rows))
     if predictions:
         with open(predictions, "w") as fh:
-            for row, r, p in zip(fs.rows, raw, prob):
-                rec = {"id": row["id"], "label": row["label"], "probability": float(p), "raw": float(r),
-                       "prediction": row["prediction"]}
+            for i, row in enumerate(fs.rows):
+                rec = {"id": row["id"], "dataset": row["dataset"], "kind": row["kind"], "label": row["label"],
+                       "prediction": row["prediction"], "probability": float(pred["probability"][i]),
+                       "served_score": probe.served_score, "raw": float(pred["value_raw"][i]),
+                       "value_probability": float(pred["value_probability"][i])}
+                if "ood" in pred:
+                    rec.update(ood=bool(pred["ood"][i]), ood_distance=float(pred["ood_distance"][i]))
                 rec.update({name: getter([row])[0] for name, getter in BASELINES.items()})
                 fh.write(json.dumps(rec) + "\n")
         typer.echo(f"wrote {predictions}")
@@ -332,15 +389,17 @@ def bench_quality(
     cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
     out: Annotated[Path, typer.Option(help="Folder for quality.md and the cards.")] = Path("runs/quality"),
     model: Annotated[Optional[str], typer.Option(help="Override the artifact's model.")] = None,
+    refit: Annotated[bool, typer.Option(help="Also refit from the card's recipe and print both tables.")] = True,
 ):
-    """Re-evaluate shipped artifacts on their held-out test splits; prints the comparison table, writes a report."""
+    """Score shipped artifacts on their held-out test splits and reproduce their cards (leave-one-source-out and
+    per-kind tables, refitted from the recorded recipe) side by side; writes a report."""
     from valueprobe.bench.quality import run
     from valueprobe.weights import shipped_artifacts
 
     paths = artifact or shipped_artifacts()
     if not paths:
         _fail("no artifacts given and none shipped")
-    run(paths, cache_dir=cache, out=out, model_override=model, echo=typer.echo)
+    run(paths, cache_dir=cache, out=out, model_override=model, refit=refit, echo=typer.echo)
 
 
 def main():  # pragma: no cover

@@ -15,3 +15,10 @@ def default_artifact() -> Path:
 
 def shipped_artifacts() -> list[Path]:
     return sorted(Path(str(p)) for p in files(__name__).iterdir() if str(p).endswith(".safetensors"))
+
+
+def labels_path(model_name: str) -> Path | None:
+    """The shipped labels file (generated answers and grades, from ``valueprobe extract --labels``) of a model,
+    so refits and ``valueprobe bench quality`` repeat only the prefill; ``None`` if none ships."""
+    path = Path(str(files(__name__) / "labels" / f"{model_name.lower()}.jsonl"))
+    return path if path.exists() else None

@@ -1,0 +1,267 @@
+"""Confidence that transfers: the served model (value neurons + next-token stack, per kind, with an OOD flag)
+and the leave-one-source-out study that chooses and judges it.
+
+Pooled AUROC over sources with different base rates rewards features that say *which data set* a question comes
+from. Everything chosen here (layer, k, neurons, head) is chosen by leave-one-source-out AUROC instead: fit on
+every source but one, score the one left out, and the neurons of each fold are pruned on that fold's fitting rows
+only, so no number reuses neurons chosen with the target source's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+from sklearn.model_selection import StratifiedKFold
+from tqdm.auto import tqdm
+
+from valueprobe.plugin.nexttoken import KINDS
+from valueprobe.plugin.readout import calibrate, mahalanobis, stack_features, stack_logit, stack_proba
+
+from .calibrators import PlattCalibrator
+from .metrics import auroc_score, brier_loss, expected_calibration_error
+from .probes import LinearProbe, MLPProbe
+
+__all__ = ["Side", "prune_path", "ConfidenceModel", "loso_layer_scan", "loso_study", "K_GRID"]
+
+K_GRID = (768, 384, 192, 96, 48, 32, 24, 16, 12, 8, 4)
+
+
+@dataclass
+class Side:
+    """Per-question prompt-only side information: the free next-token signal and the question kind."""
+
+    max_softmax: np.ndarray
+    entropy: np.ndarray
+    kind: np.ndarray  # "choice" | "open"
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> Side:
+        return cls(np.array([r["max_softmax"] for r in rows], dtype=np.float64),
+                   np.array([r["option_entropy"] for r in rows], dtype=np.float64),
+                   np.array(["choice" if r["kind"] == "choice" else "open" for r in rows]))
+
+    def __getitem__(self, mask) -> Side:
+        return Side(self.max_softmax[mask], self.entropy[mask], self.kind[mask])
+
+
+def _auroc(y, s):
+    y = np.asarray(y)
+    return auroc_score(y, s) if len(np.unique(y)) == 2 else None
+
+
+def prune_path(X, y, sizes=K_GRID, *, seed: int = 0) -> dict[int, np.ndarray]:
+    """Iterative magnitude pruning: refit a linear probe, keep the top-k by |weight|, for each k in ``sizes``
+    (descending), starting from every column of ``X``. Returns ``{k: sorted column indices}``."""
+    current = np.arange(X.shape[1])
+    out = {}
+    for k in sorted(sizes, reverse=True):
+        if k < len(current):
+            w = LinearProbe(random_state=seed).fit(X[:, current], y).neuron_importance_
+            current = np.sort(current[np.argsort(-w, kind="mergesort")[:k]])
+        out[int(k)] = current
+    return out
+
+
+def _make_head(kind: str, seed: int):
+    if kind == "linear":
+        return LinearProbe(random_state=seed)
+    if kind == "mlp":
+        return MLPProbe(seed=seed, epochs=40)
+    raise ValueError(f"unknown head {kind!r}")
+
+
+class ConfidenceModel:
+    """The served confidence, fitted from one layer's states.
+
+    * value head (``linear`` or ``mlp``) on the ``neurons`` of the layer, fitted on the training rows, with a
+      Platt calibrator on the calibration rows (the ``value`` component);
+    * per question kind, a logistic stacker on ``[value logit, logit(max-softmax), entropy]``, fitted on the
+      training rows with *out-of-fold* value logits (so it does not over-trust a head scored on its own training
+      rows), then Platt-calibrated on that kind's calibration rows (the ``stacked`` score);
+    * an out-of-distribution distance: Mahalanobis (Ledoit-Wolf shrinkage) of the neuron values from the
+      training rows, flagged above the ``ood_quantile`` of the calibration rows' distances.
+    """
+
+    def __init__(self, neurons, *, head: str = "linear", seed: int = 0, folds: int = 5, ood_quantile: float = 0.99):
+        self.neurons = np.asarray(neurons, dtype=np.int64)
+        self.head, self.seed, self.folds, self.ood_quantile = head, seed, folds, ood_quantile
+
+    def fit(self, X, y, side: Side, X_cal, y_cal, side_cal: Side) -> ConfidenceModel:
+        y, y_cal = np.asarray(y), np.asarray(y_cal)
+        Xk, Xk_cal = X[:, self.neurons], X_cal[:, self.neurons]
+        self.head_ = _make_head(self.head, self.seed).fit(Xk, y)
+        oof = np.zeros(len(y))
+        for tr, va in StratifiedKFold(self.folds, shuffle=True, random_state=self.seed).split(Xk, y):
+            oof[va] = _make_head(self.head, self.seed).fit(Xk[tr], y[tr]).decision_function(Xk[va])
+        raw_cal = self.head_.decision_function(Xk_cal)
+        self.value_calibrator_ = PlattCalibrator().fit(raw_cal, y_cal)
+        if self.value_calibrator_.a_ <= 0:
+            # The head ranks the calibration rows backwards: it carries no usable signal, so serve the base rate
+            # (a slope of ~0) rather than an inverted confidence.
+            base = float(np.clip(y_cal.mean(), 1e-3, 1 - 1e-3))
+            self.value_calibrator_.a_, self.value_calibrator_.b_ = 1e-6, float(np.log(base / (1 - base)))
+        self.dropped_kinds_: dict[str, str] = {}
+        self.stack_: dict[str, dict[str, np.ndarray]] = {}
+        for kind in KINDS:
+            m, mc = side.kind == kind, side_cal.kind == kind
+            if len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
+                continue
+            stacker = LinearProbe(C=1.0, random_state=self.seed).fit(
+                stack_features(oof[m], side.max_softmax[m], side.entropy[m]), y[m])
+            params = {"mean": stacker.standardizer_.mean_, "scale": stacker.standardizer_.scale_,
+                      "weight": stacker.coef_, "bias": np.array([stacker.intercept_])}
+            z_cal = stack_logit(params, stack_features(raw_cal[mc], side_cal.max_softmax[mc], side_cal.entropy[mc]))
+            platt = PlattCalibrator().fit(z_cal, y_cal[mc])
+            if platt.a_ <= 0:
+                # Stacker inverted on the calibration rows: that kind is served by the value probability.
+                self.dropped_kinds_[kind] = f"stacker's Platt slope {platt.a_:.3g} <= 0 on the calibration split"
+                continue
+            params["calibrator.a"], params["calibrator.b"] = np.array([platt.a_]), np.array([platt.b_])
+            self.stack_[kind] = params
+        lw = LedoitWolf().fit(Xk)
+        self.ood_mean_, self.ood_precision_ = lw.location_, lw.precision_
+        self.ood_threshold_ = float(np.quantile(mahalanobis(Xk_cal, self.ood_mean_, self.ood_precision_),
+                                                self.ood_quantile))
+        return self
+
+    def components(self, X, side: Side) -> dict[str, np.ndarray]:
+        """Every served number per row: ``value_raw``, ``value_probability``, ``probability`` (the stacked score
+        of the row's kind; the value probability where that kind has no stacker), ``ood_distance``, ``ood``."""
+        Xk = X[:, self.neurons]
+        raw = self.head_.decision_function(Xk)
+        value_p = self.value_calibrator_.predict_proba(raw)
+        prob = value_p.copy()
+        for kind, params in self.stack_.items():
+            m = side.kind == kind
+            if m.any():
+                prob[m] = stack_proba(params, stack_features(raw[m], side.max_softmax[m], side.entropy[m]))
+        dist = mahalanobis(Xk, self.ood_mean_, self.ood_precision_)
+        return {"value_raw": raw, "value_probability": value_p, "probability": prob, "ood_distance": dist,
+                "ood": dist > self.ood_threshold_}
+
+
+class NextTokenStack:
+    """The free baseline done as well as the served score: per kind, logistic regression on
+    ``[logit(max-softmax), entropy]`` plus Platt on the calibration rows. If the value neurons add nothing, the
+    served score cannot beat this."""
+
+    def fit(self, side: Side, y, side_cal: Side, y_cal) -> NextTokenStack:
+        y, y_cal = np.asarray(y), np.asarray(y_cal)
+        self.models_ = {}
+        for kind in KINDS:
+            m, mc = side.kind == kind, side_cal.kind == kind
+            if len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
+                continue
+            lr = LinearProbe(C=1.0).fit(stack_features(np.zeros(m.sum()), side.max_softmax[m], side.entropy[m])[:, 1:], y[m])
+            f_cal = stack_features(np.zeros(mc.sum()), side_cal.max_softmax[mc], side_cal.entropy[mc])[:, 1:]
+            self.models_[kind] = (lr, PlattCalibrator().fit(lr.decision_function(f_cal), y_cal[mc]))
+        return self
+
+    def predict_proba(self, side: Side) -> np.ndarray:
+        out = np.full(len(side.kind), np.nan)
+        for kind, (lr, platt) in self.models_.items():
+            m = side.kind == kind
+            if m.any():
+                f = stack_features(np.zeros(m.sum()), side.max_softmax[m], side.entropy[m])[:, 1:]
+                out[m] = platt.predict_proba(lr.decision_function(f))
+        return out
+
+
+def _ece(y, p):
+    return expected_calibration_error(y, p, n_bins=10, strategy="quantile") if len(y) else None
+
+
+def loso_layer_scan(features, y, sources, fit_mask, layers, *, progress: bool = True) -> dict[int, dict[str, float]]:
+    """Dense linear probe per layer, leave-one-source-out: ``{layer: {source: AUROC on the left-out source}}``.
+    ``features`` is ``[n, n_layers, width]``; only ``fit_mask`` rows of the other sources are fitted on."""
+    out = {}
+    names = [s for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]
+    for layer in tqdm(layers, desc="LOSO layer scan", disable=not progress):
+        X = np.asarray(features[:, layer - 1, :], dtype=np.float64)
+        out[int(layer)] = {}
+        for s in names:
+            fit = fit_mask & (sources != s)
+            probe = LinearProbe().fit(X[fit], y[fit])
+            out[int(layer)][str(s)] = _auroc(y[sources == s], probe.decision_function(X[sources == s]))
+    return out
+
+
+@dataclass
+class LosoStudy:
+    """Results of :func:`loso_study` (all AUROCs on the left-out source, fitted without it)."""
+
+    k_curve: dict = field(default_factory=dict)        # {k: {source: auroc}} value neurons, linear head
+    dense: dict = field(default_factory=dict)          # {source: auroc}
+    k: int = 0
+    head: str = "linear"
+    heads: dict = field(default_factory=dict)          # {head: {source: stacked auroc}}
+    rows: dict = field(default_factory=dict)           # {source: {metric: value}}
+    predictions: dict = field(default_factory=dict)    # {source: {"y", "probability", "ood"}}
+
+
+def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, tolerance: float = 0.01,
+               heads=("linear", "mlp"), random_draws: int = 100, seed: int = 0, k_grid=K_GRID,
+               progress: bool = True) -> LosoStudy:
+    """Leave-one-source-out at one layer (``X`` is ``[n, width]``): choose k and head, and measure the served
+    score, its parts and its baselines on every left-out source.
+
+    For each source s, the fitting rows are the other sources' ``train`` rows and the calibration rows the other
+    sources' ``calibration`` rows; the neurons are pruned on those fitting rows only; every row of s is scored.
+    """
+    width = X.shape[1]
+    names = [str(s) for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]
+    study = LosoStudy()
+    paths = {}
+    grid = [k for k in k_grid if k < width] or [max(1, width // 2)]
+    for s in tqdm(names, desc="LOSO pruning", disable=not progress):
+        fit = (split == "train") & (sources != s)
+        target = sources == s
+        paths[s] = prune_path(X[fit], y[fit], grid, seed=seed)
+        study.dense[s] = _auroc(y[target], LinearProbe().fit(X[fit], y[fit]).decision_function(X[target]))
+        for k, neurons in paths[s].items():
+            p = LinearProbe().fit(X[fit][:, neurons], y[fit])
+            study.k_curve.setdefault(k, {})[s] = _auroc(y[target], p.decision_function(X[target][:, neurons]))
+    mean_k = {k: float(np.mean([v for v in per.values() if v is not None])) for k, per in study.k_curve.items()}
+    cap = max(1, int(max_fraction * width)) if max_fraction else width
+    allowed = [k for k in mean_k if k <= cap] or [min(mean_k)]
+    best = max(mean_k[k] for k in allowed)
+    study.k = int(min(k for k in allowed if mean_k[k] >= best - tolerance))
+
+    rng = np.random.default_rng(seed)
+    draws = [np.sort(rng.choice(width, size=study.k, replace=False)) for _ in range(random_draws)]
+    for s in tqdm(names, desc="LOSO served score", disable=not progress):
+        fit, cal, target = (split == "train") & (sources != s), (split == "calibration") & (sources != s), sources == s
+        neurons = paths[s][study.k]
+        yt = y[target]
+        row = {"n": int(target.sum()), "accuracy": float(yt.mean()), "kind": str(side.kind[target][0])}
+        for head in heads:
+            model = ConfidenceModel(neurons, head=head, seed=seed).fit(X[fit], y[fit], side[fit], X[cal], y[cal], side[cal])
+            comp = model.components(X[target], side[target])
+            study.heads.setdefault(head, {})[s] = _auroc(yt, comp["probability"])
+            row[f"served_{head}"] = study.heads[head][s]
+            row[f"value_{head}"] = _auroc(yt, comp["value_raw"])
+            row[f"served_{head}_ece"] = _ece(yt, comp["probability"])
+            row[f"served_{head}_brier"] = brier_loss(yt, comp["probability"])
+            if head == heads[0]:
+                # OOD: the left-out source against the fitted sources' test rows, under the fold's own fit.
+                others = (split == "test") & (sources != s)
+                d_target = comp["ood_distance"]
+                d_other = model.components(X[others], side[others])["ood_distance"]
+                row["ood_auroc"] = _auroc(np.r_[np.ones(len(d_target)), np.zeros(len(d_other))], np.r_[d_target, d_other])
+                row["ood_flagged"] = float(comp["ood"].mean())
+                study.predictions[s] = {"y": yt, "probability": comp["probability"], "ood": comp["ood"]}
+        row["dense"] = study.dense[s]
+        row["max_softmax"] = _auroc(yt, side.max_softmax[target])
+        nts = NextTokenStack().fit(side[fit], y[fit], side[cal], y[cal]).predict_proba(side[target])
+        row["next_token_stack"] = _auroc(yt, nts) if np.isfinite(nts).all() else None
+        row["next_token_stack_ece"] = _ece(yt, nts) if np.isfinite(nts).all() else None
+        rand = [_auroc(yt, LinearProbe().fit(X[fit][:, d], y[fit]).decision_function(X[target][:, d])) for d in draws]
+        rand = np.array([r for r in rand if r is not None])
+        row["random_mean"], row["random_sd"] = float(rand.mean()), float(rand.std())
+        row["value_percentile"] = float((rand < row["value_linear"]).mean() * 100) if "value_linear" in row else None
+        study.rows[s] = row
+    mean_head = {h: float(np.mean([v for v in per.values() if v is not None])) for h, per in study.heads.items()}
+    study.head = max(mean_head, key=mean_head.get)
+    return study

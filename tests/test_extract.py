@@ -1,0 +1,78 @@
+"""Extraction speed-ups must not change the numbers: shared-prefix KV reuse, waves, batched generation, labels file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import build_model
+from valueprobe.calibration.data import Question
+from valueprobe.calibration.extract import SharedPrefix, extract_features, load_labels, save_labels
+from valueprobe.plugin.prompting import PromptFormat
+
+QUESTIONS = [
+    Question("c1", "What is the capital of France?", 0, ["Paris", "Rome", "Oslo", "Bern"], "choice", "toy-mc"),
+    Question("c2", "Which planet is largest?", 2, ["Mars", "Venus", "Jupiter"], "choice", "toy-mc"),
+    Question("c3", "How many legs does a spider have? The quick brown fox.", 1, ["six", "eight"], "choice", "toy-mc"),
+    Question("o1", "What is the capital of France?", ["Paris"], None, "open", "toy-open"),
+    Question("o2", "How many legs does a spider have?", ["eight"], None, "open", "toy-open"),
+    Question("o3", "Which planet is the largest planet in the solar system?", ["Jupiter"], None, "open", "toy-open"),
+]
+
+
+@pytest.mark.parametrize("family,attn", [("qwen2", "eager"), ("qwen2", "sdpa"), ("llama", "sdpa")])
+def test_shared_prefix_gives_the_same_features_and_labels(tokenizer, family, attn):
+    model = build_model(family, len(tokenizer))
+    model.config._attn_implementation = attn
+    fmt = PromptFormat(system="You are a careful assistant.")
+    plain = extract_features(model, tokenizer, QUESTIONS, fmt, reuse_prefix=False, batch_size=2, generate_batch_size=2,
+                             max_new_tokens=4, progress=False)
+    cached = extract_features(model, tokenizer, QUESTIONS, fmt, reuse_prefix=True, batch_size=3, generate_batch_size=3,
+                              max_new_tokens=4, progress=False)
+    assert all(r["prefix_cached"] for r in cached.rows) and not any(r["prefix_cached"] for r in plain.rows)
+    torch.testing.assert_close(cached.features, plain.features, rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain.rows, cached.rows):
+        assert a["prediction"] == b["prediction"] and a["label"] == b["label"]
+        assert a["max_softmax"] == pytest.approx(b["max_softmax"], rel=1e-4)
+        assert a["option_entropy"] == pytest.approx(b["option_entropy"], rel=1e-4, abs=1e-6)
+
+
+def test_shared_prefix_is_the_template_head(tokenizer, qwen_model):
+    fmt = PromptFormat(system="You are a careful assistant.")
+    prefix = SharedPrefix(qwen_model, tokenizer, fmt, torch.device("cpu"))
+    head = tokenizer.decode(prefix.ids)
+    assert head.startswith("<|im_start|>system") and "careful assistant" in head and "user" in head
+    assert len(prefix.layers) == 3
+    # A prompt that does not start with the prefix (chat messages of another shape) is not matched.
+    other = tokenizer("<|im_start|>user\nhi<|im_end|>")["input_ids"]
+    assert not prefix.matches(other)
+
+
+def test_labels_file_replaces_generation(tokenizer, qwen_model, tmp_path):
+    fmt = PromptFormat()
+    first = extract_features(qwen_model, tokenizer, QUESTIONS, fmt, max_new_tokens=4, progress=False)
+    path = tmp_path / "labels.jsonl"
+    assert save_labels(first.rows, path, model_name="tiny", max_new_tokens=4) == 3
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["o1", "o2", "o3"] and all("prediction" in x for x in lines)
+    # Plant a different label: the second run must take it from the file instead of generating.
+    labels = load_labels(path, model_name="tiny")
+    labels["o1"] = {**labels["o1"], "label": 1 - labels["o1"]["label"], "prediction": "planted"}
+    second = extract_features(qwen_model, tokenizer, QUESTIONS, fmt, max_new_tokens=4, labels=labels, progress=False)
+    by_id = {r["id"]: r for r in second.rows}
+    assert by_id["o1"]["prediction"] == "planted" and not by_id["o1"]["generated"]
+    torch.testing.assert_close(second.features, first.features, rtol=1e-4, atol=1e-5)
+    assert load_labels(path, model_name="another-model") == {}
+
+
+def test_waves_keep_the_given_order_resumable(tokenizer, qwen_model, tmp_path):
+    fmt = PromptFormat()
+    part = extract_features(qwen_model, tokenizer, QUESTIONS[:2] + QUESTIONS[3:4], fmt, cache_dir=tmp_path,
+                            max_new_tokens=4, wave_size=2, progress=False)
+    full = extract_features(qwen_model, tokenizer, QUESTIONS, fmt, cache_dir=tmp_path, max_new_tokens=4, wave_size=2,
+                            progress=False)
+    assert [r["id"] for r in full.rows] == [q.id for q in QUESTIONS]
+    torch.testing.assert_close(full.features[[0, 1, 3]], part.features)
+    assert all(r["seconds"] >= 0 for r in full.rows)
