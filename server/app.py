@@ -27,7 +27,10 @@ def _load(settings: Settings, model=None, tokenizer=None):
         from valueprobe.weights import default_artifact
 
         artifact = str(default_artifact())
+    from .service import check_pin
+
     probe = ValueProbe.load(artifact)
+    check_pin(probe, settings.artifact_sha256)
     name = settings.model or probe.model_name
     if model is None:
         model, tokenizer = load_model(name, dtype=settings.dtype)

@@ -55,6 +55,8 @@ class SidecarMetrics:
                                           ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter("valueprobe_upstream_errors_total", "Failed upstream calls.", ["upstream"], registry=r)
         self.errors = Counter("valueprobe_errors_total", "Error responses by type.", ["type"], registry=r)
+        self.ood = Counter("valueprobe_ood_total", "Scored prompts by kind and out-of-distribution flag.",
+                           ["kind", "flagged"], registry=r)
         self.queue_depth = Gauge("valueprobe_queue_depth", "Requests waiting for the scoring batcher.", registry=r)
         self.info = Info("valueprobe_artifact", "Loaded artifact and model.", registry=r)
         self.feedback = Counter("valueprobe_feedback_total", "Feedback outcomes by confidence bin.", ["bin", "outcome"],

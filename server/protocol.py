@@ -12,9 +12,35 @@ class Message(BaseModel):
     content: str
 
 
-class Confidence(BaseModel):
-    probability: float = Field(description="Calibrated P(the answer is correct).")
-    raw: float = Field(description="The probe head's raw logit.")
+def _seed():
+    return Field(None, ge=0, le=2**63 - 1, description="Sampling seed (0 to 2^63-1).")
+
+
+class OOD(BaseModel):
+    flagged: bool = Field(description="The prompt's neuron values lie outside the fitting distribution.")
+    distance: float = Field(description="Mahalanobis distance from the fitting data.")
+    threshold: float = Field(description="Distance above which a prompt is flagged (calibration split quantile).")
+
+
+class Components(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    value_raw: float = Field(description="Value-neuron head logit.")
+    value_probability: float = Field(description="Value neurons alone, calibrated.")
+    max_softmax: Optional[float] = Field(None, description="Next-token max-softmax (over the option letters for multiple choice).")
+    entropy: Optional[float] = Field(None, description="Next-token entropy (nats).")
+
+
+class _Scored(BaseModel):
+    probability: float = Field(description="Calibrated P(the answer is correct): the artifact's served score.")
+    raw: float = Field(description="The value head's raw logit.")
+    kind: Literal["choice", "open"] = Field("open", description="Question kind the score was calibrated for.")
+    served_score: Literal["value", "stacked"] = "value"
+    components: Optional[Components] = None
+    ood: Optional[OOD] = None
+
+
+class Confidence(_Scored):
     decision: Literal["answer", "abstain", "escalate"]
     artifact_id: str
     routed: bool = Field(False, description="True when the answer came from the escalation model.")
@@ -30,7 +56,7 @@ class _GenerationParams(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = _seed()
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
@@ -94,7 +120,7 @@ class TGIParameters(BaseModel):
     do_sample: bool = False
     temperature: Optional[float] = Field(None, gt=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = _seed()
     stop: list[str] = Field(default_factory=list)
     details: bool = False
     return_full_text: bool = False
@@ -113,9 +139,7 @@ class ConfidenceItem(BaseModel):
     choices: Optional[list[str]] = Field(None, min_length=2, description="Options for a multiple-choice question.")
 
 
-class ConfidenceResult(BaseModel):
-    probability: float
-    raw: float
+class ConfidenceResult(_Scored):
     decision: Literal["answer", "abstain", "escalate"]
     artifact_id: str
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from typing import Annotated, Union
 
@@ -10,9 +11,10 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import protocol as p
-from .errors import AuthError, ClientError, ProbeNotLoadedError
+from .errors import AuthError, ClientError, ForbiddenError, ProbeNotLoadedError
 from .service import Outcome, Query, Sidecar, now
 
+logger = logging.getLogger("valueprobe.server")
 ERRORS = {400: {"description": "Malformed request"}, 422: {"description": "Invalid request"},
           503: {"description": "Not ready or overloaded (Retry-After)"}}
 
@@ -29,9 +31,10 @@ SidecarDep = Annotated[Sidecar, Depends(get_sidecar)]
 
 
 def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Admin routes are closed unless the server was started with an admin token (``--admin-token``)."""
     token = request.app.state.settings.admin_token
     if not token:
-        return
+        raise ForbiddenError("admin routes are disabled: start the server with --admin-token (VALUEPROBE_ADMIN_TOKEN)")
     supplied = (authorization or "").removeprefix("Bearer ").strip()
     if not supplied or not secrets.compare_digest(supplied, token):
         raise AuthError("this route needs 'Authorization: Bearer <admin token>'")
@@ -41,22 +44,34 @@ AdminDep = Depends(require_admin)
 router = APIRouter(responses=ERRORS)
 
 
-def _confidence(o: Outcome, artifact_id: str) -> p.Confidence:
-    return p.Confidence(probability=o.confidence.probability, raw=o.confidence.raw, decision=o.decision,
-                        artifact_id=artifact_id, routed=o.routed, upstream_error=o.upstream_error, request_id=o.request_id)
+def _scored(result, served) -> dict:
+    """The confidence fields every response shares: served probability, kind, components, OOD."""
+    probe = served.probe
+    ood = None
+    if result.ood is not None:
+        ood = p.OOD(flagged=result.ood, distance=result.ood_distance, threshold=probe._ood[2])
+    return dict(probability=result.probability, raw=result.raw, kind=result.kind, served_score=probe.served_score,
+                components=p.Components(**result.components) if result.components else None, ood=ood)
 
 
-def _headers(o: Outcome, artifact_id: str) -> dict:
+def _confidence(o: Outcome, served) -> p.Confidence:
+    return p.Confidence(**_scored(o.confidence, served), decision=o.decision, artifact_id=o.artifact_id,
+                        routed=o.routed, upstream_error=o.upstream_error, request_id=o.request_id)
+
+
+def _headers(o: Outcome) -> dict:
     h = {
         "x-valueprobe-confidence": f"{o.confidence.probability:.6f}",
         "x-valueprobe-raw": f"{o.confidence.raw:.6f}",
         "x-valueprobe-decision": o.decision,
-        "x-valueprobe-artifact": artifact_id,
+        "x-valueprobe-artifact": o.artifact_id,
         "x-valueprobe-routed": str(o.routed).lower(),
         "x-valueprobe-request-id": o.request_id,
     }
     if o.upstream_error:
         h["x-valueprobe-upstream-error"] = "true"
+    if o.confidence.ood:
+        h["x-valueprobe-ood"] = "true"
     return h
 
 
@@ -69,42 +84,56 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _query(sidecar: Sidecar, messages, rendered, req: p._GenerationParams) -> Query:
-    return sidecar.query(messages, rendered, req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p,
-                         req.seed, req.stop_list())
+def _query(sidecar: Sidecar, served, rendered_messages, req: p._GenerationParams) -> Query:
+    messages, rendered, kind = rendered_messages
+    return sidecar.query(served, messages, rendered, kind, req.max_completion_tokens or req.max_tokens, req.temperature,
+                         req.top_p, req.seed, req.stop_list())
 
 
-async def _stream(sidecar: Sidecar, query: Query, chunk):
-    """Run the stream far enough to know the confidence (before the first token), then hand back a response."""
+def _error_event(exc: Exception) -> dict:
+    status = getattr(exc, "status_code", 500)
+    kind = getattr(exc, "type", "server_error")
+    message = str(exc) if hasattr(exc, "status_code") else "internal error (logged on the server)"
+    return {"error": {"type": kind, "message": message, "code": status}}
+
+
+async def _stream(sidecar: Sidecar, query: Query, chunk, error_event=_error_event):
+    """Run the stream far enough to know the confidence (before the first token), then hand back a response.
+    An error after that point ends the stream with an error event (never a silent cut); a client that goes
+    away closes the generator, which stops the generation."""
     events = sidecar.answer_stream(query)
     kind, head = await events.__anext__()
-    artifact_id = sidecar.probe.artifact_id
 
     async def body():
-        yield _sse(chunk(head, None, first=True))
-        async for kind, value in events:
-            if kind == "text":
-                yield _sse(chunk(head, value))
-            elif kind == "done":
-                yield _sse(chunk(value, None, last=True))
+        try:
+            yield _sse(chunk(head, None, first=True))
+            async for kind, value in events:
+                if kind == "text":
+                    yield _sse(chunk(head, value))
+                elif kind == "done":
+                    yield _sse(chunk(value, None, last=True))
+        except Exception as exc:  # noqa: BLE001 - reported in-band: the status line is already sent
+            logger.exception("error in a stream")
+            yield _sse(error_event(exc))
+        finally:
+            await events.aclose()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=_headers(head, artifact_id))
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_headers(head))
 
 
 @router.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, tags=["openai"])
 async def chat_completions(req: p.ChatCompletionRequest, sidecar: SidecarDep):
-    messages, rendered = sidecar.render_messages([m.model_dump() for m in req.messages])
-    query = _query(sidecar, messages, rendered, req)
-    artifact_id = sidecar.probe.artifact_id
-    cid = f"chatcmpl-{artifact_id}-{now()}"
+    served = sidecar.served
+    query = _query(sidecar, served, sidecar.render_messages(served, [m.model_dump() for m in req.messages]), req)
+    cid = f"chatcmpl-{served.artifact_id}-{now()}"
     if req.stream:
         def chunk(o: Outcome, text, first=False, last=False):
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             out = {"id": cid, "object": "chat.completion.chunk", "created": now(), "model": sidecar.model_name,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": o.finish_reason if last else None}]}
             if first or last:
-                out["confidence"] = _confidence(o, artifact_id).model_dump()
+                out["confidence"] = _confidence(o, served).model_dump()
             return out
 
         return await _stream(sidecar, query, chunk)
@@ -112,8 +141,8 @@ async def chat_completions(req: p.ChatCompletionRequest, sidecar: SidecarDep):
     body = p.ChatCompletionResponse(id=cid, created=now(), model=sidecar.model_name, usage=_usage(o),
                                     choices=[p.ChatChoice(message=p.Message(role="assistant", content=o.text),
                                                           finish_reason=o.finish_reason)],
-                                    confidence=_confidence(o, artifact_id))
-    return JSONResponse(body.model_dump(), headers=_headers(o, artifact_id))
+                                    confidence=_confidence(o, served))
+    return JSONResponse(body.model_dump(), headers=_headers(o))
 
 
 @router.post("/v1/completions", response_model=p.CompletionResponse, tags=["openai"])
@@ -121,35 +150,34 @@ async def completions(req: p.CompletionRequest, sidecar: SidecarDep):
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise ClientError("exactly one prompt per request is supported")
-    messages, rendered = sidecar.render_question(prompts[0])
-    query = _query(sidecar, messages, rendered, req)
-    artifact_id = sidecar.probe.artifact_id
-    cid = f"cmpl-{artifact_id}-{now()}"
+    served = sidecar.served
+    query = _query(sidecar, served, sidecar.render_question(served, prompts[0]), req)
+    cid = f"cmpl-{served.artifact_id}-{now()}"
     if req.stream:
         def chunk(o: Outcome, text, first=False, last=False):
             out = {"id": cid, "object": "text_completion", "created": now(), "model": sidecar.model_name,
                    "choices": [{"index": 0, "text": text or "", "finish_reason": o.finish_reason if last else None,
                                 "logprobs": None}]}
             if first or last:
-                out["confidence"] = _confidence(o, artifact_id).model_dump()
+                out["confidence"] = _confidence(o, served).model_dump()
             return out
 
         return await _stream(sidecar, query, chunk)
     o = await sidecar.answer(query)
     body = p.CompletionResponse(id=cid, created=now(), model=sidecar.model_name, usage=_usage(o),
                                 choices=[p.CompletionChoice(text=o.text, finish_reason=o.finish_reason)],
-                                confidence=_confidence(o, artifact_id))
-    return JSONResponse(body.model_dump(), headers=_headers(o, artifact_id))
+                                confidence=_confidence(o, served))
+    return JSONResponse(body.model_dump(), headers=_headers(o))
 
 
 # -- TGI ---------------------------------------------------------------------------------------------------------
-def _tgi_query(sidecar: Sidecar, req: p.TGIRequest) -> Query:
-    sidecar._check_size(req.inputs)
+def _tgi_query(sidecar: Sidecar, served, req: p.TGIRequest) -> Query:
+    sidecar.check_size(req.inputs)
     prm = req.parameters
     temperature = prm.temperature if prm.do_sample else None
     # TGI semantics: `inputs` is the raw model text; OpenAI upstreams get it as one user message.
-    return sidecar.query([{"role": "user", "content": req.inputs}], req.inputs, prm.max_new_tokens, temperature,
-                         prm.top_p, prm.seed, list(prm.stop))
+    return sidecar.query(served, [{"role": "user", "content": req.inputs}], req.inputs, ("open", 0), prm.max_new_tokens,
+                         temperature, prm.top_p, prm.seed, list(prm.stop))
 
 
 def _tgi_details(o: Outcome, seed):
@@ -157,39 +185,51 @@ def _tgi_details(o: Outcome, seed):
             "generated_tokens": o.completion_tokens, "seed": seed, "prefill": [], "tokens": []}
 
 
-def _tgi_response(o: Outcome, sidecar: Sidecar, req: p.TGIRequest) -> dict:
+def _tgi_response(o: Outcome, served, req: p.TGIRequest) -> dict:
     text = (req.inputs + o.text) if req.parameters.return_full_text else o.text
     return {"generated_text": text, "details": _tgi_details(o, req.parameters.seed),
-            "confidence": _confidence(o, sidecar.probe.artifact_id).model_dump()}
+            "confidence": _confidence(o, served).model_dump()}
+
+
+def _tgi_error_event(exc: Exception) -> dict:
+    event = _error_event(exc)["error"]
+    return {"error": event["message"], "error_type": "generation"}
 
 
 async def _tgi_stream(sidecar: Sidecar, req: p.TGIRequest):
-    query = _tgi_query(sidecar, req)
-    events = sidecar.answer_stream(query)
-    kind, head = await events.__anext__()
-    artifact_id = sidecar.probe.artifact_id
+    served = sidecar.served
+    query = _tgi_query(sidecar, served, req)
+    state = {"index": 0, "first": True}
 
-    async def body():
-        index = 0
-        first = True
-        async for kind, value in events:
-            if kind == "text":
-                event = {"index": index, "token": {"id": 0, "text": value, "logprob": None, "special": False},
-                         "generated_text": None, "details": None}
-                if first:
-                    event["confidence"] = _confidence(head, artifact_id).model_dump()
-                    first = False
-                index += 1
-                yield _sse(event)
-            elif kind == "done":
-                event = {"index": index, "token": {"id": 0, "text": "", "logprob": None, "special": True},
-                         "generated_text": value.text,
-                         "details": {"finish_reason": _tgi_details(value, None)["finish_reason"],
-                                     "generated_tokens": value.completion_tokens, "seed": req.parameters.seed},
-                         "confidence": _confidence(value, artifact_id).model_dump()}
-                yield _sse(event)
+    def chunk(o: Outcome, text, first=False, last=False):
+        if first:
+            return None
+        if last:
+            return {"index": state["index"], "token": {"id": 0, "text": "", "logprob": None, "special": True},
+                    "generated_text": o.text,
+                    "details": {"finish_reason": _tgi_details(o, None)["finish_reason"],
+                                "generated_tokens": o.completion_tokens, "seed": req.parameters.seed},
+                    "confidence": _confidence(o, served).model_dump()}
+        event = {"index": state["index"], "token": {"id": 0, "text": text, "logprob": None, "special": False},
+                 "generated_text": None, "details": None}
+        if state["first"]:
+            event["confidence"] = _confidence(o, served).model_dump()
+            state["first"] = False
+        state["index"] += 1
+        return event
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=_headers(head, artifact_id))
+    response = await _stream(sidecar, query, chunk, error_event=_tgi_error_event)
+    inner = response.body_iterator
+
+    async def without_openai_framing():
+        # TGI streams have no head chunk and no [DONE] sentinel.
+        async for line in inner:
+            if line in ("data: null\n\n", "data: [DONE]\n\n"):
+                continue
+            yield line
+
+    response.body_iterator = without_openai_framing()
+    return response
 
 
 @router.post("/", tags=["tgi"])
@@ -197,14 +237,16 @@ async def tgi_root(req: p.TGIRequest, sidecar: SidecarDep):
     """What ``text_generation.Client`` posts to: a one-element list, or SSE when ``stream`` is true."""
     if req.stream:
         return await _tgi_stream(sidecar, req)
-    o = await sidecar.answer(_tgi_query(sidecar, req))
-    return JSONResponse([_tgi_response(o, sidecar, req)], headers=_headers(o, sidecar.probe.artifact_id))
+    served = sidecar.served
+    o = await sidecar.answer(_tgi_query(sidecar, served, req))
+    return JSONResponse([_tgi_response(o, served, req)], headers=_headers(o))
 
 
 @router.post("/generate", tags=["tgi"])
 async def tgi_generate(req: p.TGIRequest, sidecar: SidecarDep):
-    o = await sidecar.answer(_tgi_query(sidecar, req))
-    return JSONResponse(_tgi_response(o, sidecar, req), headers=_headers(o, sidecar.probe.artifact_id))
+    served = sidecar.served
+    o = await sidecar.answer(_tgi_query(sidecar, served, req))
+    return JSONResponse(_tgi_response(o, served, req), headers=_headers(o))
 
 
 @router.post("/generate_stream", tags=["tgi"])
@@ -213,28 +255,30 @@ async def tgi_generate_stream(req: p.TGIRequest, sidecar: SidecarDep):
 
 
 # -- valueprobe -----------------------------------------------------------------------------------------------
+MAX_CONFIDENCE_ITEMS = 256
+
+
 @router.post("/v1/confidence", tags=["valueprobe"], response_model=Union[p.ConfidenceResult, p.ConfidenceBatch])
 async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidecar: SidecarDep):
-    """Prompt-only confidence, no generation: ``{"prompt": ...}``, ``{"messages": [...]}`` or a list of either."""
+    """Prompt-only confidence, no generation: ``{"prompt": ...}`` (with ``choices`` for multiple choice),
+    ``{"messages": [...]}`` or a list of up to 256 of them (admitted as one request)."""
     items = req if isinstance(req, list) else [req]
     if not items:
         raise ClientError("empty list")
-    if len(items) > 256:
-        raise ClientError("at most 256 prompts per request")
-    rendered = []
+    if len(items) > MAX_CONFIDENCE_ITEMS:
+        raise ClientError(f"at most {MAX_CONFIDENCE_ITEMS} prompts per request")
+    served = sidecar.served
+    prompts = []
     for item in items:
         if (item.prompt is None) == (item.messages is None):
             raise ClientError("each item needs exactly one of 'prompt' or 'messages'")
         if item.prompt is not None:
-            rendered.append(sidecar.render_question(item.prompt, item.choices)[1])
+            _, rendered, kind = sidecar.render_question(served, item.prompt, item.choices)
         else:
-            rendered.append(sidecar.render_messages([m.model_dump() for m in item.messages])[1])
-    scored = await sidecar.confidence(rendered)
-    for result, decision in scored:
-        sidecar._observe(result, decision)
-    artifact_id = sidecar.probe.artifact_id
-    results = [p.ConfidenceResult(probability=r.probability, raw=r.raw, decision=d, artifact_id=artifact_id)
-               for r, d in scored]
+            _, rendered, kind = sidecar.render_messages(served, [m.model_dump() for m in item.messages])
+        prompts.append(sidecar.prompt(served, rendered, kind))
+    scored = await sidecar.confidence(served, prompts)
+    results = [p.ConfidenceResult(**_scored(r, served), decision=d, artifact_id=served.artifact_id) for r, d in scored]
     return results[0] if not isinstance(req, list) else p.ConfidenceBatch(results=results)
 
 
@@ -246,15 +290,8 @@ async def feedback(req: p.FeedbackRequest, sidecar: SidecarDep):
 
 @router.post("/v1/admin/reload", tags=["valueprobe"], dependencies=[AdminDep])
 async def reload_artifact(req: p.ReloadRequest, sidecar: SidecarDep):
-    from valueprobe.plugin import ArtifactError
-
-    old = sidecar.probe.artifact_id
-    try:
-        await sidecar.engine.reload(req.artifact, check_fingerprint=sidecar.settings.check_fingerprint)
-        sidecar.refresh_policy()
-    except (ArtifactError, ValueError) as exc:
-        raise ClientError(f"reload refused, still serving {old}: {exc}") from None
-    return {"previous": old, "artifact_id": sidecar.probe.artifact_id}
+    previous, current = await sidecar.reload(req.artifact)
+    return {"previous": previous, "artifact_id": current}
 
 
 @router.get("/v1/models", tags=["openai"])
@@ -265,12 +302,13 @@ async def models(sidecar: SidecarDep):
 
 @router.get("/v1/artifact", tags=["valueprobe"])
 async def artifact(sidecar: SidecarDep):
-    probe = sidecar.probe
+    served = sidecar.served
+    probe, policy = served.probe, served.policy
     return {"artifact_id": probe.artifact_id, "model_name": probe.model_name, "layer": probe.layer, "k": probe.k,
-            "head": probe.head, "calibrator": probe.calibrator, "prompt_format": json.loads(probe.prompt_format.to_json()),
-            "thresholds": probe.thresholds,
-            "policy": {"abstain_below": sidecar.policy.abstain_below, "escalate_below": sidecar.policy.escalate_below,
-                       "escalation_configured": sidecar.policy.can_escalate},
+            "head": probe.head, "calibrator": probe.calibrator, "served_score": probe.served_score,
+            "prompt_format": json.loads(probe.prompt_format.to_json()), "thresholds": probe.thresholds,
+            "policy": {"abstain_below": policy.abstain_below, "escalate_below": policy.escalate_below,
+                       "escalation_configured": policy.can_escalate},
             "eval_card": probe.eval_card}
 
 

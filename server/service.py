@@ -1,52 +1,36 @@
-"""The sidecar's logic, free of FastAPI: render, score, decide, answer (locally, upstream or escalated)."""
+"""The sidecar's logic, free of FastAPI: render, score, decide, answer (locally, upstream or escalated).
+
+Every request takes one :class:`Served` snapshot (probe, policy, artifact id) when it starts and uses it to
+render, score, decide and report, so a hot reload (which swaps the whole snapshot at once, between requests)
+never leaves a request half on one artifact and half on another.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-from valueprobe.plugin import PromptError, ProbeResult
+from valueprobe.plugin import ArtifactError, PromptError, ProbeResult, ValueProbe
+from valueprobe.plugin.nexttoken import prompt_kind
 
-from .engine import Engine
+from .engine import Engine, Prompt
 from .errors import ClientError, NotFoundError, UpstreamError
 from .metrics import SidecarMetrics
 from .settings import Settings
 from .upstream import make_upstream
 
 
-@dataclass
-class Query:
-    """One request after validation: what the model sees (``rendered``) and what an OpenAI upstream gets."""
-
-    messages: list[dict]
-    rendered: str
-    max_new_tokens: int
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-
-
-@dataclass
-class Outcome:
-    text: str
-    confidence: ProbeResult
-    decision: str
-    routed: bool
-    upstream_error: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    request_id: str
-
-
+@dataclass(frozen=True)
 class Policy:
     """answer / abstain / escalate from the calibrated probability and the two thresholds."""
 
-    def __init__(self, abstain_below: float | None, escalate_below: float | None, can_escalate: bool):
-        self.abstain_below, self.escalate_below, self.can_escalate = abstain_below, escalate_below, can_escalate
+    abstain_below: float | None
+    escalate_below: float | None
+    can_escalate: bool
 
     def decide(self, p: float) -> str:
         if self.abstain_below is not None and p < self.abstain_below:
@@ -54,6 +38,48 @@ class Policy:
         if self.can_escalate and self.escalate_below is not None and p < self.escalate_below:
             return "escalate"
         return "answer"
+
+
+@dataclass(frozen=True)
+class Served:
+    """What serves a request: the probe, the policy resolved from its thresholds, and its id. Swapped whole."""
+
+    probe: ValueProbe
+    policy: Policy
+
+    @property
+    def artifact_id(self) -> str:
+        return self.probe.artifact_id
+
+
+@dataclass
+class Query:
+    """One request after validation: what the model sees (``rendered``, tokenized once) and what an OpenAI
+    upstream gets (``messages``), with the snapshot that rendered it."""
+
+    messages: list[dict]
+    rendered: str
+    prompt: Prompt
+    served: Served
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    confidence: ProbeResult
+    decision: str
+    request_id: str
+    artifact_id: str
+    text: str = ""
+    routed: bool = False
+    upstream_error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
 
 
 def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[float | None, float | None]:
@@ -75,6 +101,13 @@ def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[f
     return abstain, escalate
 
 
+def check_pin(probe: ValueProbe, pin: str | None) -> None:
+    """Refuse an artifact whose content hash differs from the deployment's pin (``--artifact-sha256``)."""
+    if pin and not probe.data.metadata["content_sha256"].startswith(pin.lower()):
+        raise ArtifactError(f"artifact content_sha256 {probe.data.metadata['content_sha256'][:16]}… does not match "
+                            f"the pinned {pin[:16]}… (--artifact-sha256)")
+
+
 class Sidecar:
     def __init__(self, settings: Settings, engine: Engine, metrics: SidecarMetrics, model_name: str):
         self.settings, self.engine, self.metrics, self.model_name = settings, engine, metrics, model_name
@@ -89,21 +122,63 @@ class Sidecar:
                                             timeout=settings.upstream_timeout_s, model=settings.escalate_model,
                                             api_key=settings.upstream_api_key, name="escalation", metrics=metrics)
         self._recent: OrderedDict[str, float] = OrderedDict()
+        self._reload_lock = asyncio.Lock()
         metrics.set_window(settings.feedback_window)
-        self.refresh_policy()
+        self.served = self._make_served(engine.probe)
+        self._publish(self.served)
+
+    # -- the served snapshot ------------------------------------------------------------------------------------
+    @property
+    def probe(self) -> ValueProbe:
+        return self.served.probe
 
     @property
-    def probe(self):
-        return self.engine.probe
+    def policy(self) -> Policy:
+        return self.served.policy
 
-    def refresh_policy(self):
-        abstain, escalate = resolve_thresholds(self.settings, self.probe.thresholds or {})
-        self.policy = Policy(abstain, escalate, self.escalation is not None)
+    def _make_served(self, probe: ValueProbe) -> Served:
+        abstain, escalate = resolve_thresholds(self.settings, probe.thresholds or {})
+        return Served(probe, Policy(abstain, escalate, self.escalation is not None))
+
+    def _publish(self, served: Served) -> None:
+        probe = served.probe
         for decision in ("answer", "abstain", "escalate"):  # series start at zero
-            self.metrics.confidence.labels(model=self.model_name, artifact=self.probe.artifact_id, decision=decision)
-        self.metrics.info.info({"artifact_id": self.probe.artifact_id, "model": self.model_name,
-                                "layer": str(self.probe.layer), "k": str(self.probe.k),
-                                "model_fingerprint": self.probe.model_fingerprint.get("layer_weights_sha256", "")[:16]})
+            self.metrics.confidence.labels(model=self.model_name, artifact=probe.artifact_id, decision=decision)
+        self.metrics.info.info({"artifact_id": probe.artifact_id, "model": self.model_name,
+                                "layer": str(probe.layer), "k": str(probe.k), "served_score": probe.served_score,
+                                "model_fingerprint": probe.model_fingerprint.get("layer_weights_sha256", "")[:16]})
+
+    def allowed_artifact_path(self, requested: str) -> Path:
+        """Reload only takes ``.safetensors`` files inside the artifact folder (``artifact_dir``, default: the
+        served artifact's folder). The same message for every refusal, so it reveals nothing about the disk."""
+        root = Path(self.settings.artifact_dir or Path(self.probe.data.path or ".").parent).resolve()
+        try:
+            path = (root / requested).resolve()
+        except (OSError, ValueError):
+            path = None
+        if path is None or root not in path.parents or path.suffix != ".safetensors" or not path.is_file():
+            raise ClientError(f"reload refused, still serving {self.probe.artifact_id}: no loadable artifact by "
+                              "that name in the artifact folder")
+        return path
+
+    async def reload(self, requested: str) -> tuple[str, str]:
+        """Load, check, resolve thresholds, then swap probe and policy together (atomic: a refusal at any step
+        leaves the old snapshot serving). Returns ``(previous id, new id)``."""
+        async with self._reload_lock:
+            old = self.served
+            path = self.allowed_artifact_path(requested)
+            try:
+                probe = await asyncio.to_thread(ValueProbe.load, str(path))
+                check_pin(probe, self.settings.artifact_sha256)
+                await asyncio.to_thread(probe.check_compatible, self.engine.model, self.engine.tokenizer,
+                                        strict=self.settings.check_fingerprint)
+                served = self._make_served(probe)
+            except (ArtifactError, ValueError) as exc:
+                raise ClientError(f"reload refused, still serving {old.artifact_id}: {exc}") from None
+            self.served = served
+            self.engine.probe = probe
+            self._publish(served)
+            return old.artifact_id, served.artifact_id
 
     async def aclose(self):
         for client in (self.upstream, self.escalation):
@@ -111,30 +186,30 @@ class Sidecar:
                 await client.aclose()
 
     # -- rendering ----------------------------------------------------------------------------------------------
-    def _check_size(self, text: str):
+    def check_size(self, text: str):
         if len(text) > self.settings.max_prompt_chars:
             raise ClientError(f"prompt is {len(text)} characters; the limit is {self.settings.max_prompt_chars}")
 
-    def render_question(self, question: str, choices=None) -> tuple[list[dict], str]:
-        self._check_size(question)
+    def render_question(self, served: Served, question: str, choices=None) -> tuple[list[dict], str, tuple[str, int]]:
+        self.check_size(question)
         prompt = {"question": question, "choices": choices} if choices else question
-        fmt = self.probe.prompt_format
+        fmt = served.probe.prompt_format
         try:
             rendered = fmt.render(self.engine.tokenizer, prompt)
             user = fmt.user_text(prompt)
         except PromptError as exc:
             raise ClientError(str(exc)) from None
-        return [{"role": "user", "content": user}], rendered
+        return [{"role": "user", "content": user}], rendered, prompt_kind(prompt)
 
-    def render_messages(self, messages: list[dict]) -> tuple[list[dict], str]:
+    def render_messages(self, served: Served, messages: list[dict]) -> tuple[list[dict], str, tuple[str, int]]:
         """A single user message is a question and gets the artifact's format (what the probe was fitted on);
         longer conversations are rendered by the chat template as given."""
         for m in messages:
-            self._check_size(m["content"])
+            self.check_size(m["content"])
         if len(messages) == 1 and messages[0]["role"] == "user":
-            return self.render_question(messages[0]["content"])
+            return self.render_question(served, messages[0]["content"])
         try:
-            return messages, self.probe.prompt_format.render(self.engine.tokenizer, messages)
+            return messages, served.probe.prompt_format.render(self.engine.tokenizer, messages), ("open", 0)
         except PromptError as exc:
             raise ClientError(str(exc)) from None
 
@@ -144,16 +219,22 @@ class Sidecar:
             raise ClientError(f"max tokens {n} exceeds the limit {self.settings.max_new_tokens_limit}")
         return n
 
-    def query(self, messages, rendered: str, max_new_tokens: int | None, temperature=None, top_p=None, seed=None,
-              stop=None) -> Query:
-        """Validate a request's size against the model's context before any model work is queued."""
-        n_new = self.max_new_tokens(max_new_tokens)
+    def prompt(self, served: Served, rendered: str, kind=("open", 0), max_new_tokens: int = 0) -> Prompt:
+        """Tokenize once, and refuse a prompt that cannot fit the model's context before any model work."""
+        ids = self.engine.tokenize(rendered, served.probe)
+        if not ids:
+            raise ClientError("the prompt is empty after tokenization")
         context = getattr(self.engine.model.config, "max_position_embeddings", None)
-        if context:
-            n_prompt = len(self.engine.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-            if n_prompt + n_new > context:
-                raise ClientError(f"prompt ({n_prompt} tokens) plus max tokens ({n_new}) exceeds the model's context of {context}")
-        return Query(messages, rendered, n_new, temperature, top_p, seed, stop or [])
+        if context and len(ids) + max_new_tokens > context:
+            raise ClientError(f"prompt ({len(ids)} tokens) plus max tokens ({max_new_tokens}) exceeds the model's "
+                              f"context of {context}")
+        return Prompt(ids, kind)
+
+    def query(self, served: Served, messages, rendered: str, kind, max_new_tokens: int | None, temperature=None,
+              top_p=None, seed=None, stop=None) -> Query:
+        n_new = self.max_new_tokens(max_new_tokens)
+        return Query(messages, rendered, self.prompt(served, rendered, kind, n_new), served, n_new, temperature, top_p,
+                     seed, list(stop or []))
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def _remember(self, request_id: str, p: float):
@@ -161,16 +242,19 @@ class Sidecar:
         while len(self._recent) > 10000:
             self._recent.popitem(last=False)
 
-    def _observe(self, result: ProbeResult, decision: str):
-        self.metrics.confidence.labels(model=self.model_name, artifact=self.probe.artifact_id, decision=decision).observe(
+    def observe(self, served: Served, result: ProbeResult, decision: str):
+        self.metrics.confidence.labels(model=self.model_name, artifact=served.artifact_id, decision=decision).observe(
             result.probability)
         self.metrics.decisions.labels(decision=decision).inc()
+        if result.ood is not None:
+            self.metrics.ood.labels(kind=result.kind, flagged=str(result.ood).lower()).inc()
 
-    async def confidence(self, rendered: list[str]) -> list[tuple[ProbeResult, str]]:
-        import asyncio
-
-        results = await asyncio.gather(*(self.engine.score(t) for t in rendered))
-        return [(r, self.policy.decide(r.probability)) for r in results]
+    async def confidence(self, served: Served, prompts: list[Prompt]) -> list[tuple[ProbeResult, str]]:
+        results = await self.engine.score(prompts, served.probe)
+        scored = [(r, served.policy.decide(r.probability)) for r in results]
+        for result, decision in scored:
+            self.observe(served, result, decision)
+        return scored
 
     # -- answering ----------------------------------------------------------------------------------------------
     async def _escalate(self, query: Query):
@@ -185,106 +269,94 @@ class Sidecar:
             return None, str(exc)
 
     async def answer(self, query: Query) -> Outcome:
+        """Score at prefill, decide, and only then spend decode steps: the local generation is stopped right after
+        the prefill when the policy does not answer locally."""
+        served = query.served
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
-        upstream_error = None
-        local_text, prompt_tokens, completion_tokens, finish = None, 0, 0, "stop"
         if self.settings.mode == "embedded":
-            gen = await self.engine.generate(query.rendered, max_new_tokens=query.max_new_tokens,
-                                             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
-                                             stop=query.stop)
+            gen = await self.engine.generate(
+                query.prompt, served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
+                top_p=query.top_p, seed=query.seed, stop=query.stop,
+                on_confidence=lambda r: served.policy.decide(r.probability) == "answer")
             confidence = gen.confidence
-            local_text, prompt_tokens, completion_tokens, finish = gen.text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason
         else:
-            confidence = await self.engine.score(query.rendered)
-            prompt_tokens = len(self.engine.tokenizer(query.rendered, add_special_tokens=False)["input_ids"])
-        decision = self.policy.decide(confidence.probability)
-        routed = False
-        text = None
-        if decision == "escalate":
-            answer, upstream_error = await self._escalate(query)
-            if answer is not None:
-                text, completion_tokens, finish, routed = answer.text, answer.completion_tokens or 0, answer.finish_reason, True
-        if decision == "abstain":
-            text, completion_tokens, finish = self.settings.refusal_text, 0, "stop"
-        if text is None:
-            if local_text is None:
-                try:
-                    answer = await self.upstream.answer(messages=query.messages, rendered=query.rendered,
-                                                        max_new_tokens=query.max_new_tokens,
-                                                        temperature=query.temperature, top_p=query.top_p,
-                                                        seed=query.seed, stop=query.stop)
-                    local_text, completion_tokens, finish = answer.text, answer.completion_tokens or 0, answer.finish_reason
-                except UpstreamError as exc:
-                    # Graceful: keep the confidence, say what failed, refuse rather than invent an answer.
-                    upstream_error = str(exc) if upstream_error is None else f"{upstream_error}; {exc}"
-                    local_text, finish = self.settings.refusal_text, "stop"
-            text = local_text
-        self._observe(confidence, decision)
+            gen = None
+            confidence = (await self.engine.score([query.prompt], served.probe))[0]
+        decision = served.policy.decide(confidence.probability)
+        self.observe(served, confidence, decision)
         self._remember(request_id, confidence.probability)
-        return Outcome(text, confidence, decision, routed, upstream_error, prompt_tokens, completion_tokens, finish,
-                       request_id)
+        head = Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
+        if decision == "answer" and gen is not None:
+            return replace(head, text=gen.text, completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason)
+        return await self._finish_non_local(query, head)
 
     async def answer_stream(self, query: Query):
-        """Yields ``("confidence", Outcome-without-text)`` first, then ``("text", piece)``, then ``("done", Outcome)``."""
+        """Yields ``("confidence", Outcome)`` first, then ``("text", piece)``, then ``("done", Outcome)``.
+        Closing the generator (a client that went away) stops the local generation."""
+        served = query.served
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
-        if self.settings.mode == "embedded":
-            confidence, pieces, stop_flag, done = await self.engine.generate_stream(
-                query.rendered, max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
-                seed=query.seed, stop=query.stop)
-        else:
-            confidence, pieces, stop_flag, done = await self.engine.score(query.rendered), None, None, None
-        decision = self.policy.decide(confidence.probability)
-        self._observe(confidence, decision)
-        self._remember(request_id, confidence.probability)
-        head = Outcome("", confidence, decision, False, None, 0, 0, "stop", request_id)
-        if decision != "answer" and stop_flag is not None:
-            stop_flag.event.set()  # the local answer will not be used: stop generating it
-        if decision == "answer" and pieces is not None:
-            yield "confidence", head
-            async for piece in pieces:
-                yield "text", piece
-            gen = await done
-            yield "done", Outcome(gen.text, confidence, decision, False, None, gen.prompt_tokens, gen.completion_tokens,
-                                  gen.finish_reason, request_id)
-            return
-        if pieces is not None:
-            async for _ in pieces:  # drain the stopped generation
-                pass
-            await done
-        full = await self._finish_non_local(query, head)
-        yield "confidence", Outcome("", confidence, decision, full.routed, full.upstream_error, 0, 0, "stop", request_id)
-        if full.text:
-            yield "text", full.text
-        yield "done", full
+        stop_flag = done = pieces = None
+        try:
+            if self.settings.mode == "embedded":
+                confidence, pieces, stop_flag, done = await self.engine.generate_stream(
+                    query.prompt, served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
+                    top_p=query.top_p, seed=query.seed, stop=query.stop,
+                    decide=lambda r: served.policy.decide(r.probability) == "answer")
+            else:
+                confidence = (await self.engine.score([query.prompt], served.probe))[0]
+            decision = served.policy.decide(confidence.probability)
+            self.observe(served, confidence, decision)
+            self._remember(request_id, confidence.probability)
+            head = Outcome(confidence, decision, request_id, served.artifact_id,
+                           prompt_tokens=len(query.prompt.input_ids))
+            if decision == "answer" and pieces is not None:
+                yield "confidence", head
+                async for piece in pieces:
+                    yield "text", piece
+                gen = await done
+                yield "done", replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
+                                      finish_reason=gen.finish_reason)
+                return
+            if pieces is not None:
+                async for _ in pieces:  # drain the generation the prefill decision already stopped
+                    pass
+                await done
+            full = await self._finish_non_local(query, head)
+            yield "confidence", replace(full, text="")
+            if full.text:
+                yield "text", full.text
+            yield "done", full
+        finally:
+            if stop_flag is not None:
+                stop_flag.event.set()  # a client that disconnected mid-stream stops the generation here
 
     async def _finish_non_local(self, query: Query, head: Outcome) -> Outcome:
         o = head
         if o.decision == "abstain":
-            return Outcome(self.settings.refusal_text, o.confidence, o.decision, False, None, 0, 0, "stop", o.request_id)
+            return replace(o, text=self.settings.refusal_text)
         upstream_error = None
         if o.decision == "escalate":
             answer, upstream_error = await self._escalate(query)
             if answer is not None:
-                return Outcome(answer.text, o.confidence, o.decision, True, None, 0, answer.completion_tokens or 0,
-                               answer.finish_reason, o.request_id)
+                return replace(o, text=answer.text, routed=True, completion_tokens=answer.completion_tokens or 0,
+                               finish_reason=answer.finish_reason)
         if self.upstream is not None:
             try:
                 answer = await self.upstream.answer(messages=query.messages, rendered=query.rendered,
                                                     max_new_tokens=query.max_new_tokens, temperature=query.temperature,
                                                     top_p=query.top_p, seed=query.seed, stop=query.stop)
-                return Outcome(answer.text, o.confidence, o.decision, False, upstream_error, 0,
-                               answer.completion_tokens or 0, answer.finish_reason, o.request_id)
+                return replace(o, text=answer.text, upstream_error=upstream_error,
+                               completion_tokens=answer.completion_tokens or 0, finish_reason=answer.finish_reason)
             except UpstreamError as exc:
                 upstream_error = str(exc) if upstream_error is None else f"{upstream_error}; {exc}"
         elif self.settings.mode == "embedded" and o.decision == "escalate":
             # Escalation failed in embedded mode: answer locally rather than not at all.
-            gen = await self.engine.generate(query.rendered, max_new_tokens=query.max_new_tokens,
+            gen = await self.engine.generate(query.prompt, query.served.probe, max_new_tokens=query.max_new_tokens,
                                              temperature=query.temperature, top_p=query.top_p, seed=query.seed,
                                              stop=query.stop)
-            return Outcome(gen.text, o.confidence, o.decision, False, upstream_error, gen.prompt_tokens,
-                           gen.completion_tokens, gen.finish_reason, o.request_id)
-        return Outcome(self.settings.refusal_text, o.confidence, o.decision, False, upstream_error, 0, 0, "stop",
-                       o.request_id)
+            return replace(o, text=gen.text, upstream_error=upstream_error, completion_tokens=gen.completion_tokens,
+                           finish_reason=gen.finish_reason)
+        return replace(o, text=self.settings.refusal_text, upstream_error=upstream_error)
 
     # -- feedback -----------------------------------------------------------------------------------------------
     def feedback(self, request_id: str, correct: bool, probability: float | None) -> dict:

@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     risk_alpha: Optional[float] = Field(None, gt=0, lt=1, description="Take abstain_below from the artifact's risk-controlled threshold at this error rate (e.g. 0.2).")
     refusal_text: str = "I am not confident enough to answer this question."
 
-    admin_token: Optional[str] = Field(None, description="Bearer token for /v1/feedback and /v1/admin/*; unset = open.")
+    artifact_sha256: Optional[str] = Field(None, min_length=12, description="Pin: refuse (at start and on reload) an artifact whose content_sha256 does not start with this.")
+    artifact_dir: Optional[str] = Field(None, description="Folder /v1/admin/reload may load artifacts from; default: the served artifact's folder.")
+    admin_token: Optional[str] = Field(None, description="Bearer token for /v1/feedback and /v1/admin/*; unset = those routes are disabled (403).")
     max_batch_size: int = Field(8, ge=1, description="Most prompts scored in one prefill batch.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to fill a batch.")
     max_queue: int = Field(64, ge=1, description="Pending requests before answering 503 with Retry-After.")

@@ -71,21 +71,27 @@ def test_hot_reload_swaps_and_refuses_bad_files(artifact_file, tmp_path, fitted,
     save_artifact(ArtifactData(dict(data.tensors), {**data.metadata, "calibrator": "identity"}), other)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"garbage")
-    settings = Settings(artifact=str(artifact_file), admin_token="t")
+    settings = Settings(artifact=str(artifact_file), admin_token="t", artifact_dir=str(tmp_path))
 
     async def scenario(client, app):
         auth = {"Authorization": "Bearer t"}
         before = (await client.get("/v1/artifact")).json()["artifact_id"]
-        assert (await client.post("/v1/admin/reload", json={"artifact": str(other)})).status_code == 401
-        bad = await client.post("/v1/admin/reload", json={"artifact": str(broken)}, headers=auth)
+        assert (await client.post("/v1/admin/reload", json={"artifact": "other.safetensors"})).status_code == 401
+        bad = await client.post("/v1/admin/reload", json={"artifact": "broken.safetensors"}, headers=auth)
         assert bad.status_code == 400 and before in bad.json()["error"]["message"]
-        # requests in flight during the swap all complete
+        # outside the artifact folder and missing files get one and the same refusal (no existence oracle)
+        outside = await client.post("/v1/admin/reload", json={"artifact": str(artifact_file)}, headers=auth)
+        missing = await client.post("/v1/admin/reload", json={"artifact": "nope.safetensors"}, headers=auth)
+        assert outside.status_code == missing.status_code == 400
+        assert outside.json()["error"]["message"] == missing.json()["error"]["message"]
+        # requests in flight during the swap all complete, each on one artifact
         inflight = [client.post("/v1/confidence", json={"prompt": f"q{i}?"}) for i in range(6)]
-        swap = client.post("/v1/admin/reload", json={"artifact": str(other)}, headers=auth)
+        swap = client.post("/v1/admin/reload", json={"artifact": "other.safetensors"}, headers=auth)
         results = await asyncio.gather(*inflight, swap)
         assert all(r.status_code == 200 for r in results)
         after = (await client.get("/v1/artifact")).json()
         assert after["artifact_id"] != before and after["calibrator"] == "identity"
+        assert {r.json()["artifact_id"] for r in results[:-1]} <= {before, after["artifact_id"]}
 
     run_app(settings, qwen_model, tokenizer, scenario)
 

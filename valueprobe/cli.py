@@ -306,7 +306,11 @@ def serve(
     escalate_below: Annotated[Optional[float], typer.Option(help="Escalate when P(correct) is below this.")] = None,
     escalate_rate: Annotated[Optional[float], typer.Option(help="Use the artifact's threshold escalating this share (0.1, 0.2, 0.3).")] = None,
     risk_alpha: Annotated[Optional[float], typer.Option(help="Abstain below the artifact's risk-controlled threshold at this error rate.")] = None,
-    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/reload.")] = None,
+    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/reload "
+                                                       "(unset: those routes answer 403).")] = None,
+    artifact_sha256: Annotated[Optional[str], typer.Option(help="Pin: refuse an artifact whose content hash does "
+                                                           "not start with this (at start and on reload).")] = None,
+    artifact_dir: Annotated[Optional[str], typer.Option(help="Folder reload may load from (default: the artifact's).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Settings file (KEY=value lines, VALUEPROBE_ prefix).")] = None,
@@ -330,6 +334,7 @@ def serve(
                                    escalate_kind=escalate_kind, escalate_model=escalate_model,
                                    abstain_below=abstain_below, escalate_below=escalate_below,
                                    escalate_rate=escalate_rate, risk_alpha=risk_alpha, admin_token=admin_token,
+                                   artifact_sha256=artifact_sha256, artifact_dir=artifact_dir,
                                    host=host, port=port).items() if v is not None}
     try:
         settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
