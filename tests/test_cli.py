@@ -146,3 +146,17 @@ def test_bench_perf_and_quality_smoke(model_dir, data_file, tmp_path):
     assert quality.exit_code == 0, quality.output
     assert "measured now" in quality.output and "refitted now" in quality.output
     assert (tmp_path / "q" / "quality.md").exists()
+
+
+def test_bench_soak_smoke(model_dir, data_file, second_source, tmp_path):
+    """The soak benchmark runs end to end against a real sidecar process (tiny model, a few seconds)."""
+    out = tmp_path / "s.safetensors"
+    fit = runner.invoke(app, ["fit", "--model", str(model_dir), "--data", str(data_file), "--data", str(second_source),
+                              "--out", str(out), "--cache", str(tmp_path / "c"), "--max-new-tokens", "2",
+                              "--random-draws", "2"])
+    assert fit.exit_code == 0, fit.output
+    soak = runner.invoke(app, ["bench", "soak", "--model", str(model_dir), "--artifact", str(out), "--clients", "4",
+                               "--seconds", "6", "--max-tokens", "2", "--max-queue", "4"])
+    assert soak.exit_code == 0, soak.output
+    assert "reload 200" in soak.output and "disconnected mid-stream" in soak.output
+    assert "other 5xx: 0" in soak.output and "never answered: 0" in soak.output

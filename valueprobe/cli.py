@@ -344,6 +344,27 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
 
+@bench_app.command("soak")
+def bench_soak(
+    model: Annotated[Optional[str], typer.Option(help="Model for the sidecar; default: the artifact's.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    url: Annotated[Optional[str], typer.Option(help="Drive this running server (started with admin token "
+                                                    "'soak-admin') instead of starting one.")] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent clients (plus one that disconnects mid-stream).")] = 16,
+    seconds: Annotated[float, typer.Option(help="Seconds of load.")] = 60.0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per generation request.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Server's max_queue.")] = 64,
+):
+    """N clients for T seconds mixing every route, a hot reload halfway and a disconnecting streamer: statuses,
+    p50/p95 latency, polite 503s and server RSS growth."""
+    from valueprobe.bench.soak import run
+
+    result = run(model=model, artifact=artifact, url=url, clients=clients, seconds=seconds, max_tokens=max_tokens,
+                 max_queue=max_queue, echo=typer.echo)
+    if result["server_errors"] or result["unanswered"]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("serve")
 def bench_serve(
     model: Annotated[Optional[str], typer.Option(help="Model for the sidecars; default: the artifact's.")] = None,

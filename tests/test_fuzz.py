@@ -1,0 +1,79 @@
+"""Property-based API fuzz: requests generated from the sidecar's own OpenAPI schema (schemathesis strategies,
+valid and invalid), sent to a real uvicorn server on loopback with a tiny model. No 5xx other than a polite 503
+with Retry-After, and the server stays alive."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+schemathesis = pytest.importorskip("schemathesis")
+from schemathesis.generation import GenerationMode  # noqa: E402
+
+from valueprobe.plugin import save_artifact  # noqa: E402
+from valueprobe.plugin.artifact import ArtifactData  # noqa: E402
+from valueprobe.server.app import create_app  # noqa: E402
+from valueprobe.server.settings import Settings  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, fitted, qwen_model, tokenizer):
+    import uvicorn
+
+    data, *_ = fitted
+    path = tmp_path_factory.mktemp("fuzz") / "probe.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
+    settings = Settings(artifact=str(path), admin_token="fuzz", default_max_new_tokens=2, max_new_tokens_limit=4,
+                        max_prompt_chars=400)
+    app = create_app(settings, registry=CollectorRegistry(), model=qwen_model, tokenizer=tokenizer)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    schema = schemathesis.openapi.from_dict(app.openapi())
+    yield url, schema
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_fuzzed_requests_never_get_a_server_error(server):
+    url, schema = server
+    strategy = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
+    seen = {}
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(case=strategy)
+    def check(case):
+        kwargs = case.as_transport_kwargs(base_url=url)
+        body = kwargs.pop("data", None)
+        kwargs.pop("verify", None)
+        kwargs.pop("allow_redirects", None)
+        r = httpx.request(kwargs.pop("method"), kwargs.pop("url"), content=body, timeout=60, **kwargs)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        polite = r.status_code == 503 and "retry-after" in r.headers
+        assert r.status_code < 500 or polite, f"{case.method} {case.path} -> {r.status_code}: {r.text[:300]}"
+
+    check()
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert any(400 <= code < 500 for code in seen) and 200 in seen, seen
