@@ -106,9 +106,10 @@ def _loso_table(card: dict) -> list[str]:
     if not rows:
         return []
     head = card["head"]
-    cols = [("kind", "kind"), ("n", "n"), ("accuracy", "model acc."), (f"served_{head}", "**served**"),
-            (f"served_{head}_ece", "served ECE (eq. mass)"), ("max_softmax", "max-softmax"),
-            ("next_token_stack", "next-token stack"), (f"value_{head}", "value neurons"), ("dense", "dense, same layer"),
+    cols = [("kind", "kind"), ("n", "n"), ("accuracy", "model acc."), ("served_mode", "serves"), ("served", "**served**"),
+            ("served_ece", "served ECE (eq. mass)"), ("max_softmax", "max-softmax"),
+            ("next_token_stack", "next-token stack"), (f"served_{head}", "value + next-token stack"),
+            (f"value_{head}", "value neurons"), ("dense", "dense, same layer"),
             ("random_mean", "random-k mean"), ("random_sd", "random-k sd"), ("value_percentile", "value pct. of random"),
             ("ood_auroc", "OOD AUROC")]
     out = ["| left-out source | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -202,7 +203,7 @@ def write_plots(card: dict, folder: str | Path) -> list[str]:
     if rows:
         head = card["head"]
         names = list(rows)
-        series = [("served", f"served_{head}"), ("max-softmax", "max_softmax"), ("next-token stack", "next_token_stack"),
+        series = [("served", "served"), ("max-softmax", "max_softmax"), ("next-token stack", "next_token_stack"),
                   ("value neurons", f"value_{head}"), ("dense", "dense"), ("random-k mean", "random_mean")]
         fig, ax = plt.subplots(figsize=(8, 3.8))
         width = 0.8 / len(series)

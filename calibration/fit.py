@@ -25,7 +25,16 @@ from .extract import FeatureSet
 from .probes import LinearProbe, MLPProbe
 from .splits import split_labels
 from .thresholds import escalation_threshold, risk_controlled_threshold
-from .transfer import K_GRID, ConfidenceModel, NextTokenStack, Side, loso_layer_scan, loso_study, prune_path
+from .transfer import (
+    K_GRID,
+    ConfidenceModel,
+    NextTokenStack,
+    Side,
+    balanced_weights,
+    loso_layer_scan,
+    loso_study,
+    prune_path,
+)
 
 __all__ = ["FitConfig", "split_labels", "fit_artifact"]
 
@@ -42,6 +51,7 @@ class FitConfig:
     layers: list[int] | None = None       # candidate layers; default: every second layer of the upper two thirds
     heads: tuple = ("linear", "mlp")
     random_draws: int = 100
+    balance: bool = True                  # balanced_weights: equal weight per source and per outcome within it
     objective: str = "bce"
     escalation_rates: tuple = (0.1, 0.2, 0.3)
     risk_alphas: tuple = (0.1, 0.2, 0.3)
@@ -150,7 +160,7 @@ def fit_artifact(
     many_sources = len([s for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]) >= 2
     feats = features.features.numpy()
     if many_sources:
-        scan = loso_layer_scan(feats, y, sources, tr, layers, progress=cfg.progress)
+        scan = loso_layer_scan(feats, y, sources, tr, layers, balance=cfg.balance, progress=cfg.progress)
         layer_score = {l: float(np.mean([v for v in per.values() if v is not None])) for l, per in scan.items()}
     else:
         from .selection import cv_auroc
@@ -166,23 +176,27 @@ def fit_artifact(
     grid = [k for k in K_GRID if k < width]
     if many_sources:
         study = loso_study(X, y, sources, side, split, max_fraction=cfg.max_fraction or 1.0, tolerance=cfg.tolerance,
-                           heads=cfg.heads, random_draws=cfg.random_draws, seed=cfg.seed, progress=cfg.progress)
+                           heads=cfg.heads, random_draws=cfg.random_draws, seed=cfg.seed, balance=cfg.balance,
+                           progress=cfg.progress)
         k, head = study.k, study.head
     else:
         cap = max(1, int((cfg.max_fraction or 1.0) * width))
         k, head = max([g for g in grid if g <= cap] or [min(grid)]), "linear"
 
     # 3. The served model, fitted on train (+ calibration), neurons pruned on train rows only.
-    neurons = prune_path(X[tr], y[tr], sorted(set(grid) | {k}), seed=cfg.seed)[k]
-    served = ConfidenceModel(neurons, head=head, seed=cfg.seed).fit(X[tr], y[tr], side[tr], X[cal], y[cal], side[cal])
+    weights = balanced_weights(y[tr], sources[tr]) if cfg.balance else None
+    neurons = prune_path(X[tr], y[tr], sorted(set(grid) | {k}), seed=cfg.seed, sample_weight=weights)[k]
+    modes = study.modes if study is not None else {}
+    served = ConfidenceModel(neurons, head=head, seed=cfg.seed, modes=modes).fit(
+        X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights)
     other_name = next((h for h in cfg.heads if h != head), None)
-    other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed).fit(X[tr], y[tr], side[tr], X[cal], y[cal],
-                                                                          side[cal]) if other_name else None)
+    other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed, modes=modes).fit(
+        X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights) if other_name else None)
     rng = np.random.default_rng(cfg.seed + 1)
     random_sets = [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(cfg.random_draws)]
-    parts = FittedParts(served=served, other_head=other, dense=LinearProbe().fit(X[tr], y[tr]),
+    parts = FittedParts(served=served, other_head=other, dense=LinearProbe().fit(X[tr], y[tr], sample_weight=weights),
                         next_token=NextTokenStack().fit(side[tr], y[tr], side[cal], y[cal]), random_sets=random_sets,
-                        random_probes=[LinearProbe().fit(X[tr][:, s], y[tr]) for s in random_sets],
+                        random_probes=[LinearProbe().fit(X[tr][:, s], y[tr], sample_weight=weights) for s in random_sets],
                         calibration=SplitData(X[cal], y[cal], side[cal], [r for r, m in zip(features.rows, cal) if m]))
 
     def subset(mask) -> SplitData:
@@ -209,13 +223,11 @@ def fit_artifact(
         return float(np.mean(values)) if values else None
 
     if study is not None:
-        served_loso = mean_of(r[f"served_{head}"] for r in study.rows.values())
+        served_loso = mean_of(r["served"] for r in study.rows.values())
         value_loso = mean_of(r[f"value_{head}"] for r in study.rows.values())
     else:
         served_loso = value_loso = None
-    served_score = "stacked" if (served_loso is None or value_loso is None or served_loso >= value_loso) else "value"
-    if not served.stack_:
-        served_score = "value"
+    served_score = "stacked" if served.stack_ else "value"
 
     prob_cal = served.components(X[cal], side[cal])["probability" if served_score == "stacked" else "value_probability"]
     thresholds = {
@@ -240,6 +252,8 @@ def fit_artifact(
     card = {
         "model_name": model_name,
         "served_score": served_score,
+        "served_by_kind": {kind: (served.modes[kind] if kind in served.stack_ or served.modes[kind] == "value"
+                                  else "value (no stacker)") for kind in KINDS},
         "stack_kinds": sorted(served.stack_),
         "stack_dropped": served.dropped_kinds_,
         "head": head,
@@ -301,6 +315,7 @@ def fit_artifact(
         "calibrator": "platt",
         "served_score": served_score,
         "stack_kinds": json.dumps(sorted(served.stack_)),
+        "served_by_kind": json.dumps({kind: served.modes[kind] if kind in served.stack_ else "value" for kind in KINDS}),
         "stack_features": json.dumps(list(STACK_FEATURES)),
         "thresholds": json.dumps(thresholds, sort_keys=True),
         "eval_card": json.dumps(card, sort_keys=True, default=_json_default),
@@ -324,15 +339,16 @@ def _verdict(card: dict) -> str:
     loso = card.get("loso", {}).get("rows", {})
     head = card["head"]
     if loso:
-        served = {s: r.get(f"served_{head}") for s, r in loso.items()}
+        served = {s: r.get("served") for s, r in loso.items()}
         worst = min((v for v in served.values() if v is not None), default=None)
         out.append(f"Leave-one-source-out AUROC of the served score: min {worst:.3f} over {len(served)} sources "
                    f"({'meets' if worst is not None and worst >= 0.72 else 'misses'} the 0.72 target on every source).")
         for kind in KINDS:
             rows = [r for r in loso.values() if r["kind"] == kind]
             if rows:
-                gain = np.mean([r[f"served_{head}"] - r["max_softmax"] for r in rows])
-                out.append(f"{kind}: served − max-softmax = {gain:+.3f} AUROC (mean over left-out sources; target +0.02).")
+                gain = np.mean([r["served"] - r["max_softmax"] for r in rows])
+                out.append(f"{kind}: serves {rows[0]['served_mode']}; served − max-softmax = {gain:+.3f} AUROC (mean "
+                           "over left-out sources; target +0.02).")
         dense = np.mean([r["dense"] for r in loso.values() if r["dense"] is not None])
         value = np.mean([r["value_linear"] for r in loso.values() if r.get("value_linear") is not None])
         rand = np.mean([r["random_mean"] for r in loso.values()])

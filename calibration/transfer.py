@@ -51,14 +51,32 @@ def _auroc(y, s):
     return auroc_score(y, s) if len(np.unique(y)) == 2 else None
 
 
-def prune_path(X, y, sizes=K_GRID, *, seed: int = 0) -> dict[int, np.ndarray]:
+def balanced_weights(y, sources) -> np.ndarray:
+    """Sample weights under which every source has the same total weight and, inside each source, right and
+    wrong answers weigh the same. Then "which data set is this" carries no information about the label, so a
+    probe gains nothing from neurons that encode the source (pooled base rates of 0.8 / 0.5 / 0.1 would
+    otherwise reward exactly those), and what it learns is the within-source signal that can transfer. Base
+    rates come back afterwards through the per-kind calibration."""
+    y, sources = np.asarray(y), np.asarray(sources)
+    w = np.zeros(len(y), dtype=np.float64)
+    names = np.unique(sources)
+    for s in names:
+        m = sources == s
+        for label in (0, 1):
+            cell = m & (y == label)
+            if cell.any():
+                w[cell] = 1.0 / (len(names) * (2 if len(np.unique(y[m])) == 2 else 1) * cell.sum())
+    return w * len(y)
+
+
+def prune_path(X, y, sizes=K_GRID, *, seed: int = 0, sample_weight=None) -> dict[int, np.ndarray]:
     """Iterative magnitude pruning: refit a linear probe, keep the top-k by |weight|, for each k in ``sizes``
     (descending), starting from every column of ``X``. Returns ``{k: sorted column indices}``."""
     current = np.arange(X.shape[1])
     out = {}
     for k in sorted(sizes, reverse=True):
         if k < len(current):
-            w = LinearProbe(random_state=seed).fit(X[:, current], y).neuron_importance_
+            w = LinearProbe(random_state=seed).fit(X[:, current], y, sample_weight=sample_weight).neuron_importance_
             current = np.sort(current[np.argsort(-w, kind="mergesort")[:k]])
         out[int(k)] = current
     return out
@@ -84,17 +102,35 @@ class ConfidenceModel:
       training rows, flagged above the ``ood_quantile`` of the calibration rows' distances.
     """
 
-    def __init__(self, neurons, *, head: str = "linear", seed: int = 0, folds: int = 5, ood_quantile: float = 0.99):
+    def __init__(self, neurons, *, head: str = "linear", seed: int = 0, folds: int = 5, ood_quantile: float = 0.99,
+                 modes: dict | None = None):
         self.neurons = np.asarray(neurons, dtype=np.int64)
         self.head, self.seed, self.folds, self.ood_quantile = head, seed, folds, ood_quantile
+        #: per kind, what ``probability`` is: "stacked" (value logit + next-token features), "next_token" (the
+        #: next-token features alone: the value weight is 0) or "value" (the value neurons' calibrated probability)
+        self.modes = {kind: "stacked" for kind in KINDS} | dict(modes or {})
 
-    def fit(self, X, y, side: Side, X_cal, y_cal, side_cal: Side) -> ConfidenceModel:
+    def fit(self, X, y, side: Side, X_cal, y_cal, side_cal: Side, sample_weight=None, groups=None) -> ConfidenceModel:
+        """``sample_weight`` (e.g. :func:`balanced_weights`) weighs the value head's training rows only.
+
+        ``groups`` (the source of each training row): the stacker's value-logit input is then computed
+        leave-one-source-out, so the stacker learns how far to trust the value neurons *on a source the head
+        has not seen*, which is how it will be used; without groups, plain stratified folds."""
         y, y_cal = np.asarray(y), np.asarray(y_cal)
         Xk, Xk_cal = X[:, self.neurons], X_cal[:, self.neurons]
-        self.head_ = _make_head(self.head, self.seed).fit(Xk, y)
+        sw = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.head_ = _make_head(self.head, self.seed).fit(Xk, y, sample_weight=sw)
         oof = np.zeros(len(y))
-        for tr, va in StratifiedKFold(self.folds, shuffle=True, random_state=self.seed).split(Xk, y):
-            oof[va] = _make_head(self.head, self.seed).fit(Xk[tr], y[tr]).decision_function(Xk[va])
+        if groups is not None and len(np.unique(groups)) >= 3:
+            groups = np.asarray(groups)
+            folds = [(np.flatnonzero(groups != g), np.flatnonzero(groups == g)) for g in np.unique(groups)]
+        else:
+            folds = list(StratifiedKFold(self.folds, shuffle=True, random_state=self.seed).split(Xk, y))
+        for tr, va in folds:
+            if len(np.unique(y[tr])) < 2:
+                continue
+            oof[va] = _make_head(self.head, self.seed).fit(
+                Xk[tr], y[tr], sample_weight=None if sw is None else sw[tr]).decision_function(Xk[va])
         raw_cal = self.head_.decision_function(Xk_cal)
         self.value_calibrator_ = PlattCalibrator().fit(raw_cal, y_cal)
         if self.value_calibrator_.a_ <= 0:
@@ -106,12 +142,17 @@ class ConfidenceModel:
         self.stack_: dict[str, dict[str, np.ndarray]] = {}
         for kind in KINDS:
             m, mc = side.kind == kind, side_cal.kind == kind
-            if len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
+            if self.modes[kind] == "value" or len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
                 continue
-            stacker = LinearProbe(C=1.0, random_state=self.seed).fit(
-                stack_features(oof[m], side.max_softmax[m], side.entropy[m]), y[m])
-            params = {"mean": stacker.standardizer_.mean_, "scale": stacker.standardizer_.scale_,
-                      "weight": stacker.coef_, "bias": np.array([stacker.intercept_])}
+            features = stack_features(oof[m], side.max_softmax[m], side.entropy[m])
+            if self.modes[kind] == "next_token":
+                stacker = LinearProbe(C=1.0, random_state=self.seed).fit(features[:, 1:], y[m])
+                params = {"mean": np.r_[0.0, stacker.standardizer_.mean_], "scale": np.r_[1.0, stacker.standardizer_.scale_],
+                          "weight": np.r_[0.0, stacker.coef_], "bias": np.array([stacker.intercept_])}
+            else:
+                stacker = LinearProbe(C=1.0, random_state=self.seed).fit(features, y[m])
+                params = {"mean": stacker.standardizer_.mean_, "scale": stacker.standardizer_.scale_,
+                          "weight": stacker.coef_, "bias": np.array([stacker.intercept_])}
             z_cal = stack_logit(params, stack_features(raw_cal[mc], side_cal.max_softmax[mc], side_cal.entropy[mc]))
             platt = PlattCalibrator().fit(z_cal, y_cal[mc])
             if platt.a_ <= 0:
@@ -173,7 +214,8 @@ def _ece(y, p):
     return expected_calibration_error(y, p, n_bins=10, strategy="quantile") if len(y) else None
 
 
-def loso_layer_scan(features, y, sources, fit_mask, layers, *, progress: bool = True) -> dict[int, dict[str, float]]:
+def loso_layer_scan(features, y, sources, fit_mask, layers, *, balance: bool = True,
+                    progress: bool = True) -> dict[int, dict[str, float]]:
     """Dense linear probe per layer, leave-one-source-out: ``{layer: {source: AUROC on the left-out source}}``.
     ``features`` is ``[n, n_layers, width]``; only ``fit_mask`` rows of the other sources are fitted on."""
     out = {}
@@ -183,7 +225,8 @@ def loso_layer_scan(features, y, sources, fit_mask, layers, *, progress: bool = 
         out[int(layer)] = {}
         for s in names:
             fit = fit_mask & (sources != s)
-            probe = LinearProbe().fit(X[fit], y[fit])
+            sw = balanced_weights(y[fit], sources[fit]) if balance else None
+            probe = LinearProbe().fit(X[fit], y[fit], sample_weight=sw)
             out[int(layer)][str(s)] = _auroc(y[sources == s], probe.decision_function(X[sources == s]))
     return out
 
@@ -199,11 +242,12 @@ class LosoStudy:
     heads: dict = field(default_factory=dict)          # {head: {source: stacked auroc}}
     rows: dict = field(default_factory=dict)           # {source: {metric: value}}
     predictions: dict = field(default_factory=dict)    # {source: {"y", "probability", "ood"}}
+    modes: dict = field(default_factory=dict)          # {kind: "stacked" | "next_token" | "value"}
 
 
 def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, tolerance: float = 0.01,
                heads=("linear", "mlp"), random_draws: int = 100, seed: int = 0, k_grid=K_GRID,
-               progress: bool = True) -> LosoStudy:
+               balance: bool = True, group_stacking: bool = False, progress: bool = True) -> LosoStudy:
     """Leave-one-source-out at one layer (``X`` is ``[n, width]``): choose k and head, and measure the served
     score, its parts and its baselines on every left-out source.
 
@@ -213,15 +257,17 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
     width = X.shape[1]
     names = [str(s) for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]
     study = LosoStudy()
-    paths = {}
+    paths, weights = {}, {}
     grid = [k for k in k_grid if k < width] or [max(1, width // 2)]
     for s in tqdm(names, desc="LOSO pruning", disable=not progress):
         fit = (split == "train") & (sources != s)
         target = sources == s
-        paths[s] = prune_path(X[fit], y[fit], grid, seed=seed)
-        study.dense[s] = _auroc(y[target], LinearProbe().fit(X[fit], y[fit]).decision_function(X[target]))
+        sw = balanced_weights(y[fit], sources[fit]) if balance else None
+        weights[s] = sw
+        paths[s] = prune_path(X[fit], y[fit], grid, seed=seed, sample_weight=sw)
+        study.dense[s] = _auroc(y[target], LinearProbe().fit(X[fit], y[fit], sample_weight=sw).decision_function(X[target]))
         for k, neurons in paths[s].items():
-            p = LinearProbe().fit(X[fit][:, neurons], y[fit])
+            p = LinearProbe().fit(X[fit][:, neurons], y[fit], sample_weight=sw)
             study.k_curve.setdefault(k, {})[s] = _auroc(y[target], p.decision_function(X[target][:, neurons]))
     mean_k = {k: float(np.mean([v for v in per.values() if v is not None])) for k, per in study.k_curve.items()}
     cap = max(1, int(max_fraction * width)) if max_fraction else width
@@ -237,16 +283,20 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
         yt = y[target]
         row = {"n": int(target.sum()), "accuracy": float(yt.mean()), "kind": str(side.kind[target][0])}
         for head in heads:
-            model = ConfidenceModel(neurons, head=head, seed=seed).fit(X[fit], y[fit], side[fit], X[cal], y[cal], side[cal])
+            model = ConfidenceModel(neurons, head=head, seed=seed).fit(
+                X[fit], y[fit], side[fit], X[cal], y[cal], side[cal], sample_weight=weights[s],
+                groups=sources[fit] if group_stacking else None)
             comp = model.components(X[target], side[target])
             study.heads.setdefault(head, {})[s] = _auroc(yt, comp["probability"])
             row[f"served_{head}"] = study.heads[head][s]
             row[f"value_{head}"] = _auroc(yt, comp["value_raw"])
             row[f"served_{head}_ece"] = _ece(yt, comp["probability"])
+            row[f"value_{head}_ece"] = _ece(yt, comp["value_probability"])
             row[f"served_{head}_brier"] = brier_loss(yt, comp["probability"])
             if head == heads[0]:
                 # OOD: the left-out source against the fitted sources' test rows, under the fold's own fit.
-                others = (split == "test") & (sources != s)
+                # against rows of the same kind only: multiple-choice and open prompts are trivially apart
+                others = (split == "test") & (sources != s) & (side.kind == side.kind[target][0])
                 d_target = comp["ood_distance"]
                 d_other = model.components(X[others], side[others])["ood_distance"]
                 row["ood_auroc"] = _auroc(np.r_[np.ones(len(d_target)), np.zeros(len(d_other))], np.r_[d_target, d_other])
@@ -257,11 +307,28 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
         nts = NextTokenStack().fit(side[fit], y[fit], side[cal], y[cal]).predict_proba(side[target])
         row["next_token_stack"] = _auroc(yt, nts) if np.isfinite(nts).all() else None
         row["next_token_stack_ece"] = _ece(yt, nts) if np.isfinite(nts).all() else None
-        rand = [_auroc(yt, LinearProbe().fit(X[fit][:, d], y[fit]).decision_function(X[target][:, d])) for d in draws]
+        rand = [_auroc(yt, LinearProbe().fit(X[fit][:, d], y[fit], sample_weight=weights[s]).decision_function(
+            X[target][:, d])) for d in draws]
         rand = np.array([r for r in rand if r is not None])
         row["random_mean"], row["random_sd"] = float(rand.mean()), float(rand.std())
         row["value_percentile"] = float((rand < row["value_linear"]).mean() * 100) if "value_linear" in row else None
         study.rows[s] = row
     mean_head = {h: float(np.mean([v for v in per.values() if v is not None])) for h, per in study.heads.items()}
     study.head = max(mean_head, key=mean_head.get)
+    # Per kind, serve what transfers best on average over that kind's left-out sources (a choice among three
+    # scores, made on these same numbers: the card says so).
+    columns = {"stacked": f"served_{study.head}", "next_token": "next_token_stack", "value": f"value_{study.head}"}
+    study.modes = {}
+    for kind in KINDS:
+        rows = [r for r in study.rows.values() if r["kind"] == kind]
+        if not rows:
+            continue
+        means = {mode: np.mean([r[col] if r.get(col) is not None else 0.5 for r in rows]) for mode, col in columns.items()}
+        study.modes[kind] = max(means, key=lambda m: (means[m], m == "stacked"))
+    for r in study.rows.values():
+        mode = study.modes.get(r["kind"], "stacked")
+        r["served_mode"] = mode
+        r["served"] = r.get(columns[mode])
+        r["served_ece"] = r.get({"stacked": f"served_{study.head}_ece", "next_token": "next_token_stack_ece",
+                                 "value": f"value_{study.head}_ece"}[mode])
     return study

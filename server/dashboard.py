@@ -54,6 +54,10 @@ PANELS = [
     ("Error responses", "timeseries", [
         ('sum by (type) (rate(valueprobe_errors_total[%s]))' % W, "{{type}}"),
     ]),
+    ("Out-of-distribution prompts (share flagged)", "timeseries", [
+        ('sum by (kind) (rate(valueprobe_ood_total{flagged="true"}[%s])) / sum by (kind) (rate(valueprobe_ood_total[%s]))'
+         % (W, W), "{{kind}}"),
+    ]),
     ("Loaded artifacts", "table", [
         ("valueprobe_artifact_info", ""),
     ]),

@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 READOUT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
 DECISIONS = ("answer", "abstain", "escalate")
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "not_found_error", "upstream_error", "not_ready",
-               "overloaded", "server_error")
+               "overloaded", "server_error", "permission_error", "probe_error")
 N_BINS = 10
 
 
@@ -78,6 +78,9 @@ class SidecarMetrics:
             self.upstream_errors.labels(upstream=upstream)
         for error_type in ERROR_TYPES:
             self.errors.labels(type=error_type)
+        for kind in ("choice", "open"):
+            for flagged in ("true", "false"):
+                self.ood.labels(kind=kind, flagged=flagged)
         for i in range(N_BINS):
             for outcome in ("correct", "incorrect"):
                 self.feedback.labels(bin=confidence_bin((i + 0.5) / N_BINS), outcome=outcome)

@@ -344,6 +344,23 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
 
 
+@bench_app.command("extract")
+def bench_extract(
+    cache: Annotated[Path, typer.Option(help="Feature cache to report from.")] = Path("runs/cache"),
+    model: Annotated[Optional[str], typer.Option(help="Also measure a small sample with and without the "
+                                                      "shared-prefix reuse on this model.")] = None,
+    n: Annotated[int, typer.Option(help="Questions per kind for the measurement.")] = 16,
+    reps: Annotated[int, typer.Option(help="Interleaved repetitions.")] = 2,
+):
+    """Extraction throughput: questions/hour by kind from the cache's recorded timings, and (with --model) the
+    shared-prefix KV reuse measured side by side."""
+    from valueprobe.bench.extract import measure, report
+
+    report(cache, echo=typer.echo)
+    if model:
+        measure(model, n_choice=n, n_open=n, reps=reps, echo=typer.echo)
+
+
 @bench_app.command("soak")
 def bench_soak(
     model: Annotated[Optional[str], typer.Option(help="Model for the sidecar; default: the artifact's.")] = None,
