@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .errors import register_error_handlers
+from .http_errors import register_error_handlers
 from .metrics import SidecarMetrics
 from .settings import Settings
 
@@ -78,6 +79,16 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     app.state.sidecar = None
     app.state.load_error = None
     register_error_handlers(app)
+
+    @app.middleware("http")
+    async def observe_duration(request, call_next):
+        # Label by the matched route template (bounded), not the raw path.
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.request_latency.labels(route=getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
+        return response
+
     from .routes import router
 
     app.include_router(router)

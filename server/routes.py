@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from . import protocol as p
 from .errors import AuthError, ClientError, ForbiddenError, ProbeNotLoadedError
 from .service import Outcome, Query, Sidecar, now
+from .settings import Settings
 
 logger = logging.getLogger("valueprobe.server")
 ERRORS = {400: {"description": "Malformed request"}, 422: {"description": "Invalid request"},
@@ -30,9 +31,16 @@ def get_sidecar(request: Request) -> Sidecar:
 SidecarDep = Annotated[Sidecar, Depends(get_sidecar)]
 
 
-def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """Admin routes are closed unless the server was started with an admin token (``--admin-token``)."""
-    token = request.app.state.settings.admin_token
+    token = settings.admin_token
     if not token:
         raise ForbiddenError("admin routes are disabled: start the server with --admin-token (VALUEPROBE_ADMIN_TOKEN)")
     supplied = (authorization or "").removeprefix("Bearer ").strip()

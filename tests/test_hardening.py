@@ -77,6 +77,10 @@ def test_admin_routes_are_closed_without_a_token(artifact_file, qwen_model, toke
         assert r.status_code == 403 and "--admin-token" in r.json()["error"]["message"]
         r = await client.post("/v1/feedback", json={"request_id": "x", "correct": True, "probability": 0.5})
         assert r.status_code == 403
+        # request durations are observed per route template (the metric used to be declared but never observed)
+        text = (await client.get("/metrics")).text
+        assert 'valueprobe_request_duration_seconds_count{route="/v1/admin/reload"} 1.0' in text
+        assert 'valueprobe_errors_total{type="permission_error"} 2.0' in text
 
     run_app(settings, qwen_model, tokenizer, scenario)
 
