@@ -144,7 +144,12 @@ def render_markdown(card: dict) -> str:
         lines += ["## Leave-one-source-out (headline robustness)", "",
                   "Each row: everything (neurons, heads, stackers, calibrators, OOD model) fitted on the other sources "
                   "only, then every question of the left-out source scored. AUROC unless named.", ""]
-        lines += _loso_table(card) + [""]
+        lines += _loso_table(card) + ["",
+                  "`serves`: per kind, the score (value + next-token stack, next-token stack alone, or value neurons "
+                  "alone) with the best mean over that kind's left-out sources. That choice is made on these same "
+                  "numbers, so the **served** column is slightly optimistic; the other columns are not chosen on it. "
+                  "Random-k: 100 draws of k neurons of the same layer, same (linear) head, same weighting; `value pct. "
+                  "of random` is the chosen set's percentile among them.", ""]
         kc = card["selection"].get("k_curve", {})
         if kc:
             lines += ["### AUROC vs k (value neurons, linear head, mean over left-out sources)", "",

@@ -22,6 +22,7 @@ from valueprobe.plugin.readout import STACK_FEATURES
 
 from .evaluate import BASELINES, reliability_dict, score_metrics
 from .extract import FeatureSet
+from .metrics import auroc_score
 from .probes import LinearProbe, MLPProbe
 from .splits import split_labels
 from .thresholds import escalation_threshold, risk_controlled_threshold
@@ -110,8 +111,9 @@ def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
     if np.isfinite(nts).all():
         rows.append(_row("next-token stack (max-softmax + entropy, per kind)", y, nts, nts))
     rows.append(_row("dense probe, same layer", y, parts.dense.decision_function(data.X)))
-    rand = [score_metrics(y, p.decision_function(data.X[:, s]))["auroc"] for s, p in zip(parts.random_sets,
-                                                                                        parts.random_probes)]
+    # AUROC only (no bootstrap interval per draw: 100 draws x 500 resamples would dominate the fit's time).
+    rand = [auroc_score(y, p.decision_function(data.X[:, s])) if len(np.unique(y)) == 2 else None
+            for s, p in zip(parts.random_sets, parts.random_probes)]
     rand = np.array([r for r in rand if r is not None])
     value_auroc = rows[1]["auroc"]
     if len(rand) and value_auroc is not None:
@@ -341,8 +343,9 @@ def _verdict(card: dict) -> str:
     if loso:
         served = {s: r.get("served") for s, r in loso.items()}
         worst = min((v for v in served.values() if v is not None), default=None)
-        out.append(f"Leave-one-source-out AUROC of the served score: min {worst:.3f} over {len(served)} sources "
-                   f"({'meets' if worst is not None and worst >= 0.72 else 'misses'} the 0.72 target on every source).")
+        meeting = sum(1 for v in served.values() if v is not None and v >= 0.72)
+        out.append(f"Leave-one-source-out AUROC of the served score: min {worst:.3f}; ≥ 0.72 on {meeting} of "
+                   f"{len(served)} left-out sources (target: all).")
         for kind in KINDS:
             rows = [r for r in loso.values() if r["kind"] == kind]
             if rows:

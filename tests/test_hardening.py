@@ -274,3 +274,49 @@ def test_fingerprint_cache_does_not_trust_a_reused_object_id(fitted, qwen_model)
     other.add_tokens(["<extra_token_a>", "<extra_token_b>"])
     with pytest.raises(FingerprintMismatchError):
         probe.check_compatible(qwen_model, other)
+
+
+def test_error_after_a_stream_started_ends_it_with_an_error_event(artifact_file, qwen_model, tokenizer, monkeypatch):
+    settings = Settings(artifact=str(artifact_file))
+
+    async def scenario(client, app):
+        engine = app.state.sidecar.engine
+
+        def broken_decode(ids):
+            raise RuntimeError("decoder exploded")
+
+        monkeypatch.setattr(engine, "decode", broken_decode)
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a?"}],
+                                                            "max_tokens": 3, "stream": True})
+        return r
+
+    r = run_app(settings, qwen_model, tokenizer, scenario)
+    events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert error["error"]["type"] == "server_error" and "confidence" in json.loads(events[0])
+
+
+def test_a_long_generation_does_not_hold_up_prompt_only_scoring(artifact_file, qwen_model, tokenizer):
+    settings = Settings(artifact=str(artifact_file))
+
+    async def scenario(client, app):
+        loop = asyncio.get_running_loop()
+        done = {}
+
+        async def timed(name, coro):
+            r = await coro
+            done[name] = loop.time()
+            return r
+
+        gen = asyncio.create_task(timed("generate", client.post("/v1/completions", json={
+            "prompt": "Tell me.", "max_tokens": 150})))  # the tiny model has a 256-token context
+        await asyncio.sleep(0.1)  # the generation is running on its thread
+        conf = await timed("confidence", client.post("/v1/confidence", json={"prompt": "Quick one?"}))
+        long = await gen
+        return conf, long, done
+
+    conf, long, done = run_app(settings, qwen_model, tokenizer, scenario)
+    assert conf.status_code == 200 and long.status_code == 200
+    if long.json()["usage"]["completion_tokens"] >= 100:  # the generation really was long
+        assert done["confidence"] < done["generate"]
