@@ -23,7 +23,7 @@ from valueprobe.plugin.readout import STACK_FEATURES
 from .evaluate import BASELINES, reliability_dict, score_metrics
 from .extract import FeatureSet
 from .metrics import auroc_score
-from .probes import LinearProbe, MLPProbe
+from .probes import LinearProbe
 from .splits import split_labels
 from .thresholds import escalation_threshold, risk_controlled_threshold
 from .transfer import (
@@ -339,7 +339,6 @@ def _verdict(card: dict) -> str:
     """Plain sentences on the targets: transfer, free-baseline margin, calibration per kind, sparsity."""
     out = []
     loso = card.get("loso", {}).get("rows", {})
-    head = card["head"]
     if loso:
         served = {s: r.get("served") for s, r in loso.items()}
         worst = min((v for v in served.values() if v is not None), default=None)

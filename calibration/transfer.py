@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
-from valueprobe.plugin.readout import calibrate, mahalanobis, stack_features, stack_logit, stack_proba
+from valueprobe.plugin.readout import mahalanobis, stack_features, stack_logit, stack_proba
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error

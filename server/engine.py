@@ -273,7 +273,6 @@ class Engine:
         awaited (it is known at prefill, before the first token), ``pieces`` is an async iterator of text,
         setting ``stop_flag.event`` ends generation early, ``done`` resolves to the :class:`Generation`.
         ``decide(result) -> bool`` runs on the prefill; ``False`` stops the generation before decoding."""
-        from transformers import TextIteratorStreamer
 
         self._admit_generation()
         loop = asyncio.get_running_loop()
