@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.exceptions import NotFittedError
+from scipy.special import expit
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from valueprobe.plugin.readout import head_logit
 
@@ -38,23 +41,12 @@ def _check_xy(X, y=None):
     return X, y.astype(np.int64)
 
 
-class Standardizer:
-    """Per-feature ``(x - mean_) / scale_``; constant features get scale 1 (never divide by zero)."""
-
-    def fit(self, X):
-        X = _check_xy(X)
-        self.mean_ = X.mean(axis=0)
-        std = X.std(axis=0)
-        self.scale_ = np.where(std > 1e-8, std, 1.0)
-        return self
-
-    def transform(self, X):
-        if not hasattr(self, "mean_"):
-            raise NotFittedError("Standardizer is not fitted")
-        return (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
+def Standardizer() -> StandardScaler:
+    """Per-feature ``(x - mean_) / scale_`` (scikit-learn's ``StandardScaler``: constant features get scale 1)."""
+    return StandardScaler()
 
 
-class LinearProbe:
+class LinearProbe(ClassifierMixin, BaseEstimator):
     """Standardised logistic regression on hidden units.
 
     Parameters
@@ -84,12 +76,11 @@ class LinearProbe:
         return np.abs(self.coef_)
 
     def decision_function(self, X) -> np.ndarray:
-        if not hasattr(self, "coef_"):
-            raise NotFittedError("LinearProbe is not fitted")
-        return self.standardizer_.transform(X) @ self.coef_ + self.intercept_
+        check_is_fitted(self, "coef_")
+        return self.standardizer_.transform(np.asarray(X, dtype=np.float64)) @ self.coef_ + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        return expit(self.decision_function(X))
 
     def head_params(self) -> dict[str, torch.Tensor]:
         """Parameters in the artifact's ``head.linear.*`` layout."""
@@ -99,7 +90,7 @@ class LinearProbe:
         }
 
 
-class MLPProbe:
+class MLPProbe(ClassifierMixin, BaseEstimator):
     """Two-layer MLP head ``fc2(relu(fc1(x)))`` on standardised inputs, L1 on the first layer.
 
     Parameters
@@ -189,8 +180,7 @@ class MLPProbe:
         return self.fc1_weight_.abs().sum(dim=0).numpy().astype(np.float64)
 
     def head_params(self) -> dict[str, torch.Tensor]:
-        if not hasattr(self, "fc1_weight_"):
-            raise NotFittedError("MLPProbe is not fitted")
+        check_is_fitted(self, "fc1_weight_")
         return {
             "fc1.weight": self.fc1_weight_,
             "fc1.bias": self.fc1_bias_,
@@ -200,8 +190,9 @@ class MLPProbe:
 
     def decision_function(self, X) -> np.ndarray:
         # The same function the runtime uses: fit-time and serve-time logits agree by construction.
-        Xs = torch.tensor(self.standardizer_.transform(X), dtype=torch.float32)
-        return head_logit("mlp", self.head_params(), Xs).numpy().astype(np.float64)
+        params = self.head_params()
+        Xs = torch.tensor(self.standardizer_.transform(np.asarray(X, dtype=np.float64)), dtype=torch.float32)
+        return head_logit("mlp", params, Xs).numpy().astype(np.float64)
 
     def predict_proba(self, X) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-self.decision_function(X)))
+        return expit(self.decision_function(X))

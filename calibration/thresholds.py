@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import binomtest
 
 __all__ = ["escalation_threshold", "clopper_pearson_upper", "min_accepted", "risk_controlled_threshold", "RiskControlledThreshold"]
 
@@ -45,12 +45,13 @@ def escalation_threshold(p, target_rate: float) -> float:
 
 
 def clopper_pearson_upper(errors: int, n: int, delta: float) -> float:
-    """One-sided (1 − delta) Clopper–Pearson upper bound on a binomial rate with ``errors`` out of ``n``."""
-    if n <= 0:
+    """One-sided (1 − delta) Clopper–Pearson upper bound on a binomial rate with ``errors`` out of ``n``:
+    the upper end of SciPy's exact two-sided interval at confidence 1 − 2·delta (delta < 0.5)."""
+    if n <= 0 or errors >= n:
         return 1.0
-    if errors >= n:
-        return 1.0
-    return float(beta.ppf(1.0 - delta, errors + 1, n - errors))
+    if not 0 < delta < 0.5:
+        raise ValueError(f"delta must be in (0, 0.5), got {delta}")
+    return float(binomtest(int(errors), int(n)).proportion_ci(confidence_level=1.0 - 2.0 * delta, method="exact").high)
 
 
 def min_accepted(alpha: float, delta: float) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.special import expit, logit
 
 __all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS", "STACK_FEATURES",
            "STACK_PARAMS", "stack_features", "stack_logit", "stack_proba", "mahalanobis"]
@@ -42,14 +43,8 @@ def head_logit(kind: str, params: dict[str, torch.Tensor], standardized: torch.T
     raise ValueError(f"unknown head {kind!r}; expected one of {HEADS}")
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    # Numerically stable for large |z|.
-    out = np.empty_like(z, dtype=np.float64)
-    pos = z >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
-    ez = np.exp(z[~pos])
-    out[~pos] = ez / (1.0 + ez)
-    return out
+def _sigmoid(z) -> np.ndarray:
+    return expit(np.asarray(z, dtype=np.float64))  # numerically stable for large |z|
 
 
 def calibrate(kind: str, params: dict[str, np.ndarray], raw: np.ndarray) -> np.ndarray:
@@ -79,8 +74,7 @@ STACK_PARAMS = ("mean", "scale", "weight", "bias", "calibrator.a", "calibrator.b
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+    return logit(np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6))
 
 
 def stack_features(value_raw, max_softmax, entropy) -> np.ndarray:

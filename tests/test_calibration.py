@@ -247,3 +247,34 @@ def test_auroc_interval_covers_the_estimate_and_shrinks_with_n():
         assert lo < auroc_score(y, s) < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2
+
+
+def test_probes_are_sklearn_estimators_and_clone():
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+
+    from valueprobe.calibration.probes import LinearProbe, MLPProbe
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((80, 3))
+    y = (X[:, 0] > 0).astype(int)
+    fitted = LinearProbe(C=0.3).fit(X, y)
+    copy = clone(fitted)
+    assert copy.get_params()["C"] == 0.3 and not hasattr(copy, "coef_")
+    with pytest.raises(NotFittedError):
+        copy.decision_function(X)
+    np.testing.assert_allclose(copy.fit(X, y).decision_function(X), fitted.decision_function(X))
+    mlp = clone(MLPProbe(hidden=4, epochs=3, seed=1))
+    with pytest.raises(NotFittedError):
+        mlp.head_params()
+    assert mlp.fit(X, y).decision_function(X).shape == (80,)
+
+
+def test_clopper_pearson_matches_the_beta_quantile():
+    from scipy.stats import beta
+
+    from valueprobe.calibration.thresholds import clopper_pearson_upper
+
+    for errors, n, delta in [(0, 10, 0.1), (3, 50, 0.05), (10, 200, 0.1), (49, 50, 0.2)]:
+        assert clopper_pearson_upper(errors, n, delta) == pytest.approx(beta.ppf(1 - delta, errors + 1, n - errors), rel=1e-9)
+    assert clopper_pearson_upper(5, 5, 0.1) == 1.0
