@@ -64,14 +64,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model, artifact, batch: int):
+def start_sidecar(model, artifact, **settings):
+    """Start ``valueprobe serve`` on a free loopback port with ``settings`` as ``VALUEPROBE_<NAME>`` variables;
+    returns ``(process, url)`` once ``/readyz`` answers 200."""
     port = _free_port()
-    env = {**os.environ, "VALUEPROBE_PORT": str(port), "VALUEPROBE_MAX_BATCH_SIZE": str(batch),
-           "VALUEPROBE_MAX_WAIT_MS": "10", "VALUEPROBE_MAX_QUEUE": "1024"}
+    env = {**os.environ, "VALUEPROBE_PORT": str(port),
+           **{f"VALUEPROBE_{name.upper()}": str(value) for name, value in settings.items()}}
     if model:
         env["VALUEPROBE_MODEL"] = model
     if artifact:
-        env["VALUEPROBE_ARTIFACT"] = artifact
+        env["VALUEPROBE_ARTIFACT"] = str(artifact)
     proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(3000):
@@ -97,7 +99,7 @@ def run(model=None, artifact=None, url=None, clients=8, seconds=20.0, batch=8, e
         results["given server"] = asyncio.run(drive(url, clients, seconds, endpoint, max_tokens))
     else:
         for label, b in ((f"batched (max {batch})", batch), ("one at a time", 1)):
-            proc, server = _start(model, artifact, b)
+            proc, server = start_sidecar(model, artifact, max_batch_size=b, max_wait_ms=10, max_queue=1024)
             try:
                 asyncio.run(drive(server, clients, min(3.0, seconds), endpoint, max_tokens))  # warm-up
                 results[label] = asyncio.run(drive(server, clients, seconds, endpoint, max_tokens))

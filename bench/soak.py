@@ -10,7 +10,6 @@ not assumed.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from .serve import QUESTIONS, _free_port
+from .serve import QUESTIONS, start_sidecar
 
 ADMIN = "soak-admin"
 
@@ -29,32 +28,6 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _start(model: str | None, artifact: str | None, max_queue: int):
-    import subprocess
-    import sys
-
-    port = _free_port()
-    env = {**os.environ, "VALUEPROBE_PORT": str(port), "VALUEPROBE_ADMIN_TOKEN": ADMIN,
-           "VALUEPROBE_MAX_QUEUE": str(max_queue), "VALUEPROBE_DEFAULT_MAX_NEW_TOKENS": "4"}
-    if model:
-        env["VALUEPROBE_MODEL"] = model
-    if artifact:
-        env["VALUEPROBE_ARTIFACT"] = str(artifact)
-    proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(6000):
-        if proc.poll() is not None:
-            raise RuntimeError("sidecar exited during start-up")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("sidecar did not become ready")
 
 
 def _requests(rng: random.Random, max_tokens: int, max_list: int):
@@ -176,7 +149,8 @@ def run(*, model=None, artifact=None, url=None, clients=16, seconds=60.0, max_to
     proc = None
     artifact_path = Path(artifact) if artifact else default_artifact()
     if url is None:
-        proc, url = _start(model, artifact_path, max_queue)
+        proc, url = start_sidecar(model, artifact_path, admin_token=ADMIN, max_queue=max_queue,
+                                  default_max_new_tokens=4)
     try:
         # Warm-up, so start-up allocations do not count as growth.
         httpx.post(url + "/v1/confidence", json={"prompt": "warm up?"}, timeout=600)

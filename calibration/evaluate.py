@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrators import PlattCalibrator
 from .metrics import (
     auroc_confidence_interval,
     aurc_loss,
@@ -20,7 +19,7 @@ from .metrics import (
     reliability_curve,
 )
 
-__all__ = ["score_metrics", "BASELINES", "baseline_scores", "render_markdown", "write_plots", "format_table"]
+__all__ = ["score_metrics", "BASELINES", "render_markdown", "write_plots", "format_table"]
 
 # Prompt-only baselines read from extraction rows, oriented so that higher = more confident.
 BASELINES = {
@@ -57,24 +56,6 @@ def score_metrics(y, score, prob=None) -> dict:
         )
     else:
         out.update(brier=None, ece=None, ece_equal_mass=None)
-    return out
-
-
-def baseline_scores(rows, calib_rows, y_calib) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """Each available baseline on ``rows``: raw score, and a Platt-calibrated probability fitted on the
-    calibration rows (so Brier/ECE compare like with like)."""
-    out = {}
-    for name, getter in BASELINES.items():
-        raw = getter(rows)
-        cal = getter(calib_rows)
-        if any(v is None for v in raw) or any(v is None for v in cal):
-            continue
-        raw, cal = np.asarray(raw, dtype=np.float64), np.asarray(cal, dtype=np.float64)
-        try:
-            prob = PlattCalibrator().fit(cal, y_calib).predict_proba(raw)
-        except ValueError:
-            prob = None
-        out[name] = (raw, prob)
     return out
 
 

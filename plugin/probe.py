@@ -296,6 +296,19 @@ class ValueProbe:
                              "to find the option-letter tokens")
         return ProbeHandle(self, model, on_score, self.letter_ids(tokenizer) if tokenizer is not None else None)
 
+    @torch.inference_mode()
+    def prefill(self, model, batch, letter_ids: Sequence[int] | None = None, *, thread_only: bool = False):
+        """One forward pass of an encoded, left-padded ``batch``; returns what the hooks read, ``{layer: [n, k]}``
+        plus ``"next_token"`` when ``letter_ids`` is given (stacked artifacts), or ``None`` if no prefill ran.
+
+        Without ``letter_ids`` the pass stops right after the hooked layer; with them it runs to the LM head,
+        computing only the last position's logits. ``thread_only``: see :class:`~valueprobe.plugin.hooks.LastTokenReader`.
+        """
+        with capture(model, [self.layer], self.neuron_indices, stop_after=letter_ids is None,
+                     next_token_ids=letter_ids, thread_only=thread_only) as cap:
+            model(**with_position_ids(batch), use_cache=False, **({"logits_to_keep": 1} if letter_ids else {}))
+        return cap.batches[0] if cap.batches else None
+
     def encode(self, tokenizer, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
         """Render ``prompts`` with the artifact's prompt format and tokenize them, left-padded."""
         return self.prompt_format.tokenize(tokenizer, [self.prompt_format.render(tokenizer, p) for p in prompts])
@@ -327,12 +340,8 @@ class ValueProbe:
         results: list[ProbeResult] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
-            batch = self.encode(tokenizer, chunk).to(device)
-            # Value-only artifacts stop after the hooked layer; stacked ones need the LM head's last-token logits.
-            with capture(model, [self.layer], self.neuron_indices, stop_after=letters is None,
-                         next_token_ids=letters) as cap:
-                model(**with_position_ids(batch), use_cache=False,
-                      **({"logits_to_keep": 1} if letters is not None else {}))
-            values = cap.batches[0]
+            values = self.prefill(model, self.encode(tokenizer, chunk).to(device), letters)
+            if values is None:
+                raise RuntimeError("the probe hook did not fire during the prefill")
             results.extend(self.readout(values[self.layer], values.get("next_token"), [prompt_kind(p) for p in chunk]))
         return results

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from valueprobe.plugin import ProbeResult, ValueProbe
-from valueprobe.plugin.hooks import LastTokenReader, capture, with_position_ids
+from valueprobe.plugin.hooks import LastTokenReader
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import pad_left, pad_token_id
 
@@ -176,14 +176,10 @@ class Engine:
         enc = pad_left([list(p.input_ids) for p in prompts], self.pad_id).to(self.device)
         letters = self.letter_ids(probe)
         started = time.perf_counter()
-        # Value-only artifacts stop after the hooked layer; stacked ones need the LM head's last-token logits.
-        with capture(self.model, [probe.layer], probe.neuron_indices, stop_after=letters is None,
-                     next_token_ids=letters, thread_only=True) as cap:
-            self.model(**with_position_ids(enc), use_cache=False, **({"logits_to_keep": 1} if letters else {}))
+        values = probe.prefill(self.model, enc, letters, thread_only=True)
         t_readout = time.perf_counter()
-        if not cap.batches:
+        if values is None:
             raise ProbeFailedError("the probe hook did not fire during the prefill")
-        values = cap.batches[0]
         try:
             results = probe.readout(values[probe.layer], values.get("next_token"), [p.kind for p in prompts])
         except Exception as exc:  # noqa: BLE001 - a readout failure is the probe's, named as such

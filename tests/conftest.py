@@ -129,3 +129,47 @@ def fitted(qwen_model, tokenizer):
     data, card = fit_artifact(qwen_model, tokenizer, fs, model_name="tiny-qwen2", prompt_format=PromptFormat(),
                               config=FitConfig(random_draws=10, progress=False))
     return data, card, prompts, fs
+
+
+@pytest.fixture(scope="module")
+def artifact_file(tmp_path_factory, fitted):
+    """The tiny fitted artifact saved to a file (one per test module)."""
+    from valueprobe.plugin import save_artifact
+    from valueprobe.plugin.artifact import ArtifactData
+
+    data, *_ = fitted
+    path = tmp_path_factory.mktemp("artifact") / "probe.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
+    return path
+
+
+def run_app(settings, model, tokenizer, scenario, *, timeout: float = 60):
+    """Run ``scenario(client, app)`` against the sidecar in-process (lifespan on, ASGI transport) once ready."""
+    import asyncio
+
+    import httpx
+    from prometheus_client import CollectorRegistry
+
+    from valueprobe.server.app import create_app
+
+    app = create_app(settings, registry=CollectorRegistry(), model=model, tokenizer=tokenizer)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://sidecar", timeout=timeout) as client:
+                for _ in range(200):
+                    if (await client.get("/readyz")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                return await scenario(client, app)
+
+    return asyncio.run(main())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,12 +4,12 @@ with Retry-After, and the server stays alive."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import httpx
 import pytest
+from conftest import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -23,12 +23,6 @@ from valueprobe.server.app import create_app  # noqa: E402
 from valueprobe.server.settings import Settings  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, fitted, qwen_model, tokenizer):
     import uvicorn
@@ -39,7 +33,7 @@ def server(tmp_path_factory, fitted, qwen_model, tokenizer):
     settings = Settings(artifact=str(path), admin_token="fuzz", default_max_new_tokens=2, max_new_tokens_limit=4,
                         max_prompt_chars=400)
     app = create_app(settings, registry=CollectorRegistry(), model=qwen_model, tokenizer=tokenizer)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -6,40 +6,18 @@ import asyncio
 import gc
 import json
 
-import httpx
 import pytest
 import torch
+import conftest
 from conftest import build_tokenizer
-from prometheus_client import CollectorRegistry
 
 from valueprobe.plugin import ArtifactError, FingerprintMismatchError, ValueProbe, load_artifact, save_artifact
 from valueprobe.plugin.artifact import ArtifactData, _content_sha256
-from valueprobe.server.app import create_app
 from valueprobe.server.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def artifact_file(tmp_path_factory, fitted):
-    data, *_ = fitted
-    path = tmp_path_factory.mktemp("hard") / "probe.safetensors"
-    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
-    return path
-
-
 def run_app(settings, model, tokenizer, scenario):
-    app = create_app(settings, registry=CollectorRegistry(), model=model, tokenizer=tokenizer)
-
-    async def main():
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://sidecar", timeout=120) as client:
-                for _ in range(200):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                return await scenario(client, app)
-
-    return asyncio.run(main())
+    return conftest.run_app(settings, model, tokenizer, scenario, timeout=120)
 
 
 def test_many_concurrent_chat_and_confidence_clients_get_no_500(artifact_file, qwen_model):

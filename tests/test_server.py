@@ -5,23 +5,17 @@ bad inputs, auth."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from valueprobe.plugin import save_artifact
 from valueprobe.plugin.artifact import ArtifactData
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,38 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from conftest import run_app
+
 from valueprobe.plugin import save_artifact
 from valueprobe.plugin.artifact import ArtifactData
-from valueprobe.server.app import create_app
 from valueprobe.server.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def artifact_file(tmp_path_factory, fitted):
-    data, *_ = fitted
-    path = tmp_path_factory.mktemp("inproc") / "probe.safetensors"
-    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
-    return path
-
-
-def run_app(settings, model, tokenizer, scenario):
-    app = create_app(settings, registry=CollectorRegistry(), model=model, tokenizer=tokenizer)
-
-    async def main():
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://sidecar", timeout=60) as client:
-                for _ in range(200):
-                    if (await client.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                return await scenario(client, app)
-
-    return asyncio.run(main())
 
 
 def test_abstain_returns_refusal_with_confidence(artifact_file, qwen_model, tokenizer):
