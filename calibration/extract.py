@@ -130,8 +130,10 @@ class SharedPrefix:
             with torch.inference_mode():
                 out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True)
             cache = out.past_key_values
-            legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
-            self.layers = [(k, v) for k, v in legacy]
+            if getattr(cache, "layers", None) and hasattr(cache.layers[0], "keys"):  # transformers >= 4.56
+                self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+            else:
+                self.layers = [(k, v) for k, v in cache.to_legacy_cache()]
         else:
             self.ids = []
 

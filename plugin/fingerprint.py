@@ -17,7 +17,7 @@ import torch
 
 from .hooks import find_decoder_layers
 
-__all__ = ["CONFIG_FIELDS", "model_fingerprint", "tokenizer_fingerprint", "chat_template_sha256", "diff_fingerprints"]
+__all__ = ["CONFIG_FIELDS", "config_fingerprint", "params_sha256", "model_fingerprint", "tokenizer_fingerprint", "chat_template_sha256", "diff_fingerprints"]
 
 # Fields that define the architecture; HF spells some differently per family (GPT-2's n_embd etc.).
 CONFIG_FIELDS = (
@@ -50,8 +50,15 @@ def _sha256_json(obj) -> str:
 
 def layer_weights_sha256(module: torch.nn.Module) -> str:
     """sha256 over the layer's parameters (names, shapes, values rounded to bfloat16)."""
+    return params_sha256(module.named_parameters())
+
+
+def params_sha256(named_params) -> str:
+    """sha256 over ``(name, tensor)`` pairs in name order: names, shapes, values rounded to bfloat16. Engines
+    that fuse parameters (vLLM's ``qkv_proj``, ``gate_up_proj``) split them back to the Hugging Face names first,
+    so one checkpoint gives one hash whichever engine loaded it."""
     digest = hashlib.sha256()
-    for name, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+    for name, param in sorted(named_params, key=lambda kv: kv[0]):
         digest.update(name.encode())
         digest.update(str(tuple(param.shape)).encode())
         values = param.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
@@ -59,10 +66,19 @@ def layer_weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def config_fingerprint(config) -> dict[str, str]:
+    """``config.<field>`` entries of a Hugging Face config. ``rope_theta`` is read where either transformers
+    major keeps it (top level in 4.x, ``rope_parameters`` in 5.x), so one checkpoint has one fingerprint."""
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    rope = config.get("rope_parameters")
+    if "rope_theta" not in config and isinstance(rope, dict) and "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    return {f"config.{k}": json.dumps(config[k], sort_keys=True) for k in CONFIG_FIELDS if k in config}
+
+
 def model_fingerprint(model: torch.nn.Module, layer: int) -> dict[str, str]:
     """Flat ``{field: value}`` fingerprint of ``model`` as seen by a probe on ``layer`` (1-based)."""
-    config = model.config.to_dict()
-    fields = {f"config.{k}": json.dumps(config[k], sort_keys=True) for k in CONFIG_FIELDS if k in config}
+    fields = config_fingerprint(model.config)
     decoder = find_decoder_layers(model)
     fields["layer_weights_sha256"] = layer_weights_sha256(decoder.block(layer))
     return fields

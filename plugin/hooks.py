@@ -32,6 +32,7 @@ __all__ = [
     "last_token_positions",
     "LastTokenReader",
     "capture",
+    "StepStateRecorder",
 ]
 
 
@@ -355,3 +356,48 @@ def with_position_ids(encoding: dict) -> dict:
     out = dict(encoding)
     out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return out
+
+
+class StepStateRecorder:
+    """Records chosen layers at the last column of *every* forward pass: the last prompt token of the prefill,
+    then each token fed back during decoding. That is the state after every generated token, read by the same
+    forward that generates, so a reasoning trace's step boundaries (or candidate steps in a search) are scored
+    with no extra pass.
+
+    ``states()`` returns ``{layer: [batch, forwards, width]}``: column 0 is the last prompt token (``s_0``),
+    column ``j`` the state after generated token ``j - 1``. With ``all_positions`` every position of every forward
+    is kept instead (one prefill of a whole trace: column ``i`` is token ``i``). Rows of a left-padded prefill are fine: the
+    last column is every row's last real token. Use as a context manager; hooks are removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], *, neuron_indices=None,
+                 dtype: torch.dtype = torch.float16, all_positions: bool = False):
+        self.decoder = find_decoder_layers(model)
+        self.layers = sorted(set(int(x) for x in layers))
+        for layer in self.layers:
+            self.decoder.block(layer)
+        self.neuron_indices = None if neuron_indices is None else torch.as_tensor(neuron_indices, dtype=torch.long)
+        self.dtype = dtype
+        self.all_positions = all_positions  # keep every position of every forward (a prefill of a whole trace)
+        self._columns: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self._handles: list = []
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            col = hidden if self.all_positions else hidden[:, -1:, :]
+            if self.neuron_indices is not None:
+                col = col.index_select(2, self.neuron_indices.to(col.device))
+            self._columns[layer].append(col.detach().to("cpu", self.dtype))
+        return hook
+
+    def __enter__(self) -> StepStateRecorder:
+        self._handles = [self.decoder.block(layer).register_forward_hook(self._hook(layer)) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def states(self) -> dict[int, torch.Tensor]:
+        return {layer: torch.cat(cols, dim=1) for layer, cols in self._columns.items() if cols}

@@ -254,6 +254,42 @@ def eval_(
         typer.echo(f"wrote {predictions}")
 
 
+@app.command(name="sample-answers")
+def sample_answers_cmd(
+    out: Annotated[Path, typer.Option(help="Samples JSONL (appended; a rerun resumes).")],
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact whose test split is sampled; default: shipped.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Data specs instead of the artifact's own (reduced to "
+                                                           "its test split when it was fitted on them).")] = None,
+    n: Annotated[int, typer.Option(help="Open questions to sample (sources interleaved).")] = 400,
+    samples: Annotated[int, typer.Option(help="Answers sampled per question.")] = 5,
+    temperature: float = 1.0,
+    max_new_tokens: int = 16,
+    rows_per_batch: Annotated[int, typer.Option(help="Sequences generated together.")] = 16,
+    model: Annotated[Optional[str], typer.Option(help="Override the artifact's model.")] = None,
+    seed: int = 0,
+    dtype: str = "float32",
+):
+    """Sample answers to held-out open questions for the semantic-entropy baseline (`bench semantic-entropy`)."""
+    from valueprobe.calibration.evaluate import artifact_test_questions
+    from valueprobe.calibration.semantic import sample_answers
+
+    probe = _load_probe(artifact or default_artifact())
+    questions = [q for q in artifact_test_questions(probe, data, seed=seed) if q.kind == "open"]
+    by_source: dict[str, list] = {}
+    for q in questions:
+        by_source.setdefault(q.dataset, []).append(q)
+    questions = _interleave(list(by_source.values()))[:n]
+    if not questions:
+        _fail("no open questions in the test split")
+    name = model or probe.model_name
+    mdl, tok = _load_model(name, dtype)
+    probe.check_compatible(mdl, tok, strict=model is None)
+    done = sample_answers(mdl, tok, questions, probe.prompt_format, out, model_name=name, n_samples=samples,
+                          temperature=temperature, max_new_tokens=max_new_tokens, rows_per_batch=rows_per_batch,
+                          seed=seed)
+    typer.echo(f"{sum(q.id in done for q in questions)}/{len(questions)} questions sampled in {out}")
+
+
 @app.command()
 def ablate(
     artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,

@@ -1,0 +1,261 @@
+"""The probe inside vLLM's own forward pass.
+
+vLLM runs the model in a worker (in the engine process), over flattened batches that mix prefills (possibly in
+chunks), prefix-cache hits and decode steps. :class:`ProbeWorkerExtension` is a vLLM *worker extension*
+(``worker_extension_cls``): once attached it hooks the probe's decoder layer and the logits processor in the
+worker, finds in each scheduled batch the row that holds a request's last prompt token (the step whose scheduled
+tokens reach the prompt's end: a whole prefill, the last chunk of a chunked one, or the one token vLLM recomputes
+after a full prefix-cache hit), and keeps only the ``k`` neuron values there (plus, for stacked artifacts, the
+``2 + letters`` next-token summary of that row's logits), keyed by request id. Nothing else leaves the worker;
+the probability is computed on the caller's side by :meth:`ValueProbe.readout` (the same code as everywhere).
+
+Bring your own vLLM::
+
+    from vllm import LLM
+    from valueprobe.plugin import ValueProbe
+    from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe
+
+    llm = LLM(model=folder, enforce_eager=True, worker_extension_cls=WORKER_EXTENSION)
+    probe = VllmProbe.attach(ValueProbe.load("probe.safetensors"), llm)
+    outputs = llm.generate(prompts, params)
+    results = probe.take([o.request_id for o in outputs])   # {request_id: ProbeResult}
+
+Residual stream: vLLM's decoder layers return ``(hidden, residual)`` with the residual add fused into the next
+layer's norm; the Hugging Face ``hidden_states[layer]`` the probe was fitted on is their sum.
+
+Compiled graphs: forward hooks do not run inside ``torch.compile``d graphs or CUDA graphs, so attaching to an
+engine that compiles the model (no ``enforce_eager=True``) is refused rather than served empty.
+
+Tensor parallelism: after each layer's all-reduce every rank holds the full residual, so each rank's hook sees
+the same values; the caller reads rank 0's. Data-parallel replicas are separate engines: attach to each.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .fingerprint import config_fingerprint, diff_fingerprints, params_sha256, tokenizer_fingerprint
+from .hooks import find_decoder_layers
+from .nexttoken import prompt_kind, summarize_logits
+
+__all__ = ["WORKER_EXTENSION", "ProbeWorkerExtension", "VllmProbe", "CompiledModelError", "checkpoint_layer_sha256"]
+
+WORKER_EXTENSION = "valueprobe.plugin.vllm.ProbeWorkerExtension"
+
+
+class CompiledModelError(RuntimeError):
+    """The engine compiles the model, so a forward hook would read nothing."""
+
+
+class ProbeWorkerExtension:
+    """Methods added to vLLM's worker (``self`` is the worker); called through ``collective_rpc``.
+
+    Several probes can be attached at once, each under a key (the artifact id), so that requests in flight
+    during a hot reload are read by the artifact they started with. Readouts wait in the worker until taken:
+    ``{request_id: {key: [k values, then the next-token summary]}}``.
+    """
+
+    def valueprobe_attach(self, key: str, layer: int, neuron_indices: Sequence[int],
+                          letter_ids: Sequence[int] | None):
+        runner = self.model_runner
+        cfg = runner.vllm_config
+        mode = getattr(cfg.compilation_config, "mode", None)
+        if mode is None:
+            mode = getattr(cfg.compilation_config, "level", 0)
+        eager = bool(getattr(cfg.model_config, "enforce_eager", False))
+        if not eager or int(getattr(mode, "value", mode) or 0) != 0:
+            raise CompiledModelError(
+                "valueprobe reads the residual stream with a forward hook, which does not run inside torch.compile "
+                "or CUDA graphs: start vLLM with enforce_eager=True (serve --engine vllm does)")
+        if not hasattr(self, "_vp_lock"):
+            self._vp_lock = threading.Lock()
+            self._vp_results: dict[str, dict[str, list[float]]] = {}
+            self._vp_handles: dict[str, list] = {}
+        self.valueprobe_detach(key)
+        model = runner.get_model()
+        block = find_decoder_layers(model).block(layer)
+        idx = torch.as_tensor(list(neuron_indices), dtype=torch.long)
+        letters = list(letter_ids) if letter_ids is not None else None
+        pending: dict[int, tuple[str, list[float]]] = {}
+
+        def store(rid: str, values: list[float]) -> None:
+            with self._vp_lock:
+                self._vp_results.setdefault(rid, {})[key] = values
+
+        def layer_hook(module, args, output):
+            hidden, residual = (output[0], output[1]) if isinstance(output, (tuple, list)) else (output, None)
+            rows = rows_completing_prompt(runner)
+            if not rows:
+                return None
+            at = torch.tensor([r for _, r, _ in rows], device=hidden.device)
+            state = hidden.index_select(0, at)
+            if residual is not None:
+                state = state + residual.index_select(0, at)
+            values = state.index_select(1, idx.to(state.device)).float().cpu().tolist()
+            if letters is None:
+                for (_, _, rid), v in zip(rows, values):
+                    store(rid, v)
+            else:  # completed by the logits hook of this same step
+                pending.clear()
+                pending.update({i: (rid, v) for (i, _, rid), v in zip(rows, values)})
+            return None
+
+        def logits_hook(module, args, output):
+            if not pending or output is None:
+                return None
+            order = sorted(pending)
+            summary = summarize_logits(output[torch.tensor(order, device=output.device)], letters).tolist()
+            for i, s in zip(order, summary):
+                rid, v = pending[i]
+                store(rid, v + s)
+            pending.clear()
+            return None
+
+        handles = [block.register_forward_hook(layer_hook)]
+        if letters is not None:
+            handles.append(model.logits_processor.register_forward_hook(logits_hook))
+        self._vp_handles[key] = handles
+        return True
+
+    def valueprobe_detach(self, key: str | None = None):
+        """Remove one attached probe (or all)."""
+        handles = getattr(self, "_vp_handles", {})
+        for k in [key] if key is not None else list(handles):
+            for h in handles.pop(k, []):
+                h.remove()
+        return True
+
+    def valueprobe_take(self, request_ids: Sequence[str] | None = None) -> dict[str, dict[str, list[float]]]:
+        """Pop the readouts that are ready: all (``None``), or those of ``request_ids`` (a caller's id also
+        matches vLLM's internal ``<id>-<suffix>``), keyed by the id asked for."""
+        if not hasattr(self, "_vp_lock"):
+            return {}
+        with self._vp_lock:
+            if request_ids is None:
+                out, self._vp_results = self._vp_results, {}
+                return out
+            out = {}
+            for asked in request_ids:
+                internal = _internal_id(asked, self._vp_results)
+                if internal is not None:
+                    out[asked] = self._vp_results.pop(internal)
+            return out
+
+    def valueprobe_fingerprint(self, layer: int) -> dict[str, str]:
+        """Config fields and the hooked layer's weight hash, read from the checkpoint files vLLM loaded (its
+        CPU and GPU kernels repack or fuse the live parameters, so those are not hashed)."""
+        model_config = self.model_runner.vllm_config.model_config
+        fields = config_fingerprint(model_config.hf_config)
+        fields["layer_weights_sha256"] = checkpoint_layer_sha256(model_config.model, layer)
+        return fields
+
+
+def checkpoint_layer_sha256(folder: str, layer: int) -> str:
+    """The hash :func:`~valueprobe.plugin.fingerprint.layer_weights_sha256` gives a Hugging Face model's
+    decoder layer ``layer`` (1-based), computed from a local safetensors checkpoint without loading the model:
+    the tensors named ``<prefix>.layers.<layer - 1>.<name>`` under their block-relative names. Returns
+    ``"unavailable"`` (which never matches) when the folder has no safetensors files."""
+    import re
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    pattern = re.compile(rf"^(?:.*\.)?layers\.{layer - 1}\.(.+)$")
+    params = []
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for key in sf.keys():
+                m = pattern.match(key)
+                if m:
+                    params.append((m.group(1), sf.get_tensor(key)))
+    return params_sha256(params) if params else "unavailable"
+
+
+def rows_completing_prompt(runner) -> list[tuple[int, int, str]]:
+    """``(batch index, token row, request id)`` of the requests whose prompt ends in the step being run: their
+    scheduled tokens reach the prompt's last token (a whole prefill, the last chunk of a chunked one, or the one
+    token recomputed after a full prefix-cache hit). Read from the model runner's persistent batch, which holds
+    this step's layout while its forward runs (``num_computed_tokens`` are those before the step)."""
+    batch = runner.input_batch
+    n = batch.num_reqs
+    starts = runner.query_start_loc.np[: n + 1]
+    computed = batch.num_computed_tokens_cpu[:n]
+    prompt = batch.num_prompt_tokens[:n]
+    out = []
+    for i in range(n):
+        scheduled = int(starts[i + 1] - starts[i])
+        if computed[i] < prompt[i] <= computed[i] + scheduled:
+            out.append((i, int(starts[i] + prompt[i] - 1 - computed[i]), batch.req_ids[i]))
+    return out
+
+
+def _internal_id(request_id: str, known: Iterable[str]) -> str | None:
+    """vLLM may suffix the caller's request id internally (``<id>-<random>``); map it back."""
+    for rid in known:
+        if rid == request_id or rid.startswith(f"{request_id}-"):
+            return rid
+    return None
+
+
+class VllmProbe:
+    """A :class:`~valueprobe.plugin.probe.ValueProbe` attached to a vLLM engine (``LLM`` or ``AsyncLLM``)."""
+
+    def __init__(self, probe, engine, letter_ids):
+        self.probe = probe
+        self.engine = engine
+        self.letter_ids = letter_ids
+        self.kinds: dict[str, tuple[str, int]] = {}
+
+    @classmethod
+    def check_compatible(cls, probe, fields: dict[str, str], tokenizer, *, strict: bool = True) -> list[str]:
+        from .artifact import FingerprintMismatchError
+
+        expected = dict(probe.model_fingerprint)
+        mismatched = diff_fingerprints(expected, fields)
+        mismatched += [f"tokenizer.{f}" for f in diff_fingerprints(probe.tokenizer_fingerprint,
+                                                                    tokenizer_fingerprint(tokenizer))]
+        if mismatched and strict:
+            raise FingerprintMismatchError(
+                f"vLLM model does not match the artifact fitted on {probe.model_name!r} (layer {probe.layer}): "
+                f"fields differ: {', '.join(mismatched)}", mismatched)
+        return mismatched
+
+    @classmethod
+    def attach(cls, probe, llm, *, check_fingerprint: bool = True) -> VllmProbe:
+        """Attach to a synchronous ``vllm.LLM`` started with ``worker_extension_cls=WORKER_EXTENSION``."""
+        tokenizer = llm.get_tokenizer()
+        fields = llm.collective_rpc("valueprobe_fingerprint", args=(probe.layer,))[0]
+        cls.check_compatible(probe, fields, tokenizer, strict=check_fingerprint)
+        letters = probe.letter_ids(tokenizer) if probe.needs_next_token else None
+        llm.collective_rpc("valueprobe_attach",
+                           args=(probe.artifact_id, probe.layer, probe.neuron_indices.tolist(), letters))
+        return cls(probe, llm, letters)
+
+    def results(self, raw: dict[str, list[float]], kinds: dict[str, tuple[str, int]] | None = None) -> dict:
+        """Worker readouts (``k`` values, then the next-token summary) -> ``{request_id: ProbeResult}``."""
+        if not raw:
+            return {}
+        ids = list(raw)
+        k = self.probe.k
+        values = torch.tensor([raw[r][:k] for r in ids], dtype=torch.float32)
+        next_token = torch.tensor([raw[r][k:] for r in ids]) if self.letter_ids is not None else None
+        kinds = kinds or {}
+        rows = self.probe.readout(values, next_token, [kinds.get(r, ("open", 0)) for r in ids])
+        return dict(zip(ids, rows))
+
+    def take(self, request_ids: Sequence[str], prompts=None) -> dict:
+        """``{request_id: ProbeResult}`` for finished prefills of ``request_ids`` (synchronous ``LLM``).
+        ``prompts`` (the structured prompts, same order) give each row's kind (multiple choice or open)."""
+        raw = self.engine.collective_rpc("valueprobe_take", args=(list(request_ids),))[0]
+        key = self.probe.artifact_id
+        out_raw, kinds = {}, {}
+        for i, rid in enumerate(request_ids):
+            if key in raw.get(rid, {}):
+                out_raw[rid] = raw[rid][key]
+                if prompts is not None:
+                    kinds[rid] = prompt_kind(prompts[i])
+        return self.results(out_raw, kinds)

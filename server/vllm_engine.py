@@ -1,0 +1,263 @@
+"""The sidecar's vLLM engine: vLLM's async engine in-process (continuous batching, paged KV cache, prefix caching,
+chunked prefill), with the probe read inside vLLM's own forward pass by the worker extension of
+:mod:`valueprobe.plugin.vllm`.
+
+Same interface as :class:`~valueprobe.server.engine.Engine` (score, generate, generate_stream, tokenize, decode,
+check_compatible, context_length), so routes and policy do not know which engine runs.
+
+* Scoring a prompt is a request with ``max_tokens=1``: vLLM batches concurrent ones with whatever else runs, and
+  the hook keeps the ``k`` values of the prompt's last token.
+* Generation: the first output arrives right after the prefill step, when the readout is ready in the worker. The
+  engine fetches it (one ``collective_rpc`` serves every request waiting at that moment), runs the policy, and
+  aborts the request in vLLM when the policy will not answer, so at most one token is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import uuid
+
+from valueprobe.plugin import ProbeResult, ValueProbe
+from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe
+
+from .engine import Generation, Prompt
+from .errors import OverloadedError, ProbeFailedError
+
+__all__ = ["VllmEngine", "engine_args"]
+
+logger = logging.getLogger("valueprobe.server")
+
+
+def engine_args(model_dir: str, *, dtype: str = "float32", max_model_len: int | None = None,
+                max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None, **extra):
+    """``AsyncEngineArgs`` valueprobe needs: eager mode (hooks do not run in compiled graphs), the worker
+    extension, prefix caching and chunked prefill on."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kwargs = dict(model=model_dir, dtype=dtype, enforce_eager=True, worker_extension_cls=WORKER_EXTENSION,
+                  enable_prefix_caching=True, enable_chunked_prefill=True, max_model_len=max_model_len,
+                  max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, **extra)
+    return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+class VllmEngine:
+    def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None):
+        self.llm, self.tokenizer, self.probe = llm, tokenizer, probe
+        self.max_queue, self.metrics = max_queue, metrics
+        self._tokenizer_lock = threading.Lock()
+        self._attached: dict[str, VllmProbe] = {}
+        self._ready: dict[str, list[float]] = {}
+        self._fetch_lock = asyncio.Lock()
+        self._in_flight = 0
+        self._ids = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]
+
+    @classmethod
+    async def create(cls, model_dir: str, probe: ValueProbe, *, check_fingerprint: bool = True, max_queue: int = 64,
+                     metrics=None, **kwargs) -> VllmEngine:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        llm = AsyncLLM.from_engine_args(engine_args(model_dir, **kwargs))
+        tokenizer = llm.tokenizer if getattr(llm, "tokenizer", None) is not None else await llm.get_tokenizer()
+        engine = cls(llm, tokenizer, probe, max_queue=max_queue, metrics=metrics)
+        try:
+            await engine.attach(probe, strict=check_fingerprint)
+        except Exception:
+            llm.shutdown()
+            raise
+        return engine
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    async def start(self):
+        return None
+
+    async def stop(self):
+        self.llm.shutdown()
+
+    # -- probe binding -------------------------------------------------------------------------------------------
+    async def fingerprint(self, layer: int) -> dict[str, str]:
+        return (await self.llm.collective_rpc("valueprobe_fingerprint", args=(layer,)))[0]
+
+    async def check_compatible(self, probe: ValueProbe, strict: bool = True) -> list[str]:
+        return VllmProbe.check_compatible(probe, await self.fingerprint(probe.layer), self.tokenizer, strict=strict)
+
+    async def attach(self, probe: ValueProbe, strict: bool = True) -> None:
+        """Check the fingerprint and hook ``probe`` in the worker (several artifacts can be attached at once, so
+        requests in flight during a reload finish with the artifact they started with)."""
+        await self.check_compatible(probe, strict)
+        key = probe.artifact_id
+        if key in self._attached:
+            return
+        letters = self.letter_ids(probe)
+        await self.llm.collective_rpc("valueprobe_attach",
+                                      args=(key, probe.layer, probe.neuron_indices.tolist(), letters))
+        self._attached[key] = VllmProbe(probe, self.llm, letters)
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.llm.model_config, "max_model_len", None)
+
+    # -- tokenizer -------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
+        return tuple(ids["input_ids"])
+
+    def decode(self, ids) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
+        if not probe.needs_next_token:
+            return None
+        with self._tokenizer_lock:
+            return probe.letter_ids(self.tokenizer)
+
+    # -- readouts ------------------------------------------------------------------------------------------------
+    async def _confidence(self, request_id: str, prompt: Prompt, probe: ValueProbe) -> ProbeResult:
+        """The readout of ``request_id``'s prefill: fetched from the worker (one RPC for every request waiting),
+        then turned into a :class:`ProbeResult` here."""
+        key = probe.artifact_id
+        for _ in range(50):
+            async with self._fetch_lock:
+                found = self._pop(request_id, key)
+                if found is None:
+                    batch = (await self.llm.collective_rpc("valueprobe_take", args=(None,)))[0]
+                    for rid, by_key in batch.items():
+                        for k, values in by_key.items():
+                            self._ready[f"{k}/{rid}"] = values
+                    found = self._pop(request_id, key)
+            if found is not None:
+                try:
+                    return self._attached[key].results({request_id: found}, {request_id: prompt.kind})[request_id]
+                except Exception as exc:  # noqa: BLE001 - a readout failure is the probe's, named as such
+                    raise ProbeFailedError(f"probe readout failed: {type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(0.01)
+        raise ProbeFailedError("the probe hook did not fire during the prefill")
+
+    def _pop(self, request_id: str, key: str):
+        for name in list(self._ready):
+            k, _, rid = name.partition("/")
+            if k == key and (rid == request_id or rid.startswith(f"{request_id}-")):
+                return self._ready.pop(name)
+        return None
+
+    def _params(self, max_new_tokens: int, temperature=None, top_p=None, seed=None, stop=None):
+        from vllm import SamplingParams
+
+        if temperature and temperature > 0:
+            return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0, seed=seed,
+                                  stop=stop or None)
+        return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=stop or None)
+
+    def _admit(self):
+        if self._in_flight >= self.max_queue:
+            raise OverloadedError("too many requests in flight; retry shortly")
+        self._in_flight += 1
+
+    def _next_id(self) -> str:
+        return f"vp-{self._prefix}-{next(self._ids)}"
+
+    async def _prefill_only(self, prompt: Prompt, probe: ValueProbe) -> ProbeResult:
+        rid = self._next_id()
+        async for _ in self.llm.generate({"prompt_token_ids": list(prompt.input_ids)}, self._params(1), rid):
+            pass
+        return await self._confidence(rid, prompt, probe)
+
+    async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]:
+        """Score prompts: one vLLM request each (``max_tokens=1``), run concurrently; vLLM batches them."""
+        self._admit()
+        try:
+            if self.metrics:
+                self.metrics.batch_size.observe(len(prompts))
+            return list(await asyncio.gather(*(self._prefill_only(p, probe) for p in prompts)))
+        finally:
+            self._in_flight -= 1
+
+    async def _run(self, prompt: Prompt, probe: ValueProbe, params, on_confidence, on_text=None, stop_event=None):
+        """Drive one request; the policy runs on the first output (right after the prefill)."""
+        rid = self._next_id()
+        confidence = None
+        text, n_tokens, finish = "", 0, "length"
+        aborted = False
+        async for out in self.llm.generate({"prompt_token_ids": list(prompt.input_ids)}, params, rid):
+            completion = out.outputs[0]
+            if confidence is None:
+                confidence = await self._confidence(rid, prompt, probe)
+                if on_confidence is not None and on_confidence(confidence) is False:
+                    await self.llm.abort(rid)
+                    aborted = True
+            piece = completion.text[len(text):]
+            text, n_tokens = completion.text, len(completion.token_ids)
+            if piece and on_text is not None and not aborted:
+                await on_text(piece)
+            if aborted or (stop_event is not None and stop_event.is_set()):
+                if not aborted:
+                    await self.llm.abort(rid)
+                finish = "aborted"
+                break
+            if out.finished:
+                finish = completion.finish_reason or "stop"
+        if confidence is None:
+            raise ProbeFailedError("the request produced no output")
+        return Generation(text, len(prompt.input_ids), n_tokens, finish if finish in ("stop", "length", "aborted")
+                          else "stop", confidence)
+
+    async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
+                       seed=None, stop=None, on_confidence=None) -> Generation:
+        self._admit()
+        try:
+            return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
+                                   on_confidence)
+        finally:
+            self._in_flight -= 1
+
+    async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
+                              top_p=None, seed=None, stop=None, decide=None):
+        """Same contract as :meth:`Engine.generate_stream`: ``(confidence, pieces, stop_flag, done)``."""
+        from .engine import _StopFlag
+
+        self._admit()
+        loop = asyncio.get_running_loop()
+        confidence: asyncio.Future = loop.create_future()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop_flag = _StopFlag()
+
+        def on_confidence(result):
+            keep = True if decide is None else decide(result)
+            if not confidence.done():
+                confidence.set_result(result)
+            return keep
+
+        async def on_text(piece):
+            await queue.put(piece)
+
+        async def run():
+            try:
+                return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
+                                       on_confidence, on_text, stop_flag.event)
+            finally:
+                self._in_flight -= 1
+                await queue.put(None)
+
+        done = asyncio.ensure_future(run())
+
+        def _finished(fut):
+            if not confidence.done():
+                exc = None if fut.cancelled() else fut.exception()
+                confidence.set_exception(exc or ProbeFailedError("generation was cancelled"))
+
+        done.add_done_callback(_finished)
+
+        async def pieces():
+            while True:
+                piece = await queue.get()
+                if piece is None:
+                    return
+                yield piece
+
+        result = await confidence
+        return result, pieces(), stop_flag, done

