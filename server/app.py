@@ -20,7 +20,20 @@ logger = logging.getLogger("valueprobe.server")
 
 
 def _load(settings: Settings, model=None, tokenizer=None):
-    from valueprobe.plugin import ValueProbe, load_model
+    from valueprobe.plugin import load_model
+
+    probe = _probe_for(settings)
+    name = settings.model or probe.model_name
+    if model is None:
+        model, tokenizer = load_model(name, dtype=settings.dtype)
+    probe.check_compatible(model, tokenizer, strict=settings.check_fingerprint)
+    return model, tokenizer, probe, name
+
+
+def _probe_for(settings: Settings):
+    from valueprobe.plugin import ValueProbe
+
+    from .service import check_pin
 
     if settings.artifact:
         artifact = settings.artifact
@@ -28,15 +41,25 @@ def _load(settings: Settings, model=None, tokenizer=None):
         from valueprobe.weights import default_artifact
 
         artifact = str(default_artifact())
-    from .service import check_pin
-
     probe = ValueProbe.load(artifact)
     check_pin(probe, settings.artifact_sha256)
+    return probe
+
+
+async def _load_vllm(settings: Settings, metrics):
+    """vLLM engine in this process, loading the model's Hugging Face folder (a known model is converted once)."""
+    from valueprobe.plugin.models import resolve_model_dir
+
+    from .vllm_engine import VllmEngine
+
+    probe = await asyncio.to_thread(_probe_for, settings)
     name = settings.model or probe.model_name
-    if model is None:
-        model, tokenizer = load_model(name, dtype=settings.dtype)
-    probe.check_compatible(model, tokenizer, strict=settings.check_fingerprint)
-    return model, tokenizer, probe, name
+    folder = await asyncio.to_thread(resolve_model_dir, name)
+    engine = await VllmEngine.create(folder, probe, check_fingerprint=settings.check_fingerprint,
+                                     max_queue=settings.max_queue, metrics=metrics, dtype=settings.dtype,
+                                     max_model_len=settings.vllm_max_model_len, max_num_seqs=settings.vllm_max_num_seqs,
+                                     max_num_batched_tokens=settings.vllm_max_num_batched_tokens)
+    return engine, probe, name
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None, model=None,
@@ -52,9 +75,12 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
         async def load():
             try:
-                m, t, probe, name = await asyncio.to_thread(_load, settings, model, tokenizer)
-                engine = Engine(m, t, probe, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                                max_queue=settings.max_queue, metrics=metrics)
+                if settings.engine == "vllm":
+                    engine, probe, name = await _load_vllm(settings, metrics)
+                else:
+                    m, t, probe, name = await asyncio.to_thread(_load, settings, model, tokenizer)
+                    engine = Engine(m, t, probe, max_batch_size=settings.max_batch_size,
+                                    max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
                 await engine.start()
                 app.state.sidecar = Sidecar(settings, engine, metrics, name)
                 logger.info("valueprobe ready: model %s, artifact %s", name, probe.artifact_id)

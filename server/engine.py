@@ -90,6 +90,19 @@ class Engine:
         for executor in (self.score_executor, self.generate_executor):
             executor.shutdown(wait=False, cancel_futures=True)
 
+    # -- probe binding -------------------------------------------------------------------------------------------
+    async def check_compatible(self, probe: ValueProbe, strict: bool = True) -> list[str]:
+        """The artifact's fingerprint against the served model and tokenizer (raises when ``strict``)."""
+        return await asyncio.to_thread(probe.check_compatible, self.model, self.tokenizer, strict=strict)
+
+    async def attach(self, probe: ValueProbe, strict: bool = True) -> None:
+        """Make ``probe`` servable (hooks are registered per call here, so checking is all there is)."""
+        await self.check_compatible(probe, strict)
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     # -- tokenizer -------------------------------------------------------------------------------------------
     def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
         """Token ids of a rendered prompt (thread-safe; no special tokens where the chat template put them)."""

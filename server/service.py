@@ -170,9 +170,8 @@ class Sidecar:
             try:
                 probe = await asyncio.to_thread(ValueProbe.load, str(path))
                 check_pin(probe, self.settings.artifact_sha256)
-                await asyncio.to_thread(probe.check_compatible, self.engine.model, self.engine.tokenizer,
-                                        strict=self.settings.check_fingerprint)
                 served = self._make_served(probe)
+                await self.engine.attach(probe, strict=self.settings.check_fingerprint)
             except (ArtifactError, ValueError) as exc:
                 raise ClientError(f"reload refused, still serving {old.artifact_id}: {exc}") from None
             self.served = served
@@ -224,7 +223,7 @@ class Sidecar:
         ids = self.engine.tokenize(rendered, served.probe)
         if not ids:
             raise ClientError("the prompt is empty after tokenization")
-        context = getattr(self.engine.model.config, "max_position_embeddings", None)
+        context = self.engine.context_length
         if context and len(ids) + max_new_tokens > context:
             raise ClientError(f"prompt ({len(ids)} tokens) plus max tokens ({max_new_tokens}) exceeds the model's "
                               f"context of {context}")

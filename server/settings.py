@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     model: Optional[str] = Field(None, description="Model name or folder; default: the artifact's own model.")
     artifact: Optional[str] = Field(None, description="Artifact path; default: the shipped default artifact.")
     mode: Literal["embedded", "gateway"] = Field("embedded", description="embedded: generate here; gateway: answers come from the upstream.")
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="transformers: generate loop in this process; vllm: vLLM's async engine in-process (continuous batching, prefix caching), probe read inside its forward pass (needs the [vllm] extra).")
+    vllm_max_model_len: Optional[int] = Field(None, ge=16, description="vLLM engine: context length (default: the model's).")
+    vllm_max_num_seqs: Optional[int] = Field(None, ge=1, description="vLLM engine: most sequences in one step.")
+    vllm_max_num_batched_tokens: Optional[int] = Field(None, ge=16, description="vLLM engine: most tokens in one step (chunked prefill beyond it).")
     dtype: str = Field("float32", description="Model dtype.")
     check_fingerprint: bool = Field(True, description="Refuse an artifact fitted on another checkpoint.")
 

@@ -60,8 +60,12 @@ class VllmEngine:
                      metrics=None, **kwargs) -> VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from transformers import AutoTokenizer
+
+        # Prompts reach vLLM as token ids from the Hugging Face tokenizer the artifact was fitted with (vLLM's own
+        # loader may pre-tokenize differently, e.g. its Mistral-regex fix); vLLM's tokenizer only detokenizes.
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
         llm = AsyncLLM.from_engine_args(engine_args(model_dir, **kwargs))
-        tokenizer = llm.tokenizer if getattr(llm, "tokenizer", None) is not None else await llm.get_tokenizer()
         engine = cls(llm, tokenizer, probe, max_queue=max_queue, metrics=metrics)
         try:
             await engine.attach(probe, strict=check_fingerprint)

@@ -5,6 +5,12 @@ Nothing here touches a hub: tokenizers are trained in-process, models are random
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 import torch
 import transformers
@@ -173,3 +179,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Server:
+    """``valueprobe serve`` in a subprocess on a free loopback port, configured through ``VALUEPROBE_*``; ``assets``
+    is a folder holding ``model/`` and ``probe.safetensors``."""
+
+    def __init__(self, assets, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "VALUEPROBE_MODEL": str(assets / "model"), "VALUEPROBE_ARTIFACT": str(assets / "probe.safetensors"),
+               "VALUEPROBE_PORT": str(self.port), "VALUEPROBE_DEFAULT_MAX_NEW_TOKENS": "8", "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": "1"}
+        env.update({f"VALUEPROBE_{k.upper()}": str(v) for k, v in settings.items()})
+        self.log = open(assets / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout=240):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {open(self.log.name).read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(open(self.log.name).read()[-2000:])
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+

@@ -4,14 +4,10 @@ bad inputs, auth."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import Server, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from valueprobe.plugin import save_artifact
@@ -26,40 +22,6 @@ def assets(tmp_path_factory, fitted, qwen_model, tokenizer):
     data, *_ = fitted
     save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), folder / "probe.safetensors")
     return folder
-
-
-class Server:
-    def __init__(self, assets, **settings):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "VALUEPROBE_MODEL": str(assets / "model"), "VALUEPROBE_ARTIFACT": str(assets / "probe.safetensors"),
-               "VALUEPROBE_PORT": str(self.port), "VALUEPROBE_DEFAULT_MAX_NEW_TOKENS": "8", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": "1"}
-        env.update({f"VALUEPROBE_{k.upper()}": str(v) for k, v in settings.items()})
-        self.log = open(assets / f"server-{self.port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout=120):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {open(self.log.name).read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(open(self.log.name).read()[-2000:])
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

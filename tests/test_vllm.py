@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import httpx
 import pytest
 import torch
 
@@ -144,3 +145,86 @@ def test_compiled_engines_are_refused(eager, mode):
     worker.model_runner = type("R", (), {"vllm_config": _Config(eager, mode)})()
     with pytest.raises(CompiledModelError, match="enforce_eager"):
         worker.valueprobe_attach("k", 1, [0], None)
+
+
+# -- serve --engine vllm: real uvicorn on loopback, the stock openai client ---------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_assets(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("vllm-sidecar")
+    model = build_model("qwen2", len(tokenizer), **VLLM_DIMS)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    probe = fit_probe(model, tokenizer, "tiny-qwen2-vllm")
+    probe.save(folder / "probe.safetensors")
+    return folder, model, probe
+
+
+@pytest.fixture(scope="module")
+def vllm_servers(vllm_assets):
+    from conftest import Server
+
+    folder, *_ = vllm_assets
+    common = dict(engine="vllm", vllm_max_model_len=256, vllm_max_num_seqs=8)
+    answering = Server(folder, **common)
+    abstaining = Server(folder, abstain_below=1.0, **common)
+    try:
+        yield answering.wait_ready(), abstaining.wait_ready()
+    finally:
+        answering.stop()
+        abstaining.stop()
+
+
+QUESTIONS = ["What is the capital of France?", "Which planet is largest?", "How many legs does a spider have?",
+             "fox", "The quick brown fox jumps over the lazy dog: which dog?", "eight or six?",
+             "Answer with the letter only.", "What is 0 1 2 3?"]
+
+
+def test_openai_client_concurrent_requests_each_get_their_own_confidence(vllm_servers, vllm_assets, tokenizer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from transformers import AutoTokenizer
+
+    answering, _ = vllm_servers
+    folder, model, probe = vllm_assets
+    served_tokenizer = AutoTokenizer.from_pretrained(folder / "model")  # what the server loads
+    expected = {q: r.probability for q, r in zip(QUESTIONS, probe.score(model, served_tokenizer, QUESTIONS))}
+    client = OpenAI(base_url=answering.url + "/v1", api_key="unused", max_retries=0)
+
+    def ask(q):
+        chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}], max_tokens=6)
+        return q, chat
+
+    with ThreadPoolExecutor(len(QUESTIONS) * 2) as pool:
+        answers = list(pool.map(ask, QUESTIONS * 2))
+    assert len({round(expected[q], 6) for q in QUESTIONS}) > 1  # the prompts really differ in confidence
+    for q, chat in answers:
+        conf = chat.model_extra["confidence"]
+        assert conf["probability"] == pytest.approx(expected[q], abs=1e-4), q
+        assert conf["decision"] == "answer" and chat.usage.completion_tokens <= 6
+    # streaming carries the confidence in its first chunk
+    chunks = list(client.chat.completions.create(model="x", stream=True, max_tokens=5,
+                                                 messages=[{"role": "user", "content": QUESTIONS[0]}]))
+    assert chunks[0].model_extra["confidence"]["probability"] == pytest.approx(expected[QUESTIONS[0]], abs=1e-4)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # prompt-only scoring goes through the same engine
+    r = httpx.post(answering.url + "/v1/confidence", json=[{"prompt": q} for q in QUESTIONS[:3]], timeout=60)
+    assert r.status_code == 200
+    got = [item["probability"] for item in r.json()["results"]]
+    assert got == pytest.approx([expected[q] for q in QUESTIONS[:3]], abs=1e-4)
+
+
+def test_abstain_aborts_generation_in_vllm(vllm_servers):
+    from openai import OpenAI
+
+    answering, abstaining = vllm_servers
+    question = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog: which dog?"}]
+    full = OpenAI(base_url=answering.url + "/v1", api_key="unused").chat.completions.create(
+        model="x", messages=question, max_tokens=24, temperature=0)
+    refused = OpenAI(base_url=abstaining.url + "/v1", api_key="unused").chat.completions.create(
+        model="x", messages=question, max_tokens=24, temperature=0)
+    assert refused.model_extra["confidence"]["decision"] == "abstain"
+    assert full.usage.completion_tokens > 1
+    assert refused.usage.completion_tokens <= 1 < full.usage.completion_tokens

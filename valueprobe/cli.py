@@ -332,6 +332,8 @@ def serve(
     model: Annotated[Optional[str], typer.Option(help="Model name or folder; default: the artifact's own model.")] = None,
     artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
     mode: Annotated[Optional[str], typer.Option(help="embedded (generate here) or gateway (answers from --upstream-url).")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="Embedded engine: transformers, or vllm (vLLM's async engine "
+                                                      "in-process; the probe is read inside its forward pass).")] = None,
     upstream_url: Annotated[Optional[str], typer.Option(help="Gateway mode: TGI or OpenAI-compatible server that answers.")] = None,
     upstream_kind: Annotated[Optional[str], typer.Option(help="tgi or openai.")] = None,
     upstream_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible upstream.")] = None,
@@ -357,7 +359,8 @@ def serve(
     Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
     --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
     refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window, dtype,
-    check_fingerprint) are environment/config only; see server/settings.py.
+    check_fingerprint, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
+    only; see server/settings.py.
     """
     import uvicorn
     from pydantic import ValidationError
@@ -365,7 +368,7 @@ def serve(
     from valueprobe.server.app import create_app
     from valueprobe.server.settings import Settings
 
-    given = {k: v for k, v in dict(model=model, artifact=artifact, mode=mode, upstream_url=upstream_url,
+    given = {k: v for k, v in dict(model=model, artifact=artifact, mode=mode, engine=engine, upstream_url=upstream_url,
                                    upstream_kind=upstream_kind, upstream_model=upstream_model, escalate_url=escalate_url,
                                    escalate_kind=escalate_kind, escalate_model=escalate_model,
                                    abstain_below=abstain_below, escalate_below=escalate_below,
