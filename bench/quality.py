@@ -50,7 +50,8 @@ def run(artifacts, *, cache_dir="runs/cache", out: Path | None = None, model_ove
         max_new = card.get("config", {}).get("extra", {}).get("max_new_tokens", 16)
 
         questions = artifact_test_questions(probe)
-        rows, fs, _ = evaluate_artifact(probe, model, tok, questions, cache_dir=cache_dir, max_new_tokens=max_new)
+        rows, fs, _ = evaluate_artifact(probe, model, tok, questions, cache_dir=cache_dir, max_new_tokens=max_new,
+                                        labels=labels)
         head = (f"## {Path(path).name}: {probe.model_name}, layer {probe.layer}, k={probe.k} "
                 f"({100 * probe.k / probe.hidden_size:.2f}% of {probe.hidden_size}), serves `{probe.served_score}`; "
                 f"{len(fs.rows)} test questions, model accuracy {fs.labels.mean():.3f}")

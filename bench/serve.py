@@ -25,7 +25,7 @@ QUESTIONS = [
 
 
 async def drive(url: str, clients: int, seconds: float, endpoint: str, max_tokens: int) -> dict:
-    latencies, errors = [], 0
+    latencies, errors, tokens = [], 0, 0
     deadline = time.perf_counter() + seconds
     path, make = {
         "confidence": ("/v1/confidence", lambda q: {"prompt": q}),
@@ -33,7 +33,7 @@ async def drive(url: str, clients: int, seconds: float, endpoint: str, max_token
     }[endpoint]
 
     async def client(i: int):
-        nonlocal errors
+        nonlocal errors, tokens
         async with httpx.AsyncClient(base_url=url, timeout=300) as http:
             j = i
             while time.perf_counter() < deadline:
@@ -41,6 +41,8 @@ async def drive(url: str, clients: int, seconds: float, endpoint: str, max_token
                 try:
                     r = await http.post(path, json=make(QUESTIONS[j % len(QUESTIONS)]))
                     ok = r.status_code == 200
+                    if ok and endpoint == "completions":
+                        tokens += r.json()["usage"]["completion_tokens"]
                 except httpx.HTTPError:
                     ok = False
                 if ok:
@@ -55,7 +57,8 @@ async def drive(url: str, clients: int, seconds: float, endpoint: str, max_token
     elapsed = time.perf_counter() - started
     lat = np.array(latencies) if latencies else np.array([np.nan])
     return {"requests": len(latencies), "errors": errors, "throughput": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000)}
+            "tokens_per_s": tokens / elapsed, "p50_ms": float(np.percentile(lat, 50) * 1000),
+            "p95_ms": float(np.percentile(lat, 95) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000)}
 
 
 def _free_port() -> int:
@@ -91,7 +94,6 @@ def start_sidecar(model, artifact, **settings):
 
 def run(model=None, artifact=None, url=None, clients=8, seconds=20.0, batch=8, endpoint="confidence", max_tokens=16):
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     results = {}
@@ -106,14 +108,106 @@ def run(model=None, artifact=None, url=None, clients=8, seconds=20.0, batch=8, e
             finally:
                 proc.terminate()
                 proc.wait(30)
-    table = Table(title=f"{endpoint}: {clients} clients x {seconds:.0f} s")
-    for col in ("server", "requests", "errors", "req/s", "p50 ms", "p99 ms"):
-        table.add_column(col)
-    for label, r in results.items():
-        table.add_row(label, str(r["requests"]), str(r["errors"]), f"{r['throughput']:.2f}", f"{r['p50_ms']:.0f}",
-                      f"{r['p99_ms']:.0f}")
-    console.print(table)
+    print_table(console, f"{endpoint}: {clients} clients x {seconds:.0f} s", results)
     if len(results) == 2:
         a, b = results.values()
         console.print(f"batched / one-at-a-time throughput: {a['throughput'] / max(b['throughput'], 1e-9):.2f}x")
     return results
+
+
+def print_table(console, title: str, results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("server", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms"):
+        table.add_column(col)
+    for label, r in results.items():
+        table.add_row(label, str(r["requests"]), str(r["errors"]), f"{r['throughput']:.2f}", f"{r['tokens_per_s']:.2f}",
+                      f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}")
+    console.print(table)
+
+
+def run_engines(model=None, artifact=None, engines=("transformers", "vllm"), clients=(1, 4, 16), seconds=60.0,
+                max_tokens=32, overhead_reps=5):
+    """Each engine's sidecar driven with completions at each client count (one server per engine, started once),
+    then the in-engine probe overhead: one vLLM engine, the same batch of requests with the probe attached and
+    detached, interleaved ``overhead_reps`` times."""
+    from rich.console import Console
+
+    console = Console()
+    results: dict[str, dict] = {}
+    for engine in engines:
+        started = time.perf_counter()
+        proc, server = start_sidecar(model, artifact, engine=engine, max_queue=1024, max_new_tokens_limit=max_tokens)
+        console.print(f"{engine} sidecar ready in {time.perf_counter() - started:.0f} s")
+        try:
+            asyncio.run(drive(server, 2, 5.0, "completions", 4))  # warm-up
+            for n in clients:
+                results[f"{engine}, {n} clients"] = asyncio.run(drive(server, n, seconds, "completions", max_tokens))
+                console.print(f"  {engine} {n} clients: {results[f'{engine}, {n} clients']}")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print_table(console, f"completions, {max_tokens} new tokens, {seconds:.0f} s per row", results)
+    for n in clients:
+        a, b = results.get(f"vllm, {n} clients"), results.get(f"transformers, {n} clients")
+        if a and b:
+            console.print(f"{n} clients: vllm / transformers tokens/s = "
+                          f"{a['tokens_per_s'] / max(b['tokens_per_s'], 1e-9):.2f}x")
+    if "vllm" in engines and overhead_reps:
+        results["overhead"] = asyncio.run(probe_overhead(model, artifact, reps=overhead_reps, max_tokens=max_tokens,
+                                                         requests=max(clients)))
+        o = results["overhead"]
+        console.print(f"in-engine probe overhead ({o['requests']} requests x {max_tokens} tokens, {o['reps']} "
+                      f"interleaved reps): with probe {o['with_mean_s']:.2f} ± {o['with_sd_s']:.2f} s, without "
+                      f"{o['without_mean_s']:.2f} ± {o['without_sd_s']:.2f} s, ratio {o['ratio']:.3f} "
+                      f"(paired ratios {o['ratio_min']:.3f}..{o['ratio_max']:.3f})")
+    return results
+
+
+async def probe_overhead(model=None, artifact=None, *, reps=5, max_tokens=32, requests=16) -> dict:
+    """Wall time of ``requests`` concurrent generations on one vLLM engine with the probe attached vs detached."""
+    from vllm import SamplingParams
+
+    from valueprobe.plugin import ValueProbe
+    from valueprobe.plugin.models import resolve_model_dir
+    from valueprobe.server.vllm_engine import VllmEngine
+    from valueprobe.weights import default_artifact
+
+    probe = ValueProbe.load(artifact or default_artifact())
+    engine = await VllmEngine.create(resolve_model_dir(model or probe.model_name), probe)
+    prompts = [engine.tokenize(probe.prompt_format.render(engine.tokenizer, q), probe) for q in QUESTIONS]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    key = probe.artifact_id
+
+    async def batch(tag: str) -> float:
+        started = time.perf_counter()
+
+        async def one(i):
+            async for _ in engine.llm.generate({"prompt_token_ids": list(prompts[i % len(prompts)])}, params,
+                                               f"{tag}-{i}"):
+                pass
+
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        return time.perf_counter() - started
+
+    try:
+        await batch("warm")
+        with_probe, without = [], []
+        for r in range(reps):
+            for attached in ((True, False) if r % 2 == 0 else (False, True)):
+                if attached:
+                    await engine.attach(probe)
+                    with_probe.append(await batch(f"on{r}"))
+                else:
+                    await engine.llm.collective_rpc("valueprobe_detach", args=(key,))
+                    engine._attached.pop(key, None)
+                    without.append(await batch(f"off{r}"))
+                await engine.llm.collective_rpc("valueprobe_take", args=(None,))  # drop readouts nobody asked for
+    finally:
+        await engine.stop()
+    w, wo = np.array(with_probe), np.array(without)
+    ratios = w / wo
+    return {"requests": requests, "reps": reps, "with_mean_s": float(w.mean()), "with_sd_s": float(w.std(ddof=1)),
+            "without_mean_s": float(wo.mean()), "without_sd_s": float(wo.std(ddof=1)),
+            "ratio": float(w.mean() / wo.mean()), "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max())}

@@ -227,15 +227,16 @@ def dump_card(card: dict) -> str:
 
 
 def evaluate_artifact(probe, model, tokenizer, questions, *, cache_dir=None, batch_size: int = 8,
-                      max_new_tokens: int = 16, progress: bool = True):
+                      max_new_tokens: int = 16, labels: dict | None = None, progress: bool = True):
     """Label ``questions`` with the model on the artifact's prompt format and score the artifact's served
     probability, its parts and the prompt-only baselines. Returns ``(rows, featureset, predictions)`` where
     ``predictions`` holds per-question arrays (``probability``, ``value_raw``, ``value_probability``, and
-    ``ood_distance`` / ``ood`` when the artifact has an OOD model)."""
+    ``ood_distance`` / ``ood`` when the artifact has an OOD model). ``labels`` (``id -> row`` of a labels file)
+    supplies answers generated earlier, so open questions found there get a prefill only."""
     from .extract import extract_features
 
     fs = extract_features(model, tokenizer, questions, probe.prompt_format, cache_dir=cache_dir, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, progress=progress)
+                          max_new_tokens=max_new_tokens, labels=labels, progress=progress)
     values = fs.features[:, probe.layer - 1, :][:, probe.neuron_indices]
     kinds = ["choice" if r["kind"] == "choice" else "open" for r in fs.rows]
     pred = probe.predict(values, fs.column("max_softmax"), fs.column("option_entropy"), kinds)

@@ -52,6 +52,9 @@ async def _load_vllm(settings: Settings, metrics):
 
     from .vllm_engine import VllmEngine
 
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.vllm_kv_cache_gb:g}")
     probe = await asyncio.to_thread(_probe_for, settings)
     name = settings.model or probe.model_name
     folder = await asyncio.to_thread(resolve_model_dir, name)

@@ -431,10 +431,23 @@ def bench_serve(
     batch: Annotated[int, typer.Option(help="max_batch_size of the batched server.")] = 8,
     endpoint: Annotated[str, typer.Option(help="confidence (prompt-only) or completions.")] = "confidence",
     max_tokens: Annotated[int, typer.Option(help="Tokens per completion (completions endpoint).")] = 16,
+    engine: Annotated[Optional[list[str]], typer.Option(help="Compare engines instead (repeatable: transformers, "
+                                                             "vllm): completions at --clients-list, then vLLM's "
+                                                             "in-engine probe overhead.")] = None,
+    clients_list: Annotated[str, typer.Option(help="Client counts for --engine runs.")] = "1,4,16",
+    overhead_reps: Annotated[int, typer.Option(help="Interleaved with/without-probe repetitions (vllm).")] = 5,
 ):
-    """Load-test the sidecar: throughput, p50/p99, errors; batched vs one-at-a-time ratio, measured side by side."""
-    from valueprobe.bench.serve import run
+    """Load-test the sidecar: throughput, p50/p99, errors; batched vs one-at-a-time ratio, measured side by side.
+    With --engine: each engine at 1, 4 and 16 clients (requests/s, tokens/s, p50/p95) and the vLLM probe overhead."""
+    from valueprobe.bench.serve import run, run_engines
 
+    if engine:
+        bad = set(engine) - {"transformers", "vllm"}
+        if bad:
+            _fail(f"unknown engine(s) {sorted(bad)}; expected transformers or vllm")
+        run_engines(model, artifact, tuple(engine), tuple(int(c) for c in clients_list.split(",")), seconds,
+                    max_tokens, overhead_reps)
+        return
     run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens)
 
 
@@ -482,6 +495,24 @@ def bench_quality(
     if not paths:
         _fail("no artifacts given and none shipped")
     run(paths, cache_dir=cache, out=out, model_override=model, refit=refit, echo=typer.echo)
+
+
+@bench_app.command("semantic-entropy")
+def bench_semantic_entropy(
+    samples: Annotated[Path, typer.Option(help="Samples JSONL from `valueprobe sample-answers`.")] =
+        Path("weights/labels/qwen2.5-coder-1.5b-instruct.samples.jsonl"),
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
+    out: Annotated[Optional[Path], typer.Option(help="Write <out>.json and <out>.md.")] = None,
+):
+    """Semantic entropy (5 sampled answers) vs the prompt-only score on the same held-out open questions: AUROC
+    with intervals, a paired bootstrap of the difference, and the cost per question."""
+    from valueprobe.bench.semantic import run
+
+    try:
+        run(samples, artifact=artifact, cache_dir=cache, out=out, echo=typer.echo)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def main():  # pragma: no cover
