@@ -291,6 +291,51 @@ def sample_answers_cmd(
 
 
 @app.command()
+def traces(
+    out: Annotated[Path, typer.Option(help="Traces JSONL (appended; a rerun resumes).")],
+    model: Annotated[str, typer.Option(help="Model: a known name, a local HF folder, or a hub name.")] =
+        "Qwen2.5-Coder-1.5B-Instruct",
+    data: Annotated[str, typer.Option(help="Multi-step problems with numeric answers (a built-in or JSONL).")] = "gsm8k",
+    n: Annotated[int, typer.Option(help="Problems (a seeded shuffle, always in the same order).")] = 200,
+    samples: Annotated[int, typer.Option(help="Traces sampled per problem.")] = 4,
+    temperature: float = 0.8,
+    max_new_tokens: int = 256,
+    rows_per_batch: Annotated[int, typer.Option(help="Sequences generated together.")] = 16,
+    layers: Annotated[str, typer.Option(help="Layers whose states are recorded at step ends (comma list or 'all').")] =
+        "8,12,16,20,23,25,28",
+    states: Annotated[Path, typer.Option(help="Folder for the recorded states (float16 safetensors).")] =
+        Path("runs/traces"),
+    seed: int = 0,
+    dtype: str = "float32",
+):
+    """Sample step-by-step reasoning traces (the dopamine / PRM data): text, generated tokens, steps and their end
+    tokens, final answer and grade, and the states at s_0 and every step end, recorded during generation."""
+    import random
+
+    from valueprobe.calibration.data import DataError, load_data
+    from valueprobe.calibration.trajectories import generate_traces
+
+    try:
+        problems = load_data(data, seed=seed)
+    except DataError as exc:
+        _fail(str(exc))
+    random.Random(seed).shuffle(problems)
+    problems = problems[:n]
+    mdl, tok = _load_model(model, dtype)
+    chosen = None if layers == "all" else [int(x) for x in layers.split(",")]
+    done = generate_traces(mdl, tok, problems, out, model_name=model, n_samples=samples, temperature=temperature,
+                           max_new_tokens=max_new_tokens, rows_per_batch=rows_per_batch, layers=chosen,
+                           states_dir=states, seed=seed)
+    by_problem: dict[str, list[int]] = {}
+    for t in done:
+        by_problem.setdefault(t["problem"], []).append(t["label"])
+    mixed = sum(0 < sum(v) < len(v) for v in by_problem.values())
+    typer.echo(f"{len(done)} traces of {len(by_problem)} problems in {out}: accuracy "
+               f"{sum(t['label'] for t in done) / max(len(done), 1):.3f}, {mixed} problems with right and wrong traces, "
+               f"{sum(len(t['steps']) for t in done) / max(len(done), 1):.1f} steps per trace")
+
+
+@app.command()
 def ablate(
     artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
     data: Annotated[list[str], typer.Option(help="Multiple-choice data spec(s), e.g. mmlu:200.")] = ["mmlu:100"],
