@@ -148,3 +148,112 @@ def dopamine_neurons(states: list[np.ndarray], test: np.ndarray, td_head, *, k: 
         "dense_spearman": dense, "overlap_with_value_neurons": overlap,
         "test_delta": dte, "test_acts": Xte[:, chosen], "test_trace_index": which_te,
     }
+
+
+def report(trace_set, *, value_neurons=None, value_layer=None, k: int | None = None, random_draws: int = 200,
+           epochs: int = 40, seed: int = 0, plot_path=None) -> tuple[dict, str]:
+    """The whole study on a :class:`~valueprobe.calibration.trajectories.TraceSet`: layer chosen by the TD head's
+    held-out-by-problem AUROC *inside the training problems* (a validation split of them), then value heads and
+    dopamine neurons on that layer, scored on the held-out problems. Returns ``(result, markdown)``."""
+    traces = trace_set.traces
+    rewards = np.array([t["label"] for t in traces])
+    problems = [t["problem"] for t in traces]
+    test = split_problems(problems, seed=seed)
+    if test.all() or not test.any():
+        raise ValueError("need traces of both training and held-out problems")
+    # layer choice without the held-out problems: split the training problems again
+    inner = split_problems(problems, seed=seed + 1) & ~test
+    scan = {}
+    for layer in trace_set.layers:
+        states = trace_set.layer(layer)
+        keep = ~test
+        res = fit_values([s for s, kk in zip(states, keep) if kk], rewards[keep], inner[keep], epochs=epochs,
+                         seed=seed)
+        scan[layer] = res["by_objective"]["td"]["auroc_all_states"]
+    valid = {layer: a for layer, a in scan.items() if a is not None}
+    layer = max(valid, key=valid.get) if valid else trace_set.layers[-1]
+    states = trace_set.layer(layer)
+    values = fit_values(states, rewards, test, epochs=epochs, seed=seed)
+    vn = value_neurons if (value_neurons is not None and value_layer == layer) else None
+    dop = dopamine_neurons(states, test, values["heads"]["td"], k=k, random_draws=random_draws, value_neurons=vn,
+                           seed=seed)
+    result = {
+        "n_traces": len(traces), "n_problems": len(set(problems)), "accuracy": float(rewards.mean()),
+        "held_out_problems": len({p for p, t in zip(problems, test) if t}),
+        "mixed_problems": sum(0 < rewards[[p == q for p in problems]].mean() < 1 for q in set(problems)),
+        "layer_scan_td_auroc_validation": scan, "layer": layer,
+        "values": {o: v for o, v in values["by_objective"].items()},
+        "dopamine": {k_: v for k_, v in dop.items() if not k_.startswith("test_")},
+    }
+    if plot_path is not None:
+        _plot(trace_set, states, test, values["heads"]["td"], dop, plot_path)
+        result["plot"] = str(plot_path)
+    return result, _markdown(result, value_layer)
+
+
+def _plot(trace_set, states, test, head, dop, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held = [i for i, t in enumerate(test) if t and len(states[i]) >= 3]
+    right = next((i for i in held if trace_set.traces[i]["label"] == 1), None)
+    wrong = next((i for i in held if trace_set.traces[i]["label"] == 0), None)
+    picks = [(i, name) for i, name in ((right, "correct"), (wrong, "failing")) if i is not None]
+    if not picks:
+        return
+    fig, axes = plt.subplots(2, len(picks), figsize=(5.5 * len(picks), 6), squeeze=False)
+    top = dop["neurons"][:3]
+    for col, (i, name) in enumerate(picks):
+        v = head.predict_proba(states[i])
+        delta = np.diff(v)
+        ax = axes[0, col]
+        ax.plot(range(len(v)), v, "o-", label="V(s_t)")
+        ax.bar(np.arange(1, len(v)) , delta, alpha=0.4, color=np.where(delta >= 0, "tab:green", "tab:red"),
+               label="δ_t = V(s_t) − V(s_t−1)")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(f"{name} trace {trace_set.traces[i]['id']} (reward {trace_set.traces[i]['label']})")
+        ax.set_xlabel("step t")
+        ax.legend(fontsize=8)
+        ax = axes[1, col]
+        acts = states[i][:, top]
+        z = (acts - acts.mean(0)) / (acts.std(0) + 1e-9)
+        for j, n in enumerate(top):
+            ax.plot(range(len(v)), z[:, j], ".-", label=f"neuron {n}")
+        ax.set_xlabel("step t")
+        ax.set_ylabel("activation (z within trace)")
+        ax.legend(fontsize=8)
+    fig.suptitle("Value and dopamine neurons along held-out traces: positive surprise (green), negative (red)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(r: dict, value_layer) -> str:
+    def f(x):
+        return "—" if x is None else f"{x:.3f}"
+
+    lines = [f"Traces: {r['n_traces']} of {r['n_problems']} problems (accuracy {r['accuracy']:.3f}; "
+             f"{r['mixed_problems']} problems with right and wrong traces); {r['held_out_problems']} problems held out.",
+             "", f"Layer {r['layer']} (TD head's AUROC on a validation split of the training problems: "
+             + ", ".join(f"{k}: {f(v)}" for k, v in r["layer_scan_td_auroc_validation"].items()) + ").", "",
+             "| objective | AUROC V(s_0) | V(s_1) | V(s_2) | V(s_3) | V(last) | all states | ECE | Brier |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for o, name in (("bce", "final-reward regression"), ("td", "TD")):
+        v = r["values"][o]
+        s = v["auroc_by_step"]
+        lines.append(f"| {name} | " + " | ".join(f(s[t]["auroc"]) + f" (n={s[t]['n']})" for t in ("0", "1", "2", "3", "last"))
+                     + f" | {f(v['auroc_all_states'])} | {f(v['ece'])} | {f(v['brier'])} |")
+    d = r["dopamine"]
+    lines += ["", f"Dopamine neurons: k={d['k']} of {d['width']} ({100 * d['share']:.2f}%), ranked by |Spearman| with "
+              f"δ_t on {d['n_train_transitions']} training transitions; ridge readout on held-out transitions "
+              f"(n={d['n_test_transitions']}): Spearman **{d['heldout_spearman']:.3f}** vs random k-sets "
+              f"{d['random_mean']:.3f} ± {d['random_sd']:.3f} ({d['random_draws']} draws; chosen set at the "
+              f"{d['percentile_vs_random']:.0f}th percentile); dense layer {d['dense_spearman']:.3f}. Neurons "
+              f"{d['neurons']}; overlap with the value neurons: "
+              + (str(d["overlap_with_value_neurons"]) if d["overlap_with_value_neurons"] is not None
+                 else f"not comparable (value neurons are on layer {value_layer})") + "."]
+    target = d["heldout_spearman"] >= 0.3 and d["heldout_spearman"] >= 2 * max(d["random_mean"], 1e-9)
+    lines.append(f"Target (held-out Spearman ≥ 0.3 and ≥ 2× the random mean): {'MET' if target else 'NOT MET'}.")
+    return "\n".join(lines)

@@ -45,3 +45,21 @@ def test_value_heads_and_dopamine_neurons_find_the_planted_signals():
     assert dop["heldout_spearman"] > 0.5 and dop["heldout_spearman"] > dop["random_mean"] + 3 * dop["random_sd"]
     assert dop["percentile_vs_random"] >= 85  # random pairs that happen to include neuron 7 or 3 can match it
     assert set(dop["overlap_with_value_neurons"]) <= {3}
+
+
+def test_report_writes_tables_and_the_surprise_plot(tmp_path):
+    import torch
+
+    from valueprobe.calibration.dopamine import report
+    from valueprobe.calibration.trajectories import TraceSet
+
+    states, rewards, problems = planted_traces(n_problems=40)
+    traces = [{"id": f"{p}#{i}", "problem": p, "label": int(r)} for i, (p, r) in enumerate(zip(problems, rewards))]
+    # two recorded "layers": noise only, and the planted one
+    rng = np.random.default_rng(1)
+    ts = TraceSet(traces, [torch.tensor(np.stack([rng.normal(size=s.shape), s], axis=1), dtype=torch.float16)
+                           for s in states], [4, 9])
+    result, md = report(ts, value_neurons=[3], value_layer=9, k=2, random_draws=20, epochs=20,
+                        plot_path=tmp_path / "surprise.png")
+    assert result["layer"] == 9 and "| TD |" in md and "Dopamine neurons" in md
+    assert (tmp_path / "surprise.png").stat().st_size > 10_000

@@ -336,6 +336,45 @@ def traces(
 
 
 @app.command()
+def dopamine(
+    traces_file: Annotated[Path, typer.Option("--traces", help="Traces JSONL from `valueprobe traces`.")],
+    states: Annotated[Path, typer.Option(help="States recorded by `valueprobe traces` (else re-read by prefill).")] =
+        Path("runs/traces"),
+    model: Annotated[Optional[str], typer.Option(help="Model for re-reading states missing from --states.")] = None,
+    artifact: Annotated[Optional[Path], typer.Option(help="Value-neuron artifact to compare with; default: shipped.")] = None,
+    k: Annotated[Optional[int], typer.Option(help="Dopamine neurons (default 1% of the width).")] = None,
+    random_draws: int = 200,
+    out: Annotated[Optional[Path], typer.Option(help="Write <out>.md, <out>.json and <out>.png.")] = None,
+    seed: int = 0,
+):
+    """Value over reasoning steps (final-reward vs TD heads) and the dopamine neurons tracking the TD error, on
+    traces split by problem; prints the tables and writes the card section and the surprise plot."""
+    from valueprobe.calibration.data import load_data
+    from valueprobe.calibration.dopamine import report
+    from valueprobe.calibration.trajectories import load_traces, trace_states
+
+    traces_ = load_traces(traces_file)
+    if not traces_:
+        _fail(f"no traces in {traces_file}")
+    try:
+        ts = trace_states(None, None, traces_, states_dir=states, progress=False)
+    except ValueError:
+        mdl, tok = _load_model(model or traces_[0]["model_name"], "float32")
+        problems = {q.id: q for name in sorted({t["dataset"] for t in traces_}) for q in load_data(name)}
+        ts = trace_states(mdl, tok, traces_, states_dir=states, problems=problems)
+    probe = _load_probe(artifact or default_artifact())
+    plot = out.with_suffix(".png") if out else None
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+    result, md = report(ts, value_neurons=probe.neuron_indices.tolist(), value_layer=probe.layer, k=k,
+                        random_draws=random_draws, seed=seed, plot_path=plot)
+    typer.echo(md)
+    if out:
+        out.with_suffix(".md").write_text("## Value over steps and dopamine neurons\n\n" + md + "\n")
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float))
+
+
+@app.command()
 def ablate(
     artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
     data: Annotated[list[str], typer.Option(help="Multiple-choice data spec(s), e.g. mmlu:200.")] = ["mmlu:100"],
