@@ -9,8 +9,8 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.routing import Route
 
 from .http_errors import register_error_handlers
 from .metrics import SidecarMetrics
@@ -63,6 +63,16 @@ async def _load_vllm(settings: Settings, metrics):
                                      max_model_len=settings.vllm_max_model_len, max_num_seqs=settings.vllm_max_num_seqs,
                                      max_num_batched_tokens=settings.vllm_max_num_batched_tokens)
     return engine, probe, name
+
+
+class _AsgiEndpoint:
+    """An ASGI app as a route endpoint (a plain function would be taken for a request handler)."""
+
+    def __init__(self, asgi):
+        self.asgi = asgi
+
+    async def __call__(self, scope, receive, send):
+        await self.asgi(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None, model=None,
@@ -122,8 +132,9 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
     app.include_router(router)
 
-    @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    async def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # prometheus_client's own ASGI app (content negotiation, gzip); a Route, not a Mount, so /metrics does not
+    # redirect to /metrics/.
+    app.router.routes.append(Route("/metrics", _AsgiEndpoint(make_asgi_app(registry=metrics.registry)),
+                                   include_in_schema=False))
 
     return app
