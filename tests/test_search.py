@@ -1,0 +1,69 @@
+"""Value-guided step search on a tiny model with a planted value (one neuron of one layer): the values read while
+candidates are generated equal a prefill's, value-beam keeps the best candidate of every round, the random
+control does not, and best-of-n / self-consistency pick by value / by vote."""
+
+import numpy as np
+import pytest
+import torch
+
+from valueprobe.plugin.hooks import capture
+from valueprobe.plugin.search import search
+
+LAYER, NEURON = 2, 5
+
+
+def planted_value(values: torch.Tensor) -> np.ndarray:
+    return values[:, 0].numpy().astype(np.float64)  # the value is the planted neuron's activation
+
+
+@pytest.fixture(scope="module")
+def newline_model(tokenizer):
+    from test_trajectories import _newline_prone
+
+    return _newline_prone(tokenizer)
+
+
+def prompt_ids(tokenizer, text="What is 2 plus 3?"):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prefill_value(model, ids):
+    with torch.no_grad(), capture(model, [LAYER], [NEURON]) as cap:
+        model(input_ids=torch.tensor([ids]))
+    return float(cap.batches[0][LAYER][0, 0])
+
+
+def test_value_beam_follows_the_planted_value_read_for_free(newline_model, tokenizer):
+    p = prompt_ids(tokenizer)
+    res = search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=planted_value,
+                 strategy="value-beam", width=4, max_steps=3, step_tokens=12, seed=0)
+    assert res.rounds and res.tokens_generated > 0 and res.candidates_scored == sum(len(r) for r in res.rounds)
+    kept_prefix: list[int] = []
+    for round_ in res.rounds:
+        values = [step.value for _, step in round_]
+        assert all(v is not None for v in values)
+        best_ids, best = max(round_, key=lambda c: c[1].value)
+        # read while generating == read by a prefill of prompt + candidate
+        for ids, step in round_:
+            assert step.value == pytest.approx(prefill_value(newline_model, p + ids), abs=1e-4)
+        assert best_ids[: len(kept_prefix)] == kept_prefix
+        kept_prefix = best_ids
+    assert [s.value for s in res.steps] == [max(s.value for _, s in r) for r in res.rounds]
+
+
+def test_random_control_and_whole_answer_strategies(newline_model, tokenizer):
+    p = prompt_ids(tokenizer)
+    picked_best = []
+    for seed in range(4):
+        res = search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=planted_value,
+                     strategy="random", width=4, max_steps=2, step_tokens=12, seed=seed)
+        picked_best += [res.steps[i].value == max(s.value for _, s in r) for i, r in enumerate(res.rounds)]
+    assert not all(picked_best)  # a random step is not always the best one
+    bon = search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=planted_value,
+                 strategy="best-of-n", width=3, answer_tokens=16, seed=0)
+    assert bon.tokens_generated > 0 and bon.candidates_scored == 3
+    sc = search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=None,
+                strategy="self-consistency", width=3, answer_tokens=16, extract=lambda t: t[:1], seed=0)
+    assert sum(sc.votes.values()) <= 3
+    with pytest.raises(ValueError):
+        search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=None, strategy="value-beam")
