@@ -31,7 +31,7 @@ from .hooks import StepStateRecorder
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
 
-__all__ = ["SearchResult", "Step", "search", "STRATEGIES"]
+__all__ = ["SearchResult", "Step", "search", "STRATEGIES", "newline_token_ids"]
 
 STRATEGIES = ("value-beam", "random", "best-of-n", "self-consistency")
 
@@ -76,7 +76,7 @@ class _EndOneAfter:
 _NEWLINES: dict[tuple[int, int], set[int]] = {}
 
 
-def _newline_ids(tokenizer) -> set[int]:
+def newline_token_ids(tokenizer) -> set[int]:
     """Vocabulary entries that contain a newline (a step ends at the first of them); cached per tokenizer."""
     key = (id(tokenizer), len(tokenizer))
     if key not in _NEWLINES:
@@ -118,11 +118,13 @@ def search(model, tokenizer, prompt_ids: Sequence[int], *, layer: int, neuron_in
            value: Callable[[torch.Tensor], np.ndarray] | None, strategy: str = "value-beam", width: int = 4,
            beam: int = 1, max_steps: int = 8, step_tokens: int = 64, answer_tokens: int = 256,
            temperature: float = 0.8, extract: Callable[[str], str] | None = None, seed: int = 0,
-           on_step: Callable[[Step], None] | None = None) -> SearchResult:
+           on_step: Callable[[Step], None] | None = None, decode: Callable[[list[int]], str] | None = None
+           ) -> SearchResult:
     """Search for an answer to the rendered, tokenized prompt ``prompt_ids`` (see the module docstring).
 
     ``on_step`` is called with each kept step (value-beam / random), e.g. to stream it. ``tokens_generated``
-    counts every sampled token, kept or not: the budget to compare strategies at.
+    counts every sampled token, kept or not: the budget to compare strategies at. ``decode(ids)`` (default: the
+    tokenizer's, skipping special tokens) lets a server serialise tokenizer use across threads.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -132,6 +134,7 @@ def search(model, tokenizer, prompt_ids: Sequence[int], *, layer: int, neuron_in
         raise ValueError(f"{strategy} needs a value function")
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    decode = decode or (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
     eos = eos_token_ids(model, tokenizer)
     idx = torch.as_tensor(neuron_indices, dtype=torch.long)
 
@@ -143,7 +146,7 @@ def search(model, tokenizer, prompt_ids: Sequence[int], *, layer: int, neuron_in
     if strategy in ("best-of-n", "self-consistency"):
         cands, spent = _sample(model, tokenizer, list(prompt_ids), width, layer=layer, neuron_indices=idx,
                                end_ids=set(eos), max_new_tokens=answer_tokens, temperature=temperature, eos=eos)
-        texts = [tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True) for ids, _ in cands]
+        texts = [decode([t for t in ids if t not in eos]) for ids, _ in cands]
         values = [score(v) for _, v in cands]
         if strategy == "best-of-n":
             best = max(range(width), key=lambda i: -np.inf if values[i] is None else values[i])
@@ -158,7 +161,7 @@ def search(model, tokenizer, prompt_ids: Sequence[int], *, layer: int, neuron_in
         return SearchResult(texts[best], [Step(line, None) for line in texts[best].split("\n") if line.strip()],
                             spent, strategy, width, dict(votes))
 
-    newline = _newline_ids(tokenizer) | set(eos)
+    newline = newline_token_ids(tokenizer) | set(eos)
     rounds = []
     beams: list[tuple[list[int], list[Step], bool]] = [([], [], False)]
     spent = scored = 0
@@ -172,7 +175,7 @@ def search(model, tokenizer, prompt_ids: Sequence[int], *, layer: int, neuron_in
                                   end_ids=newline, max_new_tokens=step_tokens, temperature=temperature, eos=eos)
             spent += used
             for cand, vals in cands:
-                text = tokenizer.decode([t for t in cand if t not in eos], skip_special_tokens=True)
+                text = decode([t for t in cand if t not in eos])
                 done = any(t in eos for t in cand) or (extract is not None and bool(extract(text))
                                                       and "answer" in text.lower())
                 v = score(vals)
@@ -190,5 +193,5 @@ def search(model, tokenizer, prompt_ids: Sequence[int], *, layer: int, neuron_in
         if all(done for _, _, done in beams):
             break
     ids, steps, _ = beams[0]
-    text = tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
+    text = decode([t for t in ids if t not in eos])
     return SearchResult(text, steps, spent, strategy, scored, rounds=rounds)

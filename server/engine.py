@@ -261,6 +261,34 @@ class Engine:
                 generated, finish = generated.split(s, 1)[0], "stop"
         return Generation(generated, len(prompt.input_ids), len(tokens), finish, seen[0])
 
+    def _search(self, prompt: Prompt, probe: ValueProbe, spec, temperature, seed, on_step):
+        from valueprobe.plugin.search import newline_token_ids, search
+
+        with self._tokenizer_lock:  # vocabulary scan, once per tokenizer, never beside a running encode
+            newline_token_ids(self.tokenizer)
+        return search(self.model, self.tokenizer, prompt.input_ids, layer=probe.layer,
+                      neuron_indices=probe.neuron_indices, value=probe.predict_proba, strategy=spec.strategy,
+                      width=spec.width, beam=spec.beam, max_steps=spec.max_steps, step_tokens=spec.step_tokens,
+                      answer_tokens=spec.max_steps * spec.step_tokens,
+                      temperature=temperature if temperature and temperature > 0 else 0.8, seed=seed or 0,
+                      extract=_final_answer, on_step=on_step, decode=self.decode)
+
+    async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None):
+        """Value-guided step search (:func:`valueprobe.plugin.search.search`) with the probe's value head, on the
+        generation thread; ``on_step(step)`` runs on the event loop for each kept step."""
+        self._admit_generation()
+        loop = asyncio.get_running_loop()
+
+        def step_cb(step):
+            if on_step is not None:
+                loop.call_soon_threadsafe(on_step, step)
+
+        try:
+            return await loop.run_in_executor(self.generate_executor, self._search, prompt, probe, spec, temperature,
+                                              seed, step_cb)
+        finally:
+            self._generations -= 1
+
     def _admit_generation(self):
         if self._generations >= self.max_queue:
             raise OverloadedError("too many generations in flight; retry shortly")
@@ -318,6 +346,13 @@ class Engine:
 
         result = await confidence
         return result, pieces(), stop_flag, done
+
+
+def _final_answer(text: str) -> str:
+    import re
+
+    found = re.findall(r"answer\s*(?:is|:)\s*\$?\s*(-?[\d,]*\.?\d+)", text, flags=re.IGNORECASE)
+    return found[-1].replace(",", "") if found else ""
 
 
 class _LockedStreamer:

@@ -54,6 +54,10 @@ class SidecarMetrics:
         self.upstream_latency = Histogram("valueprobe_upstream_request_duration_seconds", "Upstream calls.",
                                           ["upstream"], buckets=LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter("valueprobe_upstream_errors_total", "Failed upstream calls.", ["upstream"], registry=r)
+        self.searches = Counter("valueprobe_searches_total", "Answers by value-guided step search.", ["strategy"],
+                                registry=r)
+        self.search_steps = Counter("valueprobe_search_steps_total", "Steps kept by value-guided search.", ["strategy"],
+                                    registry=r)
         self.errors = Counter("valueprobe_errors_total", "Error responses by type.", ["type"], registry=r)
         self.ood = Counter("valueprobe_ood_total", "Scored prompts by kind and out-of-distribution flag.",
                            ["kind", "flagged"], registry=r)

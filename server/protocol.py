@@ -65,8 +65,33 @@ class _GenerationParams(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class SearchSpec(BaseModel):
+    """Step-level search scored by the served probe's value read at every candidate step's last token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["value-beam", "best-of-n", "random", "self-consistency"] = "value-beam"
+    width: int = Field(4, ge=1, le=16, description="Candidates per step (value-beam, random) or answers (best-of-n, self-consistency).")
+    beam: int = Field(1, ge=1, le=4, description="Prefixes kept per step.")
+    max_steps: int = Field(8, ge=1, le=32)
+    step_tokens: int = Field(64, ge=1, le=256, description="Most tokens per step.")
+
+
+class SearchStep(BaseModel):
+    text: str
+    value: Optional[float] = None
+
+
+class SearchInfo(BaseModel):
+    strategy: str
+    steps: list[SearchStep]
+    tokens_generated: int = Field(description="Every sampled token, kept or not.")
+    candidates_scored: int
+
+
 class ChatCompletionRequest(_GenerationParams):
     messages: list[Message] = Field(min_length=1)
+    search: Optional[SearchSpec] = Field(None, description="Answer by value-guided step search (transformers engine, embedded mode).")
 
 
 class CompletionRequest(_GenerationParams):
@@ -93,6 +118,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     confidence: Confidence
+    search: Optional[SearchInfo] = None
 
 
 class CompletionChoice(BaseModel):

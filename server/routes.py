@@ -95,7 +95,7 @@ def _sse(obj) -> str:
 def _query(sidecar: Sidecar, served, rendered_messages, req: p._GenerationParams) -> Query:
     messages, rendered, kind = rendered_messages
     return sidecar.query(served, messages, rendered, kind, req.max_completion_tokens or req.max_tokens, req.temperature,
-                         req.top_p, req.seed, req.stop_list())
+                         req.top_p, req.seed, req.stop_list(), getattr(req, "search", None))
 
 
 def _error_event(exc: Exception) -> dict:
@@ -118,6 +118,10 @@ async def _stream(sidecar: Sidecar, query: Query, chunk, error_event=_error_even
             async for kind, value in events:
                 if kind == "text":
                     yield _sse(chunk(head, value))
+                elif kind == "step":  # a search step, with the value it was kept for
+                    out = chunk(head, value.text + "\n")
+                    out["search_step"] = {"text": value.text, "value": value.value}
+                    yield _sse(out)
                 elif kind == "done":
                     yield _sse(chunk(value, None, last=True))
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line is already sent
@@ -149,8 +153,12 @@ async def chat_completions(req: p.ChatCompletionRequest, sidecar: SidecarDep):
     body = p.ChatCompletionResponse(id=cid, created=now(), model=sidecar.model_name, usage=_usage(o),
                                     choices=[p.ChatChoice(message=p.Message(role="assistant", content=o.text),
                                                           finish_reason=o.finish_reason)],
-                                    confidence=_confidence(o, served))
-    return JSONResponse(body.model_dump(), headers=_headers(o))
+                                    confidence=_confidence(o, served),
+                                    search=p.SearchInfo(**o.search) if o.search else None)
+    payload = body.model_dump()
+    if payload["search"] is None:
+        del payload["search"]  # the plain OpenAI shape unless a search was asked for
+    return JSONResponse(payload, headers=_headers(o))
 
 
 @router.post("/v1/completions", response_model=p.CompletionResponse, tags=["openai"])

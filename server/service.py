@@ -66,6 +66,7 @@ class Query:
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    search: object | None = None  # a protocol SearchSpec: answer by value-guided step search
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"
+    search: dict | None = None  # strategy, steps [{text, value}], tokens_generated, candidates_scored
 
 
 def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[float | None, float | None]:
@@ -230,10 +232,10 @@ class Sidecar:
         return Prompt(ids, kind)
 
     def query(self, served: Served, messages, rendered: str, kind, max_new_tokens: int | None, temperature=None,
-              top_p=None, seed=None, stop=None) -> Query:
+              top_p=None, seed=None, stop=None, search=None) -> Query:
         n_new = self.max_new_tokens(max_new_tokens)
         return Query(messages, rendered, self.prompt(served, rendered, kind, n_new), served, n_new, temperature, top_p,
-                     seed, list(stop or []))
+                     seed, list(stop or []), search)
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def _remember(self, request_id: str, p: float):
@@ -267,11 +269,42 @@ class Sidecar:
             self.metrics.escalations.labels(result="failed").inc()
             return None, str(exc)
 
+    def _check_search(self, query: Query) -> None:
+        if query.search is None:
+            return
+        if self.settings.mode != "embedded" or not hasattr(self.engine, "search"):
+            raise ClientError("search is served in embedded mode by the transformers engine "
+                              f"(this server: mode {self.settings.mode}, engine {self.settings.engine})")
+
+    async def _searched(self, query: Query, head: Outcome, on_step=None) -> Outcome:
+        """The answer by value-guided step search, once the prompt's own confidence said to answer."""
+        spec = query.search
+        result = await self.engine.search(query.prompt, query.served.probe, spec, temperature=query.temperature,
+                                          seed=query.seed, on_step=on_step)
+        self.metrics.searches.labels(strategy=spec.strategy).inc()
+        self.metrics.search_steps.labels(strategy=spec.strategy).inc(len(result.steps))
+        info = {"strategy": result.strategy, "tokens_generated": result.tokens_generated,
+                "candidates_scored": result.candidates_scored,
+                "steps": [{"text": st.text, "value": st.value} for st in result.steps]}
+        return replace(head, text=result.text, completion_tokens=result.tokens_generated, search=info,
+                       finish_reason="stop")
+
     async def answer(self, query: Query) -> Outcome:
         """Score at prefill, decide, and only then spend decode steps: the local generation is stopped right after
         the prefill when the policy does not answer locally."""
         served = query.served
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
+        self._check_search(query)
+        if query.search is not None:
+            confidence = (await self.engine.score([query.prompt], served.probe))[0]
+            decision = served.policy.decide(confidence.probability)
+            self.observe(served, confidence, decision)
+            self._remember(request_id, confidence.probability)
+            head = Outcome(confidence, decision, request_id, served.artifact_id,
+                           prompt_tokens=len(query.prompt.input_ids))
+            if decision == "answer":
+                return await self._searched(query, head)
+            return await self._finish_non_local(query, head)
         if self.settings.mode == "embedded":
             gen = await self.engine.generate(
                 query.prompt, served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
@@ -295,6 +328,11 @@ class Sidecar:
         served = query.served
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
         stop_flag = done = pieces = None
+        self._check_search(query)
+        if query.search is not None:
+            async for event in self._search_stream(query, request_id):
+                yield event
+            return
         try:
             if self.settings.mode == "embedded":
                 confidence, pieces, stop_flag, done = await self.engine.generate_stream(
@@ -328,6 +366,36 @@ class Sidecar:
         finally:
             if stop_flag is not None:
                 stop_flag.event.set()  # a client that disconnected mid-stream stops the generation here
+
+    async def _search_stream(self, query: Query, request_id: str):
+        """Streaming search: the confidence first, then each kept step as it is chosen, with its value."""
+        served = query.served
+        confidence = (await self.engine.score([query.prompt], served.probe))[0]
+        decision = served.policy.decide(confidence.probability)
+        self.observe(served, confidence, decision)
+        self._remember(request_id, confidence.probability)
+        head = Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
+        if decision != "answer":
+            full = await self._finish_non_local(query, head)
+            yield "confidence", replace(full, text="")
+            if full.text:
+                yield "text", full.text
+            yield "done", full
+            return
+        yield "confidence", head
+        steps: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self._searched(query, head, on_step=steps.put_nowait))
+        try:
+            while not (task.done() and steps.empty()):
+                getter = asyncio.ensure_future(steps.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield "step", getter.result()
+                else:
+                    getter.cancel()
+            yield "done", await task
+        finally:
+            task.cancel()
 
     async def _finish_non_local(self, query: Query, head: Outcome) -> Outcome:
         o = head

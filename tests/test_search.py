@@ -67,3 +67,43 @@ def test_random_control_and_whole_answer_strategies(newline_model, tokenizer):
     assert sum(sc.votes.values()) <= 3
     with pytest.raises(ValueError):
         search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=None, strategy="value-beam")
+
+
+def test_served_search_returns_steps_with_values_streams_them_and_counts(artifact_file, tokenizer):
+    from conftest import run_app
+
+    from valueprobe.server.settings import Settings
+    from test_trajectories import _newline_prone
+
+    model = _newline_prone(tokenizer)
+    settings = Settings(artifact=str(artifact_file), check_fingerprint=False)
+    body = {"messages": [{"role": "user", "content": "What is 2 plus 3?"}], "max_tokens": 32,
+            "search": {"strategy": "value-beam", "width": 3, "max_steps": 2, "step_tokens": 8}}
+
+    async def scenario(client, app):
+        import asyncio
+
+        answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(3)))
+        for r in answers:
+            assert r.status_code == 200, r.text
+            data = r.json()
+            search = data["search"]
+            assert search["strategy"] == "value-beam" and 1 <= len(search["steps"]) <= 2
+            assert all(isinstance(s["value"], float) and 0 <= s["value"] <= 1 for s in search["steps"])
+            assert search["candidates_scored"] >= 3 and data["usage"]["completion_tokens"] == search["tokens_generated"]
+        plain = await client.post("/v1/chat/completions", json={**body, "search": None})
+        assert plain.status_code == 200 and "search" not in plain.json()
+        async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        import json
+
+        events = [json.loads(line[6:]) for line in lines[:-1]]
+        assert "confidence" in events[0] and any("search_step" in e for e in events)
+        bad = await client.post("/v1/chat/completions", json={**body, "search": {"strategy": "magic"}})
+        assert bad.status_code == 422
+        metrics = (await client.get("/metrics")).text
+        assert 'valueprobe_searches_total{strategy="value-beam"} 4.0' in metrics
+        assert 'valueprobe_search_steps_total{strategy="value-beam"}' in metrics
+
+    run_app(settings, model, tokenizer, scenario, timeout=120)
