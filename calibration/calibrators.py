@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
@@ -40,7 +41,9 @@ def _validate(raw, y, sample_weight=None):
     return raw, y.astype(np.float64), sample_weight
 
 
-class _Calibrator:
+class _Calibrator(BaseEstimator):
+    """Base: scikit-learn ``get_params`` / ``clone`` from the keyword-only ``__init__``."""
+
     kind: str = ""
 
     def _params(self) -> dict[str, np.ndarray]:
@@ -63,7 +66,7 @@ class _Calibrator:
     @classmethod
     def from_params(cls, params: dict[str, np.ndarray]):
         obj = cls()
-        obj._set_params(params)
+        obj._set_state(params)
         obj.fitted_ = True
         return obj
 
@@ -81,7 +84,7 @@ class IdentityCalibrator(_Calibrator):
     def _params(self):
         return {}
 
-    def _set_params(self, params):
+    def _set_state(self, params):
         pass
 
 
@@ -103,7 +106,7 @@ class PlattCalibrator(_Calibrator):
     def _params(self):
         return {"a": self.a_, "b": self.b_}
 
-    def _set_params(self, params):
+    def _set_state(self, params):
         self.a_, self.b_ = float(params["a"][0]), float(params["b"][0])
 
 
@@ -136,7 +139,7 @@ class TemperatureCalibrator(_Calibrator):
     def _params(self):
         return {"temperature": self.temperature_}
 
-    def _set_params(self, params):
+    def _set_state(self, params):
         self.temperature_ = float(params["temperature"][0])
 
 
@@ -160,7 +163,7 @@ class IsotonicCalibrator(_Calibrator):
     def _params(self):
         return {"x_thresholds": self.x_thresholds_, "y_thresholds": self.y_thresholds_}
 
-    def _set_params(self, params):
+    def _set_state(self, params):
         self.x_thresholds_ = np.asarray(params["x_thresholds"], dtype=np.float64)
         self.y_thresholds_ = np.asarray(params["y_thresholds"], dtype=np.float64)
 

@@ -278,3 +278,18 @@ def test_clopper_pearson_matches_the_beta_quantile():
     for errors, n, delta in [(0, 10, 0.1), (3, 50, 0.05), (10, 200, 0.1), (49, 50, 0.2)]:
         assert clopper_pearson_upper(errors, n, delta) == pytest.approx(beta.ppf(1 - delta, errors + 1, n - errors), rel=1e-9)
     assert clopper_pearson_upper(5, 5, 0.1) == 1.0
+
+
+def test_calibrators_are_scikit_learn_estimators():
+    import numpy as np
+    from sklearn.base import clone
+
+    from valueprobe.calibration.calibrators import IsotonicCalibrator, PlattCalibrator, TemperatureCalibrator
+
+    for est in (PlattCalibrator(C=10.0), TemperatureCalibrator(bounds=(0.1, 10.0)), IsotonicCalibrator(y_min=0.05)):
+        copy = clone(est)
+        assert copy.get_params() == est.get_params() and not hasattr(copy, "fitted_")
+    raw = np.linspace(-3, 3, 200)
+    y = (raw + np.random.default_rng(0).normal(0, 1, 200) > 0).astype(int)
+    fitted = PlattCalibrator().fit(raw, y)
+    assert clone(fitted).get_params() == {"C": 1e6} and fitted.predict_proba([0.0]).shape == (1,)
