@@ -30,7 +30,35 @@ def _paired_bootstrap(y, a, b, n_boot=2000, seed=0) -> tuple[float, float, float
     return float(d.mean()), float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
 
 
-def run(samples_path: Path, *, artifact=None, cache_dir="runs/cache", out: Path | None = None, echo=print) -> dict:
+def measure_cost(model, tokenizer, probe, questions, *, n_samples: int = 5, reps: int = 2) -> dict:
+    """Seconds per question, side by side in one run (interleaved reps): the prompt-only score (one prefill, what
+    the probe costs when the sidecar is not answering anyway) vs sampling ``n_samples`` answers (what semantic
+    entropy adds on top of answering)."""
+    import tempfile
+    import time
+
+    from valueprobe.calibration.semantic import sample_answers
+
+    prompts = [q.prompt() for q in questions]
+    score_s, sample_s = [], []
+    for rep in range(reps):
+        for job in (("score", "sample") if rep % 2 == 0 else ("sample", "score")):
+            started = time.perf_counter()
+            if job == "score":
+                probe.score(model, tokenizer, prompts)
+                score_s.append((time.perf_counter() - started) / len(questions))
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    sample_answers(model, tokenizer, questions, probe.prompt_format, Path(tmp) / "s.jsonl",
+                                   model_name=probe.model_name, n_samples=n_samples, seed=rep, progress=False)
+                sample_s.append((time.perf_counter() - started) / len(questions))
+    a, b = np.array(score_s), np.array(sample_s)
+    return {"questions": len(questions), "reps": reps, "score_s": float(a.mean()), "score_sd": float(a.std()),
+            "sample_s": float(b.mean()), "sample_sd": float(b.std()), "ratio": float(b.mean() / a.mean())}
+
+
+def run(samples_path: Path, *, artifact=None, cache_dir="runs/cache", out: Path | None = None, echo=print,
+        cost_questions: int = 12, cost_reps: int = 2) -> dict:
     from valueprobe.calibration.data import load_data
     from valueprobe.calibration.evaluate import evaluate_artifact, format_table, score_metrics
     from valueprobe.calibration.extract import load_labels
@@ -57,25 +85,26 @@ def run(samples_path: Path, *, artifact=None, cache_dir="runs/cache", out: Path 
     rows = [{"name": "served score (prompt-only)", **score_metrics(y, served, served)},
             {"name": "max-softmax (prompt-only)", **score_metrics(y, fs.column("max_softmax"))}]
     rows += [{"name": name, **score_metrics(y, score)} for name, score in se.items()]
-    prefill_s = float(np.mean([r["seconds"] for r in fs.rows if r.get("seconds")]))
-    sample_s = float(np.mean([samples[i]["seconds"] for i in ids]))
     tokens = float(np.mean([sum(samples[i]["tokens"]) for i in ids]))
+    cost = measure_cost(model, tok, probe, questions[:cost_questions], n_samples=len(next(iter(samples.values()))["answers"]),
+                        reps=cost_reps)
+    prefill_s, sample_s = cost["score_s"], cost["sample_s"]
     n_samples = len(next(iter(samples.values()))["answers"])
     diff = _paired_bootstrap(y, served, se["semantic entropy (discrete)"])
     result = {"n": len(ids), "accuracy": float(y.mean()), "samples_per_question": n_samples,
               "by_source": {d: int(sum(r["dataset"] == d for r in fs.rows)) for d in sorted({r["dataset"] for r in fs.rows})},
-              "rows": rows, "served_minus_se_auroc": diff, "prefill_seconds_per_question": prefill_s,
-              "sampling_seconds_per_question": sample_s, "sampled_tokens_per_question": tokens,
-              "cost_ratio": sample_s / prefill_s}
+              "rows": rows, "served_minus_se_auroc": diff, "cost": cost, "sampled_tokens_per_question": tokens}
     head = (f"Semantic entropy vs the prompt-only score: {len(ids)} held-out open questions ({result['by_source']}), "
             f"greedy accuracy {y.mean():.3f}; {n_samples} samples at temperature 1 per question, clustered by answer "
             f"equivalence")
     lines = [head, "", format_table(rows, columns=("auroc", "auroc_ci", "auprc", "aurc", "prr")), "",
              f"AUROC(served) - AUROC(semantic entropy, discrete): {diff[0]:+.3f} (95% paired bootstrap "
              f"{diff[1]:+.3f} .. {diff[2]:+.3f})",
-             f"Cost per question: prompt-only score {prefill_s:.2f} s (one prefill, shared with answering); semantic "
-             f"entropy {sample_s:.2f} s ({tokens:.0f} sampled tokens) on top of answering: {sample_s / prefill_s:.1f}x "
-             f"the prefill (2-core CPU, fp32, batched sampling)."]
+             f"Cost per question, measured side by side ({cost['questions']} questions, {cost['reps']} interleaved "
+             f"reps, 2-core CPU, fp32): prompt-only score {prefill_s:.2f} ± {cost['score_sd']:.2f} s (one prefill; "
+             f"free when the sidecar answers, since the answer's own prefill carries it); {n_samples} sampled answers "
+             f"{sample_s:.2f} ± {cost['sample_sd']:.2f} s ({tokens:.0f} sampled tokens on average) on top of answering: "
+             f"{cost['ratio']:.1f}x the prompt-only score."]
     echo("\n".join(lines))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
