@@ -136,7 +136,7 @@ def run_engines(model=None, artifact=None, engines=("transformers", "vllm"), cli
 
     console = Console()
     results: dict[str, dict] = {}
-    for engine in engines:
+    for engine in engines if clients else ():
         started = time.perf_counter()
         proc, server = start_sidecar(model, artifact, engine=engine, max_queue=1024, max_new_tokens_limit=max_tokens)
         console.print(f"{engine} sidecar ready in {time.perf_counter() - started:.0f} s")
@@ -148,7 +148,8 @@ def run_engines(model=None, artifact=None, engines=("transformers", "vllm"), cli
         finally:
             proc.terminate()
             proc.wait(60)
-    print_table(console, f"completions, {max_tokens} new tokens, {seconds:.0f} s per row", results)
+    if results:
+        print_table(console, f"completions, {max_tokens} new tokens, {seconds:.0f} s per row", results)
     for n in clients:
         a, b = results.get(f"vllm, {n} clients"), results.get(f"transformers, {n} clients")
         if a and b:
@@ -156,7 +157,7 @@ def run_engines(model=None, artifact=None, engines=("transformers", "vllm"), cli
                           f"{a['tokens_per_s'] / max(b['tokens_per_s'], 1e-9):.2f}x")
     if "vllm" in engines and overhead_reps:
         results["overhead"] = asyncio.run(probe_overhead(model, artifact, reps=overhead_reps, max_tokens=max_tokens,
-                                                         requests=max(clients)))
+                                                         requests=max(clients, default=16)))
         o = results["overhead"]
         console.print(f"in-engine probe overhead ({o['requests']} requests x {max_tokens} tokens, {o['reps']} "
                       f"interleaved reps): with probe {o['with_mean_s']:.2f} ± {o['with_sd_s']:.2f} s, without "

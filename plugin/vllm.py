@@ -35,6 +35,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
 from .fingerprint import config_fingerprint, diff_fingerprints, params_sha256, tokenizer_fingerprint
@@ -185,12 +186,9 @@ def rows_completing_prompt(runner) -> list[tuple[int, int, str]]:
     starts = runner.query_start_loc.np[: n + 1]
     computed = batch.num_computed_tokens_cpu[:n]
     prompt = batch.num_prompt_tokens[:n]
-    out = []
-    for i in range(n):
-        scheduled = int(starts[i + 1] - starts[i])
-        if computed[i] < prompt[i] <= computed[i] + scheduled:
-            out.append((i, int(starts[i] + prompt[i] - 1 - computed[i]), batch.req_ids[i]))
-    return out
+    # vectorised: this runs at every step, and decode-only steps (the common case) must cost next to nothing
+    hits = np.flatnonzero((computed < prompt) & (prompt <= computed + np.diff(starts)))
+    return [(int(i), int(starts[i] + prompt[i] - 1 - computed[i]), batch.req_ids[i]) for i in hits]
 
 
 def _internal_id(request_id: str, known: Iterable[str]) -> str | None:

@@ -52,14 +52,12 @@ async def _load_vllm(settings: Settings, metrics):
 
     from .vllm_engine import VllmEngine
 
-    import os
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.vllm_kv_cache_gb:g}")
     probe = await asyncio.to_thread(_probe_for, settings)
     name = settings.model or probe.model_name
     folder = await asyncio.to_thread(resolve_model_dir, name)
     engine = await VllmEngine.create(folder, probe, check_fingerprint=settings.check_fingerprint,
                                      max_queue=settings.max_queue, metrics=metrics, dtype=settings.dtype,
+                                     kv_cache_gb=settings.vllm_kv_cache_gb,
                                      max_model_len=settings.vllm_max_model_len, max_num_seqs=settings.vllm_max_num_seqs,
                                      max_num_batched_tokens=settings.vllm_max_num_batched_tokens)
     return engine, probe, name

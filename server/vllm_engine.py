@@ -57,9 +57,13 @@ class VllmEngine:
 
     @classmethod
     async def create(cls, model_dir: str, probe: ValueProbe, *, check_fingerprint: bool = True, max_queue: int = 64,
-                     metrics=None, **kwargs) -> VllmEngine:
+                     metrics=None, kv_cache_gb: float = 2.0, **kwargs) -> VllmEngine:
+        import os
+
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        # On CPU vLLM otherwise reserves a fixed share of *all* memory and refuses to start when less is free.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
         from transformers import AutoTokenizer
 
         # Prompts reach vLLM as token ids from the Hugging Face tokenizer the artifact was fitted with (vLLM's own

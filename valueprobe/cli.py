@@ -529,7 +529,7 @@ def bench_serve(
         bad = set(engine) - {"transformers", "vllm"}
         if bad:
             _fail(f"unknown engine(s) {sorted(bad)}; expected transformers or vllm")
-        run_engines(model, artifact, tuple(engine), tuple(int(c) for c in clients_list.split(",")), seconds,
+        run_engines(model, artifact, tuple(engine), tuple(int(c) for c in clients_list.split(",") if c.strip()), seconds,
                     max_tokens, overhead_reps)
         return
     run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens)
