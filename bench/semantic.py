@@ -108,6 +108,7 @@ def run(samples_path: Path, *, artifact=None, cache_dir="runs/cache", out: Path 
     echo("\n".join(lines))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float))
-        out.with_suffix(".md").write_text("## Semantic entropy (the costly anchor)\n\n" + "\n".join(lines) + "\n")
+        # <out>.json / <out>.md: appended, not with_suffix (a dotted name such as "model-1.5b" keeps its stem)
+        Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=float))
+        Path(f"{out}.md").write_text("## Semantic entropy (the costly anchor)\n\n" + "\n".join(lines) + "\n")
     return result

@@ -363,15 +363,15 @@ def dopamine(
         problems = {q.id: q for name in sorted({t["dataset"] for t in traces_}) for q in load_data(name)}
         ts = trace_states(mdl, tok, traces_, states_dir=states, problems=problems)
     probe = _load_probe(artifact or default_artifact())
-    plot = out.with_suffix(".png") if out else None
+    plot = Path(f"{out}.png") if out else None
     if plot:
         plot.parent.mkdir(parents=True, exist_ok=True)
     result, md = report(ts, value_neurons=probe.neuron_indices.tolist(), value_layer=probe.layer, k=k,
                         random_draws=random_draws, seed=seed, plot_path=plot)
     typer.echo(md)
     if out:
-        out.with_suffix(".md").write_text("## Value over steps and dopamine neurons\n\n" + md + "\n")
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=float))
+        Path(f"{out}.md").write_text("## Value over steps and dopamine neurons\n\n" + md + "\n")
+        Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=float))
 
 
 @app.command()
