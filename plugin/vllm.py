@@ -233,6 +233,37 @@ class VllmProbe:
                            args=(probe.artifact_id, probe.layer, probe.neuron_indices.tolist(), letters))
         return cls(probe, llm, letters)
 
+    @classmethod
+    async def attach_async(cls, probe, engine, *, check_fingerprint: bool = True) -> VllmProbe:
+        """Attach to a ``vllm.v1.engine.async_llm.AsyncLLM`` started with ``worker_extension_cls=WORKER_EXTENSION``;
+        ``tokenizer`` for the fingerprint is the engine's."""
+        import inspect
+
+        tokenizer = engine.get_tokenizer() if callable(getattr(engine, "get_tokenizer", None)) else engine.tokenizer
+        if inspect.isawaitable(tokenizer):  # async in some vLLM versions
+            tokenizer = await tokenizer
+        fields = (await engine.collective_rpc("valueprobe_fingerprint", args=(probe.layer,)))[0]
+        cls.check_compatible(probe, fields, tokenizer, strict=check_fingerprint)
+        letters = probe.letter_ids(tokenizer) if probe.needs_next_token else None
+        await engine.collective_rpc("valueprobe_attach",
+                                    args=(probe.artifact_id, probe.layer, probe.neuron_indices.tolist(), letters))
+        return cls(probe, engine, letters)
+
+    async def take_async(self, request_ids: Sequence[str], prompts=None) -> dict:
+        """:meth:`take` for an ``AsyncLLM``: call it once a request's first output has arrived (its prefill ran)."""
+        raw = (await self.engine.collective_rpc("valueprobe_take", args=(list(request_ids),)))[0]
+        return self._results_for(raw, request_ids, prompts)
+
+    def _results_for(self, raw, request_ids, prompts):
+        key = self.probe.artifact_id
+        out_raw, kinds = {}, {}
+        for i, rid in enumerate(request_ids):
+            if key in raw.get(rid, {}):
+                out_raw[rid] = raw[rid][key]
+                if prompts is not None:
+                    kinds[rid] = prompt_kind(prompts[i])
+        return self.results(out_raw, kinds)
+
     def results(self, raw: dict[str, list[float]], kinds: dict[str, tuple[str, int]] | None = None) -> dict:
         """Worker readouts (``k`` values, then the next-token summary) -> ``{request_id: ProbeResult}``."""
         if not raw:
@@ -249,11 +280,4 @@ class VllmProbe:
         """``{request_id: ProbeResult}`` for finished prefills of ``request_ids`` (synchronous ``LLM``).
         ``prompts`` (the structured prompts, same order) give each row's kind (multiple choice or open)."""
         raw = self.engine.collective_rpc("valueprobe_take", args=(list(request_ids),))[0]
-        key = self.probe.artifact_id
-        out_raw, kinds = {}, {}
-        for i, rid in enumerate(request_ids):
-            if key in raw.get(rid, {}):
-                out_raw[rid] = raw[rid][key]
-                if prompts is not None:
-                    kinds[rid] = prompt_kind(prompts[i])
-        return self.results(out_raw, kinds)
+        return self._results_for(raw, request_ids, prompts)

@@ -228,3 +228,39 @@ def test_abstain_aborts_generation_in_vllm(vllm_servers):
     assert refused.model_extra["confidence"]["decision"] == "abstain"
     assert full.usage.completion_tokens > 1
     assert refused.usage.completion_tokens <= 1 < full.usage.completion_tokens
+
+
+def test_bring_your_own_async_llm(tmp_path, tokenizer):
+    """The README's AsyncLLM path: attach_async, generate, take_async after the first output."""
+    import asyncio
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    model = build_model("qwen2", len(tokenizer), **VLLM_DIMS)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    probe = fit_probe(model, tokenizer, "tiny-async")
+    expected = transformers_readout(probe, model, tokenizer, PROMPTS[:3])[1]
+
+    async def main():
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(tmp_path), enforce_eager=True, dtype="float32",
+                                                           worker_extension_cls=WORKER_EXTENSION, max_model_len=256))
+        try:
+            vp = await VllmProbe.attach_async(probe, engine)
+            ids = [tokenizer(probe.prompt_format.render(tokenizer, p), add_special_tokens=False)["input_ids"]
+                   for p in PROMPTS[:3]]
+
+            async def one(i):
+                async for _ in engine.generate({"prompt_token_ids": ids[i]},
+                                               vllm.SamplingParams(max_tokens=1), f"byo-{i}"):
+                    pass
+                return (await vp.take_async([f"byo-{i}"], [PROMPTS[i]]))[f"byo-{i}"]
+
+            return await asyncio.gather(*(one(i) for i in range(3)))
+        finally:
+            engine.shutdown()
+
+    got = asyncio.run(main())
+    for have, want in zip(got, expected):
+        assert have.probability == pytest.approx(want.probability, abs=1e-4)
