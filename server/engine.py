@@ -29,7 +29,7 @@ from valueprobe.plugin.prompting import pad_left, pad_token_id
 
 from .errors import OverloadedError, ProbeFailedError
 
-__all__ = ["Engine", "Generation", "Prompt"]
+__all__ = ["Engine", "Generation", "Prompt", "TokenizerAccess"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,41 @@ class _StopFlag:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
 
 
-class Engine:
+class TokenizerAccess:
+    """Thread-safe use of one Hugging Face tokenizer, shared by both engines: a fast tokenizer must not be used
+    from two threads at once ("Already borrowed"), so every encode and decode takes ``_tokenizer_lock``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()
+        self._letters: dict[str, list[int]] = {}
+
+    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
+        """Token ids of a rendered prompt (thread-safe; no special tokens where the chat template put them)."""
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
+        return tuple(ids["input_ids"])
+
+    def decode(self, ids) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
+        """The option letters' token ids, for artifacts that read the next-token distribution (cached per artifact)."""
+        if not probe.needs_next_token:
+            return None
+        key = probe.artifact_id
+        if key not in self._letters:
+            with self._tokenizer_lock:
+                self._letters[key] = probe.letter_ids(self.tokenizer)
+        return self._letters[key]
+
+
+class Engine(TokenizerAccess):
     def __init__(self, model, tokenizer, probe: ValueProbe, *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
                  max_queue: int = 64, metrics=None):
-        self.model, self.tokenizer, self.probe = model, tokenizer, probe
+        super().__init__(tokenizer)
+        self.model, self.probe = model, probe
         self.max_batch_size, self.max_wait_s, self.metrics = max_batch_size, max_wait_ms / 1000, metrics
         self.max_queue = max_queue
         # One queue entry per *request* (a list of prompts counts once): a list longer than the queue can be admitted.
@@ -71,10 +102,8 @@ class Engine:
         self.generate_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valueprobe-generate")
         self.device = next(model.parameters()).device
         self.pad_id = pad_token_id(tokenizer)
-        self._tokenizer_lock = threading.Lock()
         self._generations = 0
         self._batcher: asyncio.Task | None = None
-        self._letters: dict[str, list[int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self):
@@ -102,26 +131,6 @@ class Engine:
     @property
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
-
-    # -- tokenizer -------------------------------------------------------------------------------------------
-    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
-        """Token ids of a rendered prompt (thread-safe; no special tokens where the chat template put them)."""
-        with self._tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
-        return tuple(ids["input_ids"])
-
-    def decode(self, ids) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
-        if not probe.needs_next_token:
-            return None
-        key = probe.artifact_id
-        if key not in self._letters:
-            with self._tokenizer_lock:
-                self._letters[key] = probe.letter_ids(self.tokenizer)
-        return self._letters[key]
 
     # -- prompt-only scoring, dynamically batched ----------------------------------------------------------------
     async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]:

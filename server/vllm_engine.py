@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import uuid
 
 from valueprobe.plugin import ProbeResult, ValueProbe
 from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe
 
-from .engine import Generation, Prompt
+from .engine import Generation, Prompt, TokenizerAccess
 from .errors import OverloadedError, ProbeFailedError
 
 __all__ = ["VllmEngine", "engine_args"]
@@ -43,11 +42,11 @@ def engine_args(model_dir: str, *, dtype: str = "float32", max_model_len: int | 
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-class VllmEngine:
+class VllmEngine(TokenizerAccess):
     def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None):
-        self.llm, self.tokenizer, self.probe = llm, tokenizer, probe
+        super().__init__(tokenizer)
+        self.llm, self.probe = llm, probe
         self.max_queue, self.metrics = max_queue, metrics
-        self._tokenizer_lock = threading.Lock()
         self._attached: dict[str, VllmProbe] = {}
         self._ready: dict[str, list[float]] = {}
         self._fetch_lock = asyncio.Lock()
@@ -107,22 +106,6 @@ class VllmEngine:
     @property
     def context_length(self) -> int | None:
         return getattr(self.llm.model_config, "max_model_len", None)
-
-    # -- tokenizer -------------------------------------------------------------------------------------------
-    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
-        with self._tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
-        return tuple(ids["input_ids"])
-
-    def decode(self, ids) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
-        if not probe.needs_next_token:
-            return None
-        with self._tokenizer_lock:
-            return probe.letter_ids(self.tokenizer)
 
     # -- readouts ------------------------------------------------------------------------------------------------
     async def _confidence(self, request_id: str, prompt: Prompt, probe: ValueProbe) -> ProbeResult:
