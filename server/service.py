@@ -258,6 +258,15 @@ class Sidecar:
         return scored
 
     # -- answering ----------------------------------------------------------------------------------------------
+    def _decided(self, query: Query, request_id: str, confidence: ProbeResult) -> Outcome:
+        """The policy's decision on a request's confidence, counted and remembered for feedback: the head of
+        every answer, before any text."""
+        served = query.served
+        decision = served.policy.decide(confidence.probability)
+        self.observe(served, confidence, decision)
+        self._remember(request_id, confidence.probability)
+        return Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
+
     async def _escalate(self, query: Query):
         try:
             answer = await self.escalation.answer(messages=query.messages, rendered=query.rendered,
@@ -296,13 +305,8 @@ class Sidecar:
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
         self._check_search(query)
         if query.search is not None:
-            confidence = (await self.engine.score([query.prompt], served.probe))[0]
-            decision = served.policy.decide(confidence.probability)
-            self.observe(served, confidence, decision)
-            self._remember(request_id, confidence.probability)
-            head = Outcome(confidence, decision, request_id, served.artifact_id,
-                           prompt_tokens=len(query.prompt.input_ids))
-            if decision == "answer":
+            head = self._decided(query, request_id, (await self.engine.score([query.prompt], served.probe))[0])
+            if head.decision == "answer":
                 return await self._searched(query, head)
             return await self._finish_non_local(query, head)
         if self.settings.mode == "embedded":
@@ -314,11 +318,8 @@ class Sidecar:
         else:
             gen = None
             confidence = (await self.engine.score([query.prompt], served.probe))[0]
-        decision = served.policy.decide(confidence.probability)
-        self.observe(served, confidence, decision)
-        self._remember(request_id, confidence.probability)
-        head = Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
-        if decision == "answer" and gen is not None:
+        head = self._decided(query, request_id, confidence)
+        if head.decision == "answer" and gen is not None:
             return replace(head, text=gen.text, completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason)
         return await self._finish_non_local(query, head)
 
@@ -341,12 +342,8 @@ class Sidecar:
                     decide=lambda r: served.policy.decide(r.probability) == "answer")
             else:
                 confidence = (await self.engine.score([query.prompt], served.probe))[0]
-            decision = served.policy.decide(confidence.probability)
-            self.observe(served, confidence, decision)
-            self._remember(request_id, confidence.probability)
-            head = Outcome(confidence, decision, request_id, served.artifact_id,
-                           prompt_tokens=len(query.prompt.input_ids))
-            if decision == "answer" and pieces is not None:
+            head = self._decided(query, request_id, confidence)
+            if head.decision == "answer" and pieces is not None:
                 yield "confidence", head
                 async for piece in pieces:
                     yield "text", piece
@@ -369,13 +366,8 @@ class Sidecar:
 
     async def _search_stream(self, query: Query, request_id: str):
         """Streaming search: the confidence first, then each kept step as it is chosen, with its value."""
-        served = query.served
-        confidence = (await self.engine.score([query.prompt], served.probe))[0]
-        decision = served.policy.decide(confidence.probability)
-        self.observe(served, confidence, decision)
-        self._remember(request_id, confidence.probability)
-        head = Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
-        if decision != "answer":
+        head = self._decided(query, request_id, (await self.engine.score([query.prompt], query.served.probe))[0])
+        if head.decision != "answer":
             full = await self._finish_non_local(query, head)
             yield "confidence", replace(full, text="")
             if full.text:
