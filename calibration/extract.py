@@ -167,6 +167,25 @@ def _batch_inputs(token_lists: list[list[int]], prefix_len: int, pad_id: int, de
     return input_ids.to(device), mask.to(device)
 
 
+# Plain temperature sampling, whatever the model's generation config says (Qwen's ships top-k/top-p and a
+# repetition penalty): what semantic entropy and sampled reasoning traces assume.
+PLAIN_SAMPLING = dict(do_sample=True, top_k=0, top_p=1.0, repetition_penalty=1.0)
+
+
+def repeated_prompts(tokenizer, fmt: PromptFormat, questions: list[Question], n_samples: int,
+                     prefix: SharedPrefix | None, pad_id: int, device) -> dict:
+    """``generate`` inputs for ``n_samples`` rows per question (rendered with ``fmt``, left-padded behind the shared
+    prefix whose KV cache they reuse when every row starts with it): ``input_ids``, ``attention_mask`` and
+    ``past_key_values``."""
+    special = fmt.adds_special_tokens(tokenizer)
+    tokens = [tokenizer(fmt.render(tokenizer, q.prompt()), add_special_tokens=special)["input_ids"] for q in questions]
+    rows = [t for t in tokens for _ in range(n_samples)]
+    use = prefix if prefix is not None and all(prefix.matches(t) for t in rows) else None
+    input_ids, mask = _batch_inputs(rows, len(use) if use is not None else 0, pad_id, device)
+    return {"input_ids": input_ids, "attention_mask": mask,
+            "past_key_values": use.cache(len(rows)) if use is not None else None}
+
+
 @torch.inference_mode()
 def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token_lists, layers, device, *,
                prefix: SharedPrefix | None, generate: bool, max_new_tokens: int, letter_ids: list[int]):

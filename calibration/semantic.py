@@ -18,7 +18,6 @@ because generation is the expensive part on CPU; scoring re-reads the file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import PromptFormat
 
 from .data import Question, normalize_answer
-from .extract import SharedPrefix, _batch_inputs
+from .extract import PLAIN_SAMPLING, SharedPrefix, repeated_prompts
 
 __all__ = ["equivalent", "cluster_answers", "semantic_entropy", "sample_answers", "load_samples"]
 
@@ -108,29 +107,21 @@ def sample_answers(model, tokenizer, questions: list[Question], fmt: PromptForma
     device = next(model.parameters()).device
     eos = sorted(eos_token_ids(model, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    special = fmt.adds_special_tokens(tokenizer)
     prefix = SharedPrefix(model, tokenizer, fmt, device) if todo else None
     per_batch = max(1, rows_per_batch // n_samples)
     with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="sample", unit="q",
               disable=not progress) as bar, out.open("a") as fh:
         for start in range(0, len(todo), per_batch):
             batch = todo[start : start + per_batch]
-            tokens = [tokenizer(fmt.render(tokenizer, q.prompt()), add_special_tokens=special)["input_ids"]
-                      for q in batch]
-            rows = [t for t in tokens for _ in range(n_samples)]
-            use = prefix if prefix is not None and all(prefix.matches(t) for t in rows) else None
-            p_len = len(use) if use is not None else 0
-            input_ids, mask = _batch_inputs(rows, p_len, pad_id, device)
+            inputs = repeated_prompts(tokenizer, fmt, batch, n_samples, prefix, pad_id, device)
             # One seed per batch from the run seed and the first question, so a resumed run draws the same samples.
             torch.manual_seed(seed * 1_000_003 + sum(map(ord, batch[0].id)) * 7919 + start)
             started = time.perf_counter()
-            gen = model.generate(input_ids=input_ids, attention_mask=mask,
-                                 past_key_values=use.cache(len(rows)) if use is not None else None,
-                                 max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                                 top_p=1.0, repetition_penalty=1.0, output_logits=True, return_dict_in_generate=True,
-                                 pad_token_id=pad_id, eos_token_id=eos)
+            gen = model.generate(**inputs, **PLAIN_SAMPLING, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id,
+                                 eos_token_id=eos)
             seconds = (time.perf_counter() - started) / len(batch)
-            new = gen.sequences[:, input_ids.shape[1]:]
+            new = gen.sequences[:, inputs["input_ids"].shape[1]:]
             lp = torch.stack([torch.log_softmax(x.float() / temperature, dim=-1).gather(1, new[:, j:j + 1])[:, 0]
                               for j, x in enumerate(gen.logits)], dim=1)
             for i, q in enumerate(batch):
@@ -163,8 +154,3 @@ def score_rows(samples: dict[str, dict], ids: list[str]) -> dict[str, np.ndarray
         top.append(counts.max() / counts.sum())
     return {"semantic entropy (discrete)": np.asarray(discrete), "semantic entropy (likelihood-weighted)":
             np.asarray(weighted), "largest cluster share": np.asarray(top)}
-
-
-def mean_seconds(samples: dict[str, dict], ids: list[str]) -> float:
-    vals = [samples[i]["seconds"] for i in ids if math.isfinite(samples[i].get("seconds", float("nan")))]
-    return float(np.mean(vals)) if vals else float("nan")

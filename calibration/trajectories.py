@@ -31,7 +31,7 @@ from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import PromptFormat
 
 from .data import Question, grade_numeric
-from .extract import SharedPrefix, _batch_inputs
+from .extract import PLAIN_SAMPLING, SharedPrefix, repeated_prompts
 
 __all__ = ["TRACE_FORMAT", "split_steps", "step_boundaries", "final_answer", "generate_traces", "load_traces",
            "trace_states", "TraceSet"]
@@ -111,7 +111,6 @@ def generate_traces(model, tokenizer, problems: list[Question], out: str | os.Pa
     layers = sorted(set(layers or range(1, n_layers + 1)))
     eos = sorted(eos_token_ids(model, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    special = fmt.adds_special_tokens(tokenizer)
     prefix = SharedPrefix(model, tokenizer, fmt, device) if todo else None
     folder = Path(states_dir) if states_dir else None
     if folder:
@@ -121,23 +120,16 @@ def generate_traces(model, tokenizer, problems: list[Question], out: str | os.Pa
               disable=not progress) as bar, out.open("a") as fh:
         for start in range(0, len(todo), per_batch):
             batch = todo[start : start + per_batch]
-            prompts = [tokenizer(fmt.render(tokenizer, q.prompt()), add_special_tokens=special)["input_ids"]
-                       for q in batch]
-            rows = [t for t in prompts for _ in range(n_samples)]
-            use = prefix if prefix is not None and all(prefix.matches(t) for t in rows) else None
-            input_ids, mask = _batch_inputs(rows, len(use) if use else 0, pad_id, device)
+            inputs = repeated_prompts(tokenizer, fmt, batch, n_samples, prefix, pad_id, device)
             torch.manual_seed(seed * 1_000_003 + int(re.sub(r"\D", "", batch[0].id) or 0))
             started = time.perf_counter()
             with StepStateRecorder(model, layers) as rec:
-                seq = model.generate(input_ids=input_ids, attention_mask=mask,
-                                     past_key_values=use.cache(len(rows)) if use else None,
-                                     max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                     top_k=0, top_p=1.0, repetition_penalty=1.0, pad_token_id=pad_id,
-                                     eos_token_id=eos)
-            seconds = (time.perf_counter() - started) / len(rows)
+                seq = model.generate(**inputs, **PLAIN_SAMPLING, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, pad_token_id=pad_id, eos_token_id=eos)
+            seconds = (time.perf_counter() - started) / (len(batch) * n_samples)
             states = rec.states()  # {layer: [rows, forwards, H]}
             n_forwards = next(iter(states.values())).shape[1]
-            new = seq[:, input_ids.shape[1]:].tolist()
+            new = seq[:, inputs["input_ids"].shape[1]:].tolist()
             saved: dict[str, torch.Tensor] = {}
             records = []
             for r, tokens in enumerate(new):
