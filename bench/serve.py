@@ -179,7 +179,6 @@ async def probe_overhead(model=None, artifact=None, *, reps=5, max_tokens=32, re
     engine = await VllmEngine.create(resolve_model_dir(model or probe.model_name), probe)
     prompts = [engine.tokenize(probe.prompt_format.render(engine.tokenizer, q), probe) for q in QUESTIONS]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    key = probe.artifact_id
 
     async def batch(tag: str) -> float:
         started = time.perf_counter()
@@ -201,8 +200,7 @@ async def probe_overhead(model=None, artifact=None, *, reps=5, max_tokens=32, re
                     await engine.attach(probe)
                     with_probe.append(await batch(f"on{r}"))
                 else:
-                    await engine.llm.collective_rpc("valueprobe_detach", args=(key,))
-                    engine._attached.pop(key, None)
+                    await engine.detach(probe)
                     without.append(await batch(f"off{r}"))
                 await engine.llm.collective_rpc("valueprobe_take", args=(None,))  # drop readouts nobody asked for
     finally:

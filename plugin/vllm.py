@@ -42,7 +42,8 @@ from .fingerprint import config_fingerprint, diff_fingerprints, params_sha256, t
 from .hooks import find_decoder_layers
 from .nexttoken import prompt_kind, summarize_logits
 
-__all__ = ["WORKER_EXTENSION", "ProbeWorkerExtension", "VllmProbe", "CompiledModelError", "checkpoint_layer_sha256"]
+__all__ = ["WORKER_EXTENSION", "ProbeWorkerExtension", "VllmProbe", "CompiledModelError", "checkpoint_layer_sha256",
+           "internal_request_id"]
 
 WORKER_EXTENSION = "valueprobe.plugin.vllm.ProbeWorkerExtension"
 
@@ -140,7 +141,7 @@ class ProbeWorkerExtension:
                 return out
             out = {}
             for asked in request_ids:
-                internal = _internal_id(asked, self._vp_results)
+                internal = internal_request_id(asked, self._vp_results)
                 if internal is not None:
                     out[asked] = self._vp_results.pop(internal)
             return out
@@ -191,7 +192,7 @@ def rows_completing_prompt(runner) -> list[tuple[int, int, str]]:
     return [(int(i), int(starts[i] + prompt[i] - 1 - computed[i]), batch.req_ids[i]) for i in hits]
 
 
-def _internal_id(request_id: str, known: Iterable[str]) -> str | None:
+def internal_request_id(request_id: str, known: Iterable[str]) -> str | None:
     """vLLM may suffix the caller's request id internally (``<id>-<random>``); map it back."""
     for rid in known:
         if rid == request_id or rid.startswith(f"{request_id}-"):

@@ -20,7 +20,7 @@ import logging
 import uuid
 
 from valueprobe.plugin import ProbeResult, ValueProbe
-from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe
+from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
 
 from .engine import Generation, Prompt, TokenizerAccess
 from .errors import OverloadedError, ProbeFailedError
@@ -48,7 +48,7 @@ class VllmEngine(TokenizerAccess):
         self.llm, self.probe = llm, probe
         self.max_queue, self.metrics = max_queue, metrics
         self._attached: dict[str, VllmProbe] = {}
-        self._ready: dict[str, list[float]] = {}
+        self._ready: dict[str, dict[str, list[float]]] = {}  # vLLM request id -> {artifact id: readout}
         self._fetch_lock = asyncio.Lock()
         self._in_flight = 0
         self._ids = itertools.count()
@@ -103,6 +103,11 @@ class VllmEngine(TokenizerAccess):
                                       args=(key, probe.layer, probe.neuron_indices.tolist(), letters))
         self._attached[key] = VllmProbe(probe, self.llm, letters)
 
+    async def detach(self, probe: ValueProbe) -> None:
+        """Remove ``probe``'s hooks from the worker."""
+        await self.llm.collective_rpc("valueprobe_detach", args=(probe.artifact_id,))
+        self._attached.pop(probe.artifact_id, None)
+
     @property
     def context_length(self) -> int | None:
         return getattr(self.llm.model_config, "max_model_len", None)
@@ -116,10 +121,7 @@ class VllmEngine(TokenizerAccess):
             async with self._fetch_lock:
                 found = self._pop(request_id, key)
                 if found is None:
-                    batch = (await self.llm.collective_rpc("valueprobe_take", args=(None,)))[0]
-                    for rid, by_key in batch.items():
-                        for k, values in by_key.items():
-                            self._ready[f"{k}/{rid}"] = values
+                    self._ready.update((await self.llm.collective_rpc("valueprobe_take", args=(None,)))[0])
                     found = self._pop(request_id, key)
             if found is not None:
                 try:
@@ -130,11 +132,12 @@ class VllmEngine(TokenizerAccess):
         raise ProbeFailedError("the probe hook did not fire during the prefill")
 
     def _pop(self, request_id: str, key: str):
-        for name in list(self._ready):
-            k, _, rid = name.partition("/")
-            if k == key and (rid == request_id or rid.startswith(f"{request_id}-")):
-                return self._ready.pop(name)
-        return None
+        """This request's readout by ``key``; the whole entry goes, so readouts by other attached artifacts (during
+        a reload both read every prefill) do not pile up."""
+        internal = internal_request_id(request_id, self._ready)
+        if internal is None or key not in self._ready[internal]:
+            return None
+        return self._ready.pop(internal)[key]
 
     def _params(self, max_new_tokens: int, temperature=None, top_p=None, seed=None, stop=None):
         from vllm import SamplingParams
