@@ -18,13 +18,13 @@ import contextlib
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.hooks import capture, find_decoder_layers, with_position_ids
 from valueprobe.plugin.prompting import PromptFormat
 
 from .data import Question
+from .metrics import mcnemar_p
 
 __all__ = ["ablate_neurons", "magnitude_matched", "ablation_study"]
 
@@ -80,14 +80,6 @@ def _answers(model, tokenizer, fmt: PromptFormat, questions: list[Question], bat
     return np.asarray(correct)
 
 
-def _mcnemar_p(before: np.ndarray, after: np.ndarray) -> float:
-    lost = int(((before == 1) & (after == 0)).sum())
-    gained = int(((before == 0) & (after == 1)).sum())
-    if lost + gained == 0:
-        return 1.0
-    return float(binomtest(lost, lost + gained, 0.5, alternative="two-sided").pvalue)
-
-
 def ablation_study(model, tokenizer, probe, questions: list[Question], *, seeds: int = 5, mode: str = "zero",
                    batch_size: int = 8, progress: bool = True) -> dict:
     """Accuracy with no ablation, with the value neurons ablated, and with magnitude-matched random ablations."""
@@ -140,7 +132,7 @@ def ablation_study(model, tokenizer, probe, questions: list[Question], *, seeds:
         "random_drop_mean": float(np.mean(random_drops)),
         "random_drop_std": float(np.std(random_drops)),
         "random_drops": random_drops,
-        "p_mcnemar_value": _mcnemar_p(base, value),
+        "p_mcnemar_value": mcnemar_p(base, value),
         "p_empirical_vs_random": (1 + sum(d >= value_drop for d in random_drops)) / (1 + seeds),
         "random_sets": random_sets,
     }

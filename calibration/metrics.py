@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = [
+    "mcnemar_p",
     "auroc_score",
     "auprc_score",
     "brier_loss",
@@ -156,3 +157,15 @@ def auroc_confidence_interval(y_true, y_score, *, level: float = 0.95, n_boot: i
         stats.append(roc_auc_score(yt, y_score[idx]))
     lo, hi = np.percentile(stats, [50 * (1 - level), 50 * (1 + level)])
     return float(lo), float(hi)
+
+
+def mcnemar_p(before, after) -> float:
+    """McNemar's exact test (two-sided binomial on the discordant pairs) for two paired 0/1 outcome vectors."""
+    from scipy.stats import binomtest
+
+    before, after = np.asarray(before), np.asarray(after)
+    lost = int(((before == 1) & (after == 0)).sum())
+    gained = int(((before == 0) & (after == 1)).sum())
+    if lost + gained == 0:
+        return 1.0
+    return float(binomtest(lost, lost + gained, 0.5, alternative="two-sided").pvalue)

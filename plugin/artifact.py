@@ -46,6 +46,7 @@ __all__ = [
     "FORMAT_VERSION",
     "HOOK_POINT",
     "TOKEN_POSITION",
+    "TOKEN_POSITIONS",
     "ArtifactError",
     "ArtifactMismatchError",
     "FingerprintMismatchError",
@@ -60,6 +61,9 @@ READABLE_VERSIONS = ("1", "2")  # version 1: value neurons only (no stack, no OO
 SERVED_SCORES = ("value", "stacked")
 HOOK_POINT = "decoder_block_output"
 TOKEN_POSITION = "last_prompt_token"
+# "step_end": a value over reasoning steps (`valueprobe fit --traces`), read at the token ending each step; the
+# sidecar uses such an artifact for step search only, never to score prompts.
+TOKEN_POSITIONS = (TOKEN_POSITION, "step_end")
 REQUIRED_METADATA = (
     "format_version",
     "model_name",
@@ -155,7 +159,8 @@ def validate(data: ArtifactData, *, check_hash: bool = True) -> None:
     for key in ("hidden_size", "layer"):
         _check(md[key].isdigit() and int(md[key]) > 0, f"metadata {key!r}{where} must be a positive integer")
     _check(md["hook_point"] == HOOK_POINT, f"unsupported hook_point {md['hook_point']!r}{where}")
-    _check(md["token_position"] == TOKEN_POSITION, f"unsupported token_position {md['token_position']!r}{where}")
+    _check(md["token_position"] in TOKEN_POSITIONS,
+           f"unsupported token_position {md['token_position']!r}{where}; expected one of {TOKEN_POSITIONS}")
     _check(md["head"] in HEADS, f"unknown head {md['head']!r}{where}; expected one of {HEADS}")
     _check(md["calibrator"] in CALIBRATORS, f"unknown calibrator {md['calibrator']!r}{where}")
 

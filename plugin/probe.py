@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .artifact import (
+    TOKEN_POSITION,
     ArtifactData,
     ArtifactMismatchError,
     FingerprintMismatchError,
@@ -147,6 +148,8 @@ class ValueProbe:
             self._ood = (data.tensors["ood.mean"].numpy(), data.tensors["ood.precision"].numpy(),
                          float(data.tensors["ood.threshold"].reshape(-1)[0]))
         self.prompt_format = PromptFormat.from_json(md["prompt_format"])
+        #: ``last_prompt_token`` (confidence in a prompt) or ``step_end`` (a value over reasoning steps)
+        self.token_position = md.get("token_position", TOKEN_POSITION)
         self.model_fingerprint = data.json("model_fingerprint")
         self.tokenizer_fingerprint = data.json("tokenizer_fingerprint")
         self.thresholds = data.json("thresholds", {})
@@ -241,6 +244,15 @@ class ValueProbe:
         return out
 
     # -- model binding -------------------------------------------------------------------------------------------
+    def require_position(self, expected: str) -> None:
+        """Refuse, naming ``token_position``, an artifact read at another position than the one this use needs
+        (a step value scoring prompts, or a prompt confidence valuing reasoning steps)."""
+        if self.token_position != expected:
+            raise ArtifactMismatchError(
+                f"artifact {self.artifact_id} has token_position {self.token_position!r}; this use needs {expected!r} "
+                "(last_prompt_token: confidence in a prompt, from `valueprobe fit --data`; step_end: a value over "
+                "reasoning steps, from `valueprobe fit --traces`)")
+
     def check_compatible(self, model, tokenizer=None, *, strict: bool = True) -> list[str]:
         """Compare the model (and tokenizer) with the fingerprints recorded at fit time.
 
@@ -288,8 +300,9 @@ class ValueProbe:
         """Register the forward hook; every later prefill of ``model`` is scored (decode steps are skipped).
 
         Raises :class:`FingerprintMismatchError` for another checkpoint or tokenizer unless
-        ``check_fingerprint=False`` (which warns instead).
+        ``check_fingerprint=False`` (which warns instead); :class:`ArtifactMismatchError` for a step-value artifact.
         """
+        self.require_position(TOKEN_POSITION)
         self.check_compatible(model, tokenizer, strict=check_fingerprint)
         if self.needs_next_token and tokenizer is None:
             raise ValueError("this artifact serves a stacked score: attach(model, tokenizer) needs the tokenizer "
@@ -330,6 +343,7 @@ class ValueProbe:
         hooked layer (value-only artifacts) or at the LM head's last position (stacked artifacts, which add the
         next-token distribution of this same prefill).
         """
+        self.require_position(TOKEN_POSITION)
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]
         ):

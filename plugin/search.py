@@ -1,9 +1,11 @@
 """Step-level search guided by a value read from the model's own states (a process reward model for free).
 
 A reasoning answer is built one step (one line) at a time. At each round ``width`` candidate next steps are
-sampled from the current prefix in one batched ``generate``; while they are generated, the hook records the
-state at every candidate's last token (the token carrying its newline), so each candidate is scored by
-``value(state)`` with no extra pass (one extra decode step lets the last-finishing candidate's newline be fed).
+sampled from the current prefix; the decoding loop feeds each candidate's last token (the one carrying its
+newline) before it stops, so the state there — the value's input — and the next-token logits after it come from
+the forward that generated the candidate: no extra pass. Every candidate keeps its own KV cache, so the kept one
+is continued without prefilling its prefix again, and the candidates of many prompts share one batch
+(:func:`search_many`), which is what makes an evaluation over hundreds of problems affordable on a CPU.
 
 Strategies:
 
@@ -11,7 +13,8 @@ Strategies:
   the end-of-answer token, or ``max_steps``;
 * ``random``: the same loop keeping a random candidate (the control at equal token budget);
 * ``best-of-n``: ``width`` whole answers, the one whose final state has the highest value;
-* ``self-consistency``: ``width`` whole answers, majority vote over their final answers (needs ``extract``).
+* ``self-consistency``: ``width`` whole answers, majority vote over their final answers (needs ``extract``);
+* ``greedy``: one whole answer at temperature 0 (the baseline).
 
 ``value`` maps ``[n, k]`` neuron values (the probe's ``neuron_indices`` at its ``layer``) to scores, e.g. a
 :class:`~valueprobe.plugin.probe.ValueProbe`'s ``predict_proba``.
@@ -27,13 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .hooks import StepStateRecorder
+from .hooks import find_decoder_layers
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
 
-__all__ = ["SearchResult", "Step", "search", "STRATEGIES", "newline_token_ids"]
+__all__ = ["SearchResult", "Step", "search", "search_many", "STRATEGIES", "newline_token_ids"]
 
-STRATEGIES = ("value-beam", "random", "best-of-n", "self-consistency")
+STRATEGIES = ("value-beam", "random", "best-of-n", "self-consistency", "greedy")
 
 
 @dataclass(frozen=True)
@@ -54,25 +57,6 @@ class SearchResult:
     rounds: list = field(default_factory=list)
 
 
-class _EndOneAfter:
-    """Stopping criterion: a row is done one token *after* it produced an end token (newline or end-of-answer),
-    so that token is fed once and its state recorded."""
-
-    def __init__(self, end_ids: set[int], prompt_len: int):
-        self.end_ids, self.prompt_len = end_ids, prompt_len
-        self.ended: dict[int, int] = {}
-
-    def __call__(self, input_ids, scores, **kwargs):
-        done = []
-        for r in range(input_ids.shape[0]):
-            if r not in self.ended and int(input_ids[r, -1]) in self.end_ids:
-                self.ended[r] = input_ids.shape[1] - self.prompt_len - 1  # index of the end token
-                done.append(False)
-            else:
-                done.append(r in self.ended)
-        return torch.tensor(done, dtype=torch.bool)
-
-
 _NEWLINES: dict[tuple[int, int], set[int]] = {}
 
 
@@ -85,113 +69,258 @@ def newline_token_ids(tokenizer) -> set[int]:
     return _NEWLINES[key]
 
 
+class _Row:
+    """A sequence that can be continued: its KV cache (one row, real positions only), the next-token logits after
+    its last token, and the probe's neuron values at its last two tokens. Never mutated: continuing a row makes
+    new ones, so a kept candidate and its siblings share nothing that changes."""
+
+    __slots__ = ("kv", "logits", "state", "prev_state", "tokens")
+
+    def __init__(self, kv, logits, state, prev_state, tokens):
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = kv  # per layer ([1, heads, L, d], [1, heads, L, d])
+        self.logits: torch.Tensor = logits  # [V]
+        self.state: torch.Tensor = state  # [k] at the last token
+        self.prev_state: torch.Tensor | None = prev_state  # [k] at the token before it
+        self.tokens: list[int] = tokens  # generated after the prompt
+
+    @property
+    def length(self) -> int:
+        return int(self.kv[0][0].shape[2])
+
+    def value_state(self, eos: set[int]) -> torch.Tensor | None:
+        """The state a step's value is read at: its last token, or the one before a closing end-of-answer token
+        (traces end their last step there too)."""
+        if self.tokens and self.tokens[-1] in eos:
+            return self.prev_state
+        return self.state
+
+
+def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if getattr(cache, "layers", None) and hasattr(cache.layers[0], "keys"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache.to_legacy_cache()]
+
+
+def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
+class _LastState:
+    """Forward hook keeping the probe's neurons at the last position of the latest forward."""
+
+    def __init__(self, model, layer: int, neuron_indices: torch.Tensor):
+        self.idx, self.last = neuron_indices, None
+        self.block = find_decoder_layers(model).block(layer)
+
+    def _hook(self, module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        self.last = hidden[:, -1, :].index_select(1, self.idx.to(hidden.device)).detach().float().cpu()
+
+    def __enter__(self):
+        self.handle = self.block.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 @torch.inference_mode()
-def _sample(model, tokenizer, prefix_ids: list[int], n: int, *, layer: int, neuron_indices, end_ids: set[int],
-            max_new_tokens: int, temperature: float, eos: set[int]):
-    """``n`` continuations of ``prefix_ids`` each ending at its first token in ``end_ids`` (or at
-    ``max_new_tokens``), with the probe's neuron values at that last token. Returns ``[(ids, values or None)]``
-    and the number of tokens generated."""
+def _prefill(model, prompts: list[list[int]], reader: _LastState, pad_id: int) -> list[_Row]:
+    """One forward over the left-padded prompts; a :class:`_Row` per prompt (padding stripped from its cache)."""
+    enc = pad_left([list(p) for p in prompts], pad_id)
     device = next(model.parameters()).device
-    enc = pad_left([list(prefix_ids)] * n, pad_token_id(tokenizer)).to(device)
-    stop = _EndOneAfter(end_ids, enc["input_ids"].shape[1])
-    from transformers import StoppingCriteriaList
-
-    with StepStateRecorder(model, [layer], neuron_indices=neuron_indices, dtype=torch.float32) as rec:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens + 1, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None, top_p=1.0, top_k=0,
-                             stopping_criteria=StoppingCriteriaList([stop]), pad_token_id=pad_token_id(tokenizer),
-                             eos_token_id=sorted(eos))
-    states = rec.states()[layer]  # [n, forwards, k]; column g + 1 is the state after generated token g
-    new = out[:, enc["input_ids"].shape[1]:].tolist()
-    results, spent = [], 0
-    for r, tokens in enumerate(new):
-        end = stop.ended.get(r)
-        ids = tokens[: end + 1] if end is not None else tokens[:max_new_tokens]
-        spent += len(ids)
-        col = len(ids)  # state after the last kept token
-        values = states[r, col] if col < states.shape[1] else None
-        results.append((ids, values))
-    return results, spent
+    mask = enc["attention_mask"]
+    out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True)
+    kv = _cache_tensors(out.past_key_values)
+    logits = out.logits[:, -1, :].float()
+    width = mask.shape[1]
+    rows = []
+    for r, p in enumerate(prompts):
+        start = width - len(p)
+        rows.append(_Row([(k[r : r + 1, :, start:], v[r : r + 1, :, start:]) for k, v in kv], logits[r],
+                         reader.last[r], None, []))
+    return rows
 
 
-def search(model, tokenizer, prompt_ids: Sequence[int], *, layer: int, neuron_indices,
-           value: Callable[[torch.Tensor], np.ndarray] | None, strategy: str = "value-beam", width: int = 4,
-           beam: int = 1, max_steps: int = 8, step_tokens: int = 64, answer_tokens: int = 256,
-           temperature: float = 0.8, extract: Callable[[str], str] | None = None, seed: int = 0,
-           on_step: Callable[[Step], None] | None = None, decode: Callable[[list[int]], str] | None = None
-           ) -> SearchResult:
-    """Search for an answer to the rendered, tokenized prompt ``prompt_ids`` (see the module docstring).
+def _sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
-    ``on_step`` is called with each kept step (value-beam / random), e.g. to stream it. ``tokens_generated``
-    counts every sampled token, kept or not: the budget to compare strategies at. ``decode(ids)`` (default: the
-    tokenizer's, skipping special tokens) lets a server serialise tokenizer use across threads.
-    """
+
+@torch.inference_mode()
+def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, temperature: float,
+            generator: torch.Generator, reader: _LastState) -> list[_Row]:
+    """Continue every row (in one lockstep batch, left-padded) until it has fed a token in ``ends`` or
+    ``max_new_tokens`` tokens; the end token is fed too, so its state and the next-token logits after it are
+    known and the row can be continued later. Finished rows leave the batch at once."""
+    device = next(model.parameters()).device
+    length = max(r.length for r in rows)
+    kv = []
+    for layer in range(len(rows[0].kv)):
+        ks, vs = [], []
+        for r in rows:
+            k, v = r.kv[layer]
+            pad = length - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
+            vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
+        kv.append((torch.cat(ks), torch.cat(vs)))
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        mask[i, length - r.length:] = 1
+    positions = mask.sum(1)
+    logits = torch.stack([r.logits for r in rows])
+    states = torch.stack([r.state for r in rows])
+    active = list(range(len(rows)))
+    new: list[list[int]] = [[] for _ in rows]
+    done: list[_Row | None] = [None] * len(rows)
+    cache = _make_cache(kv)
+    while active:
+        token = _sample_next(logits, temperature, generator)
+        for j, i in enumerate(active):
+            new[i].append(int(token[j]))
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long, device=device)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, None],
+                    past_key_values=cache, use_cache=True)
+        positions = positions + 1
+        prev_states, states, logits = states, reader.last, out.logits[:, -1, :].float()
+        finished = [j for j, i in enumerate(active) if new[i][-1] in ends or len(new[i]) >= max_new_tokens]
+        if not finished:
+            continue
+        kv = _cache_tensors(out.past_key_values)
+        for j in finished:
+            i = active[j]
+            real = mask[j].bool()
+            done[i] = _Row([(k[j : j + 1][:, :, real], v[j : j + 1][:, :, real]) for k, v in kv], logits[j],
+                           states[j], prev_states[j], rows[i].tokens + new[i])
+        keep = [j for j in range(len(active)) if j not in set(finished)]
+        if keep:
+            sel = torch.tensor(keep, device=device)
+            cache = _make_cache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
+            mask, positions, logits, states = mask[sel], positions[sel], logits[sel], states[sel]
+        active = [active[j] for j in keep]
+    return done  # type: ignore[return-value]
+
+
+def search_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, layer: int, neuron_indices,
+                value: Callable[[torch.Tensor], np.ndarray] | Sequence[Callable] | None,
+                strategy: str = "value-beam", width: int = 4, beam: int = 1, max_steps: int = 8, step_tokens: int = 64, answer_tokens: int = 256,
+                temperature: float = 0.8, extract: Callable[[str], str] | None = None, seed: int = 0,
+                on_step: Callable[[int, Step], None] | None = None, decode: Callable[[list[int]], str] | None = None
+                ) -> list[SearchResult]:
+    """Search for answers to several rendered, tokenized prompts at once (see the module docstring): every
+    round's candidates of every prompt are sampled in one batch, each continuing its prefix's KV cache, so a
+    prefix is never prefilled twice.
+
+    ``on_step(i, step)`` is called with each kept step of prompt ``i`` (value-beam / random), e.g. to stream it.
+    ``tokens_generated`` counts every sampled token, kept or not: the budget to compare strategies at.
+    ``decode(ids)`` (default: the tokenizer's, skipping special tokens) lets a server serialise tokenizer use.
+    ``greedy`` is one whole answer at temperature 0 (the baseline). ``value`` may be one function per prompt
+    (e.g. a value head that never saw that prompt's problem)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     if width < 1 or beam < 1:
         raise ValueError("width and beam must be at least 1")
-    if strategy in ("value-beam", "best-of-n") and value is None:
+    values_of = list(value) if isinstance(value, (list, tuple)) else [value] * len(prompts)
+    if len(values_of) != len(prompts):
+        raise ValueError("give one value function, or one per prompt")
+    if strategy in ("value-beam", "best-of-n") and any(v is None for v in values_of):
         raise ValueError(f"{strategy} needs a value function")
-    torch.manual_seed(seed)
+    if strategy == "self-consistency" and extract is None:
+        raise ValueError("self-consistency needs extract(text) -> answer")
+    generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     decode = decode or (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    eos = eos_token_ids(model, tokenizer)
+    eos = set(eos_token_ids(model, tokenizer))
     idx = torch.as_tensor(neuron_indices, dtype=torch.long)
 
-    def score(vals) -> float | None:
-        if vals is None or value is None:
+    def score(row: _Row, i: int) -> float | None:
+        vals = row.value_state(eos)
+        if vals is None or values_of[i] is None:
             return None
-        return float(np.asarray(value(vals.reshape(1, -1)))[0])
+        return float(np.asarray(values_of[i](vals.reshape(1, -1)))[0])
 
-    if strategy in ("best-of-n", "self-consistency"):
-        cands, spent = _sample(model, tokenizer, list(prompt_ids), width, layer=layer, neuron_indices=idx,
-                               end_ids=set(eos), max_new_tokens=answer_tokens, temperature=temperature, eos=eos)
-        texts = [decode([t for t in ids if t not in eos]) for ids, _ in cands]
-        values = [score(v) for _, v in cands]
-        if strategy == "best-of-n":
-            best = max(range(width), key=lambda i: -np.inf if values[i] is None else values[i])
-            steps = [Step(line, None) for line in texts[best].split("\n") if line.strip()]
-            return SearchResult(texts[best], steps, spent, strategy, width)
-        if extract is None:
-            raise ValueError("self-consistency needs extract(text) -> answer")
-        answers = [extract(t) for t in texts]
-        votes = Counter(a for a in answers if a)
-        winner = votes.most_common(1)[0][0] if votes else ""
-        best = answers.index(winner) if winner else 0
-        return SearchResult(texts[best], [Step(line, None) for line in texts[best].split("\n") if line.strip()],
-                            spent, strategy, width, dict(votes))
+    def text_of(ids: list[int]) -> str:
+        return decode([t for t in ids if t not in eos])
 
-    newline = newline_token_ids(tokenizer) | set(eos)
-    rounds = []
-    beams: list[tuple[list[int], list[Step], bool]] = [([], [], False)]
-    spent = scored = 0
-    for _ in range(max_steps):
-        pool = []
-        for ids, steps, finished in beams:
-            if finished:
-                pool.append((ids, steps, True, steps[-1].value if steps else None))
-                continue
-            cands, used = _sample(model, tokenizer, list(prompt_ids) + ids, width, layer=layer, neuron_indices=idx,
-                                  end_ids=newline, max_new_tokens=step_tokens, temperature=temperature, eos=eos)
-            spent += used
-            for cand, vals in cands:
-                text = decode([t for t in cand if t not in eos])
-                done = any(t in eos for t in cand) or (extract is not None and bool(extract(text))
-                                                      and "answer" in text.lower())
-                v = score(vals)
-                scored += 1
-                pool.append((ids + cand, steps + [Step(text.strip(), v)], done, v))
-        rounds.append([(ids, steps[-1]) for ids, steps, done, _ in pool])
-        if strategy == "random":
-            rng.shuffle(pool)
-            kept = pool[:beam]
-        else:
-            kept = sorted(pool, key=lambda c: -np.inf if c[3] is None else c[3], reverse=True)[:beam]
-        beams = [(ids, steps, done) for ids, steps, done, _ in kept]
-        if on_step is not None and beams[0][1]:
-            on_step(beams[0][1][-1])
-        if all(done for _, _, done in beams):
-            break
-    ids, steps, _ = beams[0]
-    text = decode([t for t in ids if t not in eos])
-    return SearchResult(text, steps, spent, strategy, scored, rounds=rounds)
+    def lines(text: str) -> list[Step]:
+        return [Step(line.strip(), None) for line in text.split("\n") if line.strip()]
+
+    with _LastState(model, layer, idx) as reader:
+        roots = _prefill(model, [list(p) for p in prompts], reader, pad_token_id(tokenizer))
+        if strategy in ("best-of-n", "self-consistency", "greedy"):
+            n = 1 if strategy == "greedy" else width
+            rows = _extend(model, [r for r in roots for _ in range(n)], ends=eos, max_new_tokens=answer_tokens,
+                           temperature=0.0 if strategy == "greedy" else temperature, generator=generator,
+                           reader=reader)
+            results = []
+            for i in range(len(prompts)):
+                cands = rows[i * n : (i + 1) * n]
+                texts = [text_of(r.tokens) for r in cands]
+                spent = sum(len(r.tokens) for r in cands)
+                if strategy == "self-consistency":
+                    answers = [extract(t) for t in texts]
+                    votes = Counter(a for a in answers if a)
+                    best = answers.index(votes.most_common(1)[0][0]) if votes else 0
+                    results.append(SearchResult(texts[best], lines(texts[best]), spent, strategy, n, dict(votes)))
+                    continue
+                values = [score(r, i) for r in cands]
+                best = max(range(n), key=lambda j: -np.inf if values[j] is None else values[j])
+                steps = lines(texts[best])
+                if steps:  # the whole answer's value, on its last line
+                    steps[-1] = Step(steps[-1].text, values[best])
+                results.append(SearchResult(texts[best], steps, spent, strategy, n if values_of[i] else 0))
+            return results
+
+        newline = newline_token_ids(tokenizer) | eos
+        # per prompt: the kept beams as (row, steps, finished)
+        beams: list[list[tuple[_Row, list[Step], bool]]] = [[(r, [], False)] for r in roots]
+        rounds: list[list] = [[] for _ in prompts]
+        spent, scored = [0] * len(prompts), [0] * len(prompts)
+        for _ in range(max_steps):
+            owners = [(i, b) for i, kept in enumerate(beams) for b in kept if not b[2]]
+            if not owners:
+                break
+            cands = _extend(model, [b[0] for _, b in owners for _ in range(width)], ends=newline,
+                            max_new_tokens=step_tokens, temperature=temperature, generator=generator, reader=reader)
+            pools: dict[int, list] = {i: [(r, s, True, s[-1].value if s else None) for r, s, f in beams[i] if f]
+                                      for i, _ in owners}
+            for c, row in enumerate(cands):
+                i, (parent, steps, _) = owners[c // width]
+                new = row.tokens[len(parent.tokens):]
+                text = text_of(new)
+                finished = any(t in eos for t in new) or (extract is not None and bool(extract(text))
+                                                          and "answer" in text.lower())
+                v = score(row, i)
+                spent[i] += len(new)
+                scored[i] += 1
+                pools[i].append((row, steps + [Step(text.strip(), v)], finished, v))
+            for i, pool in pools.items():
+                rounds[i].append([(row.tokens, steps[-1]) for row, steps, _, _ in pool])
+                if strategy == "random":
+                    rng.shuffle(pool)
+                    kept = pool[:beam]
+                else:
+                    kept = sorted(pool, key=lambda c: -np.inf if c[3] is None else c[3], reverse=True)[:beam]
+                beams[i] = [(row, steps, finished) for row, steps, finished, _ in kept]
+                if on_step is not None and beams[i][0][1]:
+                    on_step(i, beams[i][0][1][-1])
+    results = []
+    for i, kept in enumerate(beams):
+        row, steps, _ = kept[0]
+        results.append(SearchResult(text_of(row.tokens), steps, spent[i], strategy, scored[i], rounds=rounds[i]))
+    return results
+
+
+def search(model, tokenizer, prompt_ids: Sequence[int], *, on_step: Callable[[Step], None] | None = None,
+           **options) -> SearchResult:
+    """:func:`search_many` for one prompt; ``on_step(step)`` gets each kept step."""
+    return search_many(model, tokenizer, [prompt_ids], on_step=None if on_step is None else (lambda i, s: on_step(s)),
+                       **options)[0]

@@ -32,6 +32,7 @@ def _load(settings: Settings, model=None, tokenizer=None):
 
 def _probe_for(settings: Settings):
     from valueprobe.plugin import ValueProbe
+    from valueprobe.plugin.artifact import TOKEN_POSITION
 
     from .service import check_pin
 
@@ -42,7 +43,22 @@ def _probe_for(settings: Settings):
 
         artifact = str(default_artifact())
     probe = ValueProbe.load(artifact)
+    probe.require_position(TOKEN_POSITION)
     check_pin(probe, settings.artifact_sha256)
+    return probe
+
+
+def _search_probe_for(settings: Settings, engine):
+    """The step-value artifact for ``search`` (``--search-artifact``), checked against the served model."""
+    from valueprobe.plugin import ValueProbe
+
+    if not settings.search_artifact:
+        return None
+    if not hasattr(engine, "search"):
+        raise ValueError(f"search_artifact needs an engine that searches (transformers), not {settings.engine}")
+    probe = ValueProbe.load(settings.search_artifact)
+    probe.require_position("step_end")
+    probe.check_compatible(engine.model, engine.tokenizer, strict=settings.check_fingerprint)
     return probe
 
 
@@ -92,9 +108,11 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                     m, t, probe, name = await asyncio.to_thread(_load, settings, model, tokenizer)
                     engine = Engine(m, t, probe, max_batch_size=settings.max_batch_size,
                                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
+                search_probe = await asyncio.to_thread(_search_probe_for, settings, engine)
                 await engine.start()
-                app.state.sidecar = Sidecar(settings, engine, metrics, name)
-                logger.info("valueprobe ready: model %s, artifact %s", name, probe.artifact_id)
+                app.state.sidecar = Sidecar(settings, engine, metrics, name, search_probe=search_probe)
+                logger.info("valueprobe ready: model %s, artifact %s%s", name, probe.artifact_id,
+                            f", search values by {search_probe.artifact_id}" if search_probe else "")
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and every route
                 logger.exception("loading failed")
                 app.state.load_error = f"{type(exc).__name__}: {exc}"

@@ -66,7 +66,8 @@ class _GenerationParams(BaseModel):
 
 
 class SearchSpec(BaseModel):
-    """Step-level search scored by the served probe's value read at every candidate step's last token."""
+    """Step-level search scored by a value read at every candidate step's last token: the step-value artifact
+    (``--search-artifact``) when the server has one, else the served probe's head."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -84,6 +85,7 @@ class SearchStep(BaseModel):
 
 class SearchInfo(BaseModel):
     strategy: str
+    value_artifact: str = Field(description="Id of the artifact whose value scored the steps.")
     steps: list[SearchStep]
     tokens_generated: int = Field(description="Every sampled token, kept or not.")
     candidates_scored: int

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from valueprobe.plugin import ArtifactError, PromptError, ProbeResult, ValueProbe
+from valueprobe.plugin.artifact import TOKEN_POSITION
 from valueprobe.plugin.nexttoken import prompt_kind
 
 from .engine import Engine, Prompt
@@ -111,8 +112,10 @@ def check_pin(probe: ValueProbe, pin: str | None) -> None:
 
 
 class Sidecar:
-    def __init__(self, settings: Settings, engine: Engine, metrics: SidecarMetrics, model_name: str):
+    def __init__(self, settings: Settings, engine: Engine, metrics: SidecarMetrics, model_name: str, *,
+                 search_probe: ValueProbe | None = None):
         self.settings, self.engine, self.metrics, self.model_name = settings, engine, metrics, model_name
+        self.search_probe = search_probe  # a step-value artifact for `search`; else the served probe's head
         self.upstream = None
         if settings.mode == "gateway":
             self.upstream = make_upstream(settings.upstream_kind, settings.upstream_url, timeout=settings.upstream_timeout_s,
@@ -171,6 +174,7 @@ class Sidecar:
             path = self.allowed_artifact_path(requested)
             try:
                 probe = await asyncio.to_thread(ValueProbe.load, str(path))
+                probe.require_position(TOKEN_POSITION)
                 check_pin(probe, self.settings.artifact_sha256)
                 served = self._make_served(probe)
                 await self.engine.attach(probe, strict=self.settings.check_fingerprint)
@@ -288,11 +292,13 @@ class Sidecar:
     async def _searched(self, query: Query, head: Outcome, on_step=None) -> Outcome:
         """The answer by value-guided step search, once the prompt's own confidence said to answer."""
         spec = query.search
-        result = await self.engine.search(query.prompt, query.served.probe, spec, temperature=query.temperature,
+        valued_by = self.search_probe or query.served.probe
+        result = await self.engine.search(query.prompt, valued_by, spec, temperature=query.temperature,
                                           seed=query.seed, on_step=on_step)
         self.metrics.searches.labels(strategy=spec.strategy).inc()
         self.metrics.search_steps.labels(strategy=spec.strategy).inc(len(result.steps))
-        info = {"strategy": result.strategy, "tokens_generated": result.tokens_generated,
+        info = {"strategy": result.strategy, "value_artifact": valued_by.artifact_id,
+                "tokens_generated": result.tokens_generated,
                 "candidates_scored": result.candidates_scored,
                 "steps": [{"text": st.text, "value": st.value} for st in result.steps]}
         return replace(head, text=result.text, completion_tokens=result.tokens_generated, search=info,

@@ -107,3 +107,26 @@ def test_served_search_returns_steps_with_values_streams_them_and_counts(artifac
         assert 'valueprobe_search_steps_total{strategy="value-beam"}' in metrics
 
     run_app(settings, model, tokenizer, scenario, timeout=120)
+
+
+def test_many_prompts_in_one_batch_continue_their_own_caches(newline_model, tokenizer):
+    """Prompts of different lengths searched together: each candidate's value still equals a prefill of its own
+    prompt + candidate (its cache was continued, left-padded beside others, across rounds), and greedy answers
+    equal the one-prompt search's."""
+    from valueprobe.plugin.search import search_many
+
+    prompts = [prompt_ids(tokenizer, t) for t in ("What is 2 plus 3?", "Hi", "Count the sheep in the field, please.")]
+    many = search_many(newline_model, tokenizer, prompts, layer=LAYER, neuron_indices=[NEURON], value=planted_value,
+                       strategy="value-beam", width=3, max_steps=3, step_tokens=10, seed=1)
+    assert len(many) == 3
+    for p, res in zip(prompts, many):
+        assert res.rounds
+        for round_ in res.rounds:
+            for ids, step in round_:
+                assert step.value == pytest.approx(prefill_value(newline_model, p + ids), abs=1e-4)
+    greedy = search_many(newline_model, tokenizer, prompts, layer=LAYER, neuron_indices=[NEURON], value=None,
+                         strategy="greedy", answer_tokens=12)
+    for p, res in zip(prompts, greedy):
+        alone = search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=None,
+                       strategy="greedy", answer_tokens=12)
+        assert res.text == alone.text and res.tokens_generated == alone.tokens_generated > 0

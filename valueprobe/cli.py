@@ -150,10 +150,17 @@ def extract(
 @app.command()
 def fit(
     model: Annotated[str, typer.Option(help="Model: a known name (see README), a local HF folder, or a hub name.")],
-    data: Annotated[list[str], typer.Option(help="Data spec, repeatable: file.jsonl[:N] or a built-in "
-                                            "(mmlu, arc-easy, arc-challenge, commonsenseqa, sciq, triviaqa, nq-open, "
-                                            "gsm8k)[:N]. Each spec is one source for leave-one-source-out selection.")],
     out: Annotated[Path, typer.Option(help="Artifact to write (.safetensors); report and plots go beside it.")],
+    data: Annotated[Optional[list[str]], typer.Option(help="Data spec, repeatable: file.jsonl[:N] or a built-in "
+                                            "(mmlu, arc-easy, arc-challenge, commonsenseqa, sciq, triviaqa, nq-open, "
+                                            "gsm8k)[:N]. Each spec is one source for leave-one-source-out selection.")] = None,
+    traces: Annotated[Optional[Path], typer.Option(help="Trajectory mode: fit a value over reasoning steps on these "
+                                                   "traces (`valueprobe traces`) instead of a prompt confidence on "
+                                                   "--data; writes a step_end artifact for the sidecar's search.")] = None,
+    states: Annotated[Path, typer.Option(help="Trajectory mode: states recorded by `valueprobe traces`.")] =
+        Path("runs/traces"),
+    objective: Annotated[str, typer.Option(help="Trajectory mode: td (temporal difference) or bce (final reward).")] =
+        "td",
     cache: Annotated[Path, typer.Option(help="Feature cache folder; a rerun resumes from it.")] = Path("runs/cache"),
     labels: Annotated[Optional[Path], typer.Option(help="Labels JSONL of earlier generated answers (see `extract`).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per prefill batch.")] = 8,
@@ -161,7 +168,7 @@ def fit(
     seed: Annotated[int, typer.Option(help="Seed for splits, sampling and probes.")] = 0,
     tolerance: Annotated[float, typer.Option(help="Chosen k: smallest whose LOSO AUROC is within this of the best.")] = 0.01,
     max_fraction: Annotated[float, typer.Option(help="Cap k at this share of the hidden width.")] = 0.01,
-    layer: Annotated[Optional[list[int]], typer.Option(help="Candidate layers (1-based); default: a grid.")] = None,
+    layer: Annotated[Optional[list[int]], typer.Option(help="Candidate layers (1-based); default: a grid. With --traces: the one layer read (default 16).")] = None,
     head: Annotated[list[str], typer.Option(help="Heads to compare by LOSO AUROC (linear, mlp).")] = ["linear", "mlp"],
     random_draws: Annotated[int, typer.Option(help="Random-k neuron sets for the baseline.")] = 100,
     dtype: Annotated[str, typer.Option(help="Model dtype.")] = "float32",
@@ -175,6 +182,12 @@ def fit(
     from valueprobe.calibration.fit import FitConfig, fit_artifact
     from valueprobe.plugin import PromptFormat, save_artifact
 
+    if (traces is None) == (not data):
+        _fail("give --data (a prompt confidence) or --traces (a value over reasoning steps), not both")
+    if traces is not None:
+        _fit_steps(model, traces, out, states=states, objective=objective, layer=(layer or [16])[0], seed=seed,
+                   dtype=dtype, name=name)
+        return
     try:
         questions = _interleave([load_data(spec, seed=seed) for spec in data])
     except DataError as exc:
@@ -201,6 +214,34 @@ def fit(
     typer.echo(format_table(card["test"]["all"]))
     typer.echo(card["verdict"])
     typer.echo(f"wrote {out} (id {artifact.metadata['content_sha256'][:12]}), {stem}.md and {len(plots)} plots")
+
+
+def _fit_steps(model: str, traces_file: Path, out: Path, *, states: Path, objective: str, layer: int, seed: int,
+               dtype: str, name: Optional[str]) -> None:
+    from valueprobe.calibration.data import load_data
+    from valueprobe.calibration.step_value import fit_step_value, render_markdown
+    from valueprobe.calibration.trajectories import TRACE_FORMAT, load_traces, trace_states
+    from valueprobe.plugin import save_artifact
+
+    traces_ = load_traces(traces_file)
+    if not traces_:
+        _fail(f"no traces in {traces_file}")
+    mdl, tok = _load_model(model, dtype)
+    try:
+        ts = trace_states(None, None, traces_, states_dir=states, layers=[layer], progress=False)
+    except ValueError:  # states not recorded (or not this layer): re-read them by one prefill per trace
+        problems = {q.id: q for ds in sorted({t["dataset"] for t in traces_}) for q in load_data(ds)}
+        ts = trace_states(mdl, tok, traces_, states_dir=states, layers=[layer], problems=problems)
+    try:
+        artifact, card = fit_step_value(mdl, tok, ts, layer=layer, model_name=name or model, objective=objective,
+                                        prompt_format=TRACE_FORMAT, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    save_artifact(artifact, out)
+    markdown = render_markdown(card)
+    (out.parent / f"{out.name.removesuffix('.safetensors')}.md").write_text(markdown)
+    typer.echo(markdown)
+    typer.echo(f"wrote {out} (id {artifact.metadata['content_sha256'][:12]})")
 
 
 @app.command(name="eval")
@@ -433,6 +474,8 @@ def serve(
     artifact_sha256: Annotated[Optional[str], typer.Option(help="Pin: refuse an artifact whose content hash does "
                                                            "not start with this (at start and on reload).")] = None,
     artifact_dir: Annotated[Optional[str], typer.Option(help="Folder reload may load from (default: the artifact's).")] = None,
+    search_artifact: Annotated[Optional[str], typer.Option(help="Step-value artifact (`valueprobe fit --traces`) that "
+                                                           "values steps in `search` (default: the served head).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Settings file (KEY=value lines, VALUEPROBE_ prefix).")] = None,
@@ -458,6 +501,7 @@ def serve(
                                    abstain_below=abstain_below, escalate_below=escalate_below,
                                    escalate_rate=escalate_rate, risk_alpha=risk_alpha, admin_token=admin_token,
                                    artifact_sha256=artifact_sha256, artifact_dir=artifact_dir,
+                                   search_artifact=search_artifact,
                                    host=host, port=port).items() if v is not None}
     try:
         settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
@@ -595,6 +639,50 @@ def bench_semantic_entropy(
 
     try:
         run(samples, artifact=artifact, cache_dir=cache, out=out, echo=typer.echo)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@bench_app.command("search")
+def bench_search(
+    traces_file: Annotated[Path, typer.Option("--traces", help="Traces JSONL from `valueprobe traces`: the problems, "
+                                                               "the value heads' training data and the sampled answers.")] =
+        Path("weights/traces/qwen2.5-coder-1.5b-instruct.gsm8k.jsonl"),
+    out: Annotated[Path, typer.Option(help="Writes <out>.jsonl (generated answers, appended: a rerun resumes), "
+                                           "<out>.md, <out>.json, <out>.png.")] =
+        Path("weights/search/qwen2.5-coder-1.5b-instruct.gsm8k"),
+    states: Annotated[Path, typer.Option(help="States recorded by `valueprobe traces` (else re-read by prefill).")] =
+        Path("runs/traces"),
+    model: Annotated[Optional[str], typer.Option(help="Model; default: the traces' own.")] = None,
+    layer: Annotated[int, typer.Option(help="Layer the value head reads (the dopamine study's choice).")] = 16,
+    folds: Annotated[int, typer.Option(help="Problem folds: each problem's head is fitted on the other folds.")] = 5,
+    objective: Annotated[str, typer.Option(help="Value head objective: td or bce (final reward).")] = "td",
+    width: Annotated[int, typer.Option(help="Candidate lines per step for value-beam.")] = 4,
+    batch: Annotated[int, typer.Option(help="Problems searched together (value-beam: batch x width rows).")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Generate for the first N traced problems only.")] = None,
+    strategies: Annotated[str, typer.Option(help="Generated strategies (comma list of greedy, value-beam; '' for "
+                                                 "the report alone).")] = "greedy,value-beam",
+    seed: int = 0,
+):
+    """Value-guided step search vs greedy, self-consistency, best-of-n and random step selection at an equal
+    token budget, on traced GSM8K problems scored by out-of-fold value heads: accuracy, tokens, McNemar tests,
+    plot. Resumable; the report covers the problems every strategy has answered so far."""
+    import torch
+
+    from valueprobe.bench.search import GENERATED, run
+
+    chosen = [s for s in strategies.split(",") if s]
+    unknown = [s for s in chosen if s not in GENERATED]
+    if unknown:
+        _fail(f"unknown strategies {unknown}; expected some of {list(GENERATED)}")
+    if objective not in ("td", "bce"):
+        _fail("objective must be td or bce")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run(traces_file, out=out, states_dir=states, model_name=model, layer=layer, folds=folds, objective=objective,
+            width=width, batch=batch, limit=limit, strategies=chosen, do_generate=bool(chosen), seed=seed,
+            echo=typer.echo)
     except ValueError as exc:
         _fail(str(exc))
 

@@ -1,0 +1,74 @@
+"""The search benchmark's bookkeeping on synthetic traces with a planted value neuron: heads are fitted out of
+fold, self-consistency votes, best-of-n follows the planted value, paired tests and the target verdict."""
+
+import numpy as np
+import torch
+from test_dopamine import planted_traces
+
+from valueprobe.bench.search import fit_fold_heads, fold_of, from_traces, report
+from valueprobe.calibration.metrics import mcnemar_p
+from valueprobe.calibration.trajectories import TraceSet
+
+
+def synthetic_trace_set(n_problems=40, per_problem=4):
+    states, rewards, problems = planted_traces(n_problems=n_problems, per_problem=per_problem)
+    traces = []
+    for i, (p, r) in enumerate(zip(problems, rewards)):
+        # right traces answer "7"; wrong ones disagree with each other unless they are the second sample
+        wrong = "1" if i % per_problem == 1 else str(100 + i)
+        traces.append({"id": f"{p}#{i % per_problem}", "problem": p, "sample": i % per_problem, "label": int(r),
+                       "prediction": "7" if r else wrong, "tokens": [0] * (10 + i % 3), "truncated": False})
+    return TraceSet(traces, [torch.tensor(s, dtype=torch.float32)[:, None, :] for s in states], [5])
+
+
+def test_heads_are_fitted_out_of_fold_and_best_of_n_follows_the_planted_value():
+    ts = synthetic_trace_set()
+    folds = 3
+    heads, sizes = fit_fold_heads(ts, 5, folds, objective="td", epochs=30)
+    fold = [fold_of(t["problem"], folds) for t in ts.traces]
+    assert fold_of("p3", folds) == fold_of("p3", folds)
+    for f in range(folds):
+        assert sizes[f] == sum(x != f for x in fold) < len(ts.traces)
+    per = from_traces(ts, heads, layer=5, folds=folds)
+    by_problem = {}
+    for t in ts.traces:
+        by_problem.setdefault(t["problem"], []).append(t)
+    for p, tr in by_problem.items():
+        labels = [t["label"] for t in tr]
+        assert per["sample"][p]["correct"] == tr[0]["label"]
+        assert per["sample"][p]["expected"] == np.mean(labels)
+        assert per["self-consistency"][p]["tokens"] == sum(len(t["tokens"]) + 1 for t in tr)
+        right, wrong_ones = sum(labels), [t for t in tr if not t["label"]]
+        # a majority of "7" wins the vote; the only other repeated answer is "1" (sample 1, if wrong)
+        if right >= 2:
+            assert per["self-consistency"][p]["correct"] == 1
+        elif right == 0:
+            assert per["self-consistency"][p]["correct"] == 0
+        assert len(wrong_ones) == len(tr) - right
+    mixed = [p for p, tr in by_problem.items() if 0 < sum(t["label"] for t in tr) < len(tr)]
+    best = np.mean([per["best-of-n"][p]["correct"] for p in mixed])
+    expected = np.mean([per["sample"][p]["expected"] for p in mixed])
+    assert best > expected + 0.2  # the planted value picks right traces among mixed ones
+
+
+def test_report_pairs_strategies_on_common_problems_and_states_the_verdict(tmp_path):
+    ts = synthetic_trace_set()
+    heads, sizes = fit_fold_heads(ts, 5, 3, epochs=10)
+    problems = sorted({t["problem"] for t in ts.traces})
+    rng = np.random.default_rng(0)
+    greedy = rng.integers(0, 2, len(problems))
+    beam = np.where(rng.random(len(problems)) < 0.8, 1, greedy)
+    records = [{"problem": p, "strategy": "greedy", "correct": int(g), "tokens": 12} for p, g in zip(problems, greedy)]
+    records += [{"problem": p, "strategy": "value-beam", "correct": int(b), "tokens": 50}
+                for p, b in zip(problems, beam)][:-2]  # two problems not searched yet: left out of every row
+    result, md = report(ts, heads, sizes, records, layer=5, folds=3, width=4, objective="td",
+                        plot_path=tmp_path / "search.png")
+    assert result["problems"] == len(problems) - 2
+    rows = result["strategies"]
+    assert rows["greedy"]["accuracy"] == greedy[:-2].mean() and rows["value-beam"]["tokens_per_problem"] == 50
+    assert rows["greedy"]["ci95"][0] < rows["greedy"]["accuracy"] < rows["greedy"]["ci95"][1]
+    test = next(t for t in result["paired"] if (t["a"], t["b"]) == ("value-beam", "greedy"))
+    assert test["p_mcnemar"] == mcnemar_p(greedy[:-2], beam[:-2])
+    assert test["a_only"] == int(((beam[:-2] == 1) & (greedy[:-2] == 0)).sum())
+    assert "NOT MET" in md and "random step selection" in md.lower()
+    assert (tmp_path / "search.png").stat().st_size > 0

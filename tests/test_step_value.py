@@ -1,0 +1,100 @@
+"""Trajectory mode of `valueprobe fit` (a value over reasoning steps, token_position step_end) on synthetic traces
+with a planted value neuron: the artifact is written with a card comparing TD and final-reward heads, is refused
+for prompt scoring (naming token_position), and values the sidecar's search when given as --search-artifact."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from valueprobe.cli import app
+from valueprobe.plugin import ValueProbe
+from valueprobe.plugin.artifact import ArtifactMismatchError
+
+LAYER, NEURON = 2, 3
+
+
+@pytest.fixture(scope="module")
+def step_setup(tmp_path_factory, tokenizer):
+    from test_trajectories import _newline_prone
+
+    folder = tmp_path_factory.mktemp("steps")
+    model = _newline_prone(tokenizer)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    width = model.config.hidden_size
+    rng = np.random.default_rng(0)
+    traces, saved = [], {}
+    for p in range(40):
+        skill = rng.normal()
+        for s in range(4):
+            steps = int(rng.integers(2, 5))
+            logit = np.cumsum(rng.normal(skill, 1.0, steps + 1))
+            label = int(rng.random() < 1 / (1 + np.exp(-logit[-1])))
+            x = rng.normal(0, 1, (steps + 1, width))
+            x[:, NEURON] = 3 * logit
+            tid = f"p{p}#{s}"
+            traces.append({"id": tid, "problem": f"p{p}", "dataset": "toy", "sample": s, "gold": "1",
+                           "prediction": "1" if label else "2", "label": label, "truncated": False,
+                           "steps": [f"step {i}" for i in range(steps)], "step_ends": list(range(steps)),
+                           "tokens": list(range(steps + 1)), "model_name": "tiny"})
+            saved[tid] = torch.tensor(x, dtype=torch.float16)[:, None, :]
+    (folder / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
+    (folder / "states").mkdir()
+    save_file(saved, str(folder / "states" / "states-toy.safetensors"), metadata={"layers": json.dumps([LAYER])})
+    out = folder / "steps.safetensors"
+    result = CliRunner().invoke(app, ["fit", "--model", str(folder / "model"), "--traces", str(folder / "traces.jsonl"),
+                                      "--states", str(folder / "states"), "--layer", str(LAYER), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return model, out, result.output
+
+
+def test_fit_traces_writes_a_step_value_artifact_with_its_card(step_setup):
+    _, out, output = step_setup
+    probe = ValueProbe.load(out)
+    assert probe.token_position == "step_end" and probe.layer == LAYER and probe.head == "mlp"
+    assert "TD" in output and "final-reward regression" in output
+    card = probe.eval_card
+    assert card["objective"] == "td" and card["data"]["traces"] == 160
+    held = card["held_out"]["by_objective"]
+    assert held["td"]["auroc_all_states"] > 0.7 and held["bce"]["auroc_all_states"] > 0.7  # the planted value
+    assert (out.parent / "steps.md").read_text().startswith("# Step value")
+
+
+def test_step_value_is_refused_for_prompts_naming_token_position(step_setup, tokenizer):
+    model, out, _ = step_setup
+    probe = ValueProbe.load(out)
+    with pytest.raises(ArtifactMismatchError, match="token_position"):
+        probe.attach(model, tokenizer)
+    with pytest.raises(ArtifactMismatchError, match="token_position"):
+        probe.score(model, tokenizer, "What is 2 plus 3?")
+    result = CliRunner().invoke(app, ["fit", "--model", "x", "--out", str(out)])
+    assert result.exit_code != 0 and "--traces" in result.output
+
+
+def test_served_search_is_valued_by_the_step_artifact(step_setup, artifact_file, tokenizer):
+    from conftest import run_app
+
+    from valueprobe.server.settings import Settings
+
+    model, out, _ = step_setup
+    step_id = ValueProbe.load(out).artifact_id
+    body = {"messages": [{"role": "user", "content": "What is 2 plus 3?"}], "max_tokens": 16,
+            "search": {"strategy": "value-beam", "width": 2, "max_steps": 2, "step_tokens": 6}}
+
+    async def scenario(client, app):
+        r = await client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["search"]["value_artifact"] == step_id
+
+    run_app(Settings(artifact=str(artifact_file), search_artifact=str(out), check_fingerprint=False), model,
+            tokenizer, scenario, timeout=120)
+
+    async def refused(client, app):
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "token_position" in r.text
+
+    run_app(Settings(artifact=str(out), check_fingerprint=False), model, tokenizer, refused)
