@@ -135,10 +135,11 @@ def _prefill(model, prompts: list[list[int]], reader: _LastState, pad_id: int) -
     enc = pad_left([list(p) for p in prompts], pad_id)
     device = next(model.parameters()).device
     mask = enc["attention_mask"]
+    # logits of the last position only: all positions' would be rows x length x vocabulary floats
     out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True)
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
     kv = _cache_tensors(out.past_key_values)
-    logits = out.logits[:, -1, :].float()
+    logits = out.logits[:, -1, :].float().clone()
     width = mask.shape[1]
     rows = []
     for r, p in enumerate(prompts):
@@ -198,8 +199,9 @@ def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, tem
         for j in finished:
             i = active[j]
             real = mask[j].bool()
-            done[i] = _Row([(k[j : j + 1][:, :, real], v[j : j + 1][:, :, real]) for k, v in kv], logits[j],
-                           states[j], prev_states[j], rows[i].tokens + new[i])
+            # copies, so a finished row holds nothing of the batch's tensors
+            done[i] = _Row([(k[j : j + 1][:, :, real], v[j : j + 1][:, :, real]) for k, v in kv], logits[j].clone(),
+                           states[j].clone(), prev_states[j].clone(), rows[i].tokens + new[i])
         keep = [j for j in range(len(active)) if j not in set(finished)]
         if keep:
             sel = torch.tensor(keep, device=device)

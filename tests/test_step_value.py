@@ -98,3 +98,35 @@ def test_served_search_is_valued_by_the_step_artifact(step_setup, artifact_file,
         assert r.status_code == 503 and "token_position" in r.text
 
     run_app(Settings(artifact=str(out), check_fingerprint=False), model, tokenizer, refused)
+
+
+def test_trace_ablation_compares_the_chosen_neurons_with_magnitude_matched_random_sets(tokenizer):
+    from test_trajectories import _newline_prone
+
+    from valueprobe.calibration.ablate import _trace_nll, trace_ablation_study
+    from valueprobe.calibration.data import Question
+    from valueprobe.calibration.trajectories import TRACE_FORMAT
+
+    model = _newline_prone(tokenizer)
+    problems = {f"p{i}": Question(f"p{i}", f"What is {i} plus {i}?", str(2 * i), None, "numeric", "toy") for i in range(3)}
+    traces = []
+    for i in range(3):
+        tokens = tokenizer(f"{i} plus {i}\nis {2 * i}\nAnswer: {2 * i}", add_special_tokens=False)["input_ids"]
+        traces.append({"problem": f"p{i}", "tokens": tokens, "step_ends": [2, 5, len(tokens) - 1]})
+    width = model.config.hidden_size
+    states = [np.random.default_rng(i).normal(size=(4, width)) for i in range(3)]
+    base = _trace_nll(model, tokenizer, TRACE_FORMAT, traces, problems)
+    # teacher-forced NLL of the trace tokens, checked by hand for the first trace
+    prompt = tokenizer(TRACE_FORMAT.render(tokenizer, problems["p0"].prompt()),
+                       add_special_tokens=TRACE_FORMAT.adds_special_tokens(tokenizer))["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + traces[0]["tokens"]])).logits[0], -1)
+    manual = -np.mean([float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(traces[0]["tokens"])])
+    assert base[0, 0] == pytest.approx(manual, rel=1e-4)
+    r = trace_ablation_study(model, tokenizer, traces, problems, layer=2, neurons=list(range(0, width, 2)),
+                             states=states, fmt=TRACE_FORMAT, seeds=2, mode="zero", progress=False)
+    assert r["k"] == width // 2 and len(r["random_sets"]) == 2
+    for subset in r["random_sets"]:
+        assert len(subset) == width // 2 and not set(subset) & set(range(0, width, 2))
+    assert r["delta_nll_chosen"][0] != 0  # zeroing half the layer changes the predictions
+    assert all(0 < p <= 1 for p in r["p_empirical_vs_random"])

@@ -426,10 +426,23 @@ def ablate(
     seed: int = 0,
     dtype: str = "float32",
     out: Annotated[Optional[Path], typer.Option(help="Write the result as JSON here.")] = None,
+    dopamine: Annotated[Optional[Path], typer.Option(help="Step mode: the dopamine study's JSON (`valueprobe "
+                                                     "dopamine --out`); ablate its neurons while the model re-reads "
+                                                     "held-out reasoning traces (teacher-forced NLL).")] = None,
+    traces: Annotated[Path, typer.Option(help="Step mode: traces JSONL.")] =
+        Path("weights/traces/qwen2.5-coder-1.5b-instruct.gsm8k.jsonl"),
+    states: Annotated[Path, typer.Option(help="Step mode: states recorded by `valueprobe traces`.")] = Path("runs/traces"),
+    n_traces: Annotated[int, typer.Option(help="Step mode: held-out traces re-read per condition.")] = 16,
 ):
-    """Causal check: accuracy drop when the value neurons are ablated vs k random magnitude-matched neurons."""
+    """Causal check: accuracy drop when the value neurons are ablated vs k random magnitude-matched neurons; with
+    --dopamine, the dopamine neurons' effect on predicting held-out reasoning traces, against the same control."""
     from valueprobe.calibration.ablate import ablation_study
     from valueprobe.calibration.data import DataError, load_data
+
+    if dopamine is not None:
+        _ablate_dopamine(dopamine, traces, states, n_traces=n_traces, seeds=seeds, mode=mode, model=model, dtype=dtype,
+                         seed=seed, out=out)
+        return
 
     probe = _load_probe(artifact or default_artifact())
     try:
@@ -450,6 +463,39 @@ def ablate(
     )
     if out:
         out.write_text(json.dumps(result, indent=2))
+
+
+def _ablate_dopamine(study: Path, traces_file: Path, states: Path, *, n_traces: int, seeds: int, mode: str,
+                     model: Optional[str], dtype: str, seed: int, out: Optional[Path]) -> None:
+    from valueprobe.calibration.ablate import trace_ablation_study
+    from valueprobe.calibration.data import load_data
+    from valueprobe.calibration.dopamine import split_problems
+    from valueprobe.calibration.trajectories import TRACE_FORMAT, load_traces, trace_states
+
+    result = json.loads(study.read_text())
+    layer, neurons = result["layer"], result["dopamine"]["neurons"]
+    traces_ = load_traces(traces_file)
+    if not traces_:
+        _fail(f"no traces in {traces_file}")
+    # the study's own held-out problems (its neurons were ranked on the others)
+    held = [t for t, h in zip(traces_, split_problems([t["problem"] for t in traces_], seed=seed)) if h]
+    held = held[:n_traces]
+    mdl, tok = _load_model(model or traces_[0]["model_name"], dtype)
+    problems = {q.id: q for ds in sorted({t["dataset"] for t in traces_}) for q in load_data(ds)}
+    ts = trace_states(mdl, tok, traces_, states_dir=states, layers=[layer], problems=problems)
+    try:
+        r = trace_ablation_study(mdl, tok, held, problems, layer=layer, neurons=neurons, states=ts.layer(layer),
+                                 fmt=TRACE_FORMAT, seeds=seeds, mode=mode, seed=seed)
+    except ValueError as exc:
+        _fail(str(exc))
+    for j, column in enumerate(r["columns"]):
+        typer.echo(f"{column}: NLL {r['nll_base'][j]:.4f}; dopamine neurons ablated ({mode}) "
+                   f"{r['delta_nll_chosen'][j]:+.4f}; {seeds} magnitude-matched random sets "
+                   f"{r['delta_nll_random_mean'][j]:+.4f} ± {r['delta_nll_random_std'][j]:.4f}; "
+                   f"P(random >= dopamine) = {r['p_empirical_vs_random'][j]:.3f}")
+    typer.echo(f"({r['n_traces']} held-out traces, layer {layer}, k={r['k']})")
+    if out:
+        out.write_text(json.dumps(r, indent=2))
 
 
 @app.command()
