@@ -62,6 +62,8 @@ def test_fit_traces_writes_a_step_value_artifact_with_its_card(step_setup):
     held = card["held_out"]["by_objective"]
     assert held["td"]["auroc_all_states"] > 0.7 and held["bce"]["auroc_all_states"] > 0.7  # the planted value
     assert (out.parent / "steps.md").read_text().startswith("# Step value")
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "step_end" in shown.output and "| TD |" in shown.output
 
 
 def test_step_value_is_refused_for_prompts_naming_token_position(step_setup, tokenizer):
@@ -73,6 +75,8 @@ def test_step_value_is_refused_for_prompts_naming_token_position(step_setup, tok
         probe.score(model, tokenizer, "What is 2 plus 3?")
     result = CliRunner().invoke(app, ["fit", "--model", "x", "--out", str(out)])
     assert result.exit_code != 0 and "--traces" in result.output
+    result = CliRunner().invoke(app, ["score", "2 plus 3?", "--artifact", str(out), "--model", "x"])
+    assert result.exit_code != 0 and "token_position" in result.output
 
 
 def test_served_search_is_valued_by_the_step_artifact(step_setup, artifact_file, tokenizer):

@@ -27,11 +27,15 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _load_probe(path: Path):
+def _load_probe(path: Path, position: Optional[str] = "last_prompt_token"):
+    """Load and validate an artifact; with ``position``, refuse one read at another token position."""
     from valueprobe.plugin import ArtifactError, ValueProbe
 
     try:
-        return ValueProbe.load(path)
+        probe = ValueProbe.load(path)
+        if position is not None:
+            probe.require_position(position)
+        return probe
     except ArtifactError as exc:
         _fail(str(exc))
 
@@ -56,7 +60,7 @@ def inspect(
     """Print an artifact's metadata and eval card (validates the whole file first)."""
     from valueprobe.calibration.evaluate import render_markdown
 
-    probe = _load_probe(artifact)
+    probe = _load_probe(artifact, position=None)
     md = probe.data.metadata
     if as_json:
         typer.echo(json.dumps({k: (json.loads(v) if k in ("eval_card", "thresholds", "prompt_format", "model_fingerprint",
@@ -75,7 +79,12 @@ def inspect(
         typer.echo(f"thresholds    {json.dumps(probe.thresholds, sort_keys=True)}")
     if probe.eval_card:
         typer.echo("")
-        typer.echo(render_markdown(probe.eval_card))
+        if probe.token_position == "step_end":
+            from valueprobe.calibration.step_value import render_markdown as render_steps
+
+            typer.echo(render_steps(probe.eval_card))
+        else:
+            typer.echo(render_markdown(probe.eval_card))
 
 
 @app.command()
