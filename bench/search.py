@@ -197,9 +197,12 @@ def _plot(rows: dict, path: Path, n: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    # self-consistency and best-of-n spend the same tokens: nudge them apart so both stay visible
+    nudge = {"self-consistency": 0.985, "best-of-n": 1.015}
     for s, r in rows.items():
         err = [[r["accuracy"] - r["ci95"][0]], [r["ci95"][1] - r["accuracy"]]]
-        ax.errorbar(r["tokens_per_problem"], r["accuracy"], yerr=err, fmt="o", capsize=4, label=r["name"])
+        ax.errorbar(r["tokens_per_problem"] * nudge.get(s, 1.0), r["accuracy"], yerr=err, fmt="o", capsize=4,
+                    label=r["name"])
     if "sample" in rows:
         r = rows["sample"]
         ax.plot([r["random_step_tokens_per_problem"]], [r["accuracy"]], "x", color="grey",

@@ -13,8 +13,11 @@ def default_artifact() -> Path:
     return Path(str(files(__name__) / DEFAULT_ARTIFACT_NAME))
 
 
-def shipped_artifacts() -> list[Path]:
-    return sorted(Path(str(p)) for p in files(__name__).iterdir() if str(p).endswith(".safetensors"))
+def shipped_artifacts(kind: str = "prompt") -> list[Path]:
+    """Shipped artifacts of one kind: ``prompt`` (confidence in a prompt) or ``steps`` (step values for search,
+    named ``*.steps.safetensors``)."""
+    paths = sorted(Path(str(p)) for p in files(__name__).iterdir() if str(p).endswith(".safetensors"))
+    return [p for p in paths if p.name.endswith(".steps.safetensors") == (kind == "steps")]
 
 
 def labels_path(model_name: str) -> Path | None:
