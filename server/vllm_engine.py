@@ -27,6 +27,9 @@ from .errors import OverloadedError, ProbeFailedError
 
 __all__ = ["VllmEngine", "engine_args"]
 
+# A request asks for its readout right after its prefill; one unclaimed this long belongs to a request that ended.
+READOUT_TTL_S = 300.0
+
 logger = logging.getLogger("valueprobe.server")
 
 
@@ -49,6 +52,7 @@ class VllmEngine(TokenizerAccess):
         self.max_queue, self.metrics = max_queue, metrics
         self._attached: dict[str, VllmProbe] = {}
         self._ready: dict[str, dict[str, list[float]]] = {}  # vLLM request id -> {artifact id: readout}
+        self._ready_at: dict[str, float] = {}  # when each entry arrived (entries nobody asks for expire)
         self._fetch_lock = asyncio.Lock()
         self._in_flight = 0
         self._ids = itertools.count()
@@ -121,7 +125,7 @@ class VllmEngine(TokenizerAccess):
             async with self._fetch_lock:
                 found = self._pop(request_id, key)
                 if found is None:
-                    self._ready.update((await self.llm.collective_rpc("valueprobe_take", args=(None,)))[0])
+                    self._store((await self.llm.collective_rpc("valueprobe_take", args=(None,)))[0])
                     found = self._pop(request_id, key)
             if found is not None:
                 try:
@@ -131,12 +135,25 @@ class VllmEngine(TokenizerAccess):
             await asyncio.sleep(0.01)
         raise ProbeFailedError("the probe hook did not fire during the prefill")
 
+    def _store(self, fetched: dict, now: float | None = None) -> None:
+        """Keep fetched readouts until their requests ask; drop those nobody asked for in ``READOUT_TTL_S``
+        (a request aborted or cancelled before its first output never asks)."""
+        import time
+
+        now = time.monotonic() if now is None else now
+        self._ready.update(fetched)
+        self._ready_at.update(dict.fromkeys(fetched, now))
+        for rid in [r for r, t in self._ready_at.items() if now - t > READOUT_TTL_S]:
+            self._ready.pop(rid, None)
+            self._ready_at.pop(rid, None)
+
     def _pop(self, request_id: str, key: str):
         """This request's readout by ``key``; the whole entry goes, so readouts by other attached artifacts (during
         a reload both read every prefill) do not pile up."""
         internal = internal_request_id(request_id, self._ready)
         if internal is None or key not in self._ready[internal]:
             return None
+        self._ready_at.pop(internal, None)
         return self._ready.pop(internal)[key]
 
     def _params(self, max_new_tokens: int, temperature=None, top_p=None, seed=None, stop=None):

@@ -264,3 +264,15 @@ def test_bring_your_own_async_llm(tmp_path, tokenizer):
     got = asyncio.run(main())
     for have, want in zip(got, expected):
         assert have.probability == pytest.approx(want.probability, abs=1e-4)
+
+
+def test_unclaimed_readouts_expire(tokenizer):
+    """A readout whose request never asks (aborted before its first output) does not stay in the engine forever."""
+    from valueprobe.server.vllm_engine import READOUT_TTL_S, VllmEngine
+
+    engine = VllmEngine(None, tokenizer, None)
+    engine._store({"vp-a-1-0f3c": {"art": [1.0]}, "vp-a-2-77aa": {"art": [2.0]}}, now=0.0)
+    assert engine._pop("vp-a-1", "art") == [1.0] and engine._pop("vp-a-1", "art") is None
+    engine._store({"vp-a-3-1b2c": {"art": [3.0]}}, now=READOUT_TTL_S + 1)   # request 2 never asked: gone
+    assert engine._pop("vp-a-2", "art") is None and "vp-a-2-77aa" not in engine._ready_at
+    assert engine._pop("vp-a-3", "art") == [3.0] and not engine._ready and not engine._ready_at
