@@ -18,6 +18,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,24 @@ class TokenizerAccess:
         return self._letters[key]
 
 
+@dataclass(eq=False)
+class _SearchJob:
+    prompt: Prompt
+    probe: ValueProbe
+    spec: object
+    temperature: float
+    seed: int | None
+    on_step: Callable
+    future: asyncio.Future
+
+    @property
+    def key(self) -> tuple:
+        s = self.spec
+        alone = id(self) if self.seed is not None else None
+        return (self.probe.artifact_id, s.strategy, s.width, s.beam, s.max_steps, s.step_tokens, self.temperature,
+                alone)
+
+
 class Engine(TokenizerAccess):
     def __init__(self, model, tokenizer, probe: ValueProbe, *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
                  max_queue: int = 64, metrics=None):
@@ -104,18 +123,21 @@ class Engine(TokenizerAccess):
         self.pad_id = pad_token_id(tokenizer)
         self._generations = 0
         self._batcher: asyncio.Task | None = None
+        self._searches: list[_SearchJob] = []  # waiting for the generation thread, batched by probe and spec
+        self._search_drain: asyncio.Future | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self):
         self._batcher = asyncio.create_task(self._batch_loop())
 
     async def stop(self):
-        if self._batcher:
-            self._batcher.cancel()
-            try:
-                await self._batcher
-            except asyncio.CancelledError:
-                pass
+        for task in (self._batcher, self._search_drain):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         for executor in (self.score_executor, self.generate_executor):
             executor.shutdown(wait=False, cancel_futures=True)
 
@@ -270,21 +292,25 @@ class Engine(TokenizerAccess):
                 generated, finish = generated.split(s, 1)[0], "stop"
         return Generation(generated, len(prompt.input_ids), len(tokens), finish, seen[0])
 
-    def _search(self, prompt: Prompt, probe: ValueProbe, spec, temperature, seed, on_step):
-        from valueprobe.plugin.search import newline_token_ids, search
+    def _search_group(self, jobs: list[_SearchJob]):
+        """One batched search (:func:`valueprobe.plugin.search.search_many`) for jobs that share probe and spec."""
+        from valueprobe.plugin.search import newline_token_ids, search_many
 
         with self._tokenizer_lock:  # vocabulary scan, once per tokenizer, never beside a running encode
             newline_token_ids(self.tokenizer)
-        return search(self.model, self.tokenizer, prompt.input_ids, layer=probe.layer,
-                      neuron_indices=probe.neuron_indices, value=probe.predict_proba, strategy=spec.strategy,
-                      width=spec.width, beam=spec.beam, max_steps=spec.max_steps, step_tokens=spec.step_tokens,
-                      answer_tokens=spec.max_steps * spec.step_tokens,
-                      temperature=temperature if temperature and temperature > 0 else 0.8, seed=seed or 0,
-                      extract=_final_answer, on_step=on_step, decode=self.decode)
+        first = jobs[0]
+        spec, probe = first.spec, first.probe
+        return search_many(self.model, self.tokenizer, [j.prompt.input_ids for j in jobs], layer=probe.layer,
+                           neuron_indices=probe.neuron_indices, value=probe.predict_proba, strategy=spec.strategy,
+                           width=spec.width, beam=spec.beam, max_steps=spec.max_steps, step_tokens=spec.step_tokens,
+                           answer_tokens=spec.max_steps * spec.step_tokens, temperature=first.temperature,
+                           seed=first.seed or 0, extract=_final_answer,
+                           on_step=lambda i, step: jobs[i].on_step(step), decode=self.decode)
 
     async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None):
-        """Value-guided step search (:func:`valueprobe.plugin.search.search`) with the probe's value head, on the
-        generation thread; ``on_step(step)`` runs on the event loop for each kept step."""
+        """Value-guided step search with ``probe``'s value, on the generation thread; ``on_step(step)`` runs on the
+        event loop for each kept step. Searches that arrive while one runs, with the same probe and spec (and no
+        seed: a seeded search runs alone, so its seed means the same thing every time), run next as one batch."""
         self._admit_generation()
         loop = asyncio.get_running_loop()
 
@@ -292,11 +318,36 @@ class Engine(TokenizerAccess):
             if on_step is not None:
                 loop.call_soon_threadsafe(on_step, step)
 
+        job = _SearchJob(prompt, probe, spec, temperature if temperature and temperature > 0 else 0.8, seed, step_cb,
+                         loop.create_future())
+        self._searches.append(job)
+        if self._search_drain is None or self._search_drain.done():
+            self._search_drain = asyncio.ensure_future(self._drain_searches())
         try:
-            return await loop.run_in_executor(self.generate_executor, self._search, prompt, probe, spec, temperature,
-                                              seed, step_cb)
+            return await job.future
         finally:
             self._generations -= 1
+
+    async def _drain_searches(self):
+        loop = asyncio.get_running_loop()
+        while self._searches:
+            key = self._searches[0].key
+            group = [j for j in self._searches if j.key == key and not j.future.done()][: self.max_batch_size]
+            self._searches = [j for j in self._searches if j not in group and not j.future.done()]
+            if not group:
+                continue
+            if self.metrics:
+                self.metrics.search_batch_size.observe(len(group))
+            try:
+                results = await loop.run_in_executor(self.generate_executor, self._search_group, group)
+            except Exception as exc:  # noqa: BLE001 - each waiting request gets the failure
+                for j in group:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+                continue
+            for j, r in zip(group, results):
+                if not j.future.done():  # a client that went away is simply not answered
+                    j.future.set_result(r)
 
     def _admit_generation(self):
         if self._generations >= self.max_queue:

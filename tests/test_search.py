@@ -105,6 +105,13 @@ def test_served_search_returns_steps_with_values_streams_them_and_counts(artifac
         metrics = (await client.get("/metrics")).text
         assert 'valueprobe_searches_total{strategy="value-beam"} 4.0' in metrics
         assert 'valueprobe_search_steps_total{strategy="value-beam"}' in metrics
+        from prometheus_client.parser import text_string_to_metric_families
+
+        batches = {s.name: s.value for f in text_string_to_metric_families(metrics)
+                   if f.name == "valueprobe_search_batch_size" for s in f.samples}
+        # 4 searches, and the 3 concurrent ones did not all run one by one: some shared a batch
+        assert batches["valueprobe_search_batch_size_sum"] == 4
+        assert batches["valueprobe_search_batch_size_count"] < 4
 
     run_app(settings, model, tokenizer, scenario, timeout=120)
 
