@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.fingerprint import model_fingerprint, tokenizer_fingerprint
-from valueprobe.plugin.hooks import capture, find_decoder_layers
+from valueprobe.plugin.hooks import cache_from_layers, cache_layers, capture, find_decoder_layers
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.nexttoken import next_token_features, summarize_logits
 from valueprobe.plugin.prompting import PromptFormat
@@ -129,11 +129,7 @@ class SharedPrefix:
         if common >= 2:
             with torch.inference_mode():
                 out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True)
-            cache = out.past_key_values
-            if getattr(cache, "layers", None) and hasattr(cache.layers[0], "keys"):  # transformers >= 4.56
-                self.layers = [(layer.keys, layer.values) for layer in cache.layers]
-            else:
-                self.layers = [(k, v) for k, v in cache.to_legacy_cache()]
+            self.layers = cache_layers(out.past_key_values)
         else:
             self.ids = []
 
@@ -145,10 +141,8 @@ class SharedPrefix:
 
     def cache(self, batch: int) -> DynamicCache:
         """A fresh cache holding the prefix for ``batch`` rows (the forward appends to it, so never reuse one)."""
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(self.layers):
-            cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), i)
-        return cache
+        return cache_from_layers([(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous())
+                                  for k, v in self.layers])
 
 
 def _batch_inputs(token_lists: list[list[int]], prefix_len: int, pad_id: int, device):

@@ -33,6 +33,8 @@ __all__ = [
     "LastTokenReader",
     "capture",
     "StepStateRecorder",
+    "cache_layers",
+    "cache_from_layers",
 ]
 
 
@@ -131,6 +133,23 @@ def _cache_length(past) -> int:
     except (TypeError, IndexError, AttributeError):
         return 0
 
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(keys, values)`` per layer of a transformers KV cache (the ``layers`` of >= 4.56, else the legacy form)."""
+    if getattr(cache, "layers", None) and hasattr(cache.layers[0], "keys"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache.to_legacy_cache()]
+
+
+def cache_from_layers(kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A fresh ``DynamicCache`` holding ``kv`` (a forward appends to it in place: never reuse one)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
 
 @dataclass
 class LastTokenReader:

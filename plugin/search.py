@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .hooks import find_decoder_layers
+from .hooks import cache_from_layers, cache_layers, find_decoder_layers
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
 
@@ -95,21 +95,6 @@ class _Row:
         return self.state
 
 
-def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if getattr(cache, "layers", None) and hasattr(cache.layers[0], "keys"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(k, v) for k, v in cache.to_legacy_cache()]
-
-
-def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
-    return cache
-
-
 class _LastState:
     """Forward hook keeping the probe's neurons at the last position of the latest forward."""
 
@@ -138,7 +123,7 @@ def _prefill(model, prompts: list[list[int]], reader: _LastState, pad_id: int) -
     # logits of the last position only: all positions' would be rows x length x vocabulary floats
     out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device),
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
-    kv = _cache_tensors(out.past_key_values)
+    kv = cache_layers(out.past_key_values)
     logits = out.logits[:, -1, :].float().clone()
     width = mask.shape[1]
     rows = []
@@ -182,7 +167,7 @@ def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, tem
     active = list(range(len(rows)))
     new: list[list[int]] = [[] for _ in rows]
     done: list[_Row | None] = [None] * len(rows)
-    cache = _make_cache(kv)
+    cache = cache_from_layers(kv)
     while active:
         token = _sample_next(logits, temperature, generator)
         for j, i in enumerate(active):
@@ -195,7 +180,7 @@ def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, tem
         finished = [j for j, i in enumerate(active) if new[i][-1] in ends or len(new[i]) >= max_new_tokens]
         if not finished:
             continue
-        kv = _cache_tensors(out.past_key_values)
+        kv = cache_layers(out.past_key_values)
         for j in finished:
             i = active[j]
             real = mask[j].bool()
@@ -205,7 +190,7 @@ def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, tem
         keep = [j for j in range(len(active)) if j not in set(finished)]
         if keep:
             sel = torch.tensor(keep, device=device)
-            cache = _make_cache([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
+            cache = cache_from_layers([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
             mask, positions, logits, states = mask[sel], positions[sel], logits[sel], states[sel]
         active = [active[j] for j in keep]
     return done  # type: ignore[return-value]
@@ -213,7 +198,8 @@ def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, tem
 
 def search_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, layer: int, neuron_indices,
                 value: Callable[[torch.Tensor], np.ndarray] | Sequence[Callable] | None,
-                strategy: str = "value-beam", width: int = 4, beam: int = 1, max_steps: int = 8, step_tokens: int = 64, answer_tokens: int = 256,
+                strategy: str = "value-beam", width: int = 4, beam: int = 1, max_steps: int = 8,
+                step_tokens: int = 64, answer_tokens: int = 256,
                 temperature: float = 0.8, extract: Callable[[str], str] | None = None, seed: int = 0,
                 on_step: Callable[[int, Step], None] | None = None, decode: Callable[[list[int]], str] | None = None
                 ) -> list[SearchResult]:
