@@ -420,3 +420,10 @@ class StepStateRecorder:
 
     def states(self) -> dict[int, torch.Tensor]:
         return {layer: torch.cat(cols, dim=1) for layer, cols in self._columns.items() if cols}
+
+    def take_last(self, layer: int) -> torch.Tensor:
+        """The latest forward's last column of ``layer``, ``[batch, width]``, forgetting every earlier one (a decoding
+        loop that needs only the state after the token it just fed keeps no history)."""
+        last = self._columns[layer][-1][:, -1]
+        self._columns[layer].clear()
+        return last

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .hooks import cache_from_layers, cache_layers, find_decoder_layers
+from .hooks import StepStateRecorder, cache_from_layers, cache_layers
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
 
@@ -95,27 +95,8 @@ class _Row:
         return self.state
 
 
-class _LastState:
-    """Forward hook keeping the probe's neurons at the last position of the latest forward."""
-
-    def __init__(self, model, layer: int, neuron_indices: torch.Tensor):
-        self.idx, self.last = neuron_indices, None
-        self.block = find_decoder_layers(model).block(layer)
-
-    def _hook(self, module, args, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        self.last = hidden[:, -1, :].index_select(1, self.idx.to(hidden.device)).detach().float().cpu()
-
-    def __enter__(self):
-        self.handle = self.block.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @torch.inference_mode()
-def _prefill(model, prompts: list[list[int]], reader: _LastState, pad_id: int) -> list[_Row]:
+def _prefill(model, prompts: list[list[int]], reader: StepStateRecorder, pad_id: int) -> list[_Row]:
     """One forward over the left-padded prompts; a :class:`_Row` per prompt (padding stripped from its cache)."""
     enc = pad_left([list(p) for p in prompts], pad_id)
     device = next(model.parameters()).device
@@ -124,13 +105,14 @@ def _prefill(model, prompts: list[list[int]], reader: _LastState, pad_id: int) -
     out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device),
                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
     kv = cache_layers(out.past_key_values)
+    state = reader.take_last(reader.layers[0])
     logits = out.logits[:, -1, :].float().clone()
     width = mask.shape[1]
     rows = []
     for r, p in enumerate(prompts):
         start = width - len(p)
         rows.append(_Row([(k[r : r + 1, :, start:], v[r : r + 1, :, start:]) for k, v in kv], logits[r],
-                         reader.last[r], None, []))
+                         state[r], None, []))
     return rows
 
 
@@ -143,7 +125,7 @@ def _sample_next(logits: torch.Tensor, temperature: float, generator: torch.Gene
 
 @torch.inference_mode()
 def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, temperature: float,
-            generator: torch.Generator, reader: _LastState) -> list[_Row]:
+            generator: torch.Generator, reader: StepStateRecorder) -> list[_Row]:
     """Continue every row (in one lockstep batch, left-padded) until it has fed a token in ``ends`` or
     ``max_new_tokens`` tokens; the end token is fed too, so its state and the next-token logits after it are
     known and the row can be continued later. Finished rows leave the batch at once."""
@@ -176,7 +158,7 @@ def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, tem
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, None],
                     past_key_values=cache, use_cache=True)
         positions = positions + 1
-        prev_states, states, logits = states, reader.last, out.logits[:, -1, :].float()
+        prev_states, states, logits = states, reader.take_last(reader.layers[0]), out.logits[:, -1, :].float()
         finished = [j for j, i in enumerate(active) if new[i][-1] in ends or len(new[i]) >= max_new_tokens]
         if not finished:
             continue
@@ -241,7 +223,7 @@ def search_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, layer: in
     def lines(text: str) -> list[Step]:
         return [Step(line.strip(), None) for line in text.split("\n") if line.strip()]
 
-    with _LastState(model, layer, idx) as reader:
+    with StepStateRecorder(model, [layer], neuron_indices=idx, dtype=torch.float32) as reader:
         roots = _prefill(model, [list(p) for p in prompts], reader, pad_token_id(tokenizer))
         if strategy in ("best-of-n", "self-consistency", "greedy"):
             n = 1 if strategy == "greedy" else width
