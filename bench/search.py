@@ -44,8 +44,7 @@ def fold_of(problem: str, folds: int, seed: int = 0) -> int:
 def fit_fold_heads(trace_set, layer: int, folds: int, *, objective: str = "td", epochs: int = 40, seed: int = 0):
     """One value head per fold, fitted on the states of every other fold's traces. Returns ``({fold: head},
     {fold: training traces})``."""
-    from valueprobe.calibration.dopamine import _stack
-    from valueprobe.calibration.probes import MLPProbe
+    from valueprobe.calibration.dopamine import fit_value_head
 
     states = trace_set.layer(layer)
     rewards = np.array([t["label"] for t in trace_set.traces])
@@ -53,8 +52,8 @@ def fit_fold_heads(trace_set, layer: int, folds: int, *, objective: str = "td", 
     heads, sizes = {}, {}
     for f in range(folds):
         train = fold != f
-        X, y, traj, _ = _stack([s for s, keep in zip(states, train) if keep], rewards[train])
-        heads[f] = MLPProbe(hidden=32, epochs=epochs, objective=objective, seed=seed).fit(X, y, trajectory_index=traj)
+        heads[f] = fit_value_head([s for s, keep in zip(states, train) if keep], rewards[train], objective=objective,
+                                  epochs=epochs, seed=seed)
         sizes[f] = int(train.sum())
     return heads, sizes
 

@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from .metrics import auroc_score, brier_loss, expected_calibration_error
 from .probes import MLPProbe
 
-__all__ = ["split_problems", "fit_values", "dopamine_neurons", "transitions"]
+__all__ = ["split_problems", "fit_value_head", "fit_values", "dopamine_neurons", "transitions"]
 
 
 def split_problems(problem_ids, test_fraction: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -46,6 +46,14 @@ def _stack(states: list[np.ndarray], rewards: np.ndarray):
     return X, y, traj, step
 
 
+def fit_value_head(states: list[np.ndarray], rewards, *, objective: str = "td", hidden: int = 32, epochs: int = 40,
+                   seed: int = 0) -> MLPProbe:
+    """An MLP value head fitted on every state of ``states`` (``[n_states, H]`` per trace) against its trace's
+    terminal reward, with the ``td`` or ``bce`` (final-reward) objective."""
+    X, y, traj, _ = _stack(states, np.asarray(rewards, dtype=int))
+    return MLPProbe(hidden=hidden, epochs=epochs, objective=objective, seed=seed).fit(X, y, trajectory_index=traj)
+
+
 def fit_values(states: list[np.ndarray], rewards, test: np.ndarray, *, hidden: int = 32, epochs: int = 40,
                seed: int = 0, max_step: int = 8) -> dict:
     """Fit the final-reward and TD value heads on training traces; score held-out ones.
@@ -56,14 +64,12 @@ def fit_values(states: list[np.ndarray], rewards, test: np.ndarray, *, hidden: i
     rewards = np.asarray(rewards, dtype=int)
     train = [s for s, t in zip(states, test) if not t]
     held = [s for s, t in zip(states, test) if t]
-    Xtr, ytr, traj_tr, _ = _stack(train, rewards[~test])
     Xte, yte, traj_te, step_te = _stack(held, rewards[test])
-    out: dict = {"n_train_traces": len(train), "n_test_traces": len(held), "n_train_states": len(Xtr),
+    out: dict = {"n_train_traces": len(train), "n_test_traces": len(held), "n_train_states": sum(len(s) for s in train),
                  "n_test_states": len(Xte), "heads": {}, "by_objective": {}}
     last = np.r_[traj_te[1:] != traj_te[:-1], True]
     for objective in ("bce", "td"):
-        head = MLPProbe(hidden=hidden, epochs=epochs, objective=objective, seed=seed)
-        head.fit(Xtr, ytr, trajectory_index=traj_tr)
+        head = fit_value_head(train, rewards[~test], objective=objective, hidden=hidden, epochs=epochs, seed=seed)
         p = head.predict_proba(Xte)
         by_step = {}
         for t in range(max_step + 1):
