@@ -130,6 +130,10 @@ class ProbeWorkerExtension:
                 h.remove()
         return True
 
+    def valueprobe_attached(self) -> list[str]:
+        """Keys of the probes hooked in this worker."""
+        return sorted(getattr(self, "_vp_handles", {}))
+
     def valueprobe_take(self, request_ids: Sequence[str] | None = None) -> dict[str, dict[str, list[float]]]:
         """Pop the readouts that are ready: all (``None``), or those of ``request_ids`` (a caller's id also
         matches vLLM's internal ``<id>-<suffix>``), keyed by the id asked for."""

@@ -150,6 +150,10 @@ class Engine(TokenizerAccess):
         """Make ``probe`` servable (hooks are registered per call here, so checking is all there is)."""
         await self.check_compatible(probe, strict)
 
+    async def release_unused(self) -> list[str]:
+        """Nothing stays hooked between calls here, so nothing is released."""
+        return []
+
     @property
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)

@@ -183,6 +183,7 @@ class Sidecar:
             self.served = served
             self.engine.probe = probe
             self._publish(served)
+            await self.engine.release_unused()  # the old artifact goes once the requests using it end
             return old.artifact_id, served.artifact_id
 
     async def aclose(self):

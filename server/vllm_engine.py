@@ -15,9 +15,11 @@ check_compatible, context_length), so routes and policy do not know which engine
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import uuid
+from collections import Counter
 
 from valueprobe.plugin import ProbeResult, ValueProbe
 from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
@@ -51,6 +53,8 @@ class VllmEngine(TokenizerAccess):
         self.llm, self.probe = llm, probe
         self.max_queue, self.metrics = max_queue, metrics
         self._attached: dict[str, VllmProbe] = {}
+        self._users: Counter[str] = Counter()  # requests in flight per artifact id
+        self._attach_lock = asyncio.Lock()  # attach and detach RPCs one at a time
         self._ready: dict[str, dict[str, list[float]]] = {}  # vLLM request id -> {artifact id: readout}
         self._ready_at: dict[str, float] = {}  # when each entry arrived (entries nobody asks for expire)
         self._fetch_lock = asyncio.Lock()
@@ -96,21 +100,59 @@ class VllmEngine(TokenizerAccess):
         return VllmProbe.check_compatible(probe, await self.fingerprint(probe.layer), self.tokenizer, strict=strict)
 
     async def attach(self, probe: ValueProbe, strict: bool = True) -> None:
-        """Check the fingerprint and hook ``probe`` in the worker (several artifacts can be attached at once, so
-        requests in flight during a reload finish with the artifact they started with)."""
+        """Check the fingerprint and hook ``probe`` in the worker. Several artifacts can be attached at once: after
+        a reload, requests in flight finish with the artifact they started with, and the old one is detached when
+        the last of them ends (:meth:`release_unused`)."""
         await self.check_compatible(probe, strict)
+        await self._hook(probe)
+
+    async def _hook(self, probe: ValueProbe) -> None:
         key = probe.artifact_id
-        if key in self._attached:
-            return
-        letters = self.letter_ids(probe)
-        await self.llm.collective_rpc("valueprobe_attach",
-                                      args=(key, probe.layer, probe.neuron_indices.tolist(), letters))
-        self._attached[key] = VllmProbe(probe, self.llm, letters)
+        async with self._attach_lock:
+            if key in self._attached:
+                return
+            letters = self.letter_ids(probe)
+            await self.llm.collective_rpc("valueprobe_attach",
+                                          args=(key, probe.layer, probe.neuron_indices.tolist(), letters))
+            self._attached[key] = VllmProbe(probe, self.llm, letters)
 
     async def detach(self, probe: ValueProbe) -> None:
         """Remove ``probe``'s hooks from the worker."""
-        await self.llm.collective_rpc("valueprobe_detach", args=(probe.artifact_id,))
-        self._attached.pop(probe.artifact_id, None)
+        async with self._attach_lock:
+            # forgotten first: a request arriving meanwhile re-hooks it (after this RPC) instead of trusting a hook
+            # that is on its way out
+            self._attached.pop(probe.artifact_id, None)
+            await self.llm.collective_rpc("valueprobe_detach", args=(probe.artifact_id,))
+
+    async def release_unused(self) -> list[str]:
+        """Detach every artifact other than the served one that no request in flight uses (each hooked artifact
+        costs a gather on every prefill). Returns the ids detached."""
+        gone = [key for key in self._attached if key != self.probe.artifact_id and not self._users[key]]
+        for key in gone:
+            await self.detach(self._attached[key].probe)
+        return gone
+
+    @property
+    def attached(self) -> list[str]:
+        """Artifact ids hooked in the worker now."""
+        return sorted(self._attached)
+
+    @contextlib.asynccontextmanager
+    async def _using(self, probe: ValueProbe):
+        """Hold ``probe`` hooked while a request runs. A request that took its snapshot just before a reload may
+        arrive after its artifact was released: it is hooked again (it was checked when first attached)."""
+        key = probe.artifact_id
+        self._users[key] += 1
+        try:
+            if key not in self._attached:
+                await self._hook(probe)
+            yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key]
+                if key != self.probe.artifact_id:
+                    await self.release_unused()
 
     @property
     def context_length(self) -> int | None:
@@ -184,7 +226,8 @@ class VllmEngine(TokenizerAccess):
         try:
             if self.metrics:
                 self.metrics.batch_size.observe(len(prompts))
-            return list(await asyncio.gather(*(self._prefill_only(p, probe) for p in prompts)))
+            async with self._using(probe):
+                return list(await asyncio.gather(*(self._prefill_only(p, probe) for p in prompts)))
         finally:
             self._in_flight -= 1
 
@@ -221,8 +264,9 @@ class VllmEngine(TokenizerAccess):
                        seed=None, stop=None, on_confidence=None) -> Generation:
         self._admit()
         try:
-            return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
-                                   on_confidence)
+            async with self._using(probe):
+                return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
+                                       on_confidence)
         finally:
             self._in_flight -= 1
 
@@ -248,8 +292,10 @@ class VllmEngine(TokenizerAccess):
 
         async def run():
             try:
-                return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
-                                       on_confidence, on_text, stop_flag.event)
+                async with self._using(probe):
+                    return await self._run(prompt, probe,
+                                           self._params(max_new_tokens, temperature, top_p, seed, stop),
+                                           on_confidence, on_text, stop_flag.event)
             finally:
                 self._in_flight -= 1
                 await queue.put(None)

@@ -276,3 +276,52 @@ def test_unclaimed_readouts_expire(tokenizer):
     engine._store({"vp-a-3-1b2c": {"art": [3.0]}}, now=READOUT_TTL_S + 1)   # request 2 never asked: gone
     assert engine._pop("vp-a-2", "art") is None and "vp-a-2-77aa" not in engine._ready_at
     assert engine._pop("vp-a-3", "art") == [3.0] and not engine._ready and not engine._ready_at
+
+
+def test_reload_releases_the_old_artifact_when_its_last_request_ends(tmp_path, tokenizer):
+    """After a reload the old artifact stays hooked while a request that started with it runs (that request gets
+    its readout), is detached in the worker when it ends, and is hooked again for a late request still holding it."""
+    import asyncio
+
+    from valueprobe.server.engine import Prompt
+    from valueprobe.server.vllm_engine import VllmEngine
+
+    model = build_model("qwen2", len(tokenizer), **VLLM_DIMS)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    old, new = fit_probe(model, tokenizer, "tiny-old"), fit_probe(model, tokenizer, "tiny-new")
+    assert old.artifact_id != new.artifact_id
+    question = PROMPTS[0]
+    prompt = Prompt(tuple(tokenizer(old.prompt_format.render(tokenizer, question), add_special_tokens=False)
+                          ["input_ids"]))
+    want = transformers_readout(old, model, tokenizer, [question])[1][0].probability
+
+    async def main():
+        engine = await VllmEngine.create(str(tmp_path), old, max_model_len=256, kv_cache_gb=1)
+
+        async def hooked():
+            return (await engine.llm.collective_rpc("valueprobe_attached"))[0]
+
+        try:
+            # long enough to be still running after the swap (a tiny model decodes ~100 tokens/s here)
+            result, pieces, _, done = await engine.generate_stream(prompt, old, max_new_tokens=200, temperature=0)
+            await engine.attach(new)  # what a reload does: attach, swap, release
+            engine.probe = new
+            assert not done.done(), "the request ended before the reload: the test needs a longer one"
+            during = (await engine.release_unused(), engine.attached, await hooked())
+            async for _ in pieces:
+                pass
+            await done
+            after = (engine.attached, await hooked())
+            late = await engine.score([prompt], old)  # a request that took its snapshot before the reload
+            return result, during, after, late[0], (engine.attached, await hooked())
+        finally:
+            await engine.stop()
+
+    result, during, after, late, final = asyncio.run(main())
+    both = sorted([old.artifact_id, new.artifact_id])
+    assert result.probability == pytest.approx(want, abs=1e-4)
+    assert during == ([], both, both)  # in use: kept
+    assert after == ([new.artifact_id], [new.artifact_id])  # its last request ended: gone from the worker
+    assert late.probability == pytest.approx(want, abs=1e-4)
+    assert final == ([new.artifact_id], [new.artifact_id])
