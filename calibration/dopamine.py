@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 from .metrics import auroc_score, brier_loss, expected_calibration_error
 from .probes import MLPProbe
 
-__all__ = ["split_problems", "fit_value_head", "fit_values", "dopamine_neurons", "transitions"]
+__all__ = ["split_problems", "stack_trace_states", "fit_value_head", "fit_values", "dopamine_neurons", "transitions"]
 
 
 def split_problems(problem_ids, test_fraction: float = 0.3, seed: int = 0) -> np.ndarray:
@@ -38,7 +38,8 @@ def split_problems(problem_ids, test_fraction: float = 0.3, seed: int = 0) -> np
     return np.asarray(out)
 
 
-def _stack(states: list[np.ndarray], rewards: np.ndarray):
+def stack_trace_states(states: list[np.ndarray], rewards: np.ndarray):
+    """Every state of every trace in one matrix: ``(X [n, H], reward of its trace, trace index, step index)``."""
     X = np.concatenate(states)
     traj = np.concatenate([np.full(len(s), i) for i, s in enumerate(states)])
     step = np.concatenate([np.arange(len(s)) for s in states])
@@ -50,7 +51,7 @@ def fit_value_head(states: list[np.ndarray], rewards, *, objective: str = "td", 
                    seed: int = 0) -> MLPProbe:
     """An MLP value head fitted on every state of ``states`` (``[n_states, H]`` per trace) against its trace's
     terminal reward, with the ``td`` or ``bce`` (final-reward) objective."""
-    X, y, traj, _ = _stack(states, np.asarray(rewards, dtype=int))
+    X, y, traj, _ = stack_trace_states(states, np.asarray(rewards, dtype=int))
     return MLPProbe(hidden=hidden, epochs=epochs, objective=objective, seed=seed).fit(X, y, trajectory_index=traj)
 
 
@@ -64,7 +65,7 @@ def fit_values(states: list[np.ndarray], rewards, test: np.ndarray, *, hidden: i
     rewards = np.asarray(rewards, dtype=int)
     train = [s for s, t in zip(states, test) if not t]
     held = [s for s, t in zip(states, test) if t]
-    Xte, yte, traj_te, step_te = _stack(held, rewards[test])
+    Xte, yte, traj_te, step_te = stack_trace_states(held, rewards[test])
     out: dict = {"n_train_traces": len(train), "n_test_traces": len(held), "n_train_states": sum(len(s) for s in train),
                  "n_test_states": len(Xte), "heads": {}, "by_objective": {}}
     last = np.r_[traj_te[1:] != traj_te[:-1], True]

@@ -18,7 +18,7 @@ import torch
 from valueprobe.plugin.artifact import ArtifactData
 from valueprobe.plugin.fingerprint import chat_template_sha256, model_fingerprint, tokenizer_fingerprint
 
-from .dopamine import _stack, fit_values, split_problems
+from .dopamine import fit_values, split_problems, stack_trace_states
 from .probes import LinearProbe, MLPProbe
 
 __all__ = ["fit_step_value"]
@@ -42,7 +42,7 @@ def fit_step_value(model, tokenizer, trace_set, *, layer: int, model_name: str, 
     if test.all() or not test.any() or len(np.unique(rewards)) < 2:
         raise ValueError("need right and wrong traces of both training and held-out problems")
     held_out = fit_values(states, rewards, test, epochs=epochs, seed=seed)
-    X, y, traj, _ = _stack(states, rewards)
+    X, y, traj, _ = stack_trace_states(states, rewards)
     head = MLPProbe(hidden=32, epochs=epochs, objective=objective, seed=seed).fit(X, y, trajectory_index=traj)
     # the artifact's required linear slot: final-reward logistic regression on the same states (not the scorer)
     linear = LinearProbe(random_state=seed).fit(X, y)
