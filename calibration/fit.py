@@ -308,7 +308,7 @@ def fit_artifact(
         "model_name": model_name,
         "hidden_size": str(width),
         "layer": str(layer),
-        "model_fingerprint": json.dumps(model_fingerprint(model, layer), sort_keys=True),
+        "model_fingerprint": json.dumps(model_fingerprint(model, layer, for_artifact=True), sort_keys=True),
         "tokenizer_fingerprint": json.dumps(tokenizer_fingerprint(tokenizer), sort_keys=True),
         "chat_template_sha256": chat_template_sha256(tokenizer),
         "prompt_format": prompt_format.to_json(),

@@ -4,8 +4,11 @@ A probe's neurons mean nothing on another checkpoint, even one with the same con
 shapes and moves every weight), so the model fingerprint holds the architecture-defining config fields *and* a
 hash of the hooked layer's weights.
 
-Footgun: the weight hash is computed after casting to bfloat16, so the same checkpoint loaded in fp32 or bf16 (or
-on CPU vs GPU) matches, but a float16 load, or a differently quantised copy, is a different checkpoint here.
+The weight hash is computed after rounding to bfloat16, so the same checkpoint loaded in fp32 or bf16 (or on CPU
+vs GPU) matches. A float16 load rounds differently (and flushes tiny weights), so artifacts also record the hash
+of the weights rounded to float16, which a float16 load of the same checkpoint reproduces exactly as long as the
+artifact was fitted in float32 (the default) or from a bfloat16 checkpoint; a float16 model is checked against
+that one. A differently quantised copy is a different checkpoint here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import torch
 
 from .hooks import find_decoder_layers
 
-__all__ = ["CONFIG_FIELDS", "config_fingerprint", "params_sha256", "model_fingerprint", "tokenizer_fingerprint", "chat_template_sha256", "diff_fingerprints"]
+__all__ = ["CONFIG_FIELDS", "WEIGHT_HASH_FIELDS", "config_fingerprint", "params_sha256", "model_fingerprint",
+           "tokenizer_fingerprint", "chat_template_sha256", "diff_fingerprints"]
+
+# The layer-weight hash per rounding: a model is checked with the one its own dtype reproduces.
+WEIGHT_HASH_FIELDS = {torch.bfloat16: "layer_weights_sha256", torch.float16: "layer_weights_fp16_sha256"}
 
 # Fields that define the architecture; HF spells some differently per family (GPT-2's n_embd etc.).
 CONFIG_FIELDS = (
@@ -48,20 +55,22 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def layer_weights_sha256(module: torch.nn.Module) -> str:
-    """sha256 over the layer's parameters (names, shapes, values rounded to bfloat16)."""
-    return params_sha256(module.named_parameters())
+def layer_weights_sha256(module: torch.nn.Module, rounding: torch.dtype = torch.bfloat16) -> str:
+    """sha256 over the layer's parameters (names, shapes, values rounded to ``rounding``)."""
+    return params_sha256(module.named_parameters(), rounding)
 
 
-def params_sha256(named_params) -> str:
-    """sha256 over ``(name, tensor)`` pairs in name order: names, shapes, values rounded to bfloat16. Engines
-    that fuse parameters (vLLM's ``qkv_proj``, ``gate_up_proj``) split them back to the Hugging Face names first,
-    so one checkpoint gives one hash whichever engine loaded it."""
+def params_sha256(named_params, rounding: torch.dtype = torch.bfloat16) -> str:
+    """sha256 over ``(name, tensor)`` pairs in name order: names, shapes, values rounded to ``rounding``
+    (bfloat16 or float16). Engines that fuse parameters (vLLM's ``qkv_proj``, ``gate_up_proj``) split them back
+    to the Hugging Face names first, so one checkpoint gives one hash whichever engine loaded it."""
+    if rounding not in WEIGHT_HASH_FIELDS:
+        raise ValueError(f"weights are hashed rounded to one of {list(WEIGHT_HASH_FIELDS)}, not {rounding}")
     digest = hashlib.sha256()
     for name, param in sorted(named_params, key=lambda kv: kv[0]):
         digest.update(name.encode())
         digest.update(str(tuple(param.shape)).encode())
-        values = param.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        values = param.detach().to("cpu", rounding).contiguous().view(torch.int16)
         digest.update(values.numpy().tobytes())
     return digest.hexdigest()
 
@@ -76,11 +85,18 @@ def config_fingerprint(config) -> dict[str, str]:
     return {f"config.{k}": json.dumps(config[k], sort_keys=True) for k in CONFIG_FIELDS if k in config}
 
 
-def model_fingerprint(model: torch.nn.Module, layer: int) -> dict[str, str]:
-    """Flat ``{field: value}`` fingerprint of ``model`` as seen by a probe on ``layer`` (1-based)."""
+def model_fingerprint(model: torch.nn.Module, layer: int, *, for_artifact: bool = False) -> dict[str, str]:
+    """Flat ``{field: value}`` fingerprint of ``model`` as seen by a probe on ``layer`` (1-based).
+
+    The weight hash is the one the model's own dtype reproduces (float16 models: the float16-rounded one; others:
+    the bfloat16-rounded one); ``for_artifact`` records both, so the artifact can be checked against either."""
     fields = config_fingerprint(model.config)
-    decoder = find_decoder_layers(model)
-    fields["layer_weights_sha256"] = layer_weights_sha256(decoder.block(layer))
+    block = find_decoder_layers(model).block(layer)
+    dtype = next(block.parameters()).dtype
+    roundings = list(WEIGHT_HASH_FIELDS) if for_artifact else [torch.float16 if dtype == torch.float16
+                                                               else torch.bfloat16]
+    for rounding in roundings:
+        fields[WEIGHT_HASH_FIELDS[rounding]] = layer_weights_sha256(block, rounding)
     return fields
 
 
@@ -111,5 +127,7 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
 
 
 def diff_fingerprints(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
-    """Names of the fields whose values differ (or exist on one side only), sorted."""
-    return sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
+    """Names of the fields whose values differ (or exist on one side only), sorted. A weight hash the served
+    model did not compute (another rounding) is not compared."""
+    skip = {f for f in WEIGHT_HASH_FIELDS.values() if f not in actual}
+    return sorted(k for k in (set(expected) | set(actual)) - skip if expected.get(k) != actual.get(k))

@@ -278,6 +278,9 @@ class ValueProbe:
                 f"fields differ: {', '.join(mismatched)}. Fit an artifact for this model with `valueprobe fit`, "
                 "or pass check_fingerprint=False to attach anyway (scores will be meaningless)."
             )
+            if "layer_weights_fp16_sha256" in mismatched and "layer_weights_fp16_sha256" not in self.model_fingerprint:
+                message += (" This artifact records no float16 weight hash (fitted before valueprobe recorded one):"
+                            " load the model in bfloat16 or float32, or refit it.")
             if strict:
                 raise FingerprintMismatchError(message, mismatched)
             warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -123,6 +123,31 @@ def test_same_checkpoint_attaches(fitted, qwen_model, tokenizer, artifact_path):
     assert probe.check_compatible(build_model("qwen2", len(tokenizer)).to(torch.bfloat16), tokenizer) == []
 
 
+def test_float16_load_of_the_same_checkpoint_is_accepted(artifact_path, tokenizer, tmp_path):
+    """A float16 model rounds differently from the bf16 hash (it fails that one) and is checked against the
+    float16 hash the artifact records; other weights in float16 are still refused; an artifact without the
+    float16 hash says so."""
+    from valueprobe.plugin.fingerprint import layer_weights_sha256
+    from valueprobe.plugin.hooks import find_decoder_layers
+
+    probe = ValueProbe.load(artifact_path)
+    half = build_model("qwen2", len(tokenizer)).to(torch.float16)
+    block = find_decoder_layers(half).block(probe.layer)
+    assert layer_weights_sha256(block) != probe.model_fingerprint["layer_weights_sha256"]  # why fp16 needs its own
+    assert probe.check_compatible(half, tokenizer) == []
+    with pytest.raises(FingerprintMismatchError) as info:
+        probe.check_compatible(build_model("qwen2", len(tokenizer), seed=123).to(torch.float16), tokenizer)
+    assert info.value.fields == ["layer_weights_fp16_sha256"]
+    data = load_artifact(artifact_path)
+    fp = {k: v for k, v in data.json("model_fingerprint").items() if k != "layer_weights_fp16_sha256"}
+    old = tmp_path / "old.safetensors"
+    save_artifact(ArtifactData(data.tensors, {**data.metadata, "model_fingerprint": json.dumps(fp)}), old)
+    with pytest.raises(FingerprintMismatchError, match="no float16 weight hash") as info:
+        ValueProbe.load(str(old)).check_compatible(half, tokenizer)
+    assert info.value.fields == ["layer_weights_fp16_sha256"]
+    assert ValueProbe.load(str(old)).check_compatible(build_model("qwen2", len(tokenizer)), tokenizer) == []
+
+
 def test_different_checkpoint_same_config_is_refused(artifact_path, tokenizer):
     other = build_model("qwen2", len(tokenizer), seed=123)  # same config, other weights
     probe = ValueProbe.load(artifact_path)
