@@ -173,7 +173,8 @@ def _extend(model, rows: list[_Row], *, ends: set[int], max_new_tokens: int, tem
         if keep:
             sel = torch.tensor(keep, device=device)
             cache = cache_from_layers([(k.index_select(0, sel), v.index_select(0, sel)) for k, v in kv])
-            mask, positions, logits, states = mask[sel], positions[sel], logits[sel], states[sel]
+            mask, positions, logits = mask[sel], positions[sel], logits[sel]
+            states = states[sel.to(states.device)]  # the recorder keeps states on the CPU
         active = [active[j] for j in keep]
     return done  # type: ignore[return-value]
 
