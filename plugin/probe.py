@@ -44,6 +44,13 @@ from .readout import calibrate, head_logit, mahalanobis, stack_features, stack_p
 __all__ = ["ValueProbe", "ProbeResult", "ProbeHandle"]
 
 
+class _NoTokenizer:
+    """Key for a check made without a tokenizer (weak-referenceable, unlike None)."""
+
+
+_NO_TOKENIZER = _NoTokenizer()
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """Confidence for one prompt.
@@ -156,6 +163,9 @@ class ValueProbe:
         self.eval_card = data.json("eval_card", {})
         # Models already checked (hashing a layer's weights costs ~0.1-0.5 s on a 1.5B model: do it once).
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # ... and those that did not match: model -> {tokenizer: (fields, message)}, so a caller who opted out
+        # (check_fingerprint=False) pays the hash and the warning once, not on every call
+        self._mismatches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- I/O ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -262,6 +272,14 @@ class ValueProbe:
         cached = self._verified.get(model)
         if cached is not None and (tokenizer is None or tokenizer in cached):
             return []
+        known = self._mismatches.get(model, {}).get(tokenizer if tokenizer is not None else _NO_TOKENIZER)
+        if known is not None:
+            if strict:
+                raise FingerprintMismatchError(known["message"], list(known["fields"]))
+            if not known["warned"]:
+                known["warned"] = True
+                warnings.warn(known["message"], RuntimeWarning, stacklevel=3)
+            return list(known["fields"])
         decoder = find_decoder_layers(model)
         if self.layer > len(decoder):
             raise ArtifactMismatchError(
@@ -281,6 +299,9 @@ class ValueProbe:
             if "layer_weights_fp16_sha256" in mismatched and "layer_weights_fp16_sha256" not in self.model_fingerprint:
                 message += (" This artifact records no float16 weight hash (fitted before valueprobe recorded one):"
                             " load the model in bfloat16 or float32, or refit it.")
+            self._mismatches.setdefault(model, weakref.WeakKeyDictionary())[
+                tokenizer if tokenizer is not None else _NO_TOKENIZER] = {
+                    "fields": tuple(mismatched), "message": message, "warned": not strict}
             if strict:
                 raise FingerprintMismatchError(message, mismatched)
             warnings.warn(message, RuntimeWarning, stacklevel=3)

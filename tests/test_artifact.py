@@ -177,3 +177,19 @@ def test_different_tokenizer_is_refused_and_opt_out_warns(artifact_path, qwen_mo
         handle = probe.attach(qwen_model, plain, check_fingerprint=False)
     assert any("fingerprint" in str(w.message) for w in caught)
     handle.remove()
+    # the mismatch is remembered: no re-hash of the layer, no repeated warning on every call
+    import valueprobe.plugin.probe as probe_module
+
+    calls = []
+    real = probe_module.model_fingerprint
+    probe_module.model_fingerprint = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                assert probe.check_compatible(qwen_model, plain, strict=False) == ["tokenizer.chat_template_sha256"]
+        with pytest.raises(FingerprintMismatchError):
+            probe.check_compatible(qwen_model, plain)
+    finally:
+        probe_module.model_fingerprint = real
+    assert calls == [] and not caught
