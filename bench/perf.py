@@ -27,8 +27,12 @@ PROMPTS = [
 
 
 def _time(fn) -> float:
+    # GPU work is asynchronous: wait for it on both sides of the clock
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     started = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - started
 
 
@@ -38,16 +42,21 @@ def _spread(xs):
 
 
 @torch.inference_mode()
-def run(model, tokenizer, probe, *, reps: int = 5, new_tokens: int = 16, batch_sizes=(1, 4, 16), progress=print):
+def run(model, tokenizer, probe, *, reps: int = 5, new_tokens: int = 16, batch_sizes=(1, 4, 16), progress=print,
+        check_fingerprint: bool = True):
+    """The rows of the table, each ``(measurement, value, reference, ratio)``, on ``model``'s device.
+    ``check_fingerprint=False`` times a model the artifact was not fitted on (e.g. random weights of the same
+    architecture on a machine without the checkpoint): the numbers are timings only."""
     rows = []
-    enc = probe.encode(tokenizer, PROMPTS[:4])
+    device = next(model.parameters()).device
+    enc = probe.encode(tokenizer, PROMPTS[:4]).to(device)
     gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                       pad_token_id=tokenizer.pad_token_id)
     model.generate(**enc, **gen_kwargs)  # warm-up
     bare, hooked = [], []
     for _ in range(reps):  # interleaved, so drift hits both arms alike
         bare.append(_time(lambda: model.generate(**enc, **gen_kwargs)))
-        with probe.attach(model, tokenizer):
+        with probe.attach(model, tokenizer, check_fingerprint=check_fingerprint):
             hooked.append(_time(lambda: model.generate(**enc, **gen_kwargs)))
     (b, bs), (h, hs) = _spread(bare), _spread(hooked)
     rows.append(("generate, 4 prompts x %d tokens: probe attached / bare" % new_tokens, f"{h:.3f} s (IQR {hs:.3f})",
@@ -59,7 +68,8 @@ def run(model, tokenizer, probe, *, reps: int = 5, new_tokens: int = 16, batch_s
     full, scored = [], []
     for _ in range(reps):
         full.append(_time(lambda: model(**prefill, use_cache=False)))
-        scored.append(_time(lambda: probe.score(model, tokenizer, PROMPTS[:4], batch_size=4)))
+        scored.append(_time(lambda: probe.score(model, tokenizer, PROMPTS[:4], batch_size=4,
+                                                check_fingerprint=check_fingerprint)))
     (f, fs), (s, ss) = _spread(full), _spread(scored)
     rows.append(("prompt-only score / bare full prefill (4 prompts)", f"{s:.3f} s (IQR {ss:.3f})", f"{f:.3f} s (IQR {fs:.3f})",
                  f"{s / f:.3f}x"))
@@ -84,8 +94,11 @@ def run(model, tokenizer, probe, *, reps: int = 5, new_tokens: int = 16, batch_s
     base = None
     for bsz in batch_sizes:
         prompts = (PROMPTS * ((bsz // len(PROMPTS)) + 1))[:bsz]
-        probe.score(model, tokenizer, prompts, batch_size=bsz)
-        times = [_time(lambda: probe.score(model, tokenizer, prompts, batch_size=bsz)) for _ in range(max(1, reps // 2))]
+        def score():
+            return probe.score(model, tokenizer, prompts, batch_size=bsz, check_fingerprint=check_fingerprint)
+
+        score()
+        times = [_time(score) for _ in range(max(1, reps // 2))]
         t, ts = _spread(times)
         tput = bsz / t
         base = base or tput

@@ -141,6 +141,10 @@ def test_bench_perf_and_quality_smoke(model_dir, data_file, tmp_path):
     perf = runner.invoke(app, ["bench", "perf", "--artifact", str(out), "--reps", "1", "--new-tokens", "2"])
     assert perf.exit_code == 0, perf.output
     assert "overhead" in perf.output and "readout" in perf.output and "batch 16" in perf.output
+    timed = runner.invoke(app, ["bench", "perf", "--artifact", str(out), "--reps", "1", "--new-tokens", "2",
+                                "--model", str(model_dir), "--random-weights", "--dtype", "bfloat16"])
+    assert timed.exit_code == 0, timed.output
+    assert "overhead" in timed.output and "bfloat16" in timed.output
     quality = runner.invoke(app, ["bench", "quality", "--artifact", str(out), "--cache", str(tmp_path / "c"),
                                   "--out", str(tmp_path / "q")])
     assert quality.exit_code == 0, quality.output

@@ -174,3 +174,13 @@ def test_sidecar_engine_on_cuda_equals_the_cpu_engine(fitted, tokenizer):
     assert gpu[1].confidence.probability == pytest.approx(cpu[1].confidence.probability, abs=1e-4)
     for res in gpu[2]:
         assert res.rounds and all(np.isfinite(s.value) for s in res.steps)
+
+
+def test_bench_perf_times_a_cuda_model(fitted, tokenizer):
+    from valueprobe.bench.perf import run
+
+    model, probe = fitted
+    rows = run(build_model("qwen2", len(tokenizer)).cuda(), tokenizer, probe, reps=1, new_tokens=2,
+               progress=lambda r: None)
+    assert [r[0] for r in rows][:2] == ["generate, 4 prompts x 2 tokens: probe attached / bare",
+                                        "prompt-only score / bare full prefill (4 prompts)"]

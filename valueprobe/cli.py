@@ -634,6 +634,26 @@ def bench_serve(
     run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens)
 
 
+def _random_model(folder: str, dtype: str):
+    """A model of ``folder``'s config with random weights (seeded), and its tokenizer: timings without the
+    checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=getattr(torch, dtype)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def torch_device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
+
+
 @bench_app.command("perf")
 def bench_perf(
     artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
@@ -641,6 +661,10 @@ def bench_perf(
     reps: Annotated[int, typer.Option(help="Interleaved repetitions per measurement.")] = 5,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt in the generate comparison.")] = 16,
     dtype: str = "float32",
+    device: Annotated[str, typer.Option(help="Where the model runs: cpu, cuda, cuda:1, ...")] = "cpu",
+    random_weights: Annotated[bool, typer.Option(help="Timing only: build --model's architecture from its config "
+                                                 "(a folder with config and tokenizer, no weights needed) with random "
+                                                 "weights; the fingerprint is not checked.")] = False,
 ):
     """Probe overhead on generate, scoring vs bare prefill, readout microseconds, throughput at batch 1/4/16."""
     from rich.console import Console
@@ -649,11 +673,19 @@ def bench_perf(
     from valueprobe.bench.perf import run
 
     probe = _load_probe(artifact or default_artifact())
-    mdl, tok = _load_model(model or probe.model_name, dtype)
-    probe.check_compatible(mdl, tok, strict=model is None)
-    rows = run(mdl, tok, probe, reps=reps, new_tokens=new_tokens, progress=lambda r: typer.echo(" | ".join(r), err=True))
+    if random_weights:
+        if model is None:
+            _fail("--random-weights needs --model: a folder with the model's config and tokenizer")
+        mdl, tok = _random_model(model, dtype)
+    else:
+        mdl, tok = _load_model(model or probe.model_name, dtype)
+        probe.check_compatible(mdl, tok, strict=model is None)
+    mdl.to(device)
+    rows = run(mdl, tok, probe, reps=reps, new_tokens=new_tokens, progress=lambda r: typer.echo(" | ".join(r), err=True),
+               check_fingerprint=model is None)
+    where = (torch_device_name(device) if device != "cpu" else f"{os.cpu_count()} CPU threads")
     table = Table(title=f"valueprobe perf: {probe.model_name}, layer {probe.layer}, k={probe.k}, {reps} reps, "
-                        f"{os.cpu_count()} CPU threads")
+                        f"{dtype}, {where}")
     for col in ("measurement", "value", "reference", "ratio"):
         table.add_column(col)
     for row in rows:
