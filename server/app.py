@@ -25,7 +25,7 @@ def _load(settings: Settings, model=None, tokenizer=None):
     probe = _probe_for(settings)
     name = settings.model or probe.model_name
     if model is None:
-        model, tokenizer = load_model(name, dtype=settings.dtype)
+        model, tokenizer = load_model(name, dtype=settings.dtype, device=settings.device)
     probe.check_compatible(model, tokenizer, strict=settings.check_fingerprint)
     return model, tokenizer, probe, name
 

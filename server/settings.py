@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     vllm_max_num_seqs: Optional[int] = Field(None, ge=1, description="vLLM engine: most sequences in one step.")
     vllm_max_num_batched_tokens: Optional[int] = Field(None, ge=16, description="vLLM engine: most tokens in one step (chunked prefill beyond it).")
     vllm_kv_cache_gb: float = Field(2.0, gt=0, description="vLLM engine on CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE), unless that variable is set.")
-    dtype: str = Field("float32", description="Model dtype.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model dtype.")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps)$", description="Where the transformers engine runs the model: cpu, cuda, cuda:N (vLLM places its own).")
     check_fingerprint: bool = Field(True, description="Refuse an artifact fitted on another checkpoint.")
 
     upstream_url: Optional[str] = Field(None, description="Gateway mode: the serving stack that answers (TGI or OpenAI-compatible).")

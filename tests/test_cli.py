@@ -164,3 +164,10 @@ def test_bench_soak_smoke(model_dir, data_file, second_source, tmp_path):
     assert soak.exit_code == 0, soak.output
     assert "reload 200" in soak.output and "disconnected mid-stream" in soak.output
     assert "other 5xx: 0" in soak.output and "never answered: 0" in soak.output
+
+
+@pytest.mark.parametrize("variable,value", [("VALUEPROBE_DEVICE", "gpu"), ("VALUEPROBE_DTYPE", "int8")])
+def test_serve_refuses_a_bad_device_or_dtype_before_loading_anything(variable, value):
+    result = runner.invoke(app, ["serve"], env={variable: value})
+    assert result.exit_code != 0
+    assert variable.removeprefix("VALUEPROBE_").lower() in result.output

@@ -540,7 +540,7 @@ def serve(
 
     Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
     --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
-    refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window, dtype,
+    refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window, dtype, device,
     check_fingerprint, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
     only; see server/settings.py.
     """
