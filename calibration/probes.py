@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from valueprobe.plugin.readout import head_logit
 
-__all__ = ["Standardizer", "LinearProbe", "MLPProbe"]
+__all__ = ["Standardizer", "LinearProbe", "MLPProbe", "GroupCenteredProbe"]
 
 
 def _check_xy(X, y=None):
@@ -196,3 +196,41 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X) -> np.ndarray:
         return expit(self.decision_function(X))
+
+
+class GroupCenteredProbe(BaseEstimator):
+    """Ranks the candidates of one group (e.g. several sampled answers to one problem) by a logistic readout of
+    their states centred on the group's mean: it learns what separates a problem's right answers from its wrong
+    ones, not which problems are easy (which a readout of raw states mostly learns, and which cannot tell a
+    problem's candidates apart).
+
+    ``fit(X, y, groups)`` uses the groups that hold both labels; ``decision_function(X)`` scores the rows of *one*
+    group (they are centred on their own mean), for ranking only: the scores are not probabilities.
+    """
+
+    def __init__(self, *, C: float = 0.01, max_iter: int = 2000):
+        self.C, self.max_iter = C, max_iter
+
+    def fit(self, X, y, groups):
+        X, y = _check_xy(X, y)
+        groups = np.asarray(groups).reshape(-1)
+        if len(groups) != len(X):
+            raise ValueError(f"length mismatch: {len(X)} rows, {len(groups)} groups")
+        self.scale_ = X.std(0) + 1e-6  # over every training row, mixed groups or not
+        rows, labels = [], []
+        for g in np.unique(groups):
+            idx = np.flatnonzero(groups == g)
+            if 0 < y[idx].mean() < 1:
+                rows.append((X[idx] - X[idx].mean(0)) / self.scale_)
+                labels.append(y[idx])
+        if not rows:
+            raise ValueError("no group holds both labels")
+        lr = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(np.concatenate(rows), np.concatenate(labels))
+        self.coef_ = lr.coef_[0].astype(np.float64)
+        self.n_groups_ = len(rows)
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self, "coef_")
+        X = _check_xy(X)
+        return ((X - X.mean(0)) / self.scale_) @ self.coef_

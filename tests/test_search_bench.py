@@ -72,3 +72,59 @@ def test_report_pairs_strategies_on_common_problems_and_states_the_verdict(tmp_p
     assert test["a_only"] == int(((beam[:-2] == 1) & (greedy[:-2] == 0)).sum())
     assert "NOT MET" in md and "random step selection" in md.lower()
     assert (tmp_path / "search.png").stat().st_size > 0
+
+
+def test_group_centered_probe_ranks_within_a_problem_not_across():
+    """Easy problems sit high on feature 0 (all their answers right), while within a problem the right answers
+    sit high on feature 1: a readout of raw states learns feature 0, the centred one feature 1 and picks a
+    problem's right answer."""
+    import pytest
+    from sklearn.linear_model import LogisticRegression
+
+    from valueprobe.calibration.probes import GroupCenteredProbe
+
+    rng = np.random.default_rng(0)
+
+    def problems(n):
+        X, y, g = [], [], []
+        for p in range(n):
+            easy = rng.random() < 0.5
+            labels = np.ones(4, int) if easy else rng.permutation([1, 0, 0, 0])
+            feats = rng.normal(size=(4, 6))
+            feats[:, 0] += 4.0 * easy
+            feats[:, 1] += 1.5 * labels * (not easy)
+            X.append(feats)
+            y.append(labels)
+            g += [p] * 4
+        return np.concatenate(X), np.concatenate(y), np.array(g)
+
+    X, y, g = problems(200)
+    centred = GroupCenteredProbe().fit(X, y, g)
+    plain = LogisticRegression(C=0.01, max_iter=2000).fit(X, y)
+    assert centred.n_groups_ == sum(0 < y[g == p].mean() < 1 for p in np.unique(g))
+    Xt, yt, gt = problems(200)
+    picks = {"centred": [], "plain": []}
+    for p in np.unique(gt):
+        idx = np.flatnonzero(gt == p)
+        if yt[idx].all():
+            continue
+        picks["centred"].append(yt[idx][np.argmax(centred.decision_function(Xt[idx]))])
+        picks["plain"].append(yt[idx][np.argmax(plain.decision_function(Xt[idx]))])
+    assert np.mean(picks["centred"]) > np.mean(picks["plain"]) + 0.1 and np.mean(picks["centred"]) > 0.6
+    with pytest.raises(ValueError, match="both labels"):
+        GroupCenteredProbe().fit(X[y == 1][:8], np.r_[np.ones(7, int), 0], np.arange(8))
+
+
+def test_centred_best_of_n_is_reported_out_of_fold(tmp_path):
+    from valueprobe.bench.search import fit_fold_rankers
+
+    ts = synthetic_trace_set()
+    heads, sizes = fit_fold_heads(ts, 5, 3, epochs=10)
+    rankers = fit_fold_rankers(ts, 5, 3)
+    per = from_traces(ts, heads, layer=5, folds=3, rankers=rankers)
+    mixed = [p for p in per["sample"] if 0 < per["sample"][p]["expected"] < 1]
+    assert np.mean([per["best-of-n-centered"][p]["correct"] for p in mixed]) > \
+        np.mean([per["sample"][p]["expected"] for p in mixed]) + 0.1  # the planted value (rewards are noisy draws)
+    result, md = report(ts, heads, sizes, [], layer=5, folds=3, width=4, objective="td", rankers=rankers)
+    assert "best-of-n-centered" in result["strategies"] and "not a pre-registered result" in md
+    assert any((t["a"], t["b"]) == ("best-of-n-centered", "self-consistency") for t in result["paired"])
