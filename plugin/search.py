@@ -17,7 +17,9 @@ Strategies:
 * ``greedy``: one whole answer at temperature 0 (the baseline).
 
 ``value`` maps ``[n, k]`` neuron values (the probe's ``neuron_indices`` at its ``layer``) to scores, e.g. a
-:class:`~valueprobe.plugin.probe.ValueProbe`'s ``predict_proba``.
+:class:`~valueprobe.plugin.probe.ValueProbe`'s ``predict_proba``. It is called once per prompt and round with
+all that prompt's new candidates, so it may also score them against each other (a readout centred on their
+mean, say); with ``beam > 1`` kept beams that already finished keep the score they had.
 """
 
 from __future__ import annotations
@@ -212,11 +214,18 @@ def search_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, layer: in
     eos = set(eos_token_ids(model, tokenizer))
     idx = torch.as_tensor(neuron_indices, dtype=torch.long)
 
-    def score(row: _Row, i: int) -> float | None:
-        vals = row.value_state(eos)
-        if vals is None or values_of[i] is None:
-            return None
-        return float(np.asarray(values_of[i](vals.reshape(1, -1)))[0])
+    def score(rows: list[_Row], i: int) -> list[float | None]:
+        """Values of prompt ``i``'s candidates of one round, in one call of its value function (so a function
+        may score candidates against each other, e.g. centred on their mean)."""
+        states = [r.value_state(eos) for r in rows]
+        have = [j for j, s in enumerate(states) if s is not None]
+        out: list[float | None] = [None] * len(rows)
+        if values_of[i] is None or not have:
+            return out
+        values = np.asarray(values_of[i](torch.stack([states[j].reshape(-1) for j in have])), dtype=np.float64)
+        for j, v in zip(have, values.reshape(-1)):
+            out[j] = float(v)
+        return out
 
     def text_of(ids: list[int]) -> str:
         return decode([t for t in ids if t not in eos])
@@ -242,7 +251,7 @@ def search_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, layer: in
                     best = answers.index(votes.most_common(1)[0][0]) if votes else 0
                     results.append(SearchResult(texts[best], lines(texts[best]), spent, strategy, n, dict(votes)))
                     continue
-                values = [score(r, i) for r in cands]
+                values = score(cands, i)
                 best = max(range(n), key=lambda j: -np.inf if values[j] is None else values[j])
                 steps = lines(texts[best])
                 if steps:  # the whole answer's value, on its last line
@@ -263,16 +272,19 @@ def search_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, layer: in
                             max_new_tokens=step_tokens, temperature=temperature, generator=generator, reader=reader)
             pools: dict[int, list] = {i: [(r, s, True, s[-1].value if s else None) for r, s, f in beams[i] if f]
                                       for i, _ in owners}
+            fresh: dict[int, list] = {}
             for c, row in enumerate(cands):
                 i, (parent, steps, _) = owners[c // width]
                 new = row.tokens[len(parent.tokens):]
                 text = text_of(new)
                 finished = any(t in eos for t in new) or (extract is not None and bool(extract(text))
                                                           and "answer" in text.lower())
-                v = score(row, i)
                 spent[i] += len(new)
                 scored[i] += 1
-                pools[i].append((row, steps + [Step(text.strip(), v)], finished, v))
+                fresh.setdefault(i, []).append((row, steps, text, finished))
+            for i, items in fresh.items():
+                for (row, steps, text, finished), v in zip(items, score([row for row, *_ in items], i)):
+                    pools[i].append((row, steps + [Step(text.strip(), v)], finished, v))
             for i, pool in pools.items():
                 rounds[i].append([(row.tokens, steps[-1]) for row, steps, _, _ in pool])
                 if strategy == "random":

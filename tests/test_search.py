@@ -137,3 +137,25 @@ def test_many_prompts_in_one_batch_continue_their_own_caches(newline_model, toke
         alone = search(newline_model, tokenizer, p, layer=LAYER, neuron_indices=[NEURON], value=None,
                        strategy="greedy", answer_tokens=12)
         assert res.text == alone.text and res.tokens_generated == alone.tokens_generated > 0
+
+
+def test_value_sees_a_rounds_candidates_together(newline_model, tokenizer):
+    """The value function gets each prompt's candidates of a round in one call, so a readout centred on them ranks
+    them as the plain one does (same seed: same search)."""
+    from valueprobe.plugin.search import search_many
+
+    prompts = [prompt_ids(tokenizer, t) for t in ("What is 2 plus 3?", "Hi")]
+    calls = []
+
+    def centred(values):
+        calls.append(len(values))
+        v = planted_value(values)
+        return v - v.mean()
+
+    kwargs = dict(layer=LAYER, neuron_indices=[NEURON], strategy="value-beam", width=3, max_steps=3, step_tokens=10,
+                  seed=2)
+    plain = search_many(newline_model, tokenizer, prompts, value=planted_value, **kwargs)
+    relative = search_many(newline_model, tokenizer, prompts, value=centred, **kwargs)
+    assert calls and set(calls) == {3}
+    for a, b in zip(plain, relative):
+        assert a.text == b.text and [s.text for s in a.steps] == [s.text for s in b.steps]

@@ -128,3 +128,52 @@ def test_centred_best_of_n_is_reported_out_of_fold(tmp_path):
     result, md = report(ts, heads, sizes, [], layer=5, folds=3, width=4, objective="td", rankers=rankers)
     assert "best-of-n-centered" in result["strategies"] and "not a pre-registered result" in md
     assert any((t["a"], t["b"]) == ("best-of-n-centered", "self-consistency") for t in result["paired"])
+
+
+def test_a_strategy_added_later_is_compared_on_its_own_problems():
+    ts = synthetic_trace_set()
+    heads, sizes = fit_fold_heads(ts, 5, 3, epochs=10)
+    problems = sorted({t["problem"] for t in ts.traces})
+    records = [{"problem": p, "strategy": s, "correct": i % 2, "tokens": 9} for i, p in enumerate(problems)
+               for s in ("greedy", "value-beam")]
+    records += [{"problem": p, "strategy": "value-beam-centered", "correct": 1, "tokens": 40} for p in problems[:10]]
+    result, md = report(ts, heads, sizes, records, layer=5, folds=3, width=4, objective="td")
+    assert result["problems"] == len(problems)  # the main table is not cut to the later strategy's problems
+    later = result["added_later"]
+    assert later["problems"] == 10 and later["strategies"]["value-beam-centered"]["accuracy"] == 1.0
+    assert later["strategies"]["greedy"]["accuracy"] == np.mean([i % 2 for i in range(10)])
+    assert {t["b"] for t in later["paired"]} == {"greedy", "self-consistency", "sample", "value-beam"}
+    assert "centred readout" in md
+
+
+def test_generate_writes_records_for_each_strategy_with_out_of_fold_values(tmp_path, tokenizer):
+    """The generating half on a tiny model: greedy, value-beam (head) and value-beam-centered (ranker), one record
+    per problem and strategy, resumable."""
+    from test_trajectories import _newline_prone
+
+    from valueprobe.bench.search import generate, load_records
+    from valueprobe.calibration.data import Question
+    from valueprobe.calibration.dopamine import fit_value_head
+    from valueprobe.calibration.probes import GroupCenteredProbe
+
+    model = _newline_prone(tokenizer)
+    width = model.config.hidden_size
+    rng = np.random.default_rng(0)
+    states = [rng.normal(size=(3, width)) for _ in range(24)]
+    y = np.array([i % 2 for i in range(24)])
+    heads = {f: fit_value_head(states, y, epochs=3) for f in range(2)}
+    rankers = {f: GroupCenteredProbe().fit(np.stack([s[-1] for s in states]), y, np.arange(24) // 4)
+               for f in range(2)}
+    problems = [Question(f"t-{i}", f"What is {i} plus {i}?", str(2 * i), None, "numeric", "toy") for i in range(3)]
+    out = tmp_path / "search.jsonl"
+    kwargs = dict(layer=2, out=out, folds=2, width=2, batch=2, max_steps=2, step_tokens=6, answer_tokens=12,
+                  strategies=("greedy", "value-beam", "value-beam-centered"), rankers=rankers, echo=lambda *_: None)
+    generate(model, tokenizer, problems, heads, {0: 12, 1: 12}, **kwargs)
+    records = load_records(out)
+    assert sorted((r["problem"], r["strategy"]) for r in records) == sorted(
+        (q.id, s) for q in problems for s in ("greedy", "value-beam", "value-beam-centered"))
+    assert all(r["tokens"] > 0 for r in records)
+    assert all(v is not None for r in records if r["strategy"] != "greedy" for v in r["values"])
+    assert all(any(r["values"] for r in records if r["strategy"] == s) for s in ("value-beam", "value-beam-centered"))
+    generate(model, tokenizer, problems, heads, {0: 12, 1: 12}, **kwargs)  # resumes: nothing new
+    assert len(load_records(out)) == len(records)

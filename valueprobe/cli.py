@@ -747,8 +747,8 @@ def bench_search(
     width: Annotated[int, typer.Option(help="Candidate lines per step for value-beam.")] = 4,
     batch: Annotated[int, typer.Option(help="Problems searched together (value-beam: batch x width rows).")] = 8,
     limit: Annotated[Optional[int], typer.Option(help="Generate for the first N traced problems only.")] = None,
-    strategies: Annotated[str, typer.Option(help="Generated strategies (comma list of greedy, value-beam; '' for "
-                                                 "the report alone).")] = "greedy,value-beam",
+    strategies: Annotated[str, typer.Option(help="Generated strategies (comma list of greedy, value-beam, "
+                                                 "value-beam-centered; '' for the report alone).")] = "greedy,value-beam",
     seed: int = 0,
 ):
     """Value-guided step search vs greedy, self-consistency, best-of-n and random step selection at an equal
@@ -756,12 +756,12 @@ def bench_search(
     plot. Resumable; the report covers the problems every strategy has answered so far."""
     import torch
 
-    from valueprobe.bench.search import GENERATED, run
+    from valueprobe.bench.search import KNOWN_GENERATED, run
 
     chosen = [s for s in strategies.split(",") if s]
-    unknown = [s for s in chosen if s not in GENERATED]
+    unknown = [s for s in chosen if s not in KNOWN_GENERATED]
     if unknown:
-        _fail(f"unknown strategies {unknown}; expected some of {list(GENERATED)}")
+        _fail(f"unknown strategies {unknown}; expected some of {list(KNOWN_GENERATED)}")
     if objective not in ("td", "bce"):
         _fail("objective must be td or bce")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
