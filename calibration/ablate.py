@@ -125,6 +125,7 @@ def ablation_study(model, tokenizer, probe, questions: list[Question], *, seeds:
         "n": len(questions),
         "layer": layer,
         "k": int(len(neurons)),
+        "neurons": [int(n) for n in neurons],
         "mode": mode,
         "accuracy": float(base.mean()),
         "accuracy_value_ablated": float(value.mean()),
@@ -188,7 +189,8 @@ def trace_ablation_study(model, tokenizer, traces: list[dict], problems: dict[st
     random_deltas = np.asarray(random_deltas)
     delta = chosen.mean(0)
     return {
-        "n_traces": len(traces), "layer": layer, "k": int(len(neurons)), "mode": mode,
+        "n_traces": len(traces), "layer": layer, "k": int(len(neurons)), "neurons": [int(n) for n in neurons],
+        "mode": mode,
         "nll_base": base.mean(0).tolist(),
         "delta_nll_chosen": delta.tolist(),
         "delta_nll_random_mean": random_deltas.mean(0).tolist(),
