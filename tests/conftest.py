@@ -29,6 +29,16 @@ CORPUS = [
     "Question: how many legs does a spider have? Answer: eight. 0 1 2 3 4 5 6 7 8 9",
 ] * 20
 
+# Prompts of mixed kinds and lengths (open, multiple choice, one word, longer than a small prefill chunk).
+MIXED_PROMPTS = [
+    "What is the capital of France?",
+    {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"]},
+    "fox",
+    "Question: how many legs does a spider have? The quick brown fox jumps over the lazy dog, and the dog "
+    "answers with the letter only, eight legs or six legs, which planet is largest?",
+    {"question": "capital of France", "choices": ["Paris", "Rome"]},
+]
+
 # family -> config class and the kwargs that make it tiny
 FAMILIES = {
     "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

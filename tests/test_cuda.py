@@ -13,15 +13,9 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from conftest import build_model, synthetic_featureset  # noqa: E402
+from conftest import MIXED_PROMPTS, build_model, synthetic_featureset  # noqa: E402
 
-PROMPTS = [
-    "What is the capital of France?",
-    {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"]},
-    "fox",
-    "Question: how many legs does a spider have? The quick brown fox jumps over the lazy dog, and the dog "
-    "answers with the letter only, eight legs or six legs, which planet is largest?",
-]
+PROMPTS = MIXED_PROMPTS[:4]
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import torch
 
 vllm = pytest.importorskip("vllm", reason="the [vllm] extra is not installed")
 
-from conftest import build_model, synthetic_featureset  # noqa: E402
+from conftest import MIXED_PROMPTS, build_model, synthetic_featureset  # noqa: E402
 
 from valueprobe.plugin import ValueProbe  # noqa: E402
 from valueprobe.plugin.artifact import FingerprintMismatchError  # noqa: E402
@@ -24,14 +24,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 VLLM_DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
                  max_position_embeddings=512)
 
-PROMPTS = [
-    "What is the capital of France?",
-    {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"]},
-    "fox",
-    "Question: how many legs does a spider have? The quick brown fox jumps over the lazy dog, and the dog "
-    "answers with the letter only, eight legs or six legs, which planet is largest?",
-    {"question": "capital of France", "choices": ["Paris", "Rome"]},
-]
+PROMPTS = MIXED_PROMPTS
 
 
 def fit_probe(model, tokenizer, name: str, served: str | None = None) -> ValueProbe:
