@@ -134,7 +134,6 @@ def _cache_length(past) -> int:
         return 0
 
 
-
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(keys, values)`` per layer of a transformers KV cache (the ``layers`` of >= 4.56, else the legacy form)."""
     if getattr(cache, "layers", None) and hasattr(cache.layers[0], "keys"):
@@ -150,6 +149,7 @@ def cache_from_layers(kv: list[tuple[torch.Tensor, torch.Tensor]]):
     for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
     return cache
+
 
 @dataclass
 class LastTokenReader:

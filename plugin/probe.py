@@ -163,7 +163,7 @@ class ValueProbe:
         self.eval_card = data.json("eval_card", {})
         # Models already checked (hashing a layer's weights costs ~0.1-0.5 s on a 1.5B model: do it once).
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        # ... and those that did not match: model -> {tokenizer: (fields, message)}, so a caller who opted out
+        # ... and those that did not match: model -> {tokenizer: {fields, message, warned}}, so a caller who opted out
         # (check_fingerprint=False) pays the hash and the warning once, not on every call
         self._mismatches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

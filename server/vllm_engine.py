@@ -119,17 +119,22 @@ class VllmEngine(TokenizerAccess):
     async def detach(self, probe: ValueProbe) -> None:
         """Remove ``probe``'s hooks from the worker."""
         async with self._attach_lock:
-            # forgotten first: a request arriving meanwhile re-hooks it (after this RPC) instead of trusting a hook
-            # that is on its way out
-            self._attached.pop(probe.artifact_id, None)
-            await self.llm.collective_rpc("valueprobe_detach", args=(probe.artifact_id,))
+            await self._unhook(probe.artifact_id)
+
+    async def _unhook(self, key: str) -> None:
+        # under _attach_lock; forgotten first: a request arriving meanwhile re-hooks it (after this RPC) instead of
+        # trusting a hook that is on its way out
+        self._attached.pop(key, None)
+        await self.llm.collective_rpc("valueprobe_detach", args=(key,))
 
     async def release_unused(self) -> list[str]:
         """Detach every artifact other than the served one that no request in flight uses (each hooked artifact
-        costs a gather on every prefill). Returns the ids detached."""
-        gone = [key for key in self._attached if key != self.probe.artifact_id and not self._users[key]]
-        for key in gone:
-            await self.detach(self._attached[key].probe)
+        costs a gather on every prefill). Returns the ids detached. Decided under the attach lock, so two requests
+        ending together detach once, and an artifact a request has just started to use is kept."""
+        async with self._attach_lock:
+            gone = [key for key in self._attached if key != self.probe.artifact_id and not self._users[key]]
+            for key in gone:
+                await self._unhook(key)
         return gone
 
     @property
