@@ -51,6 +51,12 @@ class _NoTokenizer:
 _NO_TOKENIZER = _NoTokenizer()
 
 
+def _attached_anyway(message: str) -> str:
+    # The refusal's advice ("pass check_fingerprint=False") reads wrong to a caller who already did
+    return message.replace("or pass check_fingerprint=False to attach anyway (scores will be meaningless).",
+                           "Attached anyway (check_fingerprint=False): its scores are meaningless for this model.")
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     """Confidence for one prompt.
@@ -278,7 +284,7 @@ class ValueProbe:
                 raise FingerprintMismatchError(known["message"], list(known["fields"]))
             if not known["warned"]:
                 known["warned"] = True
-                warnings.warn(known["message"], RuntimeWarning, stacklevel=3)
+                warnings.warn(_attached_anyway(known["message"]), RuntimeWarning, stacklevel=3)
             return list(known["fields"])
         decoder = find_decoder_layers(model)
         if self.layer > len(decoder):
@@ -304,7 +310,7 @@ class ValueProbe:
                     "fields": tuple(mismatched), "message": message, "warned": not strict}
             if strict:
                 raise FingerprintMismatchError(message, mismatched)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(_attached_anyway(message), RuntimeWarning, stacklevel=3)
             return mismatched
         # Footgun: weights changed in place after this check are not re-hashed. Tokenizers are held weakly (not
         # by id(): ids are reused after garbage collection, so a new tokenizer could pass unchecked).

@@ -175,7 +175,9 @@ def test_different_tokenizer_is_refused_and_opt_out_warns(artifact_path, qwen_mo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = probe.attach(qwen_model, plain, check_fingerprint=False)
-    assert any("fingerprint" in str(w.message) for w in caught)
+    (message,) = [str(w.message) for w in caught if "fingerprint" in str(w.message)]
+    # the opt-out's warning says what was done, not the refusal's advice to opt out
+    assert "Attached anyway" in message and "pass check_fingerprint=False" not in message
     handle.remove()
     # the mismatch is remembered: no re-hash of the layer, no repeated warning on every call
     import valueprobe.plugin.probe as probe_module
@@ -188,7 +190,7 @@ def test_different_tokenizer_is_refused_and_opt_out_warns(artifact_path, qwen_mo
             warnings.simplefilter("always")
             for _ in range(3):
                 assert probe.check_compatible(qwen_model, plain, strict=False) == ["tokenizer.chat_template_sha256"]
-        with pytest.raises(FingerprintMismatchError):
+        with pytest.raises(FingerprintMismatchError, match="pass check_fingerprint=False"):
             probe.check_compatible(qwen_model, plain)
     finally:
         probe_module.model_fingerprint = real
