@@ -177,3 +177,26 @@ def test_generate_writes_records_for_each_strategy_with_out_of_fold_values(tmp_p
     assert all(any(r["values"] for r in records if r["strategy"] == s) for s in ("value-beam", "value-beam-centered"))
     generate(model, tokenizer, problems, heads, {0: 12, 1: 12}, **kwargs)  # resumes: nothing new
     assert len(load_records(out)) == len(records)
+
+
+def test_weighted_vote_lets_confident_answers_outvote_a_majority():
+    from valueprobe.bench.search import _weighted_vote
+
+    def tr(pred, label):
+        return {"prediction": pred, "label": label}
+
+    traces = [tr("5", 0), tr("5", 0), tr("7", 1), tr("", 0)]
+    assert _weighted_vote(traces, [0.2, 0.2, 0.9, 5.0])["prediction"] == "7"  # 0.9 > 0.4; no answer, no vote
+    assert _weighted_vote(traces, [0.5, 0.5, 0.9, 0.0])["prediction"] == "5"  # 1.0 > 0.9: the majority holds
+    assert _weighted_vote(traces, [0.3, 0.3, 0.6, 0.0])["prediction"] == "5"  # a tie goes to the answer met first
+    assert _weighted_vote([tr("", 0), tr("", 0)], [1.0, 2.0]) is not None
+    # in the report, out of fold, on the planted traces: at least as good as the unweighted vote on mixed problems
+    ts = synthetic_trace_set()
+    heads, sizes = fit_fold_heads(ts, 5, 3, epochs=30)
+    per = from_traces(ts, heads, layer=5, folds=3)
+    mixed = [p for p in per["sample"] if 0 < per["sample"][p]["expected"] < 1]
+    weighted = np.mean([per["weighted-vote"][p]["correct"] for p in mixed])
+    assert weighted >= np.mean([per["self-consistency"][p]["correct"] for p in mixed])
+    assert weighted > np.mean([per["sample"][p]["expected"] for p in mixed]) + 0.3
+    result, md = report(ts, heads, sizes, [], layer=5, folds=3, width=4, objective="td")
+    assert "weighted by V" in md and any(t["a"] == "weighted-vote" for t in result["paired"])
