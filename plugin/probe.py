@@ -53,8 +53,8 @@ _NO_TOKENIZER = _NoTokenizer()
 
 def _attached_anyway(message: str) -> str:
     # The refusal's advice ("pass check_fingerprint=False") reads wrong to a caller who already did
-    return message.replace("or pass check_fingerprint=False to attach anyway (scores will be meaningless).",
-                           "Attached anyway (check_fingerprint=False): its scores are meaningless for this model.")
+    return message.replace(", or pass check_fingerprint=False to attach anyway (scores will be meaningless).",
+                           ". Attached anyway (check_fingerprint=False): its scores are meaningless for this model.")
 
 
 @dataclass(frozen=True)

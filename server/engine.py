@@ -2,7 +2,9 @@
 generation with the probe's hook reading the prefill of the same forward pass.
 
 Threads: scoring batches run on one worker thread and generations on another, so a long generation does not
-hold up prompt-only scoring. The probe hooks are registered per call with ``thread_only=True``: each thread's
+hold up prompt-only scoring. Generations that wait for the generation thread run together as one batched
+``generate`` when they can share it (greedy ones; sampled ones with the same temperature and top-p and no seed),
+as searches do; a streamed generation runs alone. The probe hooks are registered per call with ``thread_only=True``: each thread's
 forward passes are read only by its own hooks. Every call carries the probe it must use (the request's
 snapshot), so a hot reload never mixes two artifacts inside one request.
 
@@ -19,7 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -90,6 +92,48 @@ class TokenizerAccess:
         return self._letters[key]
 
 
+class _RowStops:
+    """Stopping criterion for a batched ``generate``: row ``i`` ends when its stop flag is set or it has made its
+    own ``limits[i]`` tokens; ``ended_at[i]`` records how many it had made then (later positions are padding)."""
+
+    def __init__(self, flags: list[_StopFlag], limits: list[int], prompt_length: int):
+        self.flags, self.limits, self.prompt_length = flags, limits, prompt_length
+        self.ended_at: list[int | None] = [None] * len(flags)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        made = input_ids.shape[1] - self.prompt_length
+        for i, (flag, limit) in enumerate(zip(self.flags, self.limits)):
+            if self.ended_at[i] is None and (flag.event.is_set() or made >= limit):
+                self.ended_at[i] = made
+        return torch.tensor([e is not None for e in self.ended_at], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(eq=False)  # a job is itself, not its fields
+class _GenerateJob:
+    prompt: Prompt
+    probe: ValueProbe
+    max_new_tokens: int
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: list[str]
+    on_confidence: Callable | None = None
+    stop_flag: _StopFlag = field(default_factory=_StopFlag)
+    future: asyncio.Future | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.temperature and self.temperature > 0)
+
+    @property
+    def key(self) -> tuple:
+        if not self.sampled:  # greedy: the seed means nothing
+            return (id(self.probe), "greedy")
+        if self.seed is not None:  # a seeded sample runs alone, so its seed means the same thing every time
+            return (id(self),)
+        return (id(self.probe), "sample", self.temperature, self.top_p or 1.0)
+
+
 @dataclass(eq=False)
 class _SearchJob:
     prompt: Prompt
@@ -123,15 +167,18 @@ class Engine(TokenizerAccess):
         self.pad_id = pad_token_id(tokenizer)
         self._generations = 0
         self._batcher: asyncio.Task | None = None
-        self._searches: list[_SearchJob] = []  # waiting for the generation thread, batched by probe and spec
+        # waiting for the generation thread: searches batched by probe and spec, generations by probe and sampling
+        self._searches: list[_SearchJob] = []
+        self._waiting_generations: list[_GenerateJob] = []
         self._search_drain: asyncio.Future | None = None
+        self._generation_drain: asyncio.Future | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     async def start(self):
         self._batcher = asyncio.create_task(self._batch_loop())
 
     async def stop(self):
-        for task in (self._batcher, self._search_drain):
+        for task in (self._batcher, self._search_drain, self._generation_drain):
             if task is not None and not task.done():
                 task.cancel()
                 try:
@@ -249,52 +296,63 @@ class Engine(TokenizerAccess):
         return kwargs
 
     @torch.inference_mode()
-    def _generate(self, prompt: Prompt, probe: ValueProbe, max_new_tokens: int, temperature, top_p, seed,
-                  stop: list[str], on_confidence=None, streamer=None, stop_flag=None) -> Generation:
-        """Generate with the probe reading the prefill. ``on_confidence(result)`` runs as soon as the prefill is
-        scored, before the first decode step; it returns ``False`` to stop generating (the policy decided not
-        to answer), so no tokens are spent on an answer that will not be used."""
+    def _generate_batch(self, jobs: list[_GenerateJob], streamer=None) -> list[Generation]:
+        """Generate for ``jobs`` (which share a key) in one left-padded batch, with the probe reading the prefill.
+        Each job's ``on_confidence(result)`` runs as soon as the prefill is scored, before the first decode step;
+        it returns ``False`` to stop that row (the policy decided not to answer), so no tokens are spent on an
+        answer that will not be used. A row also stops at its own ``max_new_tokens``; the batch runs until every
+        row has stopped. ``streamer`` (one job only) receives the tokens as they come."""
         from transformers import StoppingCriteriaList
 
-        enc = pad_left([list(prompt.input_ids)], self.pad_id).to(self.device)
+        first = jobs[0]
+        probe = first.probe
+        enc = pad_left([list(j.prompt.input_ids) for j in jobs], self.pad_id).to(self.device)
+        prompt_length = enc["input_ids"].shape[1]
         seen: list[ProbeResult] = []
         failures: list[Exception] = []
-        stop_flag = stop_flag or _StopFlag()
+        rows = _RowStops([j.stop_flag for j in jobs], [j.max_new_tokens for j in jobs], prompt_length)
 
         def on_prefill(values):
             try:
-                result = probe.readout(values[probe.layer], values.get("next_token"), [prompt.kind])[0]
+                results = probe.readout(values[probe.layer], values.get("next_token"), [j.prompt.kind for j in jobs])
             except Exception as exc:  # noqa: BLE001 - re-raised below as a probe failure
                 failures.append(exc)
-                stop_flag.event.set()
+                for j in jobs:
+                    j.stop_flag.event.set()
                 return
-            seen.append(result)
-            if on_confidence is not None and on_confidence(result) is False:
-                stop_flag.event.set()
+            seen.extend(results)
+            for j, result in zip(jobs, results):
+                if j.on_confidence is not None and j.on_confidence(result) is False:
+                    j.stop_flag.event.set()
 
         reader = LastTokenReader(self.model, [probe.layer], on_prefill, neuron_indices=probe.neuron_indices,
                                  next_token_ids=self.letter_ids(probe), thread_only=True).register()
         try:
-            extra = {"stopping_criteria": StoppingCriteriaList([stop_flag])}
+            extra = {"stopping_criteria": StoppingCriteriaList([rows])}
             if streamer is not None:
                 extra["streamer"] = streamer
-            out = self.model.generate(**enc, **self._gen_kwargs(max_new_tokens, temperature, top_p, seed), **extra)
+            kwargs = self._gen_kwargs(max(j.max_new_tokens for j in jobs), first.temperature, first.top_p, first.seed)
+            out = self.model.generate(**enc, **kwargs, **extra)
         finally:
             reader.remove()
         if failures:
             raise ProbeFailedError(f"probe readout failed: {type(failures[0]).__name__}: {failures[0]}")
-        if not seen:
+        if len(seen) != len(jobs):
             raise ProbeFailedError("the probe hook did not fire during the prefill")
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
         eos = eos_token_ids(self.model, self.tokenizer)
-        stopped = next((i for i, t in enumerate(new) if t in eos), None)
-        tokens = new if stopped is None else new[:stopped]
-        generated = self.decode(tokens)
-        finish = "stop" if stopped is not None else ("aborted" if stop_flag.event.is_set() else "length")
-        for s in stop or []:
-            if s and s in generated:
-                generated, finish = generated.split(s, 1)[0], "stop"
-        return Generation(generated, len(prompt.input_ids), len(tokens), finish, seen[0])
+        generations = []
+        for i, job in enumerate(jobs):
+            new = out[i, prompt_length:].tolist()[: rows.ended_at[i] if rows.ended_at[i] is not None else None]
+            new = new[: job.max_new_tokens]
+            stopped = next((k for k, t in enumerate(new) if t in eos), None)
+            tokens = new if stopped is None else new[:stopped]
+            generated = self.decode(tokens)
+            finish = "stop" if stopped is not None else ("aborted" if job.stop_flag.event.is_set() else "length")
+            for s in job.stop or []:
+                if s and s in generated:
+                    generated, finish = generated.split(s, 1)[0], "stop"
+            generations.append(Generation(generated, len(job.prompt.input_ids), len(tokens), finish, seen[i]))
+        return generations
 
     def _search_group(self, jobs: list[_SearchJob]):
         """One batched search (:func:`valueprobe.plugin.search.search_many`) for jobs that share probe and spec."""
@@ -326,31 +384,35 @@ class Engine(TokenizerAccess):
                          loop.create_future())
         self._searches.append(job)
         if self._search_drain is None or self._search_drain.done():
-            self._search_drain = asyncio.ensure_future(self._drain_searches())
+            self._search_drain = asyncio.ensure_future(self._drain(
+                self._searches, self._search_group, self.metrics.search_batch_size if self.metrics else None))
         try:
             return await job.future
         finally:
             self._generations -= 1
 
-    async def _drain_searches(self):
+    async def _drain(self, waiting: list, run: Callable, batch_sizes=None):
+        """Run the jobs in ``waiting`` on the generation thread, the first job's key and up to ``max_batch_size`` of
+        its kind at a time (jobs that arrive while a batch runs join the next); each job's future gets its result,
+        or the batch's exception. A job whose caller went away is not answered."""
         loop = asyncio.get_running_loop()
-        while self._searches:
-            key = self._searches[0].key
-            group = [j for j in self._searches if j.key == key and not j.future.done()][: self.max_batch_size]
-            self._searches = [j for j in self._searches if j not in group and not j.future.done()]
+        while waiting:
+            key = waiting[0].key
+            group = [j for j in waiting if j.key == key and not j.future.done()][: self.max_batch_size]
+            waiting[:] = [j for j in waiting if j not in group and not j.future.done()]
             if not group:
                 continue
-            if self.metrics:
-                self.metrics.search_batch_size.observe(len(group))
+            if batch_sizes is not None:
+                batch_sizes.observe(len(group))
             try:
-                results = await loop.run_in_executor(self.generate_executor, self._search_group, group)
+                results = await loop.run_in_executor(self.generate_executor, run, group)
             except Exception as exc:  # noqa: BLE001 - each waiting request gets the failure
                 for j in group:
                     if not j.future.done():
                         j.future.set_exception(exc)
                 continue
             for j, r in zip(group, results):
-                if not j.future.done():  # a client that went away is simply not answered
+                if not j.future.done():
                     j.future.set_result(r)
 
     def _admit_generation(self):
@@ -360,11 +422,19 @@ class Engine(TokenizerAccess):
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
                        seed=None, stop=None, on_confidence=None) -> Generation:
+        """Generate with ``probe`` reading the prefill (see :meth:`_generate_batch`), batched with the generations
+        that wait beside it. Batched greedy decoding can differ from one-prompt decoding where two tokens' logits
+        are within rounding of each other (padding changes the arithmetic), as in any batching server."""
         self._admit_generation()
+        job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), on_confidence,
+                           future=asyncio.get_running_loop().create_future())
+        self._waiting_generations.append(job)
+        if self._generation_drain is None or self._generation_drain.done():
+            self._generation_drain = asyncio.ensure_future(self._drain(
+                self._waiting_generations, self._generate_batch,
+                self.metrics.generation_batch_size if self.metrics else None))
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.generate_executor, self._generate, prompt, probe, max_new_tokens, temperature, top_p, seed,
-                stop or [], on_confidence)
+            return await job.future
         finally:
             self._generations -= 1
 
@@ -386,8 +456,9 @@ class Engine(TokenizerAccess):
             loop.call_soon_threadsafe(lambda: confidence.done() or confidence.set_result(result))
             return keep
 
-        done = loop.run_in_executor(self.generate_executor, self._generate, prompt, probe, max_new_tokens, temperature,
-                                    top_p, seed, stop or [], on_confidence, streamer, stop_flag)
+        job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), on_confidence,
+                           stop_flag)
+        done = loop.run_in_executor(self.generate_executor, lambda: self._generate_batch([job], streamer)[0])
 
         def _finished(fut):
             self._generations -= 1

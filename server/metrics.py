@@ -60,6 +60,9 @@ class SidecarMetrics:
                                     registry=r)
         self.search_batch_size = Histogram("valueprobe_search_batch_size", "Searches run together in one batch.",
                                            buckets=(1, 2, 4, 8, 16), registry=r)
+        self.generation_batch_size = Histogram("valueprobe_generation_batch_size",
+                                               "Generations run together in one batched generate.",
+                                               buckets=(1, 2, 4, 8, 16), registry=r)
         self.errors = Counter("valueprobe_errors_total", "Error responses by type.", ["type"], registry=r)
         self.ood = Counter("valueprobe_ood_total", "Scored prompts by kind and out-of-distribution flag.",
                            ["kind", "flagged"], registry=r)

@@ -1,0 +1,104 @@
+"""The transformers engine's batched generation: generations that wait together run as one batched ``generate``,
+and each answer (text, tokens, finish reason, confidence) is the one it gets alone; a row the policy stops at
+prefill stops without stopping the others; a seeded sample runs alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import MIXED_PROMPTS
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from valueprobe.plugin import ValueProbe
+from valueprobe.plugin.nexttoken import prompt_kind
+from valueprobe.server.engine import Engine, Prompt
+from valueprobe.server.metrics import SidecarMetrics
+
+
+@pytest.fixture(scope="module")
+def probe(artifact_file):
+    return ValueProbe.load(artifact_file)
+
+
+def _prompts(tokenizer, probe):
+    return [Prompt(tuple(probe.encode(tokenizer, [p])["input_ids"][0].tolist()), prompt_kind(p)) for p in MIXED_PROMPTS]
+
+
+def _batch_sizes(metrics: SidecarMetrics) -> dict:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(metrics.registry).decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text)
+            if f.name == "valueprobe_generation_batch_size" for s in f.samples}
+
+
+def test_concurrent_generations_share_a_batch_and_each_gets_its_own_answer(qwen_model, tokenizer, probe):
+    prompts = _prompts(tokenizer, probe)
+    limits = [3 + 2 * (i % 4) for i in range(len(prompts))]  # different lengths and token limits in one batch
+    metrics = SidecarMetrics(CollectorRegistry())
+
+    async def main():
+        engine = Engine(qwen_model, tokenizer, probe, max_batch_size=8, metrics=metrics)
+        await engine.start()
+        try:
+            alone = [await engine.generate(p, probe, max_new_tokens=n, temperature=0) for p, n in zip(prompts, limits)]
+            solo = _batch_sizes(metrics)
+            refused = []
+
+            def policy(i):  # the third prompt is "not answered": its row stops at prefill, the others go on
+                def decide(result):
+                    refused.append(i) if i == 2 else None
+                    return i != 2
+                return decide
+
+            together = await asyncio.gather(*(
+                engine.generate(p, probe, max_new_tokens=n, temperature=0, on_confidence=policy(i))
+                for i, (p, n) in enumerate(zip(prompts, limits))))
+            return alone, solo, together, refused
+        finally:
+            await engine.stop()
+
+    alone, solo, together, refused = asyncio.run(main())
+    assert solo["valueprobe_generation_batch_size_count"] == len(prompts)  # awaited one by one: batches of 1
+    sizes = _batch_sizes(metrics)
+    n_batches = sizes["valueprobe_generation_batch_size_count"] - len(prompts)
+    assert sizes["valueprobe_generation_batch_size_sum"] == 2 * len(prompts) and n_batches < len(prompts) / 2
+    assert refused == [2]
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert b.confidence.probability == pytest.approx(a.confidence.probability, abs=1e-5)
+        assert b.prompt_tokens == a.prompt_tokens
+        if i == 2:
+            assert b.finish_reason == "aborted" and b.completion_tokens <= 1
+            continue
+        assert (b.text, b.completion_tokens, b.finish_reason) == (a.text, a.completion_tokens, a.finish_reason)
+        assert b.completion_tokens <= limits[i]
+    assert any(a.finish_reason == "length" and a.completion_tokens == n for a, n in zip(alone, limits))
+
+
+def test_a_seeded_sample_runs_alone_and_repeats(qwen_model, tokenizer, probe):
+    prompts = _prompts(tokenizer, probe)[:4]
+    metrics = SidecarMetrics(CollectorRegistry())
+
+    async def main():
+        engine = Engine(qwen_model, tokenizer, probe, metrics=metrics)
+        await engine.start()
+        try:
+            runs = []
+            for _ in range(2):
+                runs.append(await asyncio.gather(*(
+                    engine.generate(p, probe, max_new_tokens=6, temperature=1.0, seed=7) for p in prompts)))
+            unseeded = await asyncio.gather(*(engine.generate(p, probe, max_new_tokens=6, temperature=1.0)
+                                              for p in prompts))
+            return runs, unseeded
+        finally:
+            await engine.stop()
+
+    runs, unseeded = asyncio.run(main())
+    assert [g.text for g in runs[0]] == [g.text for g in runs[1]]
+    sizes = _batch_sizes(metrics)
+    # 8 seeded generations in batches of 1, then the 4 unseeded ones share fewer than 4 batches
+    assert sizes["valueprobe_generation_batch_size_sum"] == 12
+    assert 8 < sizes["valueprobe_generation_batch_size_count"] < 12
+    assert all(g.completion_tokens <= 6 for g in unseeded)
