@@ -22,9 +22,16 @@ QUESTIONS = [
     "Which planet has the most moons?", "Who painted The Starry Night?", "What is the largest desert on Earth?",
     "In which year did the Berlin Wall fall?", "What is the chemical symbol for gold?",
 ]
+#: questions whose answers run to ``max_tokens`` (the short ones above end after a few tokens, so prefill dominates)
+LONG_QUESTIONS = [
+    "Explain in a paragraph why the sky is blue.", "Describe how a bill becomes a law in the United States.",
+    "Explain how vaccines train the immune system.", "Describe the water cycle step by step.",
+    "Explain why the seasons change on Earth.", "Describe how a refrigerator keeps food cold.",
+    "Explain what causes ocean tides.", "Describe how plants turn sunlight into sugar.",
+]
 
 
-async def drive(url: str, clients: int, seconds: float, endpoint: str, max_tokens: int) -> dict:
+async def drive(url: str, clients: int, seconds: float, endpoint: str, max_tokens: int, questions=QUESTIONS) -> dict:
     latencies, errors, tokens = [], 0, 0
     deadline = time.perf_counter() + seconds
     path, make = {
@@ -39,7 +46,7 @@ async def drive(url: str, clients: int, seconds: float, endpoint: str, max_token
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 try:
-                    r = await http.post(path, json=make(QUESTIONS[j % len(QUESTIONS)]))
+                    r = await http.post(path, json=make(questions[j % len(questions)]))
                     ok = r.status_code == 200
                     if ok and endpoint == "completions":
                         tokens += r.json()["usage"]["completion_tokens"]
@@ -92,23 +99,25 @@ def start_sidecar(model, artifact, **settings):
     raise TimeoutError("sidecar did not become ready")
 
 
-def run(model=None, artifact=None, url=None, clients=8, seconds=20.0, batch=8, endpoint="confidence", max_tokens=16):
+def run(model=None, artifact=None, url=None, clients=8, seconds=20.0, batch=8, endpoint="confidence", max_tokens=16,
+        answers="short"):
     from rich.console import Console
 
     console = Console()
     results = {}
+    questions = {"short": QUESTIONS, "long": LONG_QUESTIONS}[answers]
     if url:
-        results["given server"] = asyncio.run(drive(url, clients, seconds, endpoint, max_tokens))
+        results["given server"] = asyncio.run(drive(url, clients, seconds, endpoint, max_tokens, questions))
     else:
         for label, b in ((f"batched (max {batch})", batch), ("one at a time", 1)):
             proc, server = start_sidecar(model, artifact, max_batch_size=b, max_wait_ms=10, max_queue=1024)
             try:
-                asyncio.run(drive(server, clients, min(3.0, seconds), endpoint, max_tokens))  # warm-up
-                results[label] = asyncio.run(drive(server, clients, seconds, endpoint, max_tokens))
+                asyncio.run(drive(server, clients, min(3.0, seconds), endpoint, max_tokens, questions))  # warm-up
+                results[label] = asyncio.run(drive(server, clients, seconds, endpoint, max_tokens, questions))
             finally:
                 proc.terminate()
                 proc.wait(30)
-    print_table(console, f"{endpoint}: {clients} clients x {seconds:.0f} s", results)
+    print_table(console, f"{endpoint}: {clients} clients x {seconds:.0f} s, {answers} answers", results)
     if len(results) == 2:
         a, b = results.values()
         console.print(f"batched / one-at-a-time throughput: {a['throughput'] / max(b['throughput'], 1e-9):.2f}x")

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     search_artifact: Optional[str] = Field(None, description="Step-value artifact (`valueprobe fit --traces`, token_position step_end) that values candidate steps in `search`; default: the served artifact's own head read at step ends.")
     artifact_dir: Optional[str] = Field(None, description="Folder /v1/admin/reload may load artifacts from; default: the served artifact's folder.")
     admin_token: Optional[str] = Field(None, description="Bearer token for /v1/feedback and /v1/admin/*; unset = those routes are disabled (403).")
-    max_batch_size: int = Field(8, ge=1, description="Most prompts scored in one prefill batch.")
+    max_batch_size: int = Field(8, ge=1, description="Most prompts scored in one prefill batch; also the most "
+                                "generations, or searches, run together in one batch.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the batcher waits to fill a batch.")
     max_queue: int = Field(64, ge=1, description="Pending requests before answering 503 with Retry-After.")
     max_prompt_chars: int = Field(16000, ge=1)

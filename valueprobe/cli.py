@@ -614,6 +614,8 @@ def bench_serve(
     batch: Annotated[int, typer.Option(help="max_batch_size of the batched server.")] = 8,
     endpoint: Annotated[str, typer.Option(help="confidence (prompt-only) or completions.")] = "confidence",
     max_tokens: Annotated[int, typer.Option(help="Tokens per completion (completions endpoint).")] = 16,
+    answers: Annotated[str, typer.Option(help="short (trivia: a few tokens, prefill-bound) or long (explanations "
+                                              "that run to --max-tokens: decode-bound).")] = "short",
     engine: Annotated[Optional[list[str]], typer.Option(help="Compare engines instead (repeatable: transformers, "
                                                              "vllm): completions at --clients-list, then vLLM's "
                                                              "in-engine probe overhead.")] = None,
@@ -631,7 +633,9 @@ def bench_serve(
         run_engines(model, artifact, tuple(engine), tuple(int(c) for c in clients_list.split(",") if c.strip()), seconds,
                     max_tokens, overhead_reps)
         return
-    run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens)
+    if answers not in ("short", "long"):
+        _fail(f"--answers must be short or long, not {answers!r}")
+    run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens, answers)
 
 
 def _random_model(folder: str, dtype: str):
