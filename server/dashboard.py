@@ -49,7 +49,12 @@ PANELS = [
     ]),
     ("Queue depth and batch size", "timeseries", [
         ("sum(valueprobe_queue_depth)", "queued"),
-        ('sum(rate(valueprobe_batch_size_sum[%s])) / sum(rate(valueprobe_batch_size_count[%s]))' % (W, W), "mean batch"),
+        ('sum(rate(valueprobe_batch_size_sum[%s])) / sum(rate(valueprobe_batch_size_count[%s]))' % (W, W),
+         "mean scoring batch"),
+        ('sum(rate(valueprobe_generation_batch_size_sum[%s])) / sum(rate(valueprobe_generation_batch_size_count[%s]))'
+         % (W, W), "mean generation batch"),
+        ('sum(rate(valueprobe_search_batch_size_sum[%s])) / sum(rate(valueprobe_search_batch_size_count[%s]))'
+         % (W, W), "mean search batch"),
     ]),
     ("Error responses", "timeseries", [
         ('sum by (type) (rate(valueprobe_errors_total[%s]))' % W, "{{type}}"),
