@@ -4,8 +4,8 @@ generation with the probe's hook reading the prefill of the same forward pass.
 Threads: scoring batches run on one worker thread and generations on another, so a long generation does not
 hold up prompt-only scoring. Generations that wait for the generation thread run together as one batched
 ``generate`` when they can share it (greedy ones; sampled ones with the same temperature and top-p and no seed),
-as searches do; a streamed generation runs alone. The probe hooks are registered per call with ``thread_only=True``: each thread's
-forward passes are read only by its own hooks. Every call carries the probe it must use (the request's
+as searches do; a streamed generation runs alone. The probe hooks are registered per call with
+``thread_only=True``: each thread's forward passes are read only by its own hooks. Every call carries the probe it must use (the request's
 snapshot), so a hot reload never mixes two artifacts inside one request.
 
 Tokenizer: a Hugging Face fast tokenizer must not be used from two threads at once ("Already borrowed"). Every
