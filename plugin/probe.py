@@ -51,12 +51,6 @@ class _NoTokenizer:
 _NO_TOKENIZER = _NoTokenizer()
 
 
-def _attached_anyway(message: str) -> str:
-    # The refusal's advice ("pass check_fingerprint=False") reads wrong to a caller who already did
-    return message.replace(", or pass check_fingerprint=False to attach anyway (scores will be meaningless).",
-                           ". Attached anyway (check_fingerprint=False): its scores are meaningless for this model.")
-
-
 @dataclass(frozen=True)
 class ProbeResult:
     """Confidence for one prompt.
@@ -169,7 +163,7 @@ class ValueProbe:
         self.eval_card = data.json("eval_card", {})
         # Models already checked (hashing a layer's weights costs ~0.1-0.5 s on a 1.5B model: do it once).
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        # ... and those that did not match: model -> {tokenizer: {fields, message, warned}}, so a caller who opted out
+        # ... and those that did not match: model -> {tokenizer: {fields, refusal, warning, warned}}, so a caller who opted out
         # (check_fingerprint=False) pays the hash and the warning once, not on every call
         self._mismatches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -281,10 +275,10 @@ class ValueProbe:
         known = self._mismatches.get(model, {}).get(tokenizer if tokenizer is not None else _NO_TOKENIZER)
         if known is not None:
             if strict:
-                raise FingerprintMismatchError(known["message"], list(known["fields"]))
+                raise FingerprintMismatchError(known["refusal"], list(known["fields"]))
             if not known["warned"]:
                 known["warned"] = True
-                warnings.warn(_attached_anyway(known["message"]), RuntimeWarning, stacklevel=3)
+                warnings.warn(known["warning"], RuntimeWarning, stacklevel=3)
             return list(known["fields"])
         decoder = find_decoder_layers(model)
         if self.layer > len(decoder):
@@ -297,20 +291,21 @@ class ValueProbe:
                 f"tokenizer.{f}" for f in diff_fingerprints(self.tokenizer_fingerprint, tokenizer_fingerprint(tokenizer))
             ]
         if mismatched:
-            message = (
-                f"model fingerprint mismatch for artifact fitted on {self.model_name!r} (layer {self.layer}): "
-                f"fields differ: {', '.join(mismatched)}. Fit an artifact for this model with `valueprobe fit`, "
-                "or pass check_fingerprint=False to attach anyway (scores will be meaningless)."
-            )
+            what = (f"model fingerprint mismatch for artifact fitted on {self.model_name!r} (layer {self.layer}): "
+                    f"fields differ: {', '.join(mismatched)}. Fit an artifact for this model with `valueprobe fit`")
+            hint = ""
             if "layer_weights_fp16_sha256" in mismatched and "layer_weights_fp16_sha256" not in self.model_fingerprint:
-                message += (" This artifact records no float16 weight hash (fitted before valueprobe recorded one):"
-                            " load the model in bfloat16 or float32, or refit it.")
+                hint = (" This artifact records no float16 weight hash (fitted before valueprobe recorded one):"
+                        " load the model in bfloat16 or float32, or refit it.")
+            # the refusal advises opting out; the opt-out's warning says it was done
+            refusal = what + ", or pass check_fingerprint=False to attach anyway (scores will be meaningless)." + hint
+            warning = what + ". Attached anyway (check_fingerprint=False): its scores are meaningless for this model." + hint
             self._mismatches.setdefault(model, weakref.WeakKeyDictionary())[
                 tokenizer if tokenizer is not None else _NO_TOKENIZER] = {
-                    "fields": tuple(mismatched), "message": message, "warned": not strict}
+                    "fields": tuple(mismatched), "refusal": refusal, "warning": warning, "warned": not strict}
             if strict:
-                raise FingerprintMismatchError(message, mismatched)
-            warnings.warn(_attached_anyway(message), RuntimeWarning, stacklevel=3)
+                raise FingerprintMismatchError(refusal, mismatched)
+            warnings.warn(warning, RuntimeWarning, stacklevel=3)
             return mismatched
         # Footgun: weights changed in place after this check are not re-hashed. Tokenizers are held weakly (not
         # by id(): ids are reused after garbage collection, so a new tokenizer could pass unchecked).
