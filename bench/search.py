@@ -148,6 +148,8 @@ def from_traces(trace_set, heads, *, layer: int, folds: int, seed: int = 0, rank
     """Per problem, the answers the traces already hold: ``sample`` (trace #0), ``self-consistency`` (vote),
     ``best-of-n`` (highest value at the last step, by the problem's out-of-fold head) and, with ``rankers``,
     ``best-of-n-centered`` (highest out-of-fold :func:`fit_fold_rankers` score among the problem's answers)."""
+    from ..plugin.search import vote
+
     states = trace_set.layer(layer)
     by_problem: dict[str, list[int]] = {}
     for i, t in enumerate(trace_set.traces):
@@ -160,32 +162,17 @@ def from_traces(trace_set, heads, *, layer: int, folds: int, seed: int = 0, rank
         tr = [trace_set.traces[i] for i in idx]
         tokens = [len(t["tokens"]) + (0 if t["truncated"] else 1) for t in tr]  # + the end-of-answer token
         out["sample"][p] = {"correct": tr[0]["label"], "tokens": tokens[0], "expected": float(np.mean([t["label"] for t in tr]))}
-        votes = Counter(t["prediction"] for t in tr if t["prediction"])
-        winner = votes.most_common(1)[0][0] if votes else ""
-        pick = next((t for t in tr if t["prediction"] == winner), tr[0])
-        out["self-consistency"][p] = {"correct": pick["label"], "tokens": sum(tokens)}
+        answers = [t["prediction"] for t in tr]
+        out["self-consistency"][p] = {"correct": tr[vote(answers)[0]]["label"], "tokens": sum(tokens)}
         head = heads[fold_of(p, folds, seed)]
         last = np.stack([states[i][-1] for i in idx])
         v = head.predict_proba(last)
         out["best-of-n"][p] = {"correct": tr[int(np.argmax(v))]["label"], "tokens": sum(tokens)}
-        out["weighted-vote"][p] = {"correct": _weighted_vote(tr, v)["label"], "tokens": sum(tokens)}
+        out["weighted-vote"][p] = {"correct": tr[vote(answers, v)[0]]["label"], "tokens": sum(tokens)}
         if rankers is not None:
             r = rankers[fold_of(p, folds, seed)].decision_function(last)
             out["best-of-n-centered"][p] = {"correct": tr[int(np.argmax(r))]["label"], "tokens": sum(tokens)}
     return out
-
-
-def _weighted_vote(traces: list[dict], weights) -> dict:
-    """The trace whose final answer has the largest summed weight (ties: the answer met first); a trace with no
-    answer votes for nothing, and with no answers at all the first trace is returned."""
-    totals: dict[str, float] = {}
-    for t, w in zip(traces, weights):
-        if t["prediction"]:
-            totals[t["prediction"]] = totals.get(t["prediction"], 0.0) + float(w)
-    if not totals:
-        return traces[0]
-    winner = max(totals, key=totals.get)  # max keeps the first of equal totals, in insertion order
-    return next(t for t in traces if t["prediction"] == winner)
 
 
 def report(trace_set, heads, sizes, records: list[dict], *, layer: int, folds: int, width: int, objective: str,

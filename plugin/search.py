@@ -25,7 +25,6 @@ mean, say); with ``beam > 1`` kept beams that already finished keep the score th
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -36,7 +35,21 @@ from .hooks import StepStateRecorder, cache_from_layers, cache_layers
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
 
-__all__ = ["SearchResult", "Step", "search", "search_many", "STRATEGIES", "newline_token_ids"]
+__all__ = ["SearchResult", "Step", "search", "search_many", "vote", "STRATEGIES", "newline_token_ids"]
+
+
+def vote(answers: Sequence[str], weights: Sequence[float] | None = None) -> tuple[int, dict[str, float]]:
+    """Majority vote over final answers: the index of the first answer whose summed weight is largest (ties go to
+    the answer met first) and the totals per answer. No weights: one vote each (self-consistency). An empty answer
+    votes for nothing; with no answers at all, index 0."""
+    totals: dict[str, float] = {}
+    for i, a in enumerate(answers):
+        if a:
+            totals[a] = totals.get(a, 0) + (1 if weights is None else float(weights[i]))
+    if not totals:
+        return 0, totals
+    winner = max(totals, key=totals.get)  # max keeps the first of equal totals (dicts keep insertion order)
+    return list(answers).index(winner), totals
 
 STRATEGIES = ("value-beam", "random", "best-of-n", "self-consistency", "greedy")
 
@@ -247,9 +260,8 @@ def search_many(model, tokenizer, prompts: Sequence[Sequence[int]], *, layer: in
                 spent = sum(len(r.tokens) for r in cands)
                 if strategy == "self-consistency":
                     answers = [extract(t) for t in texts]
-                    votes = Counter(a for a in answers if a)
-                    best = answers.index(votes.most_common(1)[0][0]) if votes else 0
-                    results.append(SearchResult(texts[best], lines(texts[best]), spent, strategy, n, dict(votes)))
+                    best, votes = vote(answers)
+                    results.append(SearchResult(texts[best], lines(texts[best]), spent, strategy, n, votes))
                     continue
                 values = score(cands, i)
                 best = max(range(n), key=lambda j: -np.inf if values[j] is None else values[j])

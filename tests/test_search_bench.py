@@ -180,16 +180,15 @@ def test_generate_writes_records_for_each_strategy_with_out_of_fold_values(tmp_p
 
 
 def test_weighted_vote_lets_confident_answers_outvote_a_majority():
-    from valueprobe.bench.search import _weighted_vote
+    from valueprobe.plugin.search import vote
 
-    def tr(pred, label):
-        return {"prediction": pred, "label": label}
-
-    traces = [tr("5", 0), tr("5", 0), tr("7", 1), tr("", 0)]
-    assert _weighted_vote(traces, [0.2, 0.2, 0.9, 5.0])["prediction"] == "7"  # 0.9 > 0.4; no answer, no vote
-    assert _weighted_vote(traces, [0.5, 0.5, 0.9, 0.0])["prediction"] == "5"  # 1.0 > 0.9: the majority holds
-    assert _weighted_vote(traces, [0.3, 0.3, 0.6, 0.0])["prediction"] == "5"  # a tie goes to the answer met first
-    assert _weighted_vote([tr("", 0), tr("", 0)], [1.0, 2.0]) is not None
+    answers = ["5", "5", "7", ""]
+    assert vote(answers, [0.2, 0.2, 0.9, 5.0])[0] == 2  # 0.9 > 0.4; no answer, no vote
+    assert vote(answers, [0.5, 0.5, 0.9, 0.0])[0] == 0  # 1.0 > 0.9: the majority holds
+    assert vote(answers, [0.3, 0.3, 0.6, 0.0])[0] == 0  # a tie goes to the answer met first
+    assert vote(["7", "5", "5"]) == (1, {"7": 1, "5": 2})  # unit weights: the plain majority, and its counts
+    assert vote(["9", "4"])[0] == 0  # a tie of counts: the answer met first
+    assert vote(["", ""], [1.0, 2.0]) == (0, {})  # no answers at all: the first trace
     # in the report, out of fold, on the planted traces: at least as good as the unweighted vote on mixed problems
     ts = synthetic_trace_set()
     heads, sizes = fit_fold_heads(ts, 5, 3, epochs=30)
