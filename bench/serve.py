@@ -1,7 +1,8 @@
 """Load test of the sidecar: N concurrent clients for a fixed time, batched vs one-at-a-time, side by side.
 
 Starts two sidecars on loopback (``max_batch_size=B`` and ``max_batch_size=1``) with the same model and artifact,
-drives each with the same load in turn, and prints throughput, p50/p99 latency, errors, and the ratio.
+drives each with the same load in turn, ``--repeats`` times interleaved, and prints the medians of throughput,
+p50/p95 latency and errors, and the ratio in each repetition with its median and range.
 With ``--url`` it drives an existing server instead (no ratio).
 """
 
@@ -77,6 +78,11 @@ def _free_port() -> int:
 def start_sidecar(model, artifact, **settings):
     """Start ``valueprobe serve`` on a free loopback port with ``settings`` as ``VALUEPROBE_<NAME>`` variables;
     returns ``(process, url)`` once ``/readyz`` answers 200."""
+    return wait_ready(*spawn_sidecar(model, artifact, **settings))
+
+
+def spawn_sidecar(model, artifact, **settings):
+    """:func:`start_sidecar` without the wait, so several sidecars load their models at once."""
     port = _free_port()
     env = {**os.environ, "VALUEPROBE_PORT": str(port),
            **{f"VALUEPROBE_{name.upper()}": str(value) for name, value in settings.items()}}
@@ -85,8 +91,12 @@ def start_sidecar(model, artifact, **settings):
     if artifact:
         env["VALUEPROBE_ARTIFACT"] = str(artifact)
     proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(3000):
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc, url, timeout_s: float = 600):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("sidecar exited during start-up")
         try:
@@ -100,28 +110,56 @@ def start_sidecar(model, artifact, **settings):
 
 
 def run(model=None, artifact=None, url=None, clients=8, seconds=20.0, batch=8, endpoint="confidence", max_tokens=16,
-        answers="short"):
+        answers="short", repeats=3):
+    """Both sidecars run at once (idle while the other is driven); the load alternates between them ``repeats``
+    times (ABBA order, so drift in the machine's speed falls on both), each run after a short warm-up of both."""
     from rich.console import Console
 
     console = Console()
-    results = {}
     questions = {"short": QUESTIONS, "long": LONG_QUESTIONS}[answers]
+    title = f"{endpoint}: {clients} clients x {seconds:.0f} s, {answers} answers"
     if url:
-        results["given server"] = asyncio.run(drive(url, clients, seconds, endpoint, max_tokens, questions))
-    else:
-        for label, b in ((f"batched (max {batch})", batch), ("one at a time", 1)):
-            proc, server = start_sidecar(model, artifact, max_batch_size=b, max_wait_ms=10, max_queue=1024)
-            try:
-                asyncio.run(drive(server, clients, min(3.0, seconds), endpoint, max_tokens, questions))  # warm-up
-                results[label] = asyncio.run(drive(server, clients, seconds, endpoint, max_tokens, questions))
-            finally:
-                proc.terminate()
-                proc.wait(30)
-    print_table(console, f"{endpoint}: {clients} clients x {seconds:.0f} s, {answers} answers", results)
-    if len(results) == 2:
-        a, b = results.values()
-        console.print(f"batched / one-at-a-time throughput: {a['throughput'] / max(b['throughput'], 1e-9):.2f}x")
-    return results
+        results = {"given server": asyncio.run(drive(url, clients, seconds, endpoint, max_tokens, questions))}
+        print_table(console, title, results)
+        return results
+    arms = {f"batched (max {batch})": batch, "one at a time": 1}
+    servers, runs = {}, {label: [] for label in arms}
+    try:
+        for label, b in arms.items():
+            servers[label] = spawn_sidecar(model, artifact, max_batch_size=b, max_wait_ms=10, max_queue=1024)
+        for proc, server in servers.values():
+            wait_ready(proc, server)
+        for label, (_, server) in servers.items():  # warm-up
+            asyncio.run(drive(server, clients, min(3.0, seconds), endpoint, max_tokens, questions))
+        labels = list(arms)
+        for r in range(repeats):
+            for label in labels if r % 2 == 0 else labels[::-1]:
+                runs[label].append(asyncio.run(drive(servers[label][1], clients, seconds, endpoint, max_tokens,
+                                                     questions)))
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+    summary = summarize_repeats(runs)
+    print_table(console, f"{title}, {repeats} interleaved runs each (medians)", summary["arms"])
+    ratio = summary["ratios"]["tokens_per_s" if endpoint == "completions" else "throughput"]
+    unit = "tokens/s" if endpoint == "completions" else "requests/s"
+    console.print(f"batched / one-at-a-time {unit}: median {ratio['median']:.2f}x (per run "
+                  f"{', '.join(f'{x:.2f}' for x in ratio['runs'])}; min {ratio['min']:.2f}, max {ratio['max']:.2f})")
+    return summary
+
+
+def summarize_repeats(runs: dict[str, list[dict]]) -> dict:
+    """Per arm, the median of each measure over its runs (and the runs); for the first arm against the second,
+    the ratio of throughput and of tokens/s in each repetition (runs paired in order) with median, min and max."""
+    keys = ("requests", "errors", "throughput", "tokens_per_s", "p50_ms", "p95_ms", "p99_ms")
+    arms = {label: {**{k: float(np.median([r[k] for r in rs])) for k in keys}, "runs": rs} for label, rs in runs.items()}
+    (a, b) = list(runs.values())[:2]
+    ratios = {}
+    for k in ("throughput", "tokens_per_s"):
+        per = [x[k] / y[k] if y[k] > 0 else float("nan") for x, y in zip(a, b)]
+        ratios[k] = {"runs": per, "median": float(np.median(per)), "min": float(np.min(per)), "max": float(np.max(per))}
+    return {"arms": arms, "ratios": ratios}
 
 
 def print_table(console, title: str, results: dict) -> None:
@@ -131,7 +169,7 @@ def print_table(console, title: str, results: dict) -> None:
     for col in ("server", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms"):
         table.add_column(col)
     for label, r in results.items():
-        table.add_row(label, str(r["requests"]), str(r["errors"]), f"{r['throughput']:.2f}", f"{r['tokens_per_s']:.2f}",
+        table.add_row(label, f"{r['requests']:.0f}", f"{r['errors']:.0f}", f"{r['throughput']:.2f}", f"{r['tokens_per_s']:.2f}",
                       f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}")
     console.print(table)
 

@@ -181,3 +181,38 @@ def test_confidence_feedback_metrics_and_auth(servers):
     card = httpx.get(url + "/v1/artifact").json()
     assert card["artifact_id"] == single["artifact_id"] and "eval_card" in card
     assert httpx.get(url + "/v1/models").json()["data"][0]["artifact_id"] == single["artifact_id"]
+
+
+def test_bench_serve_interleaves_repeated_runs_and_reports_each_ratio(assets):
+    """`valueprobe bench serve` on two real sidecars: every repetition of each arm answers, and the printed ratio
+    is the median of the per-run ratios it lists."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-m", "valueprobe.cli", "bench", "serve", "--model", str(assets / "model"),
+                          "--artifact", str(assets / "probe.safetensors"), "--clients", "3", "--seconds", "1",
+                          "--repeats", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if "batched / one-at-a-time requests/s" in x)
+    median, runs = re.search(r"median ([\d.]+)x \(per run ([\d., ]+);", line).groups()
+    per_run = [float(x) for x in runs.split(",")]
+    assert len(per_run) == 3 and all(x > 0 for x in per_run)
+    assert float(median) == pytest.approx(sorted(per_run)[1], abs=0.006)
+
+
+def test_summarize_repeats_pairs_runs_in_order():
+    from valueprobe.bench.serve import summarize_repeats
+
+    def run(req, tps):
+        return {"requests": req, "errors": 0, "throughput": req / 10, "tokens_per_s": tps, "p50_ms": 1.0,
+                "p95_ms": 2.0, "p99_ms": 3.0}
+
+    s = summarize_repeats({"a": [run(20, 4), run(30, 6), run(10, 5)], "b": [run(10, 2), run(10, 4), run(10, 5)]})
+    assert s["ratios"]["throughput"]["runs"] == pytest.approx([2.0, 3.0, 1.0])
+    assert s["ratios"]["throughput"]["median"] == pytest.approx(2.0)
+    assert s["ratios"]["tokens_per_s"]["runs"] == pytest.approx([2.0, 1.5, 1.0])
+    assert (s["ratios"]["tokens_per_s"]["min"], s["ratios"]["tokens_per_s"]["max"]) == pytest.approx((1.0, 2.0))
+    assert s["arms"]["a"]["requests"] == 20 and len(s["arms"]["a"]["runs"]) == 3

@@ -610,7 +610,9 @@ def bench_serve(
     artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
     url: Annotated[Optional[str], typer.Option(help="Drive this running server instead of starting two.")] = None,
     clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
-    seconds: Annotated[float, typer.Option(help="Seconds of load per server.")] = 20.0,
+    seconds: Annotated[float, typer.Option(help="Seconds of load per server and run.")] = 20.0,
+    repeats: Annotated[int, typer.Option(help="Interleaved runs per server (ABBA order); the ratio is given per "
+                                              "run with median and range.")] = 3,
     batch: Annotated[int, typer.Option(help="max_batch_size of the batched server.")] = 8,
     endpoint: Annotated[str, typer.Option(help="confidence (prompt-only) or completions.")] = "confidence",
     max_tokens: Annotated[int, typer.Option(help="Tokens per completion (completions endpoint).")] = 16,
@@ -635,7 +637,9 @@ def bench_serve(
         return
     if answers not in ("short", "long"):
         _fail(f"--answers must be short or long, not {answers!r}")
-    run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens, answers)
+    if repeats < 1:
+        _fail("--repeats must be at least 1")
+    run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens, answers, repeats)
 
 
 def _random_model(folder: str, dtype: str):
