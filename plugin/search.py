@@ -134,7 +134,9 @@ def _prefill(model, prompts: list[list[int]], reader: StepStateRecorder, pad_id:
 def _sample_next(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # one row whose state overflowed (inf/NaN) must not stop the batch's sampling; its values are not numbers and
+    # its caller is told so
+    probs = torch.softmax(torch.nan_to_num(logits / temperature, nan=0.0), dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
 
 

@@ -17,6 +17,7 @@ tokenizer is never mutated (no pad token or padding side is set on it).
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,18 @@ from valueprobe.plugin.prompting import pad_left, pad_token_id
 
 from .errors import OverloadedError, ProbeFailedError
 
-__all__ = ["Engine", "Generation", "Prompt", "TokenizerAccess"]
+__all__ = ["Engine", "Generation", "Prompt", "TokenizerAccess", "not_finite_error"]
+
+
+def not_finite_error(result: ProbeResult, probe: ValueProbe) -> ProbeFailedError | None:
+    """The failure to give a request whose readout is not a number (its hidden state overflowed to inf/NaN, as a
+    float16 model can on some prompts), else ``None``. Checked per row, so the other requests of its batch are
+    answered; a NaN confidence is never served (it would also compare as "confident" in every policy)."""
+    if math.isfinite(result.raw) and math.isfinite(result.probability):
+        return None
+    return ProbeFailedError(f"the model's state read by artifact {probe.artifact_id} (layer {probe.layer}) is not "
+                            "finite for this prompt (inf or NaN: a float16 overflow, say; float32 or bfloat16 avoid "
+                            "it); no confidence is given")
 
 
 @dataclass(frozen=True)
@@ -262,9 +274,17 @@ class Engine(TokenizerAccess):
             return
         offset = 0
         for prompts_, _, f in group:
-            if not f.done():
-                f.set_result(results[offset : offset + len(prompts_)])
+            mine = results[offset : offset + len(prompts_)]
             offset += len(prompts_)
+            if f.done():
+                continue
+            failures = [(i, e) for i, e in enumerate(not_finite_error(r, probe) for r in mine) if e is not None]
+            if failures:
+                i, failure = failures[0]
+                f.set_exception(failure if len(mine) == 1 else
+                                ProbeFailedError(f"prompt {i} of the {len(mine)} in this request: {failure}"))
+            else:
+                f.set_result(mine)
 
     @torch.inference_mode()
     def _score_batch(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]:
@@ -288,7 +308,9 @@ class Engine(TokenizerAccess):
     def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None, seed: int | None):
         kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id}
         if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0)
+            # a row whose state overflowed (failed by `not_finite_error`, stopped at prefill) must not crash the
+            # batch's sampling with NaN probabilities before it stops
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0, remove_invalid_values=True)
             if seed is not None:
                 torch.manual_seed(seed)
         else:
@@ -296,12 +318,13 @@ class Engine(TokenizerAccess):
         return kwargs
 
     @torch.inference_mode()
-    def _generate_batch(self, jobs: list[_GenerateJob], streamer=None) -> list[Generation]:
+    def _generate_batch(self, jobs: list[_GenerateJob], streamer=None) -> list[Generation | ProbeFailedError]:
         """Generate for ``jobs`` (which share a key) in one left-padded batch, with the probe reading the prefill.
         Each job's ``on_confidence(result)`` runs as soon as the prefill is scored, before the first decode step;
         it returns ``False`` to stop that row (the policy decided not to answer), so no tokens are spent on an
         answer that will not be used. A row also stops at its own ``max_new_tokens``; the batch runs until every
-        row has stopped. ``streamer`` (one job only) receives the tokens as they come."""
+        row has stopped. ``streamer`` (one job only) receives the tokens as they come. A row whose readout is not
+        finite stops at prefill and gets its :func:`not_finite_error` in place of a generation."""
         from transformers import StoppingCriteriaList
 
         first = jobs[0]
@@ -322,7 +345,9 @@ class Engine(TokenizerAccess):
                 return
             seen.extend(results)
             for j, result in zip(jobs, results):
-                if j.on_confidence is not None and j.on_confidence(result) is False:
+                if not_finite_error(result, probe) is not None:  # failed below; its row stops now
+                    j.stop_flag.event.set()
+                elif j.on_confidence is not None and j.on_confidence(result) is False:
                     j.stop_flag.event.set()
 
         reader = LastTokenReader(self.model, [probe.layer], on_prefill, neuron_indices=probe.neuron_indices,
@@ -340,8 +365,12 @@ class Engine(TokenizerAccess):
         if len(seen) != len(jobs):
             raise ProbeFailedError("the probe hook did not fire during the prefill")
         eos = eos_token_ids(self.model, self.tokenizer)
-        generations = []
+        generations: list[Generation | ProbeFailedError] = []
         for i, job in enumerate(jobs):
+            failure = not_finite_error(seen[i], probe)
+            if failure is not None:
+                generations.append(failure)
+                continue
             new = out[i, prompt_length:].tolist()[: rows.ended_at[i] if rows.ended_at[i] is not None else None]
             new = new[: job.max_new_tokens]
             stopped = next((k for k, t in enumerate(new) if t in eos), None)
@@ -362,12 +391,17 @@ class Engine(TokenizerAccess):
             newline_token_ids(self.tokenizer)
         first = jobs[0]
         spec, probe = first.spec, first.probe
-        return search_many(self.model, self.tokenizer, [j.prompt.input_ids for j in jobs], layer=probe.layer,
+        results = search_many(self.model, self.tokenizer, [j.prompt.input_ids for j in jobs], layer=probe.layer,
                            neuron_indices=probe.neuron_indices, value=probe.predict_proba, strategy=spec.strategy,
                            width=spec.width, beam=spec.beam, max_steps=spec.max_steps, step_tokens=spec.step_tokens,
                            answer_tokens=spec.max_steps * spec.step_tokens, temperature=first.temperature,
                            seed=first.seed or 0, extract=_final_answer,
                            on_step=lambda i, step: jobs[i].on_step(step), decode=self.decode)
+        # a search whose states overflowed fails alone (its values would not be numbers)
+        return [ProbeFailedError(f"a step value of artifact {probe.artifact_id} (layer {probe.layer}) is not finite "
+                                 "(inf or NaN: a float16 overflow, say); no search answer is given")
+                if any(st.value is not None and not math.isfinite(st.value) for st in r.steps) else r
+                for r in results]
 
     async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None):
         """Value-guided step search with ``probe``'s value, on the generation thread; ``on_step(step)`` runs on the
@@ -377,6 +411,8 @@ class Engine(TokenizerAccess):
         loop = asyncio.get_running_loop()
 
         def step_cb(step):
+            if step.value is not None and not math.isfinite(step.value):
+                return  # the search fails when it ends (see _search_group); a NaN is never streamed
             if on_step is not None:
                 loop.call_soon_threadsafe(on_step, step)
 
@@ -412,7 +448,11 @@ class Engine(TokenizerAccess):
                         j.future.set_exception(exc)
                 continue
             for j, r in zip(group, results):
-                if not j.future.done():
+                if j.future.done():
+                    continue
+                if isinstance(r, Exception):  # this job's own failure; the others of its batch are answered
+                    j.future.set_exception(r)
+                else:
                     j.future.set_result(r)
 
     def _admit_generation(self):
@@ -458,7 +498,13 @@ class Engine(TokenizerAccess):
 
         job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), on_confidence,
                            stop_flag)
-        done = loop.run_in_executor(self.generate_executor, lambda: self._generate_batch([job], streamer)[0])
+        def run_alone():
+            out = self._generate_batch([job], streamer)[0]
+            if isinstance(out, Exception):  # this row's own failure (see _generate_batch)
+                raise out
+            return out
+
+        done = loop.run_in_executor(self.generate_executor, run_alone)
 
         def _finished(fut):
             self._generations -= 1

@@ -24,7 +24,7 @@ from collections import Counter
 from valueprobe.plugin import ProbeResult, ValueProbe
 from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
 
-from .engine import Generation, Prompt, TokenizerAccess
+from .engine import Generation, Prompt, TokenizerAccess, not_finite_error
 from .errors import OverloadedError, ProbeFailedError
 
 __all__ = ["VllmEngine", "engine_args"]
@@ -176,9 +176,13 @@ class VllmEngine(TokenizerAccess):
                     found = self._pop(request_id, key)
             if found is not None:
                 try:
-                    return self._attached[key].results({request_id: found}, {request_id: prompt.kind})[request_id]
+                    result = self._attached[key].results({request_id: found}, {request_id: prompt.kind})[request_id]
                 except Exception as exc:  # noqa: BLE001 - a readout failure is the probe's, named as such
                     raise ProbeFailedError(f"probe readout failed: {type(exc).__name__}: {exc}") from exc
+                failure = not_finite_error(result, probe)
+                if failure is not None:
+                    raise failure
+                return result
             await asyncio.sleep(0.01)
         raise ProbeFailedError("the probe hook did not fire during the prefill")
 
@@ -245,7 +249,11 @@ class VllmEngine(TokenizerAccess):
         async for out in self.llm.generate({"prompt_token_ids": list(prompt.input_ids)}, params, rid):
             completion = out.outputs[0]
             if confidence is None:
-                confidence = await self._confidence(rid, prompt, probe)
+                try:
+                    confidence = await self._confidence(rid, prompt, probe)
+                except ProbeFailedError:
+                    await self.llm.abort(rid)  # no answer without its confidence: stop spending tokens on it
+                    raise
                 if on_confidence is not None and on_confidence(confidence) is False:
                     await self.llm.abort(rid)
                     aborted = True

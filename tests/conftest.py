@@ -5,6 +5,7 @@ Nothing here touches a hub: tokenizers are trained in-process, models are random
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -228,3 +229,24 @@ class Server:
         self.log.close()
 
 
+
+
+@contextlib.contextmanager
+def poisoned(model, tokenizer, word: str = "zebra"):
+    """While open, any row whose input holds ``word``'s first token gets NaN embeddings, so its hidden states (and
+    everything read from them) are not finite, as a float16 overflow leaves them; other rows of a batch are
+    untouched (attention never mixes rows)."""
+    marker = tokenizer(word, add_special_tokens=False)["input_ids"][0]
+
+    def hook(module, inputs, out):
+        bad = (inputs[0] == marker).any(-1)
+        if bad.any():
+            out = out.clone()
+            out[bad] = float("nan")
+            return out
+
+    handle = model.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

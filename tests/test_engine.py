@@ -102,3 +102,34 @@ def test_a_seeded_sample_runs_alone_and_repeats(qwen_model, tokenizer, probe):
     assert sizes["valueprobe_generation_batch_size_sum"] == 12
     assert 8 < sizes["valueprobe_generation_batch_size_count"] < 12
     assert all(g.completion_tokens <= 6 for g in unseeded)
+
+
+def test_a_search_whose_states_are_not_finite_fails_alone(qwen_model, tokenizer, probe):
+    """Searches batched together: the one whose states overflow (NaN) fails with a named probe error and streams no
+    NaN step; the others are answered with finite values (sampling their candidates is not upset by its NaN row)."""
+    from conftest import poisoned
+
+    from valueprobe.server.errors import ProbeFailedError
+    from valueprobe.server.protocol import SearchSpec
+
+    clean = _prompts(tokenizer, probe)[:3]
+    bad = Prompt(tuple(probe.encode(tokenizer, ["zebra zebra?"])["input_ids"][0].tolist()), ("open", 0))
+    spec = SearchSpec(strategy="value-beam", width=2, max_steps=2, step_tokens=4)
+    streamed: list = []
+
+    async def main():
+        engine = Engine(qwen_model, tokenizer, probe, max_batch_size=8)
+        await engine.start()
+        try:
+            return await asyncio.gather(*(engine.search(p, probe, spec, on_step=streamed.append if p is bad else None)
+                                          for p in [*clean, bad]), return_exceptions=True)
+        finally:
+            await engine.stop()
+
+    with poisoned(qwen_model, tokenizer):
+        *ok, failed = asyncio.run(main())
+    assert isinstance(failed, ProbeFailedError) and "not finite" in str(failed)
+    assert streamed == []
+    for result in ok:
+        assert not isinstance(result, Exception), result
+        assert result.steps and all(s.value is None or 0 <= s.value <= 1 for s in result.steps)

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import run_app
+from conftest import poisoned, run_app
 
 from valueprobe.plugin import save_artifact
 from valueprobe.plugin.artifact import ArtifactData
@@ -127,3 +128,44 @@ def test_grafana_dashboard_uses_exported_metric_names():
     used = {name for panel in shipped["panels"] for t in panel["targets"] for name in re.findall(r"valueprobe_\w+", t["expr"])}
     missing = used - exported
     assert not missing, f"dashboard names metrics the sidecar does not export: {missing}"
+
+
+def test_a_prompt_whose_state_is_not_finite_fails_alone_and_cleanly(artifact_file, qwen_model, tokenizer):
+    """A prompt whose hidden state overflows (NaN) gets a named 500 on every route; the clean requests batched with
+    it (scoring, greedy and sampled generation) are answered as usual; no NaN is ever served or crashes a response."""
+    settings = Settings(artifact=str(artifact_file), max_wait_ms=100, default_max_new_tokens=4)
+    clean = ["Capital of France?", "Who wrote Hamlet?", "What is 2+2?"]
+    bad = "zebra zebra?"
+
+    def chat(q, **extra):
+        return {"messages": [{"role": "user", "content": q}], "max_tokens": 4, **extra}
+
+    async def scenario(client, app):
+        scored = await asyncio.gather(*(client.post("/v1/confidence", json={"prompt": q}) for q in [*clean, bad]))
+        greedy = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat(q)) for q in [*clean, bad]))
+        sampled = await asyncio.gather(*(client.post("/v1/chat/completions", json=chat(q, temperature=0.9))
+                                         for q in [bad, *clean]))
+        streamed = await client.post("/v1/chat/completions", json=chat(bad, stream=True))
+        listed = await client.post("/v1/confidence", json=[{"prompt": clean[0]}, {"prompt": bad}])
+        metrics = (await client.get("/metrics")).text
+        return scored, greedy, sampled[1:] + sampled[:1], streamed, listed, metrics
+
+    with poisoned(qwen_model, tokenizer):
+        scored, greedy, sampled, streamed, listed, metrics = run_app(settings, qwen_model, tokenizer, scenario)
+    for responses in (scored, greedy, sampled):
+        *ok, failed = responses
+        assert [r.status_code for r in ok] == [200] * len(clean)
+        for r in ok:
+            body = r.json()
+            p = body["probability"] if "probability" in body else body["confidence"]["probability"]
+            assert 0 <= p <= 1
+        assert failed.status_code == 500, failed.text
+        error = failed.json()["error"]
+        assert error["type"] == "probe_error" and "not finite" in error["message"]
+    assert streamed.status_code == 500 and "not finite" in streamed.json()["error"]["message"]
+    assert listed.status_code == 500 and listed.json()["error"]["message"].startswith("prompt 1 of the 2 in this request")
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    errors = {s.labels["type"]: s.value for s in families["valueprobe_errors"].samples if s.name.endswith("_total")}
+    assert errors["probe_error"] >= 5
+    sizes = {s.name: s.value for s in families["valueprobe_generation_batch_size"].samples}
+    assert sizes["valueprobe_generation_batch_size_sum"] > sizes["valueprobe_generation_batch_size_count"]  # batched
