@@ -171,3 +171,16 @@ def test_serve_refuses_a_bad_device_or_dtype_before_loading_anything(variable, v
     result = runner.invoke(app, ["serve"], env={variable: value})
     assert result.exit_code != 0
     assert variable.removeprefix("VALUEPROBE_").lower() in result.output
+
+
+def test_a_dopamine_ablation_record_names_its_study(tmp_path):
+    import hashlib
+    import json
+
+    from valueprobe.cli import study_provenance
+
+    study = tmp_path / "dopamine.json"
+    study.write_text(json.dumps({"n_traces": 8, "n_problems": 2, "layer": 3, "dopamine": {"neurons": [1, 2]}}))
+    p = study_provenance(study)
+    assert p == {"file": str(study), "sha256": hashlib.sha256(study.read_bytes()).hexdigest(), "n_traces": 8,
+                 "n_problems": 2, "layer": 3}

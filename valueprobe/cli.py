@@ -504,7 +504,16 @@ def _ablate_dopamine(study: Path, traces_file: Path, states: Path, *, n_traces: 
                    f"P(random >= dopamine) = {r['p_empirical_vs_random'][j]:.3f}")
     typer.echo(f"({r['n_traces']} held-out traces, layer {layer}, k={r['k']})")
     if out:
-        out.write_text(json.dumps(r, indent=2))
+        out.write_text(json.dumps({**r, "study": study_provenance(study)}, indent=2))
+
+
+def study_provenance(study: Path) -> dict:
+    """Which dopamine study's neurons an ablation record is about: the study file, its sha256 and size."""
+    import hashlib
+
+    result = json.loads(study.read_text())
+    return {"file": str(study), "sha256": hashlib.sha256(study.read_bytes()).hexdigest(),
+            "n_traces": result.get("n_traces"), "n_problems": result.get("n_problems"), "layer": result.get("layer")}
 
 
 @app.command()
