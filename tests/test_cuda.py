@@ -178,3 +178,41 @@ def test_bench_perf_times_a_cuda_model(fitted, tokenizer):
                progress=lambda r: None)
     assert [r[0] for r in rows][:2] == ["generate, 4 prompts x 2 tokens: probe attached / bare",
                                         "prompt-only score / bare full prefill (4 prompts)"]
+
+
+def test_a_prompt_that_overflows_on_a_float16_gpu_fails_alone(fitted, tokenizer):
+    """On a float16 CUDA model, a prompt whose states are NaN (planted, as an overflow leaves them) fails with a named
+    probe error in batched scoring, batched sampled generation and a batched search; the others are answered."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from conftest import poisoned
+
+    from valueprobe.plugin.nexttoken import prompt_kind
+    from valueprobe.server.engine import Engine, Prompt
+    from valueprobe.server.errors import ProbeFailedError
+
+    _, probe = fitted
+    texts = [*PROMPTS[:3], "zebra zebra?"]
+    prompts = [Prompt(tuple(probe.encode(tokenizer, [p])["input_ids"][0].tolist()), prompt_kind(p)) for p in texts]
+    spec = SimpleNamespace(strategy="value-beam", width=2, beam=1, max_steps=2, step_tokens=4)
+    model = build_model("qwen2", len(tokenizer)).cuda().half()
+
+    async def run():
+        engine = Engine(model, tokenizer, probe, max_wait_ms=50)
+        await engine.start()
+        try:
+            scored = await asyncio.gather(*(engine.score([p], probe) for p in prompts), return_exceptions=True)
+            generated = await asyncio.gather(*(engine.generate(p, probe, max_new_tokens=4, temperature=0.9)
+                                               for p in prompts), return_exceptions=True)
+            searched = await asyncio.gather(*(engine.search(p, probe, spec, temperature=0.8) for p in prompts),
+                                            return_exceptions=True)
+            return scored, generated, searched
+        finally:
+            await engine.stop()
+
+    with poisoned(model, tokenizer):
+        for results in asyncio.run(run()):
+            *ok, failed = results
+            assert isinstance(failed, ProbeFailedError) and "not finite" in str(failed)
+            assert not any(isinstance(r, Exception) for r in ok), ok
