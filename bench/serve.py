@@ -153,7 +153,8 @@ def summarize_repeats(runs: dict[str, list[dict]]) -> dict:
     """Per arm, the median of each measure over its runs (and the runs); for the first arm against the second,
     the ratio of throughput and of tokens/s in each repetition (runs paired in order) with median, min and max."""
     keys = ("requests", "errors", "throughput", "tokens_per_s", "p50_ms", "p95_ms", "p99_ms")
-    arms = {label: {**{k: float(np.median([r[k] for r in rs])) for k in keys}, "runs": rs} for label, rs in runs.items()}
+    arms = {label: {**{k: float(np.median([r[k] for r in rs])) for k in keys}, "runs": rs}
+            for label, rs in runs.items()}
     (a, b) = list(runs.values())[:2]
     ratios = {}
     for k in ("throughput", "tokens_per_s"):

@@ -392,11 +392,11 @@ class Engine(TokenizerAccess):
         first = jobs[0]
         spec, probe = first.spec, first.probe
         results = search_many(self.model, self.tokenizer, [j.prompt.input_ids for j in jobs], layer=probe.layer,
-                           neuron_indices=probe.neuron_indices, value=probe.predict_proba, strategy=spec.strategy,
-                           width=spec.width, beam=spec.beam, max_steps=spec.max_steps, step_tokens=spec.step_tokens,
-                           answer_tokens=spec.max_steps * spec.step_tokens, temperature=first.temperature,
-                           seed=first.seed or 0, extract=_final_answer,
-                           on_step=lambda i, step: jobs[i].on_step(step), decode=self.decode)
+                              neuron_indices=probe.neuron_indices, value=probe.predict_proba, strategy=spec.strategy,
+                              width=spec.width, beam=spec.beam, max_steps=spec.max_steps, step_tokens=spec.step_tokens,
+                              answer_tokens=spec.max_steps * spec.step_tokens, temperature=first.temperature,
+                              seed=first.seed or 0, extract=_final_answer,
+                              on_step=lambda i, step: jobs[i].on_step(step), decode=self.decode)
         # a search whose states overflowed fails alone (its values would not be numbers)
         return [ProbeFailedError(f"a step value of artifact {probe.artifact_id} (layer {probe.layer}) is not finite "
                                  "(inf or NaN: a float16 overflow, say); no search answer is given")
@@ -498,6 +498,7 @@ class Engine(TokenizerAccess):
 
         job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), on_confidence,
                            stop_flag)
+
         def run_alone():
             out = self._generate_batch([job], streamer)[0]
             if isinstance(out, Exception):  # this row's own failure (see _generate_batch)

@@ -163,7 +163,8 @@ def test_a_prompt_whose_state_is_not_finite_fails_alone_and_cleanly(artifact_fil
         error = failed.json()["error"]
         assert error["type"] == "probe_error" and "not finite" in error["message"]
     assert streamed.status_code == 500 and "not finite" in streamed.json()["error"]["message"]
-    assert listed.status_code == 500 and listed.json()["error"]["message"].startswith("prompt 1 of the 2 in this request")
+    assert listed.status_code == 500
+    assert listed.json()["error"]["message"].startswith("prompt 1 of the 2 in this request")
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     errors = {s.labels["type"]: s.value for s in families["valueprobe_errors"].samples if s.name.endswith("_total")}
     assert errors["probe_error"] >= 5
