@@ -59,7 +59,9 @@ class ProbeResult:
     artifact serves one (``served_score == "stacked"``), else the value neurons' calibrated probability. ``raw``
     is the value head's logit. ``components`` holds each part (``value_probability``, ``max_softmax``,
     ``entropy``); ``ood_distance`` / ``ood`` say how far the prompt's neuron values lie from the fitting data
-    (``None`` when the artifact carries no OOD model).
+    (``None`` when the artifact carries no OOD model). A prompt whose hidden state is not finite (a float16
+    overflow) gets NaN ``raw`` and ``probability``, row by row, like any numeric library; check
+    ``math.isfinite(result.probability)`` before acting on it (the sidecar refuses to serve such a row).
     """
 
     raw: float
