@@ -136,6 +136,9 @@ def run(model=None, artifact=None, url=None, clients=8, seconds=20.0, batch=8, e
             for label in labels if r % 2 == 0 else labels[::-1]:
                 runs[label].append(asyncio.run(drive(servers[label][1], clients, seconds, endpoint, max_tokens,
                                                      questions)))
+                done = runs[label][-1]
+                console.print(f"run {r + 1}/{repeats} {label}: {done['throughput']:.2f} req/s, "
+                              f"{done['tokens_per_s']:.2f} tokens/s, p50 {done['p50_ms']:.0f} ms")
     finally:
         for proc, _ in servers.values():
             proc.terminate()
