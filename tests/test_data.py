@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -69,3 +70,23 @@ def test_builtin_sets_load_real_questions():
     gsm = load_data("gsm8k")  # the test set, for reasoning traces
     assert len(gsm) == 1319 and all(q.kind == "numeric" and float(q.answer.replace(",", "")) == float(q.answer.replace(",", ""))
                                     for q in gsm)
+
+
+def test_gym_specs_make_numeric_problems_at_a_chosen_difficulty():
+    few = load_data("gym/chain_sum?min_terms=5&max_terms=5&min_digits=2&max_digits=2:12")
+    assert len(few) == 12 and len({q.id for q in few}) == 12
+    for q in few:  # the config is the difficulty: five two-digit terms, and the answer is their sum
+        assert q.kind == "numeric" and q.dataset == "gym/chain_sum?min_terms=5&max_terms=5&min_digits=2&max_digits=2"
+        expression = q.question.rsplit(":", 1)[-1].split("=")[0]
+        terms = [int(t) for t in re.findall(r"\d+", expression)]
+        assert len(terms) == 5 and all(10 <= t <= 99 for t in terms)
+        assert grade_numeric(f"Answer: {eval(expression)}", q.answer)  # noqa: S307 - digits and +/- only
+    # a trace file names only the spec: re-reading it without a count finds the same problems under the same ids
+    again = {q.id: q for q in load_data(few[0].dataset)}
+    assert all(again[q.id].question == q.question and again[q.id].answer == q.answer for q in few)
+    harder = load_data("gym/gsm_symbolic?difficulty=1.0:3")
+    assert all(q.meta["difficulty"] == 1.0 and float(q.answer) == float(q.answer) for q in harder)
+    for bad, named in [("gym/time_intervals:2", "non-numeric answer"), ("gym/no_such_task:2", "no_such_task"),
+                       ("gym/chain_sum?bogus=1:2", "bogus"), ("gym/chain_sum?x:2", "key=value")]:
+        with pytest.raises(DataError, match=named):
+            load_data(bad)

@@ -134,3 +134,18 @@ def test_trace_ablation_compares_the_chosen_neurons_with_magnitude_matched_rando
         assert len(subset) == width // 2 and not set(subset) & set(range(0, width, 2))
     assert r["delta_nll_chosen"][0] != 0  # zeroing half the layer changes the predictions
     assert all(0 < p <= 1 for p in r["p_empirical_vs_random"])
+
+
+def test_dopamine_study_reads_several_trace_files_as_one(step_setup, tmp_path):
+    """`valueprobe dopamine --traces a --traces b` (GSM8K and gym traces, say) studies every trace of both."""
+    _, out, _ = step_setup
+    folder = out.parent
+    lines = (folder / "traces.jsonl").read_text().splitlines(keepends=True)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(lines[:80]))
+    second.write_text("".join(lines[80:]))
+    result = CliRunner().invoke(app, ["dopamine", "--traces", str(first), "--traces", str(second), "--states",
+                                      str(folder / "states"), "--random-draws", "5", "--out", str(tmp_path / "dop")])
+    assert result.exit_code == 0, result.output
+    study = json.loads((tmp_path / "dop.json").read_text())
+    assert (study["n_traces"], study["n_problems"], study["layer"]) == (160, 40, LAYER)

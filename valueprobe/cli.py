@@ -345,7 +345,8 @@ def traces(
     out: Annotated[Path, typer.Option(help="Traces JSONL (appended; a rerun resumes).")],
     model: Annotated[str, typer.Option(help="Model: a known name, a local HF folder, or a hub name.")] =
         "Qwen2.5-Coder-1.5B-Instruct",
-    data: Annotated[str, typer.Option(help="Multi-step problems with numeric answers (a built-in or JSONL).")] = "gsm8k",
+    data: Annotated[str, typer.Option(help="Multi-step problems with numeric answers: a built-in, a JSONL file, or "
+                                           "gym/<task>[?config] from reasoning-gym (e.g. gym/gsm_symbolic).")] = "gsm8k",
     n: Annotated[int, typer.Option(help="Problems (a seeded shuffle, always in the same order).")] = 200,
     samples: Annotated[int, typer.Option(help="Traces sampled per problem.")] = 4,
     temperature: float = 0.8,
@@ -387,7 +388,8 @@ def traces(
 
 @app.command()
 def dopamine(
-    traces_file: Annotated[Path, typer.Option("--traces", help="Traces JSONL from `valueprobe traces`.")],
+    traces_files: Annotated[list[Path], typer.Option("--traces", help="Traces JSONL from `valueprobe traces`; "
+                                                      "repeat it to study several files (e.g. GSM8K and gym) as one.")],
     states: Annotated[Path, typer.Option(help="States recorded by `valueprobe traces` (else re-read by prefill).")] =
         Path("runs/traces"),
     model: Annotated[Optional[str], typer.Option(help="Model for re-reading states missing from --states.")] = None,
@@ -403,9 +405,9 @@ def dopamine(
     from valueprobe.calibration.dopamine import report
     from valueprobe.calibration.trajectories import load_traces, trace_states
 
-    traces_ = load_traces(traces_file)
+    traces_ = [t for f in traces_files for t in load_traces(f)]
     if not traces_:
-        _fail(f"no traces in {traces_file}")
+        _fail(f"no traces in {', '.join(map(str, traces_files))}")
     try:
         ts = trace_states(None, None, traces_, states_dir=states, progress=False)
     except ValueError:
