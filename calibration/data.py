@@ -246,15 +246,15 @@ def _gym(spec: str, count: int | None = None) -> list[Question]:
         config = {key: _literal(value) for key, value in parse_qsl(query, strict_parsing=True)} if query else {}
     except ValueError as exc:
         raise DataError(f"bad data spec {spec!r}: the part after '?' must be key=value pairs joined by '&'") from exc
-    size = count or GYM_SIZE
+    size = GYM_SIZE if count is None else count
     if size > GYM_SIZE:
         raise DataError(f"bad data spec {spec!r}: at most {GYM_SIZE} problems per gym spec")
     try:
-        items = reasoning_gym.create_dataset(task, size=size, seed=0, **config)
+        items = reasoning_gym.create_dataset(task, size=max(size, 1), seed=0, **config)
     except Exception as exc:  # noqa: BLE001 - unknown task or config field, named back to the user
         raise DataError(f"reasoning-gym cannot make {spec!r}: {type(exc).__name__}: {exc}") from exc
     out = []
-    for i, item in enumerate(items):
+    for i, item in zip(range(size), items):
         answer = str(item["answer"]).strip()
         if not _NUMBER.fullmatch(answer):
             raise DataError(f"{spec!r}: problem {i} has the non-numeric answer {answer!r}; traces are graded by "

@@ -84,6 +84,7 @@ def test_gym_specs_make_numeric_problems_at_a_chosen_difficulty():
     # a trace file names only the spec: re-reading it without a count finds the same problems under the same ids
     again = {q.id: q for q in load_data(few[0].dataset)}
     assert all(again[q.id].question == q.question and again[q.id].answer == q.answer for q in few)
+    assert load_data("gym/chain_sum:0") == []  # like any other spec's :0
     harder = load_data("gym/gsm_symbolic?difficulty=1.0:3")
     assert all(q.meta["difficulty"] == 1.0 and float(q.answer) == float(q.answer) for q in harder)
     for bad, named in [("gym/time_intervals:2", "non-numeric answer"), ("gym/no_such_task:2", "no_such_task"),
