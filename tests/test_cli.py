@@ -184,3 +184,14 @@ def test_a_dopamine_ablation_record_names_its_study(tmp_path):
     p = study_provenance(study)
     assert p == {"file": str(study), "sha256": hashlib.sha256(study.read_bytes()).hexdigest(), "n_traces": 8,
                  "n_problems": 2, "layer": 3}
+
+
+def test_heap_fragmentation_limit_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
+    import sys
+
+    from valueprobe.cli import limit_heap_fragmentation
+
+    if sys.platform.startswith("linux"):
+        assert limit_heap_fragmentation() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert limit_heap_fragmentation() is False  # the user's own setting wins

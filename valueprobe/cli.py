@@ -40,6 +40,27 @@ def _load_probe(path: Path, position: Optional[str] = "last_prompt_token"):
         _fail(str(exc))
 
 
+def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes or more by mmap, so that freed ones go back to the OS at once.
+    Decoding grows every layer's KV cache by re-allocating it each step; under glibc's adaptive threshold those
+    blocks land on the heap and fragment it (`traces`, one batch of 16 rows x 256 new tokens of the 1.5B model:
+    23.5 GB RSS on a 24 GB machine, and 7.3 GB with this). It costs time (every large block is fresh pages: 16 x
+    128 tokens took 2:42 vs 2:16 and 3:05 vs 2:15 in two paired runs, peaks 7.1 vs 16.3 and 8.5 GB), so only
+    `traces` uses it. glibc on Linux only; ``MALLOC_MMAP_THRESHOLD_`` in the environment wins (glibc then uses
+    that value). Returns whether it took effect."""
+    import ctypes
+    import sys
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+
+
 def _load_model(name: str, dtype: str):
     import torch
 
@@ -365,6 +386,8 @@ def traces(
 
     from valueprobe.calibration.data import DataError, load_data
     from valueprobe.calibration.trajectories import generate_traces
+
+    limit_heap_fragmentation()  # long batched generations: keep the KV cache's re-allocations off the heap
 
     try:
         problems = load_data(data, seed=seed)
