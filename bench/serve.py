@@ -173,8 +173,8 @@ def print_table(console, title: str, results: dict) -> None:
     for col in ("server", "requests", "errors", "req/s", "tokens/s", "p50 ms", "p95 ms"):
         table.add_column(col)
     for label, r in results.items():
-        table.add_row(label, f"{r['requests']:.0f}", f"{r['errors']:.0f}", f"{r['throughput']:.2f}", f"{r['tokens_per_s']:.2f}",
-                      f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}")
+        table.add_row(label, f"{r['requests']:.0f}", f"{r['errors']:.0f}", f"{r['throughput']:.2f}",
+                      f"{r['tokens_per_s']:.2f}", f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}")
     console.print(table)
 
 

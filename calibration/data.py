@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-__all__ = ["Question", "DataError", "load_data", "load_jsonl", "grade_open", "grade_numeric", "normalize_answer", "BUILTIN",
-           "GYM_PREFIX"]
+__all__ = ["Question", "DataError", "load_data", "load_jsonl", "grade_open", "grade_numeric", "normalize_answer",
+           "BUILTIN", "GYM_PREFIX"]
 
 
 class DataError(ValueError):

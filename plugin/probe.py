@@ -165,8 +165,8 @@ class ValueProbe:
         self.eval_card = data.json("eval_card", {})
         # Models already checked (hashing a layer's weights costs ~0.1-0.5 s on a 1.5B model: do it once).
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        # ... and those that did not match: model -> {tokenizer: {fields, refusal, warning, warned}}, so a caller who opted out
-        # (check_fingerprint=False) pays the hash and the warning once, not on every call
+        # ... and those that did not match: model -> {tokenizer: {fields, refusal, warning, warned}}, so a caller who
+        # opted out (check_fingerprint=False) pays the hash and the warning once, not on every call
         self._mismatches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- I/O ---------------------------------------------------------------------------------------------------
@@ -301,7 +301,8 @@ class ValueProbe:
                         " load the model in bfloat16 or float32, or refit it.")
             # the refusal advises opting out; the opt-out's warning says it was done
             refusal = what + ", or pass check_fingerprint=False to attach anyway (scores will be meaningless)." + hint
-            warning = what + ". Attached anyway (check_fingerprint=False): its scores are meaningless for this model." + hint
+            warning = (what + ". Attached anyway (check_fingerprint=False): its scores are meaningless for this model."
+                       + hint)
             self._mismatches.setdefault(model, weakref.WeakKeyDictionary())[
                 tokenizer if tokenizer is not None else _NO_TOKENIZER] = {
                     "fields": tuple(mismatched), "refusal": refusal, "warning": warning, "warned": not strict}

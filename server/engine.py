@@ -47,6 +47,11 @@ def not_finite_error(result: ProbeResult, probe: ValueProbe) -> ProbeFailedError
                             "it); no confidence is given")
 
 
+def _not_a_number(value: float | None) -> bool:
+    """A step value that is inf or NaN (``None``, a step no value read, is not one)."""
+    return value is not None and not math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A rendered, tokenized prompt and its kind (``("choice", n_choices)`` or ``("open", 0)``)."""
@@ -333,6 +338,7 @@ class Engine(TokenizerAccess):
         prompt_length = enc["input_ids"].shape[1]
         seen: list[ProbeResult] = []
         failures: list[Exception] = []
+        not_finite: dict[int, ProbeFailedError] = {}  # rows whose readout is not a number
         rows = _RowStops([j.stop_flag for j in jobs], [j.max_new_tokens for j in jobs], prompt_length)
 
         def on_prefill(values):
@@ -344,8 +350,10 @@ class Engine(TokenizerAccess):
                     j.stop_flag.event.set()
                 return
             seen.extend(results)
-            for j, result in zip(jobs, results):
-                if not_finite_error(result, probe) is not None:  # failed below; its row stops now
+            for i, (j, result) in enumerate(zip(jobs, results)):
+                failure = not_finite_error(result, probe)
+                if failure is not None:  # answered with its failure below; its row stops now
+                    not_finite[i] = failure
                     j.stop_flag.event.set()
                 elif j.on_confidence is not None and j.on_confidence(result) is False:
                     j.stop_flag.event.set()
@@ -367,9 +375,8 @@ class Engine(TokenizerAccess):
         eos = eos_token_ids(self.model, self.tokenizer)
         generations: list[Generation | ProbeFailedError] = []
         for i, job in enumerate(jobs):
-            failure = not_finite_error(seen[i], probe)
-            if failure is not None:
-                generations.append(failure)
+            if i in not_finite:
+                generations.append(not_finite[i])
                 continue
             new = out[i, prompt_length:].tolist()[: rows.ended_at[i] if rows.ended_at[i] is not None else None]
             new = new[: job.max_new_tokens]
@@ -400,7 +407,7 @@ class Engine(TokenizerAccess):
         # a search whose states overflowed fails alone (its values would not be numbers)
         return [ProbeFailedError(f"a step value of artifact {probe.artifact_id} (layer {probe.layer}) is not finite "
                                  "(inf or NaN: a float16 overflow, say); no search answer is given")
-                if any(st.value is not None and not math.isfinite(st.value) for st in r.steps) else r
+                if any(_not_a_number(st.value) for st in r.steps) else r
                 for r in results]
 
     async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None):
@@ -411,7 +418,7 @@ class Engine(TokenizerAccess):
         loop = asyncio.get_running_loop()
 
         def step_cb(step):
-            if step.value is not None and not math.isfinite(step.value):
+            if _not_a_number(step.value):
                 return  # the search fails when it ends (see _search_group); a NaN is never streamed
             if on_step is not None:
                 loop.call_soon_threadsafe(on_step, step)

@@ -44,10 +44,10 @@ def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
     """Serve allocations of ``threshold`` bytes or more by mmap, so that freed ones go back to the OS at once.
     Decoding grows every layer's KV cache by re-allocating it each step; under glibc's adaptive threshold those
     blocks land on the heap and fragment it (`traces`, one batch of 16 rows x 256 new tokens of the 1.5B model:
-    past 23.5 GB RSS on a 24 GB machine before it was stopped, and a 7.3 GB peak with this). It costs time (every large block is fresh pages: 16 x
-    128 tokens took 2:42 vs 2:16 and 3:05 vs 2:15 in two paired runs, peaks 7.1 vs 16.3 and 8.5 GB), so only
-    `traces` uses it. glibc on Linux only; ``MALLOC_MMAP_THRESHOLD_`` in the environment wins (glibc then uses
-    that value). Returns whether it took effect."""
+    past 23.5 GB RSS on a 24 GB machine before it was stopped, and a 7.3 GB peak with this). It costs time
+    (every large block is fresh pages: 16 x 128 tokens took 2:42 vs 2:16 and 3:05 vs 2:15 in two paired runs,
+    peaks 7.1 vs 16.3 and 8.5 GB), so only `traces` uses it. glibc on Linux only; ``MALLOC_MMAP_THRESHOLD_`` in
+    the environment wins (glibc then uses that value). Returns whether it took effect."""
     import ctypes
     import sys
 
@@ -367,7 +367,8 @@ def traces(
     model: Annotated[str, typer.Option(help="Model: a known name, a local HF folder, or a hub name.")] =
         "Qwen2.5-Coder-1.5B-Instruct",
     data: Annotated[str, typer.Option(help="Multi-step problems with numeric answers: a built-in, a JSONL file, or "
-                                           "gym/<task>[?config] from reasoning-gym (e.g. gym/gsm_symbolic).")] = "gsm8k",
+                                           "gym/<task>[?config] from reasoning-gym (e.g. gym/gsm_symbolic).")] = \
+        "gsm8k",
     n: Annotated[int, typer.Option(help="Problems (a seeded shuffle, always in the same order).")] = 200,
     samples: Annotated[int, typer.Option(help="Traces sampled per problem.")] = 4,
     temperature: float = 0.8,
