@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from valueprobe.plugin.artifact import ArtifactData
-from valueprobe.plugin.fingerprint import chat_template_sha256, model_fingerprint, tokenizer_fingerprint
+from valueprobe.plugin.fingerprint import stamp_metadata
 from valueprobe.plugin.nexttoken import KINDS
 from valueprobe.plugin.prompting import PromptFormat
 from valueprobe.plugin.readout import STACK_FEATURES
@@ -304,13 +304,10 @@ def fit_artifact(
     tensors["ood.precision"] = torch.tensor(served.ood_precision_, dtype=torch.float64)
     tensors["ood.threshold"] = torch.tensor([served.ood_threshold_], dtype=torch.float64)
     metadata = {
-        "producer": "valueprobe 0.2.0",
         "model_name": model_name,
         "hidden_size": str(width),
         "layer": str(layer),
-        "model_fingerprint": json.dumps(model_fingerprint(model, layer, for_artifact=True), sort_keys=True),
-        "tokenizer_fingerprint": json.dumps(tokenizer_fingerprint(tokenizer), sort_keys=True),
-        "chat_template_sha256": chat_template_sha256(tokenizer),
+        **stamp_metadata(model, tokenizer, layer, prompt_format),
         "prompt_format": prompt_format.to_json(),
         "objective": cfg.objective,
         "head": head,

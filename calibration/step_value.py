@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from valueprobe.plugin.artifact import ArtifactData
-from valueprobe.plugin.fingerprint import chat_template_sha256, model_fingerprint, tokenizer_fingerprint
+from valueprobe.plugin.fingerprint import stamp_metadata
 
 from .dopamine import fit_values, split_problems, stack_trace_states
 from .probes import LinearProbe, MLPProbe
@@ -67,14 +67,11 @@ def fit_step_value(model, tokenizer, trace_set, *, layer: int, model_name: str, 
         **{f"head.mlp.{k}": v.detach().clone() for k, v in head.head_params().items()},
     }
     metadata = {
-        "producer": "valueprobe 0.2.0 (fit --traces)",
         "model_name": model_name,
         "hidden_size": str(width),
         "layer": str(layer),
         "token_position": "step_end",
-        "model_fingerprint": json.dumps(model_fingerprint(model, layer, for_artifact=True), sort_keys=True),
-        "tokenizer_fingerprint": json.dumps(tokenizer_fingerprint(tokenizer), sort_keys=True),
-        "chat_template_sha256": chat_template_sha256(tokenizer),
+        **stamp_metadata(model, tokenizer, layer, prompt_format),
         "prompt_format": prompt_format.to_json(),
         "objective": objective,
         "head": "mlp",

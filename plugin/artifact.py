@@ -20,7 +20,9 @@ Tensors
 Metadata (all strings; JSON where structured)
 ---------------------------------------------
 ``format_version``, ``producer``, ``model_name``, ``hidden_size``, ``layer``, ``hook_point``, ``token_position``,
-``model_fingerprint`` (JSON), ``tokenizer_fingerprint`` (JSON), ``chat_template_sha256``, ``prompt_format``
+``model_fingerprint`` (JSON), ``tokenizer_fingerprint`` (JSON; its ``scheme``, see :mod:`~valueprobe.plugin.fingerprint`),
+``chat_template_sha256``, ``library_versions`` (JSON: valueprobe, transformers, tokenizers, torch at stamping),
+``restamped_from`` (the ``content_sha256`` a ``valueprobe restamp`` replaced), ``prompt_format``
 (JSON), ``objective``, ``head`` (which head scores), ``calibrator``, ``served_score`` (``value`` or ``stacked``: which
 number ``probability`` is), ``stack_kinds`` (JSON), ``thresholds`` (JSON), ``eval_card`` (JSON)
 and ``content_sha256``: a hash over every tensor and every other metadata field, so a truncated or edited file is
@@ -80,8 +82,8 @@ REQUIRED_METADATA = (
     "calibrator",
     "content_sha256",
 )
-JSON_METADATA = ("model_fingerprint", "tokenizer_fingerprint", "prompt_format", "thresholds", "eval_card", "stack_kinds",
-                 "stack_features")
+JSON_METADATA = ("model_fingerprint", "tokenizer_fingerprint", "library_versions", "prompt_format", "thresholds",
+                 "eval_card", "stack_kinds", "stack_features")
 
 
 class ArtifactError(ValueError):

@@ -20,8 +20,10 @@ import torch
 
 from .hooks import find_decoder_layers
 
-__all__ = ["CONFIG_FIELDS", "WEIGHT_HASH_FIELDS", "config_fingerprint", "params_sha256", "model_fingerprint",
-           "tokenizer_fingerprint", "chat_template_sha256", "diff_fingerprints"]
+__all__ = ["CONFIG_FIELDS", "FINGERPRINT_PROMPTS", "TOKENIZER_SCHEME", "WEIGHT_HASH_FIELDS", "config_fingerprint",
+           "params_sha256", "model_fingerprint", "tokenizer_fingerprint", "legacy_tokenizer_fingerprint",
+           "tokenizer_fingerprint_like", "prompt_token_ids", "chat_template_sha256", "diff_fingerprints",
+           "describe_mismatch", "library_versions"]
 
 # The layer-weight hash per rounding: a model is checked with the one its own dtype reproduces.
 WEIGHT_HASH_FIELDS = {torch.bfloat16: "layer_weights_sha256", torch.float16: "layer_weights_fp16_sha256"}
@@ -109,8 +111,90 @@ def chat_template_sha256(tokenizer) -> str:
     return hashlib.sha256(template.encode()).hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
-    """Flat fingerprint of a tokenizer: vocabulary, special tokens and chat template."""
+#: The tokenizer fingerprint's scheme, recorded as ``scheme`` in it. Scheme 1 (no ``scheme`` field) hashed
+#: tokenizer attributes (``bos_token``, ``eos_token``, ``unk_token``) whose values transformers 4.57 and 5.x
+#: read differently from one and the same GGUF file; scheme 2 hashes only what decides the token ids.
+TOKENIZER_SCHEME = "2"
+
+# Rendered with the artifact's own prompt format and tokenized: the ids the probe would read. Digits, code,
+# accents, emoji and whitespace runs are where tokenizer releases have disagreed.
+FINGERPRINT_PROMPTS = (
+    "What is the capital of Peru?",
+    "Who wrote the Iliad? Answer in 3 words: 1234567 + 89 = ?",
+    {"question": "Which planet is largest?", "choices": ["Mars", "Jupiter", "Venus", "Earth"]},
+    [{"role": "user", "content": "def f(x):\n    return x ** 2  # café, naïve, 東京, 👋\t\t  end"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}],
+)
+
+
+def _serialisation(tokenizer) -> dict | None:
+    """The tokenizer's own serialisation (``tokenizer.json``), where it has one (fast tokenizers)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return json.loads(backend.to_str())
+
+
+def _added_tokens(tokenizer, serialised: dict | None) -> list[list]:
+    """``[id, content, special]`` of every added token, by id."""
+    if serialised is not None:
+        return sorted([t["id"], t["content"], bool(t.get("special"))] for t in serialised.get("added_tokens", []))
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return sorted([int(i), str(t), bool(getattr(t, "special", False))] for i, t in decoder.items())
+
+
+def _merges(model: dict) -> list[list[str]]:
+    """BPE merges as pairs: tokenizers < 0.20 write ``"a b"``, later ones ``["a", "b"]``."""
+    return [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+
+
+def prompt_token_ids(tokenizer, prompt_format) -> list[list[int]]:
+    """Token ids of :data:`FINGERPRINT_PROMPTS` rendered with ``prompt_format`` (chat prompts only where the
+    tokenizer has a chat template)."""
+    rows = []
+    for prompt in FINGERPRINT_PROMPTS:
+        if isinstance(prompt, list) and not prompt_format.chat_active(tokenizer):
+            continue
+        text = prompt_format.render(tokenizer, prompt)
+        rows.append(list(tokenizer(text, add_special_tokens=prompt_format.adds_special_tokens(tokenizer))["input_ids"]))
+    return rows
+
+
+def tokenizer_fingerprint(tokenizer, prompt_format=None) -> dict[str, str]:
+    """Flat fingerprint of what decides the token ids a probe sees (scheme :data:`TOKENIZER_SCHEME`).
+
+    Hashes the vocabulary (every token's id, added tokens included) and the BPE merges as the tokenizer serialises
+    them, the chat template, the ids of :data:`FINGERPRINT_PROMPTS` rendered with ``prompt_format`` (the
+    artifact's; default :class:`~valueprobe.plugin.prompting.PromptFormat`), and the added tokens those prompts
+    use (id, content, special flag). Attribute values a library release may rename or reinterpret
+    (``eos_token`` and friends) are left out: the same checkpoint converted by transformers 4.57 and by 5.x
+    fingerprints equal.
+
+    Footgun, measured on the Qwen2.5 GGUF: transformers 5.x registers 19 more of its control tokens
+    (``<|fim_prefix|>``, ``<tool_call>``, ...) as added tokens than 4.57 does, so a prompt that contains one of
+    those strings literally tokenizes differently between the two conversions. Only the added tokens the
+    rendered prompts use are hashed, or the two could never match.
+    """
+    from .prompting import PromptFormat
+
+    serialised = _serialisation(tokenizer)
+    prompt_ids = prompt_token_ids(tokenizer, prompt_format or PromptFormat())
+    used = {i for row in prompt_ids for i in row}
+    return {
+        "scheme": TOKENIZER_SCHEME,
+        "vocab_size": str(len(tokenizer.get_vocab())),
+        "vocab_sha256": _sha256_json(sorted(tokenizer.get_vocab().items())),
+        "merges_sha256": _sha256_json(_merges((serialised or {}).get("model") or {})),
+        "prompt_added_tokens_sha256": _sha256_json([t for t in _added_tokens(tokenizer, serialised) if t[0] in used]),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+        "prompt_ids_sha256": _sha256_json(prompt_ids),
+    }
+
+
+def legacy_tokenizer_fingerprint(tokenizer) -> dict[str, str]:
+    """Scheme 1, as artifacts stamped before scheme 2 record it: vocabulary, special-token attributes, chat
+    template. Kept to check those artifacts, which still load (see :func:`compare_tokenizer`)."""
     vocab = tokenizer.get_vocab()
     specials = {
         "bos": tokenizer.bos_token,
@@ -126,8 +210,55 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, str]:
     }
 
 
+def tokenizer_fingerprint_like(recorded: dict[str, str], tokenizer, prompt_format=None) -> dict[str, str]:
+    """The tokenizer's fingerprint in the scheme ``recorded`` was stamped with (scheme 1 has no ``scheme``)."""
+    if recorded.get("scheme") is None:
+        return legacy_tokenizer_fingerprint(tokenizer)
+    return tokenizer_fingerprint(tokenizer, prompt_format)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide hidden states and token ids, recorded in artifacts at fit time so a
+    refusal can say which releases produced each side."""
+    import importlib.metadata as md
+
+    out = {}
+    for package in ("valueprobe", "transformers", "tokenizers", "torch"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _short(value: str | None, width: int = 16) -> str:
+    if value is None:
+        return "(absent)"
+    return value if len(value) <= width else value[:width] + "…"
+
+
+def describe_mismatch(fields: list[str], expected: dict[str, str], actual: dict[str, str]) -> str:
+    """``field: expected X, found Y`` for each mismatched field (values shortened), one clause per field."""
+    return "; ".join(f"{f}: expected {_short(expected.get(f))}, found {_short(actual.get(f))}" for f in fields)
+
+
 def diff_fingerprints(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
     """Names of the fields whose values differ (or exist on one side only), sorted. A weight hash the served
     model did not compute (another rounding) is not compared."""
     skip = {f for f in WEIGHT_HASH_FIELDS.values() if f not in actual}
     return sorted(k for k in (set(expected) | set(actual)) - skip if expected.get(k) != actual.get(k))
+
+
+def stamp_metadata(model, tokenizer, layer: int, prompt_format) -> dict[str, str]:
+    """The artifact metadata that ties a probe to its model, tokenizer and libraries: ``model_fingerprint``,
+    ``tokenizer_fingerprint`` (scheme :data:`TOKENIZER_SCHEME`, with ``prompt_format``'s rendering),
+    ``chat_template_sha256``, ``library_versions`` and ``producer``. One stamp for every artifact producer
+    (prompt confidence, step value, ``valueprobe restamp``)."""
+    versions = library_versions()
+    return {
+        "producer": f"valueprobe {versions.get('valueprobe', 'unknown')}",
+        "model_fingerprint": json.dumps(model_fingerprint(model, layer, for_artifact=True), sort_keys=True),
+        "tokenizer_fingerprint": json.dumps(tokenizer_fingerprint(tokenizer, prompt_format), sort_keys=True),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+        "library_versions": json.dumps(versions, sort_keys=True),
+    }

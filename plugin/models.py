@@ -22,7 +22,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNOWN_MODELS", "KnownModel", "ModelNotInstalledError", "cache_dir", "load_model", "resolve_model_dir"]
+__all__ = ["CONVERSION_VERSION", "KNOWN_MODELS", "KnownModel", "ModelNotInstalledError", "cache_dir", "convert_gguf",
+           "end_of_turn_token_ids", "eos_token_ids", "load_model", "resolve_model_dir"]
 
 
 class ModelNotInstalledError(RuntimeError):
@@ -131,38 +132,77 @@ def _assemble(known: KnownModel, target_dir: Path) -> Path:
     return target
 
 
-def resolve_model_dir(name_or_path: str) -> str:
-    """Return a folder ``from_pretrained`` can load for a known name, converting it once if needed.
+# Bump when the converted copy changes shape: a cache stamped with another version is rewritten, not trusted.
+# 2: no GGUF ``quantization_config`` in config.json (the weights are dequantised float32; vLLM refuses the key),
+#    and generation_config's eos names every token that ends a turn.
+CONVERSION_VERSION = 2
+_STAMP = "valueprobe-converted.json"
 
-    For a path or an unknown name this returns the input unchanged.
+
+def _cached_conversion_is_current(folder: Path) -> bool:
+    """Whether ``folder`` holds a converted copy this version of valueprobe wrote (an older one is rewritten)."""
+    try:
+        stamp = json.loads((folder / _STAMP).read_text())
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return stamp.get("conversion") == CONVERSION_VERSION and "quantization_config" not in config
+
+
+def convert_gguf(gguf: Path, target: Path, *, name: str) -> Path:
+    """Dequantise a GGUF checkpoint into a plain Hugging Face folder at ``target`` (atomically).
+
+    The folder is an ordinary float32 checkpoint that any engine loads: ``config.json`` carries no GGUF
+    ``quantization_config`` (transformers 5 writes one although the weights it saves are dequantised, and vLLM
+    refuses it), and ``generation_config.json`` lists as ``eos_token_id`` every token that ends an answer (the
+    GGUF's eos and the chat template's end-of-turn token), so generation stops at the end of a turn whatever a
+    transformers release makes of the tokenizer's ``eos_token``.
     """
-    known = KNOWN_MODELS.get(name_or_path)
-    if known is None:
-        return name_or_path
-    converted = cache_dir() / "models" / known.name
-    if (converted / "valueprobe-converted.json").exists():
-        return str(converted)
     import torch
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    gguf = _assemble(known, cache_dir() / "gguf")
-    logger.info("dequantising %s from %s (once; a converted copy is cached in %s)", known.name, gguf, converted)
+    logger.info("dequantising %s from %s (once; a converted copy is cached in %s)", name, gguf, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tmp = converted.with_name(converted.name + ".partial")
+    tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # save_pretrained refuses GGUF-loaded models; save_model handles tied weights (lm_head == embed_tokens).
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    generation.eos_token_id = sorted(_as_set(generation.eos_token_id) | end_of_turn_token_ids(tokenizer))
+    generation.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "valueprobe-converted.json").write_text(json.dumps({"name": known.name, "gguf": known.gguf_name}))
-    shutil.rmtree(converted, ignore_errors=True)
-    tmp.rename(converted)
-    return str(converted)
+    import transformers
+
+    (tmp / _STAMP).write_text(json.dumps({"name": name, "gguf": gguf.name, "conversion": CONVERSION_VERSION,
+                                          "transformers": transformers.__version__, "torch": torch.__version__}))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+    """Return a folder ``from_pretrained`` can load for a known name, converting it once if needed.
+
+    For a path or an unknown name this returns the input unchanged. A cached copy written by an older
+    conversion (see :data:`CONVERSION_VERSION`) is rewritten.
+    """
+    known = KNOWN_MODELS.get(name_or_path)
+    if known is None:
+        return name_or_path
+    converted = cache_dir() / "models" / known.name
+    if _cached_conversion_is_current(converted):
+        return str(converted)
+    if converted.exists():
+        logger.warning("the cached copy of %s in %s was written by an older conversion: rewriting it", known.name,
+                       converted)
+    return str(convert_gguf(_assemble(known, cache_dir() / "gguf"), converted, name=known.name))
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None = None):
@@ -198,14 +238,37 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str | None 
     return model, tokenizer
 
 
+def _as_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)
+
+
+def end_of_turn_token_ids(tokenizer) -> set[int]:
+    """The special token the chat template puts right after an assistant's message (``<|im_end|>`` for Qwen,
+    ``<|eot_id|>`` for Llama 3), read off the template itself: empty without a template or where the message is
+    followed by plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return set()
+    mark = "valueprobe-end-of-turn-mark"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation simply names no end-of-turn token
+        return set()
+    if not isinstance(text, str) or mark not in text:
+        return set()
+    following = tokenizer.encode(text[text.rindex(mark) + len(mark):], add_special_tokens=False)
+    specials = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    return {following[0]} if following and following[0] in specials else set()
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a generation: the tokenizer's eos and pad, plus the generation config's eos (chat models
-    often end turns with a token, e.g. ``<|im_end|>``, that is not ``tokenizer.eos_token``)."""
+    """Every id that ends a generation: the tokenizer's eos and pad, the generation config's eos and the chat
+    template's end-of-turn token (chat models end turns with a token, e.g. ``<|im_end|>``, that a tokenizer's
+    ``eos_token`` may or may not name: transformers 4.57 and 5.x convert the same Qwen GGUF differently)."""
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(configured)
+    ids |= _as_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    ids |= end_of_turn_token_ids(tokenizer)
     ids.discard(None)
     return ids

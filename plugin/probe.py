@@ -35,13 +35,24 @@ from .artifact import (
     save_artifact,
     stack_arrays,
 )
-from .fingerprint import diff_fingerprints, model_fingerprint, tokenizer_fingerprint
+from .fingerprint import (
+    describe_mismatch,
+    diff_fingerprints,
+    library_versions,
+    model_fingerprint,
+    tokenizer_fingerprint_like,
+)
 from .hooks import LastTokenReader, capture, find_decoder_layers, with_position_ids
 from .nexttoken import next_token_features, prompt_kind
 from .prompting import Prompt, PromptFormat
 from .readout import calibrate, head_logit, mahalanobis, stack_features, stack_proba
 
 __all__ = ["ValueProbe", "ProbeResult", "ProbeHandle"]
+
+
+
+def _versions(versions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) or "unknown versions"
 
 
 class _NoTokenizer:
@@ -265,6 +276,77 @@ class ValueProbe:
                 "(last_prompt_token: confidence in a prompt, from `valueprobe fit --data`; step_end: a value over "
                 "reasoning steps, from `valueprobe fit --traces`)")
 
+    @property
+    def fingerprint_scheme(self) -> str:
+        """Scheme of the recorded tokenizer fingerprint: ``"1"`` (attribute values; re-stamp with
+        ``valueprobe restamp``) or ``"2"`` (what decides the token ids)."""
+        return self.tokenizer_fingerprint.get("scheme", "1")
+
+    def fingerprint_mismatch(self, model_fields: dict[str, str], tokenizer=None) -> tuple[list[str], str]:
+        """Compare a model fingerprint (as :func:`~valueprobe.plugin.fingerprint.model_fingerprint` or the vLLM
+        worker computes it) and a tokenizer with the ones recorded at fit time.
+
+        Returns the mismatched field names (tokenizer fields prefixed ``tokenizer.``) and, when there are any, a
+        message that gives each field's expected and found value, the library versions on each side and what to do.
+        """
+        mismatched = diff_fingerprints(self.model_fingerprint, model_fields)
+        clauses = [describe_mismatch(mismatched, self.model_fingerprint, model_fields)] if mismatched else []
+        tok_fields: list[str] = []
+        if tokenizer is not None:
+            found = tokenizer_fingerprint_like(self.tokenizer_fingerprint, tokenizer, self.prompt_format)
+            tok_fields = diff_fingerprints(self.tokenizer_fingerprint, found)
+            if tok_fields:
+                clauses.append(describe_mismatch([f"tokenizer.{f}" for f in tok_fields],
+                                                 {f"tokenizer.{k}": v for k, v in self.tokenizer_fingerprint.items()},
+                                                 {f"tokenizer.{k}": v for k, v in found.items()}))
+        mismatched += [f"tokenizer.{f}" for f in tok_fields]
+        if not mismatched:
+            return [], ""
+        stamped = self.data.json("library_versions")
+        versions = (f"The artifact was stamped with {_versions(stamped)}" if stamped
+                    else "The artifact records no library versions (stamped before valueprobe recorded them)")
+        what = (f"model fingerprint mismatch for artifact fitted on {self.model_name!r} (layer {self.layer}): "
+                f"fields differ: {'; '.join(clauses)}. {versions}; this process runs {_versions(library_versions())}.")
+        if tok_fields and self.fingerprint_scheme == "1" and not set(mismatched) - {"tokenizer.special_tokens_sha256"}:
+            what += (" This artifact records a scheme-1 tokenizer fingerprint, which hashed special-token attributes "
+                     "that transformers releases convert differently from the same checkpoint. If it is the model "
+                     "the artifact was fitted on, `valueprobe restamp ARTIFACT` checks the vocabulary, chat template "
+                     "and layer weights and records a scheme-2 fingerprint (what decides the token ids).")
+        else:
+            what += " Fit an artifact for this model with `valueprobe fit`."
+        return mismatched, what
+
+    def restamped(self, model, tokenizer) -> ValueProbe:
+        """This artifact with its tokenizer fingerprint recorded in the current scheme (``valueprobe restamp``).
+
+        Only for the checkpoint it was fitted on: the model fingerprint (config and layer weights) must match, and a
+        scheme-1 stamp must match on everything that decided the token ids (vocabulary and chat template); only
+        the special-token attributes that transformers releases reinterpret may differ. Tensors, card and
+        thresholds are kept; ``restamped_from`` records the replaced ``content_sha256``. Save the result with
+        :meth:`save`. Raises :class:`FingerprintMismatchError` naming the fields that forbid it.
+        """
+        from .fingerprint import legacy_tokenizer_fingerprint, stamp_metadata
+
+        model_fields = model_fingerprint(model, self.layer)
+        mismatched = diff_fingerprints(self.model_fingerprint, model_fields)
+        if self.fingerprint_scheme == "1":
+            legacy = legacy_tokenizer_fingerprint(tokenizer)
+            mismatched += [f"tokenizer.{f}" for f in diff_fingerprints(self.tokenizer_fingerprint, legacy)
+                           if f != "special_tokens_sha256"]
+        else:
+            mismatched += self.fingerprint_mismatch(model_fields, tokenizer)[0]
+        if mismatched:
+            _, what = self.fingerprint_mismatch(model_fields, tokenizer)
+            raise FingerprintMismatchError(f"cannot re-stamp: not the checkpoint this artifact was fitted on. {what}",
+                                           sorted(set(mismatched)))
+        stamp = stamp_metadata(model, tokenizer, self.layer, self.prompt_format)
+        metadata = dict(self.data.metadata)
+        metadata.update(tokenizer_fingerprint=stamp["tokenizer_fingerprint"],
+                        chat_template_sha256=stamp["chat_template_sha256"],
+                        library_versions=stamp["library_versions"],
+                        restamped_from=self.data.metadata["content_sha256"])
+        return ValueProbe(ArtifactData(dict(self.data.tensors), metadata))
+
     def check_compatible(self, model, tokenizer=None, *, strict: bool = True) -> list[str]:
         """Compare the model (and tokenizer) with the fingerprints recorded at fit time.
 
@@ -287,21 +369,15 @@ class ValueProbe:
             raise ArtifactMismatchError(
                 f"artifact reads layer {self.layer} but the model has {len(decoder)} layers"
             )
-        mismatched = diff_fingerprints(self.model_fingerprint, model_fingerprint(model, self.layer))
-        if tokenizer is not None:
-            mismatched += [
-                f"tokenizer.{f}" for f in diff_fingerprints(self.tokenizer_fingerprint, tokenizer_fingerprint(tokenizer))
-            ]
+        mismatched, what = self.fingerprint_mismatch(model_fingerprint(model, self.layer), tokenizer)
         if mismatched:
-            what = (f"model fingerprint mismatch for artifact fitted on {self.model_name!r} (layer {self.layer}): "
-                    f"fields differ: {', '.join(mismatched)}. Fit an artifact for this model with `valueprobe fit`")
             hint = ""
             if "layer_weights_fp16_sha256" in mismatched and "layer_weights_fp16_sha256" not in self.model_fingerprint:
                 hint = (" This artifact records no float16 weight hash (fitted before valueprobe recorded one):"
                         " load the model in bfloat16 or float32, or refit it.")
             # the refusal advises opting out; the opt-out's warning says it was done
-            refusal = what + ", or pass check_fingerprint=False to attach anyway (scores will be meaningless)." + hint
-            warning = (what + ". Attached anyway (check_fingerprint=False): its scores are meaningless for this model."
+            refusal = what + " Or pass check_fingerprint=False to attach anyway (scores will be meaningless)." + hint
+            warning = (what + " Attached anyway (check_fingerprint=False): its scores are meaningless for this model."
                        + hint)
             self._mismatches.setdefault(model, weakref.WeakKeyDictionary())[
                 tokenizer if tokenizer is not None else _NO_TOKENIZER] = {

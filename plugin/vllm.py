@@ -33,12 +33,13 @@ the same values; the caller reads rank 0's. Data-parallel replicas are separate 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .fingerprint import config_fingerprint, diff_fingerprints, params_sha256, tokenizer_fingerprint
+from .fingerprint import config_fingerprint, params_sha256
 from .hooks import find_decoder_layers
 from .nexttoken import prompt_kind, summarize_logits
 
@@ -215,16 +216,16 @@ class VllmProbe:
 
     @classmethod
     def check_compatible(cls, probe, fields: dict[str, str], tokenizer, *, strict: bool = True) -> list[str]:
+        """Compare the worker's model fingerprint and the engine's tokenizer with the artifact's, as
+        :meth:`~valueprobe.plugin.probe.ValueProbe.check_compatible` does for a Hugging Face model."""
         from .artifact import FingerprintMismatchError
 
-        expected = dict(probe.model_fingerprint)
-        mismatched = diff_fingerprints(expected, fields)
-        mismatched += [f"tokenizer.{f}" for f in diff_fingerprints(probe.tokenizer_fingerprint,
-                                                                    tokenizer_fingerprint(tokenizer))]
+        mismatched, what = probe.fingerprint_mismatch(fields, tokenizer)
         if mismatched and strict:
-            raise FingerprintMismatchError(
-                f"vLLM model does not match the artifact fitted on {probe.model_name!r} (layer {probe.layer}): "
-                f"fields differ: {', '.join(mismatched)}", mismatched)
+            raise FingerprintMismatchError("vLLM " + what, mismatched)
+        if mismatched:
+            warnings.warn("vLLM " + what + " Attached anyway (check_fingerprint=False): its scores are meaningless "
+                          "for this model.", RuntimeWarning, stacklevel=3)
         return mismatched
 
     @classmethod

@@ -20,8 +20,11 @@ import itertools
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Iterable
+from types import SimpleNamespace
 
 from valueprobe.plugin import ProbeResult, ValueProbe
+from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
 
 from .engine import Generation, Prompt, TokenizerAccess, not_finite_error
@@ -47,10 +50,24 @@ def engine_args(model_dir: str, *, dtype: str = "float32", max_model_len: int | 
     return AsyncEngineArgs(**{k: v for k, v in kwargs.items() if v is not None})
 
 
+def _generation_config(model_dir: str):
+    """The folder's ``generation_config.json``, or ``None`` where it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return None
+
+
 class VllmEngine(TokenizerAccess):
-    def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None):
+    def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None,
+                 stop_token_ids: Iterable[int] = ()):
         super().__init__(tokenizer)
         self.llm, self.probe = llm, probe
+        # Every token that ends an answer (tokenizer eos, generation config eos, the chat's end-of-turn token),
+        # passed with each request: the same stops as the transformers engine, whatever eos_token says.
+        self.stop_token_ids = sorted(stop_token_ids)
         self.max_queue, self.metrics = max_queue, metrics
         self._attached: dict[str, VllmProbe] = {}
         self._users: Counter[str] = Counter()  # requests in flight per artifact id
@@ -76,8 +93,9 @@ class VllmEngine(TokenizerAccess):
         # Prompts reach vLLM as token ids from the Hugging Face tokenizer the artifact was fitted with (vLLM's own
         # loader may pre-tokenize differently, e.g. its Mistral-regex fix); vLLM's tokenizer only detokenizes.
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_dir)
+        stops = eos_token_ids(SimpleNamespace(generation_config=_generation_config(model_dir)), tokenizer)
         llm = AsyncLLM.from_engine_args(engine_args(model_dir, **kwargs))
-        engine = cls(llm, tokenizer, probe, max_queue=max_queue, metrics=metrics)
+        engine = cls(llm, tokenizer, probe, max_queue=max_queue, metrics=metrics, stop_token_ids=stops)
         try:
             await engine.attach(probe, strict=check_fingerprint)
         except Exception:
@@ -210,10 +228,11 @@ class VllmEngine(TokenizerAccess):
     def _params(self, max_new_tokens: int, temperature=None, top_p=None, seed=None, stop=None):
         from vllm import SamplingParams
 
+        stops = dict(stop=stop or None, stop_token_ids=self.stop_token_ids or None)
         if temperature and temperature > 0:
             return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0, seed=seed,
-                                  stop=stop or None)
-        return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=stop or None)
+                                  **stops)
+        return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, **stops)
 
     def _admit(self):
         if self._in_flight >= self.max_queue:

@@ -189,7 +189,10 @@ def test_different_tokenizer_is_refused_and_opt_out_warns(artifact_path, qwen_mo
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(3):
-                assert probe.check_compatible(qwen_model, plain, strict=False) == ["tokenizer.chat_template_sha256"]
+                # no chat template: the template hash and, rendered without it, the prompts' ids differ
+                assert probe.check_compatible(qwen_model, plain, strict=False) == [
+                    "tokenizer.chat_template_sha256", "tokenizer.prompt_added_tokens_sha256",
+                    "tokenizer.prompt_ids_sha256"]
         with pytest.raises(FingerprintMismatchError, match="pass check_fingerprint=False"):
             probe.check_compatible(qwen_model, plain)
     finally:
