@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -90,8 +91,11 @@ class _AsgiEndpoint:
 
 
 def create_app(settings: Settings | None = None, *, registry: CollectorRegistry | None = None, model=None,
-               tokenizer=None) -> FastAPI:
-    """Build the app. ``model``/``tokenizer`` may be passed in (tests, embedding in another app)."""
+               tokenizer=None, on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """Build the app. ``model``/``tokenizer`` may be passed in (tests, embedding in another app).
+
+    When loading fails the app answers 503 ``not_ready`` naming the reason, and calls ``on_load_failure`` with it
+    (:func:`serve` uses it to stop the server, so a supervisor sees the exit)."""
     settings = settings or Settings()
     metrics = SidecarMetrics(registry)
 
@@ -116,6 +120,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and every route
                 logger.exception("loading failed")
                 app.state.load_error = f"{type(exc).__name__}: {exc}"
+                if on_load_failure is not None:
+                    on_load_failure(app.state.load_error)
 
         task = asyncio.create_task(load())
         try:
@@ -154,3 +160,22 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                                    include_in_schema=False))
 
     return app
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> str | None:
+    """Run the sidecar under uvicorn until it is stopped. Returns ``None`` after a clean stop, or the reason the
+    model or artifact could not be loaded: the server then stops at once instead of answering 503 for ever, as
+    vLLM and TGI do, so that a supervisor restarts it and a person reads why."""
+    import uvicorn
+
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop(reason: str) -> None:
+        failure.append(reason)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level))
+    server.run()
+    return failure[0] if failure else None

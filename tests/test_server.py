@@ -216,3 +216,26 @@ def test_summarize_repeats_pairs_runs_in_order():
     assert s["ratios"]["tokens_per_s"]["runs"] == pytest.approx([2.0, 1.5, 1.0])
     assert (s["ratios"]["tokens_per_s"]["min"], s["ratios"]["tokens_per_s"]["max"]) == pytest.approx((1.0, 2.0))
     assert s["arms"]["a"]["requests"] == 20 and len(s["arms"]["a"]["runs"]) == 3
+
+
+@pytest.mark.parametrize("broken", ["artifact", "model"])
+def test_a_sidecar_that_cannot_load_exits_non_zero_with_the_reason(assets, tmp_path, broken):
+    """Fail fast, as vLLM and TGI do: a supervisor sees the exit and restarts it; a person reads why on stderr."""
+    import subprocess
+
+    if broken == "artifact":
+        tampered = tmp_path / "tampered.safetensors"
+        raw = bytearray((assets / "probe.safetensors").read_bytes())
+        raw[-8:] = b"\x00" * 8  # a changed tensor byte: the content hash no longer matches
+        tampered.write_bytes(bytes(raw))
+        server = Server(assets, artifact=str(tampered))
+    else:
+        server = Server(assets, model=str(tmp_path / "no-such-model"))
+    try:
+        code = server.proc.wait(timeout=120)
+    finally:
+        server.stop()
+    log = open(server.log.name).read()
+    assert code == 1, log[-2000:]
+    assert "could not load its model or artifact, so it stopped" in log
+    assert ("ArtifactError" in log) if broken == "artifact" else ("no-such-model" in log)
