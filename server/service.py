@@ -25,6 +25,11 @@ from .settings import Settings
 from .upstream import make_upstream
 
 
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): every route and both engines go through
+# Sidecar.query, so this is the one place that decides it.
+SAMPLING_EPS = 1e-5
+
+
 @dataclass(frozen=True)
 class Policy:
     """answer / abstain / escalate from the calibrated probability and the two thresholds."""
@@ -239,6 +244,8 @@ class Sidecar:
     def query(self, served: Served, messages, rendered: str, kind, max_new_tokens: int | None, temperature=None,
               top_p=None, seed=None, stop=None, search=None) -> Query:
         n_new = self.max_new_tokens(max_new_tokens)
+        if temperature is not None and temperature < SAMPLING_EPS:
+            temperature = None  # greedy, as vLLM does: dividing logits by a subnormal temperature overflows them
         return Query(messages, rendered, self.prompt(served, rendered, kind, n_new), served, n_new, temperature, top_p,
                      seed, list(stop or []), search)
 

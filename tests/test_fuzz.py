@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -59,11 +60,7 @@ def test_fuzzed_requests_never_get_a_server_error(server):
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     @given(case=strategy)
     def check(case):
-        kwargs = case.as_transport_kwargs(base_url=url)
-        body = kwargs.pop("data", None)
-        kwargs.pop("verify", None)
-        kwargs.pop("allow_redirects", None)
-        r = httpx.request(kwargs.pop("method"), kwargs.pop("url"), content=body, timeout=60, **kwargs)
+        r = _send(url, case)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         polite = r.status_code == 503 and "retry-after" in r.headers
         assert r.status_code < 500 or polite, f"{case.method} {case.path} -> {r.status_code}: {r.text[:300]}"
@@ -71,3 +68,47 @@ def test_fuzzed_requests_never_get_a_server_error(server):
     check()
     assert httpx.get(url + "/healthz").status_code == 200
     assert any(400 <= code < 500 for code in seen) and 200 in seen, seen
+
+
+def _send(url, case):
+    kwargs = case.as_transport_kwargs(base_url=url)
+    body = kwargs.pop("data", None)
+    kwargs.pop("verify", None)
+    kwargs.pop("allow_redirects", None)
+    return httpx.request(kwargs.pop("method"), kwargs.pop("url"), content=body, timeout=60, **kwargs)
+
+
+def test_coverage_phase_boundary_values_never_get_a_server_error(server):
+    """schemathesis's coverage phase: boundary values of every field of every operation (smallest and largest
+    numbers, subnormal floats, empty and over-long strings, missing and extra fields), valid and invalid."""
+    url, schema = server
+    cases = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        config = schema.config.generation_for(operation=operation, phase="coverage")
+        cases += schema.iter_coverage_cases(operation, generation_modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+                                            generation_config=config)
+    with ThreadPoolExecutor(8) as pool:  # eight clients at once: the sidecar batches what arrives together
+        responses = list(pool.map(lambda case: _send(url, case), cases))
+    seen, failures = {}, []
+    for case, r in zip(cases, responses):
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        if r.status_code >= 500 and not (r.status_code == 503 and "retry-after" in r.headers):
+            failures.append(f"{case.method} {case.path} {case.body!r:.200} -> {r.status_code}: {r.text[:200]}")
+    assert not failures, "\n".join(failures[:10])
+    assert sum(seen.values()) > 100 and 200 in seen and 422 in seen, seen
+
+
+@pytest.mark.parametrize("path", ["/", "/generate"])
+def test_subnormal_temperature_decodes_greedily(server, path):
+    """Found by the coverage phase against the shipped model: a subnormal temperature overflowed the logits (500)."""
+    url, _ = server
+    params = {"do_sample": True, "temperature": 5e-324, "top_p": 5e-324, "seed": 0, "max_new_tokens": 4}
+    sampled = httpx.post(url + path, json={"inputs": "0", "parameters": params}, timeout=60)
+    greedy = httpx.post(url + path, json={"inputs": "0", "parameters": {"max_new_tokens": 4}}, timeout=60)
+    assert sampled.status_code == 200, sampled.text
+    text = [r.json()[0] if isinstance(r.json(), list) else r.json() for r in (sampled, greedy)]
+    assert text[0]["generated_text"] == text[1]["generated_text"]
+    chat = httpx.post(url + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "0"}], "temperature": 5e-324, "max_tokens": 4})
+    assert chat.status_code == 200, chat.text
