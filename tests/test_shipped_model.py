@@ -1,0 +1,143 @@
+"""The shipped model as a new user meets it: the real Qwen2.5-Coder-1.5B-Instruct converted by the transformers
+set-up installed, the shipped default artifact with its fingerprint check on, the README's examples scored and
+served by both engines.
+
+Marked ``shipped_model`` (deselect locally with ``-m "not shipped_model"``) and skipped where the model's packages
+are not installed (``bash scripts/setup.sh --models`` installs them). CI installs them and points
+``VALUEPROBE_CACHE`` at a new empty folder, so the conversion runs every time: a cache warmed by an older
+transformers once hid a conversion change that made the shipped model refuse to serve for every new user.
+
+``python tests/test_shipped_model.py`` rewrites ``tests/data/shipped-model-scores.json`` (the recorded values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from valueprobe.plugin.models import KNOWN_MODELS, ModelNotInstalledError
+
+MODEL = "Qwen2.5-Coder-1.5B-Instruct"
+RECORDED = Path(__file__).parent / "data" / "shipped-model-scores.json"
+# The README's examples: its curl requests and its Python API block.
+README_PROMPTS = {
+    "peru": "What is the capital of Peru?",
+    "two_plus_two": {"question": "2 + 2 = ?", "choices": ["3", "4", "5", "6"]},
+    "mona_lisa": [{"role": "user", "content": "Who painted the Mona Lisa?"}],
+    "iliad": "Who wrote the Iliad?",
+}
+CHAT_MAX_TOKENS = 24
+
+try:
+    KNOWN_MODELS[MODEL].part_paths()
+    installed = True
+except ModelNotInstalledError:
+    installed = False
+
+pytestmark = [pytest.mark.shipped_model,
+              pytest.mark.skipif(not installed, reason="the shipped model is not installed (setup.sh --models)")]
+
+
+def score_readme_examples() -> dict[str, float]:
+    """Calibrated probability of each README example, with the shipped default artifact and its check on."""
+    from valueprobe.plugin import ValueProbe, load_model
+    from valueprobe.weights import default_artifact
+
+    model, tokenizer = load_model(MODEL)
+    probe = ValueProbe.load(default_artifact())
+    results = probe.score(model, tokenizer, list(README_PROMPTS.values()))  # check_fingerprint is on by default
+    return {name: round(r.probability, 4) for name, r in zip(README_PROMPTS, results)}
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    return json.loads(RECORDED.read_text())
+
+
+@pytest.fixture(scope="module")
+def served() -> dict:
+    """Confidences each engine served, for the cross-engine comparison."""
+    return {}
+
+
+def test_shipped_artifact_loads_with_its_fingerprint_and_scores_the_readme_examples(recorded):
+    scores = score_readme_examples()
+    for name, p in scores.items():
+        assert p == pytest.approx(recorded["scores"][name], abs=0.01), (name, p)
+
+
+class Sidecar:
+    """``valueprobe serve`` exactly as the README starts it (default model and artifact), on a free port."""
+
+    def __init__(self, tmp_path: Path, *args: str):
+        from conftest import free_port
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = open(tmp_path / "serve.log", "w")
+        env = {**os.environ, "VALUEPROBE_PORT": self.url.rsplit(":", 1)[1], "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", *args], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 900) -> Sidecar:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(open(self.log.name).read()[-3000:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_the_readme_curl_requests_are_answered_by_each_engine(engine, tmp_path, recorded, served):
+    sidecar = Sidecar(tmp_path, "--engine", engine).wait_ready()
+    try:
+        confidence = httpx.post(sidecar.url + "/v1/confidence", json={"prompt": README_PROMPTS["peru"]}, timeout=120)
+        chat = httpx.post(sidecar.url + "/v1/chat/completions", timeout=600, json={
+            "messages": [{"role": "user", "content": README_PROMPTS["iliad"]}], "max_tokens": CHAT_MAX_TOKENS})
+    finally:
+        sidecar.stop()
+    assert confidence.status_code == 200, confidence.text
+    assert chat.status_code == 200, chat.text
+    body = chat.json()
+    choice = body["choices"][0]
+    # the answer ends at the chat's end-of-turn token, whatever the tokenizer calls eos
+    assert choice["finish_reason"] == "stop" and body["usage"]["completion_tokens"] < CHAT_MAX_TOKENS, body
+    assert "homer" in choice["message"]["content"].lower(), body
+    p_confidence = confidence.json()["probability"]
+    p_chat = body["confidence"]["probability"]
+    assert p_confidence == pytest.approx(recorded["scores"]["peru"], abs=0.01)
+    assert p_chat == pytest.approx(recorded["scores"]["iliad"], abs=0.01)
+    served[engine] = (p_confidence, p_chat)
+    if len(served) == 2:  # the vLLM engine's confidences equal the transformers engine's
+        (a_conf, a_chat), (b_conf, b_chat) = served["transformers"], served["vllm"]
+        assert abs(a_conf - b_conf) <= 0.01 and abs(a_chat - b_chat) <= 0.01, served
+
+
+if __name__ == "__main__":
+    import transformers
+
+    RECORDED.write_text(json.dumps({
+        "produced_by": "python tests/test_shipped_model.py",
+        "transformers": transformers.__version__,
+        "scores": score_readme_examples(),
+    }, indent=2) + "\n")
+    print(RECORDED.read_text())
