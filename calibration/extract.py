@@ -40,7 +40,7 @@ from transformers import DynamicCache
 
 from .data import Question, grade_numeric, grade_open
 
-__all__ = ["FeatureSet", "SharedPrefix", "extract_features", "save_labels", "load_labels"]
+__all__ = ["FeatureSet", "SharedPrefix", "extract_answer_end", "extract_features", "save_labels", "load_labels"]
 
 ROW_FIELDS = (
     "label",
@@ -83,7 +83,7 @@ class FeatureSet:
 def _cache_key(model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int) -> str:
     fp = model_fingerprint(model, 1)
     blob = json.dumps(
-        {"model": fp, "tok": tokenizer_fingerprint(tokenizer), "fmt": prompt_format.to_json(), "gen": max_new_tokens},
+        {"model": fp, "tok": tokenizer_fingerprint(tokenizer, prompt_format), "fmt": prompt_format.to_json(), "gen": max_new_tokens},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -182,10 +182,15 @@ def repeated_prompts(tokenizer, fmt: PromptFormat, questions: list[Question], n_
 
 @torch.inference_mode()
 def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token_lists, layers, device, *,
-               prefix: SharedPrefix | None, generate: bool, max_new_tokens: int, letter_ids: list[int]):
-    """One batch: prefill (reading every layer and the next-token summary) and, for unlabelled open questions,
-    greedy generation stopped at the answer's end. Returns ``(features [n, L, H], summaries [n, 2+letters],
-    generated token lists or None)``."""
+               prefix: SharedPrefix | None, generate: bool, max_new_tokens: int, letter_ids: list[int],
+               answer_lengths: list[int] | None = None, eos: set[int] | None = None):
+    """One batch: prefill (reading every layer at each row's last token and the next-token summary at the
+    prompt's end) and, for unlabelled open questions, greedy generation stopped at the answer's end.
+
+    With ``answer_lengths`` each token list is prompt + the model's answer (its last ``answer_lengths[i]``
+    tokens): the layers are read at the answer's last token, the summary at the prompt's last token, and each row
+    gets its answer-side statistics from the same pass (see :func:`_answer_stats`). Returns ``(features [n, L, H],
+    summaries [n, 2+letters], generated token lists, or answer statistics, or None)``."""
     p_len = len(prefix) if prefix is not None else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids, mask = _batch_inputs(token_lists, p_len, pad_id, device)
@@ -200,20 +205,44 @@ def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token
             tokens = gen.sequences[:, input_ids.shape[1]:]
             step_lp = torch.stack([torch.log_softmax(x.float(), dim=-1).gather(1, tokens[:, j:j + 1])[:, 0]
                                    for j, x in enumerate(gen.logits)], dim=1)
-            new_tokens = list(zip(tokens.tolist(), step_lp.tolist()))
+            extra = list(zip(tokens.tolist(), step_lp.tolist()))
         else:
+            lengths = answer_lengths or [0] * len(batch)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_len:]
             out = model(input_ids=input_ids[:, p_len:], attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
-            first_logits = out.logits[:, -1, :]
-            new_tokens = None
+                        past_key_values=cache, use_cache=cache is not None, logits_to_keep=1 + max(lengths))
+            logits = out.logits  # [n, 1 + max answer length, vocab]: the last columns of every row
+            first_logits = torch.stack([logits[i, -1 - a] for i, a in enumerate(lengths)])
+            extra = None
+            if answer_lengths is not None:
+                extra = [_answer_stats(logits[i, logits.shape[1] - 1 - a:], input_ids[i, input_ids.shape[1] - a:], eos)
+                         for i, a in enumerate(lengths)]
     feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
-    return feats, summarize_logits(first_logits, letter_ids), new_tokens
+    return feats, summarize_logits(first_logits, letter_ids), extra
+
+
+def _answer_stats(logits: torch.Tensor, answer: torch.Tensor, eos: set[int]) -> dict:
+    """Free answer-side signals of one row from the prefill of prompt + answer: ``logits`` ``[a + 1, vocab]``
+    (the positions that predict each answer token, then the one after the answer), ``answer`` ``[a]`` token ids.
+    Mean, minimum and sum of the answer's token log-probabilities, its length, and the probability that the
+    answer ends there (any end-of-answer token next)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[:-1].gather(1, answer.view(-1, 1))[:, 0] if answer.numel() else logp[:0, 0]
+    end = torch.logsumexp(logp[-1, sorted(eos)], dim=0) if eos else torch.tensor(float("nan"))
+    return {"answer_mean_logprob": float(chosen.mean()) if chosen.numel() else None,
+            "answer_min_logprob": float(chosen.min()) if chosen.numel() else None,
+            "answer_sum_logprob": float(chosen.sum()),
+            "answer_tokens": int(answer.numel()),
+            "answer_end_prob": float(end.exp())}
 
 
 def _row(fmt: PromptFormat, q: Question, summary: torch.Tensor, n_tokens: int, generated, tokenizer, eos,
          label: dict | None) -> dict:
     """Label and baselines of one question from its next-token summary (and generated tokens or a stored label)."""
+    if isinstance(generated, dict):  # read at the answer's end: answer-side statistics of the same pass
+        row = _row(fmt, q, summary, n_tokens, None, tokenizer, eos, label)
+        row.update(generated)
+        return row
     if q.kind == "choice":
         max_softmax, entropy, pred = next_token_features(summary, "choice", len(q.choices))
         return {"prediction": fmt.letters[pred], "label": int(pred == q.answer), "max_softmax": max_softmax,
@@ -249,6 +278,7 @@ def extract_features(
     labels: dict[str, dict] | None = None,
     reuse_prefix: bool = True,
     wave_size: int | None = None,
+    answers: dict[str, str] | None = None,
     progress: bool = True,
 ) -> FeatureSet:
     """Run the model over ``questions`` and return every layer's last-prompt-token state, labels and baselines.
@@ -262,6 +292,14 @@ def extract_features(
     ``generate_batch_size`` at a time and stop when every row has reached an end-of-answer token. ``labels``
     (``id -> row`` from :func:`load_labels`) supplies answers generated by an earlier run: those open questions
     get a prefill only. Each row records ``seconds`` (its share of its batch's wall time) and ``generated``.
+
+    ``answers`` (``id -> the model's answer``: the chosen letter for multiple choice, the generated text for
+    open questions, e.g. from a labels file) switches the read position to ``answer_end``: one prefill of prompt
+    + answer per question, no generation, every layer read at the answer's last token (the state the decode
+    step that emits the end of the answer computes). Rows then also carry ``answer`` and the answer-side
+    signals of the same pass (``answer_mean_logprob``, ``answer_min_logprob``, ``answer_sum_logprob``,
+    ``answer_tokens``, ``answer_end_prob``); ``max_softmax`` and ``option_entropy`` stay those at the prompt's
+    end. Every question needs an answer (open ones also their grade in ``labels``).
     """
     if not questions:
         raise ValueError("no questions to extract")
@@ -274,10 +312,17 @@ def extract_features(
     layers = list(range(1, len(find_decoder_layers(model)) + 1))
     folder = None
     done: dict[str, tuple[torch.Tensor, dict]] = {}
+    if answers is not None:
+        missing = [q.id for q in questions if q.id not in answers or (q.kind != "choice" and q.id not in labels)]
+        if missing:
+            raise ValueError(f"{len(missing)} questions have no answer (and grade) to read at: {missing[:5]}")
     if cache_dir is not None:
-        folder = Path(cache_dir) / _cache_key(model, tokenizer, prompt_format, max_new_tokens)
+        key = _cache_key(model, tokenizer, prompt_format, max_new_tokens)
+        folder = Path(cache_dir) / (key if answers is None else f"{key}-answer_end")
         folder.mkdir(parents=True, exist_ok=True)
         done = _load_shards(folder)
+    if answers is not None:  # an answer that changed since it was read is read again
+        done = {i: v for i, v in done.items() if v[1].get("answer") == answers.get(i)}
     todo = [q for q in questions if q.id not in done]
     eos = eos_token_ids(model, tokenizer)
     letter_ids = prompt_format.letter_token_ids(tokenizer, len(prompt_format.letters))
@@ -285,9 +330,17 @@ def extract_features(
     special = prompt_format.adds_special_tokens(tokenizer)
     tokens = {q.id: tokenizer(prompt_format.render(tokenizer, q.prompt()), add_special_tokens=special)["input_ids"]
               for q in todo}
+    answer_ids: dict[str, list[int]] = {}
+    if answers is not None:
+        for q in todo:
+            if q.kind == "choice":  # the letter token the model emits, as the prompt-only readout picks it
+                answer_ids[q.id] = [letter_ids[prompt_format.letters.index(answers[q.id])]]
+            else:
+                answer_ids[q.id] = tokenizer(answers[q.id], add_special_tokens=False)["input_ids"]
+            tokens[q.id] = tokens[q.id] + answer_ids[q.id]
 
     def needs_generation(q: Question) -> bool:
-        return q.kind != "choice" and q.id not in labels
+        return answers is None and q.kind != "choice" and q.id not in labels
 
     # Waves keep the given (interleaved) order; inside one, similar lengths share a batch so padding is small.
     wave = wave_size or max(len(todo), 1)
@@ -307,15 +360,23 @@ def extract_features(
             token_lists = [tokens[q.id] for q in batch]
             use_prefix = prefix if prefix is not None and all(prefix.matches(t) for t in token_lists) else None
             started = time.perf_counter()
+            lengths = [len(answer_ids[q.id]) for q in batch] if answers is not None else None
             feats, summaries, generated = _run_batch(
                 model, tokenizer, prompt_format, batch, token_lists, layers, device, prefix=use_prefix,
-                generate=gen_flag, max_new_tokens=max_new_tokens, letter_ids=letter_ids)
+                generate=gen_flag, max_new_tokens=max_new_tokens, letter_ids=letter_ids, answer_lengths=lengths,
+                eos=eos)
             seconds = (time.perf_counter() - started) / len(batch)
             for i, q in enumerate(batch):
-                row = _row(prompt_format, q, summaries[i], len(token_lists[i]), generated[i] if generated else None,
+                prompt_tokens = len(token_lists[i]) - (lengths[i] if lengths else 0)
+                row = _row(prompt_format, q, summaries[i], prompt_tokens, generated[i] if generated else None,
                            tokenizer, eos, labels.get(q.id))
                 row.update({"id": q.id, "dataset": q.dataset, "kind": q.kind, "seconds": round(seconds, 4),
                             "generated": gen_flag, "prefix_cached": use_prefix is not None})
+                if answers is not None:
+                    row["answer"] = answers[q.id]
+                    if q.kind == "choice" and row["prediction"] != answers[q.id]:
+                        raise ValueError(f"{q.id}: the answer to read at is {answers[q.id]!r} but the model chose "
+                                         f"{row['prediction']!r} on this prompt: answers from another model or format?")
                 pending_rows.append(row)
             pending_feats.append(feats)
             bar.update(len(batch))
@@ -336,6 +397,24 @@ def extract_features(
     if not all(math.isfinite(float(v)) for v in features.reshape(-1)[:1000]):
         raise ValueError("non-finite features: check the model dtype")
     return FeatureSet(features, rows)
+
+
+def extract_answer_end(model, tokenizer, questions: list[Question], prompt_format: PromptFormat, *,
+                       labels: dict[str, dict], **kwargs) -> tuple[FeatureSet, FeatureSet]:
+    """Both read positions for ``questions``: ``(at the prompt's end, at the answer's end)``.
+
+    The prompt-only run gives the multiple-choice answers (the letter the model picks); the open answers are the
+    generated ones in ``labels`` (a labels file), so nothing is generated here: one prefill of the prompt and one
+    of prompt + answer per question, both cached under ``cache_dir`` (``kwargs`` go to
+    :func:`extract_features`)."""
+    missing = [q.id for q in questions if q.kind != "choice" and q.id not in labels]
+    if missing:
+        raise ValueError(f"{len(missing)} open questions have no generated answer in the labels file (generate "
+                         f"them with `valueprobe extract --labels FILE` first): {missing[:5]}")
+    prompt = extract_features(model, tokenizer, questions, prompt_format, labels=labels, **kwargs)
+    answers = {r["id"]: r["prediction"] for r in prompt.rows}
+    answer = extract_features(model, tokenizer, questions, prompt_format, labels=labels, answers=answers, **kwargs)
+    return prompt, answer
 
 
 LABEL_FIELDS = ("id", "dataset", "kind", "prediction", "label", "seq_logprob", "answer_logprob")

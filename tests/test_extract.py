@@ -76,3 +76,42 @@ def test_waves_keep_the_given_order_resumable(tokenizer, qwen_model, tmp_path):
     assert [r["id"] for r in full.rows] == [q.id for q in QUESTIONS]
     torch.testing.assert_close(full.features[[0, 1, 3]], part.features)
     assert all(r["seconds"] >= 0 for r in full.rows)
+
+
+def test_answer_end_reads_the_state_and_log_probabilities_of_prompt_plus_answer(qwen_model, tokenizer):
+    """Read at the answer's end: every layer equals a plain forward over prompt + answer at its last token, and
+    the answer-side signals are the answer tokens' own log-probabilities in that pass; shared prefix and
+    batching change nothing."""
+    fmt = PromptFormat()
+    prompt_only = extract_features(qwen_model, tokenizer, QUESTIONS, fmt, max_new_tokens=4, progress=False)
+    labels = {r["id"]: r for r in prompt_only.rows}
+    answers = {r["id"]: r["prediction"] if r["kind"] == "choice" else "Paris, the city" for r in prompt_only.rows}
+    runs = [extract_features(qwen_model, tokenizer, QUESTIONS, fmt, labels=labels, answers=answers, batch_size=b,
+                             reuse_prefix=reuse, progress=False) for b, reuse in ((1, False), (4, True))]
+    torch.testing.assert_close(runs[0].features, runs[1].features, atol=1e-4, rtol=1e-4)
+    letter_ids = fmt.letter_token_ids(tokenizer, len(fmt.letters))
+    for i, q in enumerate(QUESTIONS):
+        prompt = tokenizer(fmt.render(tokenizer, q.prompt()), add_special_tokens=False)["input_ids"]
+        answer = ([letter_ids[fmt.letters.index(answers[q.id])]] if q.kind == "choice"
+                  else tokenizer(answers[q.id], add_special_tokens=False)["input_ids"])
+        with torch.inference_mode():
+            out = qwen_model(torch.tensor([prompt + answer]), output_hidden_states=True)
+        # hidden_states[-1] has the final norm applied; the hook reads the raw block output (layers 1..L-1 here)
+        expected = torch.stack([h[0, -1] for h in out.hidden_states[1:-1]])
+        torch.testing.assert_close(runs[1].features[i, :-1], expected, atol=1e-4, rtol=1e-4)
+        logp = torch.log_softmax(out.logits[0].float(), -1)
+        chosen = torch.stack([logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer)])
+        row = runs[1].rows[i]
+        assert row["answer"] == answers[q.id] and row["answer_tokens"] == len(answer)
+        assert row["answer_mean_logprob"] == pytest.approx(float(chosen.mean()), abs=1e-4)
+        assert row["answer_min_logprob"] == pytest.approx(float(chosen.min()), abs=1e-4)
+        assert row["label"] == labels[q.id]["label"] and row["question_tokens"] == len(prompt)
+        assert row["max_softmax"] == pytest.approx(labels[q.id]["max_softmax"], abs=1e-4)  # still at the prompt's end
+
+
+def test_answer_end_refuses_a_letter_the_model_did_not_choose(qwen_model, tokenizer):
+    fmt = PromptFormat()
+    rows = extract_features(qwen_model, tokenizer, QUESTIONS[:1], fmt, progress=False).rows
+    other = next(letter for letter in "ABCD" if letter != rows[0]["prediction"])
+    with pytest.raises(ValueError, match="the model chose"):
+        extract_features(qwen_model, tokenizer, QUESTIONS[:1], fmt, answers={"c1": other}, progress=False)

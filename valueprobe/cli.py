@@ -85,7 +85,7 @@ def inspect(
     md = probe.data.metadata
     if as_json:
         typer.echo(json.dumps({k: (json.loads(v) if k in ("eval_card", "thresholds", "prompt_format", "model_fingerprint",
-                                                          "tokenizer_fingerprint") else v) for k, v in md.items()},
+                                                          "tokenizer_fingerprint", "library_versions") else v) for k, v in md.items()},
                               indent=2, sort_keys=True))
         return
     typer.echo(f"artifact      {artifact}  (id {probe.artifact_id}, format {md['format_version']})")
@@ -129,6 +129,31 @@ def score(
         typer.echo(f"{r.probability:.3f}  (raw {r.raw:+.3f})  {prompt}")
 
 
+@app.command()
+def restamp(
+    artifact: Annotated[Path, typer.Argument(help="Artifact (.safetensors) whose fingerprint to record anew.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write here instead of replacing ARTIFACT.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name or folder; default: the artifact's model.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 (fastest on CPU), bfloat16 or float16.")] = "float32",
+):
+    """Record an artifact's tokenizer fingerprint in the current scheme, for the checkpoint it was fitted on.
+
+    For artifacts stamped before scheme 2, whose fingerprint hashed special-token attributes that transformers
+    releases read differently from one checkpoint. Refused unless the layer weights, config, vocabulary and chat
+    template all match; tensors, card and thresholds are kept (a new content hash, ``restamped_from`` the old)."""
+    from valueprobe.plugin import FingerprintMismatchError
+
+    probe = _load_probe(artifact, position=None)
+    mdl, tok = _load_model(model or probe.model_name, dtype)
+    try:
+        fresh = probe.restamped(mdl, tok)
+    except FingerprintMismatchError as exc:
+        _fail(str(exc))
+    fresh.save(out or artifact)
+    typer.echo(f"restamped {artifact} (id {probe.artifact_id}, scheme {probe.fingerprint_scheme}) -> {out or artifact} "
+               f"(id {fresh.artifact_id}, scheme {fresh.fingerprint_scheme})")
+
+
 def _interleave(groups: list[list]) -> list:
     """Round-robin over the data specs, so that every prefix of the list (an interrupted run) has each source."""
     out = []
@@ -149,13 +174,17 @@ def extract(
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens for labelling open questions.")] = 16,
     wave_size: Annotated[int, typer.Option(help="Questions per wave (sources interleaved; sorted by length inside).")] = 280,
     reuse_prefix: Annotated[bool, typer.Option(help="Reuse the KV cache of the prompt prefix all questions share.")] = True,
+    answer_end: Annotated[bool, typer.Option("--answer-end", help="Also read every layer at the end of the model's "
+                                             "own answer (one prefill of prompt + answer; open answers from "
+                                             "--labels, never generated here; the letter chosen for multiple "
+                                             "choice), with the answer's token log-probabilities.")] = False,
     seed: int = 0,
     dtype: str = "float32",
 ):
     """Extract features, labels and next-token baselines into the resumable cache (what `fit` reads), and keep
     the generated answers in a labels file so that a later run only repeats the prefill."""
     from valueprobe.calibration.data import DataError, load_data
-    from valueprobe.calibration.extract import extract_features, load_labels, save_labels
+    from valueprobe.calibration.extract import extract_answer_end, extract_features, load_labels, save_labels
     from valueprobe.plugin import PromptFormat
 
     try:
@@ -164,6 +193,18 @@ def extract(
         _fail(str(exc))
     mdl, tok = _load_model(model, dtype)
     known = load_labels(labels, model_name=model) if labels and labels.exists() else {}
+    if answer_end:
+        try:
+            _, fs = extract_answer_end(mdl, tok, questions, PromptFormat(), labels=known, cache_dir=cache,
+                                       batch_size=batch_size, max_new_tokens=max_new_tokens, reuse_prefix=reuse_prefix,
+                                       wave_size=wave_size)
+        except ValueError as exc:
+            _fail(str(exc))
+        for kind in sorted({r["kind"] for r in fs.rows}):
+            rows = [r for r in fs.rows if r["kind"] == kind]
+            typer.echo(f"{kind}: {len(rows)} questions read at the answer's end, model accuracy "
+                       f"{sum(r['label'] for r in rows) / len(rows):.3f}")
+        return
     fs = extract_features(mdl, tok, questions, PromptFormat(), cache_dir=cache, batch_size=batch_size,
                           generate_batch_size=generate_batch_size, max_new_tokens=max_new_tokens, labels=known,
                           reuse_prefix=reuse_prefix, wave_size=wave_size)
@@ -286,6 +327,10 @@ def eval_(
     seed: int = 0,
     dtype: str = "float32",
     test_split_only: Annotated[bool, typer.Option(help="Keep only questions in the artifact's test split.")] = True,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels JSONL of answers generated earlier (see `extract`): "
+                                                   "those questions need a prefill only.")] = None,
+    check_fingerprint: Annotated[bool, typer.Option(help="Refuse a model whose fingerprint differs (default: on "
+                                                    "for the artifact's own model).")] = True,
 ):
     """Score an artifact on labelled data: labels come from the model on the artifact's prompt format.
 
@@ -304,10 +349,17 @@ def eval_(
     except (DataError, ValueError) as exc:
         _fail(str(exc))
     mdl, tok = _load_model(model or probe.model_name, dtype)
-    probe.check_compatible(mdl, tok, strict=model is None)
+    from valueprobe.calibration.extract import load_labels
+    from valueprobe.plugin import FingerprintMismatchError
+
+    try:
+        probe.check_compatible(mdl, tok, strict=check_fingerprint and model is None)
+    except FingerprintMismatchError as exc:
+        _fail(str(exc))
     max_new = probe.eval_card.get("config", {}).get("extra", {}).get("max_new_tokens", max_new_tokens)
+    known = load_labels(labels, model_name=probe.model_name) if labels else None
     rows, fs, pred = evaluate_artifact(probe, mdl, tok, questions, cache_dir=cache, batch_size=batch_size,
-                                       max_new_tokens=max_new)
+                                       max_new_tokens=max_new, labels=known)
     y = fs.labels
     typer.echo(f"{len(y)} questions, model accuracy {y.mean():.3f}")
     typer.echo(format_table(rows))
@@ -573,16 +625,18 @@ def serve(
 ):
     """Run the sidecar: OpenAI and TGI routes with calibrated confidence, abstain/escalate, Prometheus metrics.
 
+    Exits with status 1, the reason on stderr, when the model or the artifact cannot be loaded (a refused hot
+    reload later on keeps the old artifact serving).
+
     Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
     --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
     refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window, dtype, device,
     check_fingerprint, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
     only; see server/settings.py.
     """
-    import uvicorn
     from pydantic import ValidationError
 
-    from valueprobe.server.app import create_app
+    from valueprobe.server.app import serve as run_sidecar
     from valueprobe.server.settings import Settings
 
     given = {k: v for k, v in dict(model=model, artifact=artifact, mode=mode, engine=engine, upstream_url=upstream_url,
@@ -598,7 +652,9 @@ def serve(
     except ValidationError as exc:
         _fail(str(exc))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    failure = run_sidecar(settings, log_level=log_level)
+    if failure is not None:
+        _fail(f"the sidecar could not load its model or artifact, so it stopped: {failure}", code=1)
 
 
 @bench_app.command("extract")
