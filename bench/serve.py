@@ -223,7 +223,7 @@ async def probe_overhead(model=None, artifact=None, *, reps=5, max_tokens=32, re
 
     from valueprobe.plugin import ValueProbe
     from valueprobe.plugin.models import resolve_model_dir
-    from valueprobe.server.vllm_engine import VllmEngine
+    from valueprobe.server.engines.vllm_engine import VllmEngine
     from valueprobe.weights import default_artifact
 
     probe = ValueProbe.load(artifact or default_artifact())

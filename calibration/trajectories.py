@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from valueprobe.plugin.search import final_answer  # the one grader: traces, benchmarks and served search
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.hooks import StepStateRecorder, find_decoder_layers
@@ -38,8 +40,6 @@ __all__ = ["TRACE_FORMAT", "split_steps", "step_boundaries", "final_answer", "ge
 
 TRACE_FORMAT = PromptFormat(open_template="{question}\n\nSolve this step by step, one short step per line. "
                                           "Finish with a line of the form 'Answer: <number>'.")
-
-_ANSWER = re.compile(r"answer\s*(?:is|:)?\s*[:=]?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
 
 
 def split_steps(text: str) -> list[tuple[str, int]]:
@@ -71,15 +71,6 @@ def step_boundaries(tokenizer, token_ids: list[int]) -> tuple[list[str], list[in
         steps.append(line)
         ends.append(idx)
     return steps, ends
-
-
-def final_answer(text: str) -> str:
-    """The number after the last "Answer:" (or "answer is"), else the last number in the text, else ''."""
-    found = _ANSWER.findall(text)
-    if found:
-        return found[-1].replace(",", "")
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
-    return numbers[-1].replace(",", "") if numbers else ""
 
 
 def load_traces(path: str | os.PathLike) -> list[dict]:

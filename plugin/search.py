@@ -25,6 +25,7 @@ mean, say); with ``beam > 1`` kept beams that already finished keep the score th
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from .hooks import StepStateRecorder, cache_from_layers, cache_layers
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
 
-__all__ = ["SearchResult", "Step", "search", "search_many", "vote", "STRATEGIES", "newline_token_ids"]
+__all__ = ["SearchResult", "Step", "final_answer", "search", "search_many", "vote", "STRATEGIES", "newline_token_ids"]
 
 
 def vote(answers: Sequence[str], weights: Sequence[float] | None = None) -> tuple[int, dict[str, float]]:
@@ -52,6 +53,22 @@ def vote(answers: Sequence[str], weights: Sequence[float] | None = None) -> tupl
     return list(answers).index(winner), totals
 
 STRATEGIES = ("value-beam", "random", "best-of-n", "self-consistency", "greedy")
+
+
+# "Answer: 42", "the answer is $1,234.5", "answer = -3"
+_ANSWER = re.compile(r"answer\s*(?:is|:)?\s*[:=]?\s*\$?\s*(-?[\d,]*\.?\d+)", re.IGNORECASE)
+
+
+def final_answer(text: str) -> str:
+    """The number after the last "Answer:" (or "answer is"), else the last number in the text, else ''.
+
+    The one grader of final answers: reasoning traces, the search benchmark and the sidecar's served search all
+    call it, so what is served is what was measured."""
+    found = _ANSWER.findall(text)
+    if found:
+        return found[-1].replace(",", "")
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return numbers[-1].replace(",", "") if numbers else ""
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _search_probe_for(settings: Settings, engine):
 
     if not settings.search_artifact:
         return None
-    if not hasattr(engine, "search"):
+    if not engine.supports_search:
         raise ValueError(f"search_artifact needs an engine that searches (transformers), not {settings.engine}")
     probe = ValueProbe.load(settings.search_artifact)
     probe.require_position("step_end")
@@ -67,7 +67,7 @@ async def _load_vllm(settings: Settings, metrics):
     """vLLM engine in this process, loading the model's Hugging Face folder (a known model is converted once)."""
     from valueprobe.plugin.models import resolve_model_dir
 
-    from .vllm_engine import VllmEngine
+    from .engines.vllm_engine import VllmEngine
 
     probe = await asyncio.to_thread(_probe_for, settings)
     name = settings.model or probe.model_name
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from .engine import Engine
+        from .engines.transformers_engine import TransformersEngine
         from .service import Sidecar
 
         async def load():
@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                     engine, probe, name = await _load_vllm(settings, metrics)
                 else:
                     m, t, probe, name = await asyncio.to_thread(_load, settings, model, tokenizer)
-                    engine = Engine(m, t, probe, max_batch_size=settings.max_batch_size,
+                    engine = TransformersEngine(m, t, probe, max_batch_size=settings.max_batch_size,
                                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
                 search_probe = await asyncio.to_thread(_search_probe_for, settings, engine)
                 await engine.start()

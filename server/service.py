@@ -18,7 +18,7 @@ from valueprobe.plugin import ArtifactError, PromptError, ProbeResult, ValueProb
 from valueprobe.plugin.artifact import TOKEN_POSITION
 from valueprobe.plugin.nexttoken import prompt_kind
 
-from .engine import Engine, Prompt
+from .engines.base import EngineClient, Prompt
 from .errors import ClientError, NotFoundError, UpstreamError
 from .metrics import SidecarMetrics
 from .settings import Settings
@@ -117,7 +117,7 @@ def check_pin(probe: ValueProbe, pin: str | None) -> None:
 
 
 class Sidecar:
-    def __init__(self, settings: Settings, engine: Engine, metrics: SidecarMetrics, model_name: str, *,
+    def __init__(self, settings: Settings, engine: EngineClient, metrics: SidecarMetrics, model_name: str, *,
                  search_probe: ValueProbe | None = None):
         self.settings, self.engine, self.metrics, self.model_name = settings, engine, metrics, model_name
         self.search_probe = search_probe  # a step-value artifact for `search`; else the served probe's head
@@ -293,7 +293,7 @@ class Sidecar:
     def _check_search(self, query: Query) -> None:
         if query.search is None:
             return
-        if self.settings.mode != "embedded" or not hasattr(self.engine, "search"):
+        if self.settings.mode != "embedded" or not self.engine.supports_search:
             raise ClientError("search is served in embedded mode by the transformers engine "
                               f"(this server: mode {self.settings.mode}, engine {self.settings.engine})")
 

@@ -143,14 +143,15 @@ def test_sidecar_engine_on_cuda_equals_the_cpu_engine(fitted, tokenizer):
     from types import SimpleNamespace
 
     from valueprobe.plugin.nexttoken import prompt_kind
-    from valueprobe.server.engine import Engine, Prompt
+    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.transformers_engine import TransformersEngine
 
     model, probe = fitted
     prompts = [Prompt(tuple(probe.encode(tokenizer, [p])["input_ids"][0].tolist()), prompt_kind(p)) for p in PROMPTS]
     spec = SimpleNamespace(strategy="value-beam", width=2, beam=1, max_steps=2, step_tokens=6)
 
     async def run(m):
-        engine = Engine(m, tokenizer, probe)
+        engine = TransformersEngine(m, tokenizer, probe)
         await engine.start()
         try:
             scores = await engine.score(prompts, probe)
@@ -189,7 +190,8 @@ def test_a_prompt_that_overflows_on_a_float16_gpu_fails_alone(fitted, tokenizer)
     from conftest import poisoned
 
     from valueprobe.plugin.nexttoken import prompt_kind
-    from valueprobe.server.engine import Engine, Prompt
+    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.transformers_engine import TransformersEngine
     from valueprobe.server.errors import ProbeFailedError
 
     _, probe = fitted
@@ -199,7 +201,7 @@ def test_a_prompt_that_overflows_on_a_float16_gpu_fails_alone(fitted, tokenizer)
     model = build_model("qwen2", len(tokenizer)).cuda().half()
 
     async def run():
-        engine = Engine(model, tokenizer, probe, max_wait_ms=50)
+        engine = TransformersEngine(model, tokenizer, probe, max_wait_ms=50)
         await engine.start()
         try:
             scored = await asyncio.gather(*(engine.score([p], probe) for p in prompts), return_exceptions=True)

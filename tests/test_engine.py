@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from valueprobe.plugin import ValueProbe
 from valueprobe.plugin.nexttoken import prompt_kind
-from valueprobe.server.engine import Engine, Prompt
+from valueprobe.server.engines.base import Prompt
+from valueprobe.server.engines.transformers_engine import TransformersEngine
 from valueprobe.server.metrics import SidecarMetrics
 
 
@@ -40,7 +41,7 @@ def test_concurrent_generations_share_a_batch_and_each_gets_its_own_answer(qwen_
     metrics = SidecarMetrics(CollectorRegistry())
 
     async def main():
-        engine = Engine(qwen_model, tokenizer, probe, max_batch_size=8, metrics=metrics)
+        engine = TransformersEngine(qwen_model, tokenizer, probe, max_batch_size=8, metrics=metrics)
         await engine.start()
         try:
             alone = [await engine.generate(p, probe, max_new_tokens=n, temperature=0) for p, n in zip(prompts, limits)]
@@ -82,7 +83,7 @@ def test_a_seeded_sample_runs_alone_and_repeats(qwen_model, tokenizer, probe):
     metrics = SidecarMetrics(CollectorRegistry())
 
     async def main():
-        engine = Engine(qwen_model, tokenizer, probe, metrics=metrics)
+        engine = TransformersEngine(qwen_model, tokenizer, probe, metrics=metrics)
         await engine.start()
         try:
             runs = []
@@ -118,7 +119,7 @@ def test_a_search_whose_states_are_not_finite_fails_alone(qwen_model, tokenizer,
     streamed: list = []
 
     async def main():
-        engine = Engine(qwen_model, tokenizer, probe, max_batch_size=8)
+        engine = TransformersEngine(qwen_model, tokenizer, probe, max_batch_size=8)
         await engine.start()
         try:
             return await asyncio.gather(*(engine.search(p, probe, spec, on_step=streamed.append if p is bad else None)
@@ -133,3 +134,30 @@ def test_a_search_whose_states_are_not_finite_fails_alone(qwen_model, tokenizer,
     for result in ok:
         assert not isinstance(result, Exception), result
         assert result.steps and all(s.value is None or 0 <= s.value <= 1 for s in result.steps)
+
+
+def test_both_engines_implement_the_declared_engine_contract():
+    """The sidecar holds an EngineClient and reads capabilities from it, never probing with hasattr."""
+    from valueprobe.server.engines.base import EngineClient
+    from valueprobe.server.engines.vllm_engine import VllmEngine
+
+    members = {n for n in vars(EngineClient) if not n.startswith("_")} | {"supports_search"}
+    assert {"score", "generate", "generate_stream", "search", "attach", "context_length"} <= members
+    for cls in (TransformersEngine, VllmEngine):
+        assert not [m for m in members if not hasattr(cls, m)], cls
+    assert TransformersEngine.supports_search and not VllmEngine.supports_search
+
+
+def test_admission_refuses_beyond_the_limit_and_frees_its_slot_on_error():
+    from valueprobe.server.engines.base import Admission
+    from valueprobe.server.errors import OverloadedError
+
+    admission = Admission(2, "generations")
+    with admission.slot(), admission.slot():
+        with pytest.raises(OverloadedError, match="too many generations"):
+            with admission.slot():
+                pass
+    with pytest.raises(RuntimeError):
+        with admission.slot():
+            raise RuntimeError("a failed request")
+    assert admission.in_flight == 0

@@ -117,7 +117,7 @@ def test_stream_closed_by_the_client_stops_generation(artifact_file, qwen_model,
         # the generation thread is free again long before 200 tokens would have been generated
         started = asyncio.get_running_loop().time()
         await asyncio.get_running_loop().run_in_executor(engine.generate_executor, lambda: None)
-        return asyncio.get_running_loop().time() - started, engine._generations
+        return asyncio.get_running_loop().time() - started, engine.admission.in_flight
 
     elapsed, in_flight = run_app(settings, qwen_model, tokenizer, scenario)
     assert in_flight == 0

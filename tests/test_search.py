@@ -159,3 +159,33 @@ def test_value_sees_a_rounds_candidates_together(newline_model, tokenizer):
     assert calls and set(calls) == {3}
     for a, b in zip(plain, relative):
         assert a.text == b.text and [s.text for s in a.steps] == [s.text for s in b.steps]
+
+
+def test_served_self_consistency_votes_with_the_measured_grader(artifact_file, newline_model, tokenizer):
+    """The sidecar's search is the strategy the benchmark measured: same grader (final_answer, with its fallback to
+    the last number), same votes and answer as search_many called the way bench search calls it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from valueprobe.plugin import ValueProbe
+    from valueprobe.plugin.search import final_answer, search_many
+    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.transformers_engine import TransformersEngine
+
+    probe = ValueProbe.load(artifact_file)
+    spec = SimpleNamespace(strategy="self-consistency", width=3, beam=1, max_steps=2, step_tokens=8)
+    ids = prompt_ids(tokenizer)
+
+    async def served():
+        engine = TransformersEngine(newline_model, tokenizer, probe)
+        await engine.start()
+        try:
+            return await engine.search(Prompt(ids, ("open", 0)), probe, spec, temperature=0.8, seed=5)
+        finally:
+            await engine.stop()
+
+    got = asyncio.run(served())
+    (measured,) = search_many(newline_model, tokenizer, [ids], layer=probe.layer, neuron_indices=probe.neuron_indices,
+                              value=probe.predict_proba, strategy="self-consistency", width=3, beam=1, max_steps=2,
+                              step_tokens=8, answer_tokens=16, temperature=0.8, seed=5, extract=final_answer)
+    assert got.votes and got.votes == measured.votes and got.text == measured.text

@@ -261,7 +261,7 @@ def test_bring_your_own_async_llm(tmp_path, tokenizer):
 
 def test_unclaimed_readouts_expire(tokenizer):
     """A readout whose request never asks (aborted before its first output) does not stay in the engine forever."""
-    from valueprobe.server.vllm_engine import READOUT_TTL_S, VllmEngine
+    from valueprobe.server.engines.vllm_engine import READOUT_TTL_S, VllmEngine
 
     engine = VllmEngine(None, tokenizer, None)
     engine._store({"vp-a-1-0f3c": {"art": [1.0]}, "vp-a-2-77aa": {"art": [2.0]}}, now=0.0)
@@ -276,8 +276,8 @@ def test_reload_releases_the_old_artifact_when_its_last_request_ends(tmp_path, t
     its readout), is detached in the worker when it ends, and is hooked again for a late request still holding it."""
     import asyncio
 
-    from valueprobe.server.engine import Prompt
-    from valueprobe.server.vllm_engine import VllmEngine
+    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.vllm_engine import VllmEngine
 
     model = build_model("qwen2", len(tokenizer), **VLLM_DIMS)
     model.save_pretrained(tmp_path)

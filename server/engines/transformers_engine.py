@@ -9,7 +9,7 @@ as searches do; a streamed generation runs alone. The probe hooks are registered
 snapshot), so a hot reload never mixes two artifacts inside one request.
 
 Tokenizer: a Hugging Face fast tokenizer must not be used from two threads at once ("Already borrowed"). Every
-encode goes through :meth:`Engine.tokenize` under a lock, prompts are tokenized once per request (on the event
+encode goes through :meth:`TransformersEngine.tokenize` under a lock, prompts are tokenized once per request (on the event
 loop, for the context check) and the model threads receive token ids, which they pad themselves: the user's
 tokenizer is never mutated (no pad token or padding side is set on it).
 """
@@ -17,6 +17,7 @@ tokenizer is never mutated (no pad token or padding side is set on it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -31,20 +32,10 @@ from valueprobe.plugin.hooks import LastTokenReader
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import pad_left, pad_token_id
 
-from .errors import OverloadedError, ProbeFailedError
+from ..errors import OverloadedError, ProbeFailedError
+from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, not_finite_error
 
-__all__ = ["Engine", "Generation", "Prompt", "TokenizerAccess", "not_finite_error"]
-
-
-def not_finite_error(result: ProbeResult, probe: ValueProbe) -> ProbeFailedError | None:
-    """The failure to give a request whose readout is not a number (its hidden state overflowed to inf/NaN, as a
-    float16 model can on some prompts), else ``None``. Checked per row, so the other requests of its batch are
-    answered; a NaN confidence is never served (it would also compare as "confident" in every policy)."""
-    if math.isfinite(result.raw) and math.isfinite(result.probability):
-        return None
-    return ProbeFailedError(f"the model's state read by artifact {probe.artifact_id} (layer {probe.layer}) is not "
-                            "finite for this prompt (inf or NaN: a float16 overflow, say; float32 or bfloat16 avoid "
-                            "it); no confidence is given")
+__all__ = ["TransformersEngine"]
 
 
 def _not_a_number(value: float | None) -> bool:
@@ -52,68 +43,11 @@ def _not_a_number(value: float | None) -> bool:
     return value is not None and not math.isfinite(value)
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """A rendered, tokenized prompt and its kind (``("choice", n_choices)`` or ``("open", 0)``)."""
-
-    input_ids: tuple[int, ...]
-    kind: tuple[str, int] = ("open", 0)
-
-
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "aborted"
-    confidence: ProbeResult
-
-
-class _StopFlag:
-    """A StoppingCriteria-compatible callable that ends generation when set (decided not to answer, client gone)."""
-
-    def __init__(self):
-        self.event = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class TokenizerAccess:
-    """Thread-safe use of one Hugging Face tokenizer, shared by both engines: a fast tokenizer must not be used
-    from two threads at once ("Already borrowed"), so every encode and decode takes ``_tokenizer_lock``."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._tokenizer_lock = threading.Lock()
-        self._letters: dict[str, list[int]] = {}
-
-    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
-        """Token ids of a rendered prompt (thread-safe; no special tokens where the chat template put them)."""
-        with self._tokenizer_lock:
-            ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
-        return tuple(ids["input_ids"])
-
-    def decode(self, ids) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
-        """The option letters' token ids, for artifacts that read the next-token distribution (cached per artifact)."""
-        if not probe.needs_next_token:
-            return None
-        key = probe.artifact_id
-        if key not in self._letters:
-            with self._tokenizer_lock:
-                self._letters[key] = probe.letter_ids(self.tokenizer)
-        return self._letters[key]
-
-
 class _RowStops:
     """Stopping criterion for a batched ``generate``: row ``i`` ends when its stop flag is set or it has made its
     own ``limits[i]`` tokens; ``ended_at[i]`` records how many it had made then (later positions are padding)."""
 
-    def __init__(self, flags: list[_StopFlag], limits: list[int], prompt_length: int):
+    def __init__(self, flags: list[StopFlag], limits: list[int], prompt_length: int):
         self.flags, self.limits, self.prompt_length = flags, limits, prompt_length
         self.ended_at: list[int | None] = [None] * len(flags)
 
@@ -135,7 +69,7 @@ class _GenerateJob:
     seed: int | None
     stop: list[str]
     on_confidence: Callable | None = None
-    stop_flag: _StopFlag = field(default_factory=_StopFlag)
+    stop_flag: StopFlag = field(default_factory=StopFlag)
     future: asyncio.Future | None = None
 
     @property
@@ -169,7 +103,12 @@ class _SearchJob:
                 alone)
 
 
-class Engine(TokenizerAccess):
+class TransformersEngine(TokenizerAccess):
+    """Hugging Face ``generate`` in this process (see the module docstring); implements
+    :class:`~valueprobe.server.engines.base.EngineClient`."""
+
+    supports_search = True
+
     def __init__(self, model, tokenizer, probe: ValueProbe, *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
                  max_queue: int = 64, metrics=None):
         super().__init__(tokenizer)
@@ -182,7 +121,7 @@ class Engine(TokenizerAccess):
         self.generate_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valueprobe-generate")
         self.device = next(model.parameters()).device
         self.pad_id = pad_token_id(tokenizer)
-        self._generations = 0
+        self.admission = Admission(max_queue, "generations")
         self._batcher: asyncio.Task | None = None
         # waiting for the generation thread: searches batched by probe and spec, generations by probe and sampling
         self._searches: list[_SearchJob] = []
@@ -392,7 +331,7 @@ class Engine(TokenizerAccess):
 
     def _search_group(self, jobs: list[_SearchJob]):
         """One batched search (:func:`valueprobe.plugin.search.search_many`) for jobs that share probe and spec."""
-        from valueprobe.plugin.search import newline_token_ids, search_many
+        from valueprobe.plugin.search import final_answer, newline_token_ids, search_many
 
         with self._tokenizer_lock:  # vocabulary scan, once per tokenizer, never beside a running encode
             newline_token_ids(self.tokenizer)
@@ -402,7 +341,7 @@ class Engine(TokenizerAccess):
                               neuron_indices=probe.neuron_indices, value=probe.predict_proba, strategy=spec.strategy,
                               width=spec.width, beam=spec.beam, max_steps=spec.max_steps, step_tokens=spec.step_tokens,
                               answer_tokens=spec.max_steps * spec.step_tokens, temperature=first.temperature,
-                              seed=first.seed or 0, extract=_final_answer,
+                              seed=first.seed or 0, extract=final_answer,
                               on_step=lambda i, step: jobs[i].on_step(step), decode=self.decode)
         # a search whose states overflowed fails alone (its values would not be numbers)
         return [ProbeFailedError(f"a step value of artifact {probe.artifact_id} (layer {probe.layer}) is not finite "
@@ -414,7 +353,10 @@ class Engine(TokenizerAccess):
         """Value-guided step search with ``probe``'s value, on the generation thread; ``on_step(step)`` runs on the
         event loop for each kept step. Searches that arrive while one runs, with the same probe and spec (and no
         seed: a seeded search runs alone, so its seed means the same thing every time), run next as one batch."""
-        self._admit_generation()
+        with self.admission.slot():
+            return await self._search(prompt, probe, spec, temperature, seed, on_step)
+
+    async def _search(self, prompt, probe, spec, temperature, seed, on_step):
         loop = asyncio.get_running_loop()
 
         def step_cb(step):
@@ -429,10 +371,7 @@ class Engine(TokenizerAccess):
         if self._search_drain is None or self._search_drain.done():
             self._search_drain = asyncio.ensure_future(self._drain(
                 self._searches, self._search_group, self.metrics.search_batch_size if self.metrics else None))
-        try:
-            return await job.future
-        finally:
-            self._generations -= 1
+        return await job.future
 
     async def _drain(self, waiting: list, run: Callable, batch_sizes=None):
         """Run the jobs in ``waiting`` on the generation thread, the first job's key and up to ``max_batch_size`` of
@@ -462,28 +401,20 @@ class Engine(TokenizerAccess):
                 else:
                     j.future.set_result(r)
 
-    def _admit_generation(self):
-        if self._generations >= self.max_queue:
-            raise OverloadedError("too many generations in flight; retry shortly")
-        self._generations += 1
-
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
                        seed=None, stop=None, on_confidence=None) -> Generation:
         """Generate with ``probe`` reading the prefill (see :meth:`_generate_batch`), batched with the generations
         that wait beside it. Batched greedy decoding can differ from one-prompt decoding where two tokens' logits
         are within rounding of each other (padding changes the arithmetic), as in any batching server."""
-        self._admit_generation()
-        job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), on_confidence,
-                           future=asyncio.get_running_loop().create_future())
-        self._waiting_generations.append(job)
-        if self._generation_drain is None or self._generation_drain.done():
-            self._generation_drain = asyncio.ensure_future(self._drain(
-                self._waiting_generations, self._generate_batch,
-                self.metrics.generation_batch_size if self.metrics else None))
-        try:
+        with self.admission.slot():
+            job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []),
+                               on_confidence, future=asyncio.get_running_loop().create_future())
+            self._waiting_generations.append(job)
+            if self._generation_drain is None or self._generation_drain.done():
+                self._generation_drain = asyncio.ensure_future(self._drain(
+                    self._waiting_generations, self._generate_batch,
+                    self.metrics.generation_batch_size if self.metrics else None))
             return await job.future
-        finally:
-            self._generations -= 1
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
                               top_p=None, seed=None, stop=None, decide=None):
@@ -492,11 +423,12 @@ class Engine(TokenizerAccess):
         setting ``stop_flag.event`` ends generation early, ``done`` resolves to the :class:`Generation`.
         ``decide(result) -> bool`` runs on the prefill; ``False`` stops the generation before decoding."""
 
-        self._admit_generation()
+        held = contextlib.ExitStack()  # the slot outlives this call: released when the streamed generation ends
+        held.enter_context(self.admission.slot())
         loop = asyncio.get_running_loop()
         confidence = loop.create_future()
         streamer = _LockedStreamer(self, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        stop_flag = _StopFlag()
+        stop_flag = StopFlag()
 
         def on_confidence(result):
             keep = True if decide is None else decide(result)
@@ -515,7 +447,7 @@ class Engine(TokenizerAccess):
         done = loop.run_in_executor(self.generate_executor, run_alone)
 
         def _finished(fut):
-            self._generations -= 1
+            held.close()
             if fut.cancelled() or fut.exception() is not None:
                 exc = None if fut.cancelled() else fut.exception()
                 if not confidence.done():
@@ -537,18 +469,11 @@ class Engine(TokenizerAccess):
         return result, pieces(), stop_flag, done
 
 
-def _final_answer(text: str) -> str:
-    import re
-
-    found = re.findall(r"answer\s*(?:is|:)\s*\$?\s*(-?[\d,]*\.?\d+)", text, flags=re.IGNORECASE)
-    return found[-1].replace(",", "") if found else ""
-
-
 class _LockedStreamer:
     """``TextIteratorStreamer`` whose decoding takes the engine's tokenizer lock (it runs on the generation
     thread while the event loop may be tokenizing)."""
 
-    def __new__(cls, engine: Engine, **kwargs):
+    def __new__(cls, engine: TransformersEngine, **kwargs):
         from transformers import TextIteratorStreamer
 
         class Streamer(TextIteratorStreamer):

@@ -2,8 +2,8 @@
 chunked prefill), with the probe read inside vLLM's own forward pass by the worker extension of
 :mod:`valueprobe.plugin.vllm`.
 
-Same interface as :class:`~valueprobe.server.engine.Engine` (score, generate, generate_stream, tokenize, decode,
-check_compatible, context_length), so routes and policy do not know which engine runs.
+It implements :class:`~valueprobe.server.engines.base.EngineClient`, as the transformers engine does, so routes
+and policy do not know which engine runs.
 
 * Scoring a prompt is a request with ``max_tokens=1``: vLLM batches concurrent ones with whatever else runs, and
   the hook keeps the ``k`` values of the prompt's last token.
@@ -27,8 +27,8 @@ from valueprobe.plugin import ProbeResult, ValueProbe
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
 
-from .engine import Generation, Prompt, TokenizerAccess, not_finite_error
-from .errors import OverloadedError, ProbeFailedError
+from ..errors import ClientError, ProbeFailedError
+from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, not_finite_error
 
 __all__ = ["VllmEngine", "engine_args"]
 
@@ -61,6 +61,11 @@ def _generation_config(model_dir: str):
 
 
 class VllmEngine(TokenizerAccess):
+    """vLLM's async engine in this process; implements :class:`~valueprobe.server.engines.base.EngineClient`
+    (no step search: ``supports_search`` is false)."""
+
+    supports_search = False
+
     def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None,
                  stop_token_ids: Iterable[int] = ()):
         super().__init__(tokenizer)
@@ -75,7 +80,7 @@ class VllmEngine(TokenizerAccess):
         self._ready: dict[str, dict[str, list[float]]] = {}  # vLLM request id -> {artifact id: readout}
         self._ready_at: dict[str, float] = {}  # when each entry arrived (entries nobody asks for expire)
         self._fetch_lock = asyncio.Lock()
-        self._in_flight = 0
+        self.admission = Admission(max_queue, "requests")
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
@@ -225,6 +230,9 @@ class VllmEngine(TokenizerAccess):
         self._ready_at.pop(internal, None)
         return self._ready.pop(internal)[key]
 
+    async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None):
+        raise ClientError("search is served by the transformers engine, not by vLLM")
+
     def _params(self, max_new_tokens: int, temperature=None, top_p=None, seed=None, stop=None):
         from vllm import SamplingParams
 
@@ -233,11 +241,6 @@ class VllmEngine(TokenizerAccess):
             return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0, seed=seed,
                                   **stops)
         return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, **stops)
-
-    def _admit(self):
-        if self._in_flight >= self.max_queue:
-            raise OverloadedError("too many requests in flight; retry shortly")
-        self._in_flight += 1
 
     def _next_id(self) -> str:
         return f"vp-{self._prefix}-{next(self._ids)}"
@@ -250,14 +253,11 @@ class VllmEngine(TokenizerAccess):
 
     async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]:
         """Score prompts: one vLLM request each (``max_tokens=1``), run concurrently; vLLM batches them."""
-        self._admit()
-        try:
+        with self.admission.slot():
             if self.metrics:
                 self.metrics.batch_size.observe(len(prompts))
             async with self._using(probe):
                 return list(await asyncio.gather(*(self._prefill_only(p, probe) for p in prompts)))
-        finally:
-            self._in_flight -= 1
 
     async def _run(self, prompt: Prompt, probe: ValueProbe, params, on_confidence, on_text=None, stop_event=None):
         """Drive one request; the policy runs on the first output (right after the prefill)."""
@@ -294,24 +294,20 @@ class VllmEngine(TokenizerAccess):
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
                        seed=None, stop=None, on_confidence=None) -> Generation:
-        self._admit()
-        try:
+        with self.admission.slot():
             async with self._using(probe):
                 return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
                                        on_confidence)
-        finally:
-            self._in_flight -= 1
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
                               top_p=None, seed=None, stop=None, decide=None):
-        """Same contract as :meth:`Engine.generate_stream`: ``(confidence, pieces, stop_flag, done)``."""
-        from .engine import _StopFlag
-
-        self._admit()
+        """See :class:`~valueprobe.server.engines.base.EngineClient`: ``(confidence, pieces, stop_flag, done)``."""
+        held = contextlib.ExitStack()  # the slot outlives this call: released when the streamed generation ends
+        held.enter_context(self.admission.slot())
         loop = asyncio.get_running_loop()
         confidence: asyncio.Future = loop.create_future()
         queue: asyncio.Queue = asyncio.Queue()
-        stop_flag = _StopFlag()
+        stop_flag = StopFlag()
 
         def on_confidence(result):
             keep = True if decide is None else decide(result)
@@ -329,7 +325,7 @@ class VllmEngine(TokenizerAccess):
                                            self._params(max_new_tokens, temperature, top_p, seed, stop),
                                            on_confidence, on_text, stop_flag.event)
             finally:
-                self._in_flight -= 1
+                held.close()
                 await queue.put(None)
 
         done = asyncio.ensure_future(run())

@@ -1,0 +1,154 @@
+"""What every engine offers the sidecar, declared once: the shared data classes, thread-safe tokenizer access,
+admission, and the :class:`EngineClient` protocol that :class:`~valueprobe.server.service.Sidecar` holds.
+
+An engine says what it can do (``supports_search``) instead of the sidecar probing it with ``hasattr``; to add
+one, implement :class:`EngineClient` in a module of its own beside ``transformers_engine`` and ``vllm_engine`` and
+build it in ``server/app.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from valueprobe.plugin import ProbeResult, ValueProbe
+
+from ..errors import OverloadedError, ProbeFailedError
+
+__all__ = ["Admission", "EngineClient", "Generation", "Prompt", "StopFlag", "TokenizerAccess", "not_finite_error"]
+
+
+def not_finite_error(result: ProbeResult, probe: ValueProbe) -> ProbeFailedError | None:
+    """The failure to give a request whose readout is not a number (its hidden state overflowed to inf/NaN, as a
+    float16 model can on some prompts), else ``None``. Checked per row, so the other requests of its batch are
+    answered; a NaN confidence is never served (it would also compare as "confident" in every policy)."""
+    if math.isfinite(result.raw) and math.isfinite(result.probability):
+        return None
+    return ProbeFailedError(f"the model's state read by artifact {probe.artifact_id} (layer {probe.layer}) is not "
+                            "finite for this prompt (inf or NaN: a float16 overflow, say; float32 or bfloat16 avoid "
+                            "it); no confidence is given")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered, tokenized prompt and its kind (``("choice", n_choices)`` or ``("open", 0)``)."""
+
+    input_ids: tuple[int, ...]
+    kind: tuple[str, int] = ("open", 0)
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "aborted"
+    confidence: ProbeResult
+
+
+class StopFlag:
+    """A StoppingCriteria-compatible callable that ends generation when set (decided not to answer, client gone)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class TokenizerAccess:
+    """Thread-safe use of one Hugging Face tokenizer, shared by both engines: a fast tokenizer must not be used
+    from two threads at once ("Already borrowed"), so every encode and decode takes ``_tokenizer_lock``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()
+        self._letters: dict[str, list[int]] = {}
+
+    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]:
+        """Token ids of a rendered prompt (thread-safe; no special tokens where the chat template put them)."""
+        with self._tokenizer_lock:
+            ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
+        return tuple(ids["input_ids"])
+
+    def decode(self, ids) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
+        """The option letters' token ids, for artifacts that read the next-token distribution (cached per artifact)."""
+        if not probe.needs_next_token:
+            return None
+        key = probe.artifact_id
+        if key not in self._letters:
+            with self._tokenizer_lock:
+                self._letters[key] = probe.letter_ids(self.tokenizer)
+        return self._letters[key]
+
+
+class Admission:
+    """At most ``limit`` requests in flight; one more is refused with :class:`OverloadedError` (a polite 503).
+
+    ``with admission.slot():`` holds a place for the block; a streamed answer that outlives the call which started
+    it enters the slot in an :class:`contextlib.ExitStack` and closes the stack when the stream ends."""
+
+    def __init__(self, limit: int, what: str = "requests"):
+        self.limit, self.what = limit, what
+        self.in_flight = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.in_flight >= self.limit:
+            raise OverloadedError(f"too many {self.what} in flight; retry shortly")
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """The engine contract the sidecar relies on (the shape of vLLM's ``EngineClient``).
+
+    Every call carries the probe it must use (the request's snapshot), so a hot reload never mixes two artifacts
+    inside one request. ``generate_stream`` returns ``(confidence, pieces, stop_flag, done)``: the confidence is
+    known at the prefill, ``pieces`` yields text, setting ``stop_flag.event`` ends the generation early and
+    ``done`` resolves to the :class:`Generation`."""
+
+    #: whether :meth:`search` (value-guided step search) is served
+    supports_search: ClassVar[bool]
+    tokenizer: Any
+    probe: ValueProbe
+
+    @property
+    def context_length(self) -> int | None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def attach(self, probe: ValueProbe, strict: bool = True) -> None: ...
+
+    async def release_unused(self) -> list[str]: ...
+
+    def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]: ...
+
+    def decode(self, ids) -> str: ...
+
+    async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]: ...
+
+    async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
+                       seed=None, stop=None, on_confidence: Callable | None = None) -> Generation: ...
+
+    async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
+                              top_p=None, seed=None, stop=None, decide: Callable | None = None
+                              ) -> tuple[ProbeResult, AsyncIterator[str], StopFlag, Any]: ...
+
+    async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None): ...
