@@ -32,7 +32,7 @@ def _labels_file(probe) -> Path | None:
 
 def run(artifacts, *, cache_dir="runs/cache", out: Path | None = None, model_override=None, refit: bool = True,
         echo=print):
-    from valueprobe.calibration.data import load_data
+    from valueprobe.calibration.data import interleave_sources, load_data
     from valueprobe.calibration.extract import extract_features, load_labels
     from valueprobe.calibration.fit import FitConfig, fit_artifact
     from valueprobe.plugin import ValueProbe, load_model
@@ -62,9 +62,7 @@ def run(artifacts, *, cache_dir="runs/cache", out: Path | None = None, model_ove
 
         if refit and card.get("config"):
             specs = card["config"]["extra"]["data_specs"]
-            from valueprobe.cli import _interleave
-
-            all_q = _interleave([load_data(spec, seed=card["config"]["seed"]) for spec in specs])
+            all_q = interleave_sources([load_data(spec, seed=card["config"]["seed"]) for spec in specs])
             features = extract_features(model, tok, all_q, probe.prompt_format, cache_dir=cache_dir,
                                         max_new_tokens=max_new, labels=labels)
             keep = {k: v for k, v in card["config"].items() if k in FitConfig.__dataclass_fields__}

@@ -286,6 +286,15 @@ BUILTIN = {
 }
 
 
+def interleave_sources(groups: list[list]) -> list:
+    """Round-robin over the data specs' questions, so that every prefix of the list (an interrupted run) has each
+    source."""
+    out = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
 def load_data(spec: str, *, seed: int = 0) -> list[Question]:
     """Read a data spec (``file.jsonl[:N]``, ``builtin[:N]`` or ``gym/<task>[?config][:N]``); ``:N`` takes a seeded
     random sample of N (of a gym spec: its first N)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -220,10 +219,6 @@ def write_plots(card: dict, folder: str | Path) -> list[str]:
 def reliability_dict(y, prob, n_bins: int = 10) -> dict:
     conf, acc, counts = reliability_curve(y, prob, n_bins=n_bins)
     return {"confidence": conf.tolist(), "accuracy": acc.tolist(), "count": counts.tolist()}
-
-
-def dump_card(card: dict) -> str:
-    return json.dumps(card, sort_keys=True, default=float)
 
 
 def evaluate_artifact(probe, model, tokenizer, questions, *, cache_dir=None, batch_size: int = 8,

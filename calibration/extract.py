@@ -75,10 +75,6 @@ class FeatureSet:
         index = np.asarray(index)
         return FeatureSet(self.features[torch.as_tensor(index)], [self.rows[i] for i in index])
 
-    @staticmethod
-    def concat(sets: list[FeatureSet]) -> FeatureSet:
-        return FeatureSet(torch.cat([s.features for s in sets]), [r for s in sets for r in s.rows])
-
 
 def _cache_key(model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int) -> str:
     fp = model_fingerprint(model, 1)

@@ -190,6 +190,16 @@ class ValueProbe:
         return save_artifact(self.data, path)
 
     @property
+    def stack_kinds(self) -> list[str]:
+        """Question kinds with a stacker (value neurons + next-token signal), sorted."""
+        return sorted(self._stack)
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """Mahalanobis distance above which a prompt is flagged out of distribution (``None``: no OOD model)."""
+        return None if self._ood is None else self._ood[2]
+
+    @property
     def k(self) -> int:
         return int(self.neuron_indices.numel())
 

@@ -13,6 +13,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.routing import Route
 
+from valueprobe.plugin.fingerprint import library_versions
+
 from .http_errors import register_error_handlers
 from .metrics import SidecarMetrics
 from .settings import Settings
@@ -133,7 +135,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                 await sidecar.aclose()
                 await sidecar.engine.stop()
 
-    app = FastAPI(title="valueprobe sidecar", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="valueprobe sidecar", version=library_versions().get("valueprobe", "unknown"), lifespan=lifespan,
                   description="Answers plus calibrated confidence from value neurons; abstain / escalate; metrics.")
     app.state.settings = settings
     app.state.metrics = metrics

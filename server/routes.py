@@ -57,7 +57,7 @@ def _scored(result, served) -> dict:
     probe = served.probe
     ood = None
     if result.ood is not None:
-        ood = p.OOD(flagged=result.ood, distance=result.ood_distance, threshold=probe._ood[2])
+        ood = p.OOD(flagged=result.ood, distance=result.ood_distance, threshold=probe.ood_threshold)
     return dict(probability=result.probability, raw=result.raw, kind=result.kind, served_score=probe.served_score,
                 components=p.Components(**result.components) if result.components else None, ood=ood)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
@@ -62,7 +61,3 @@ class Settings(BaseSettings):
             raise ValueError("mode=gateway needs upstream_url")
         return self
 
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

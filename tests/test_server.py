@@ -221,7 +221,6 @@ def test_summarize_repeats_pairs_runs_in_order():
 @pytest.mark.parametrize("broken", ["artifact", "model"])
 def test_a_sidecar_that_cannot_load_exits_non_zero_with_the_reason(assets, tmp_path, broken):
     """Fail fast, as vLLM and TGI do: a supervisor sees the exit and restarts it; a person reads why on stderr."""
-    import subprocess
 
     if broken == "artifact":
         tampered = tmp_path / "tampered.safetensors"

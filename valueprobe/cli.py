@@ -93,7 +93,7 @@ def inspect(
     typer.echo(f"layer         {probe.layer} ({md['hook_point']}, {md['token_position']})")
     typer.echo(f"neurons       k={probe.k} of {probe.hidden_size} ({100 * probe.k / probe.hidden_size:.2f}%)")
     typer.echo(f"head          {probe.head}, calibrator {probe.calibrator}, objective {md['objective']}")
-    typer.echo(f"served score  {probe.served_score}" + (f" (stacked per kind: {', '.join(sorted(probe._stack))})"
+    typer.echo(f"served score  {probe.served_score}" + (f" (stacked per kind: {', '.join(probe.stack_kinds)})"
                                                        if probe.served_score == "stacked" else ""))
     typer.echo(f"prompt format {md['prompt_format']}")
     if probe.thresholds:
@@ -154,14 +154,6 @@ def restamp(
                f"(id {fresh.artifact_id}, scheme {fresh.fingerprint_scheme})")
 
 
-def _interleave(groups: list[list]) -> list:
-    """Round-robin over the data specs, so that every prefix of the list (an interrupted run) has each source."""
-    out = []
-    for i in range(max((len(g) for g in groups), default=0)):
-        out.extend(g[i] for g in groups if i < len(g))
-    return out
-
-
 @app.command()
 def extract(
     model: Annotated[str, typer.Option(help="Model: a known name (see README), a local HF folder, or a hub name.")],
@@ -183,12 +175,12 @@ def extract(
 ):
     """Extract features, labels and next-token baselines into the resumable cache (what `fit` reads), and keep
     the generated answers in a labels file so that a later run only repeats the prefill."""
-    from valueprobe.calibration.data import DataError, load_data
+    from valueprobe.calibration.data import DataError, interleave_sources, load_data
     from valueprobe.calibration.extract import extract_answer_end, extract_features, load_labels, save_labels
     from valueprobe.plugin import PromptFormat
 
     try:
-        questions = _interleave([load_data(spec, seed=seed) for spec in data])
+        questions = interleave_sources([load_data(spec, seed=seed) for spec in data])
     except DataError as exc:
         _fail(str(exc))
     mdl, tok = _load_model(model, dtype)
@@ -247,7 +239,7 @@ def fit(
 ):
     """Find value neurons by leave-one-source-out AUROC, stack them with the free next-token signal per question
     kind, calibrate, evaluate against baselines (transfer and test split) and write the artifact and its card."""
-    from valueprobe.calibration.data import DataError, load_data
+    from valueprobe.calibration.data import DataError, interleave_sources, load_data
     from valueprobe.calibration.evaluate import format_table, render_markdown, write_plots
     from valueprobe.calibration.extract import extract_features, load_labels
     from valueprobe.calibration.fit import FitConfig, fit_artifact
@@ -260,7 +252,7 @@ def fit(
                    dtype=dtype, name=name)
         return
     try:
-        questions = _interleave([load_data(spec, seed=seed) for spec in data])
+        questions = interleave_sources([load_data(spec, seed=seed) for spec in data])
     except DataError as exc:
         _fail(str(exc))
     mdl, tok = _load_model(model, dtype)
@@ -394,6 +386,7 @@ def sample_answers_cmd(
 ):
     """Sample answers to held-out open questions for the semantic-entropy baseline (`bench semantic-entropy`)."""
     from valueprobe.calibration.evaluate import artifact_test_questions
+    from valueprobe.calibration.data import interleave_sources
     from valueprobe.calibration.semantic import sample_answers
 
     probe = _load_probe(artifact or default_artifact())
@@ -401,7 +394,7 @@ def sample_answers_cmd(
     by_source: dict[str, list] = {}
     for q in questions:
         by_source.setdefault(q.dataset, []).append(q)
-    questions = _interleave(list(by_source.values()))[:n]
+    questions = interleave_sources(list(by_source.values()))[:n]
     if not questions:
         _fail("no open questions in the test split")
     name = model or probe.model_name

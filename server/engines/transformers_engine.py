@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
