@@ -387,6 +387,10 @@ class StepStateRecorder:
     column ``j`` the state after generated token ``j - 1``. With ``all_positions`` every position of every forward
     is kept instead (one prefill of a whole trace: column ``i`` is token ``i``). Rows of a left-padded prefill are fine: the
     last column is every row's last real token. Use as a context manager; hooks are removed on exit.
+
+    Only forward passes run by the thread that entered it are recorded: a decoding loop owns its recorder, and a
+    prefill that another thread runs on the same model meanwhile (the sidecar scores prompts on its own thread
+    while a search decodes) must not become the loop's "latest state" (it did: a batch of one, and an IndexError).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], *, neuron_indices=None,
@@ -400,9 +404,12 @@ class StepStateRecorder:
         self.all_positions = all_positions  # keep every position of every forward (a prefill of a whole trace)
         self._columns: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         self._handles: list = []
+        self._thread: int | None = None
 
     def _hook(self, layer: int):
         def hook(module, args, output):
+            if threading.get_ident() != self._thread:
+                return  # another thread's forward pass
             hidden = output[0] if isinstance(output, (tuple, list)) else output
             col = hidden if self.all_positions else hidden[:, -1:, :]
             if self.neuron_indices is not None:
@@ -411,6 +418,7 @@ class StepStateRecorder:
         return hook
 
     def __enter__(self) -> StepStateRecorder:
+        self._thread = threading.get_ident()
         self._handles = [self.decoder.block(layer).register_forward_hook(self._hook(layer)) for layer in self.layers]
         return self
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import protocol as p
 from .errors import AuthError, ClientError, ForbiddenError, ProbeNotLoadedError
-from .service import Outcome, Query, Sidecar, now
+from .service import Outcome, Query, Sidecar, StepEvent, Text, now
 from .settings import Settings
 
 logger = logging.getLogger("valueprobe.server")
@@ -105,31 +105,158 @@ def _error_event(exc: Exception) -> dict:
     return {"error": {"type": kind, "message": message, "code": status}}
 
 
-async def _stream(sidecar: Sidecar, query: Query, chunk, error_event=_error_event):
-    """Run the stream far enough to know the confidence (before the first token), then hand back a response.
-    An error after that point ends the stream with an error event (never a silent cut); a client that goes
-    away closes the generator, which stops the generation."""
-    events = sidecar.answer_stream(query)
-    kind, head = await events.__anext__()
+class _Serialiser:
+    """One protocol's rendering of the answer events (:meth:`Sidecar.events`): SSE chunks for a stream, or the
+    whole response (a fold over the same events). ``None`` from a chunk method sends nothing for that event."""
+
+    sentinel: str | None = "data: [DONE]\n\n"
+
+    def __init__(self, sidecar: Sidecar, served):
+        self.sidecar, self.served = sidecar, served
+
+    def confidence(self, o: Outcome) -> dict:
+        return _confidence(o, self.served).model_dump()
+
+    def head(self, o: Outcome) -> dict | None: ...
+
+    def text(self, o: Outcome, piece: str) -> dict | None: ...
+
+    def step(self, o: Outcome, step) -> dict | None:
+        out = self.text(o, step.text + "\n")
+        out["search_step"] = {"text": step.text, "value": step.value}
+        return out
+
+    def final(self, o: Outcome) -> dict | None: ...
+
+    def error(self, exc: Exception) -> dict:
+        return _error_event(exc)
+
+    def response(self, o: Outcome): ...
+
+
+class _ChatSerialiser(_Serialiser):
+    def __init__(self, sidecar, served):
+        super().__init__(sidecar, served)
+        self.id = f"chatcmpl-{served.artifact_id}-{now()}"
+
+    def _chunk(self, delta: dict, finish_reason=None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": now(), "model": self.sidecar.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    def head(self, o):
+        return {**self._chunk({"role": "assistant", "content": ""}), "confidence": self.confidence(o)}
+
+    def text(self, o, piece):
+        return self._chunk({"content": piece} if piece else {})
+
+    def final(self, o):
+        return {**self._chunk({}, o.finish_reason), "confidence": self.confidence(o)}
+
+    def response(self, o):
+        body = p.ChatCompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
+                                        choices=[p.ChatChoice(message=p.Message(role="assistant", content=o.text),
+                                                              finish_reason=o.finish_reason)],
+                                        confidence=_confidence(o, self.served),
+                                        search=p.SearchInfo(**o.search) if o.search else None)
+        payload = body.model_dump()
+        if payload["search"] is None:
+            del payload["search"]  # the plain OpenAI shape unless a search was asked for
+        return payload
+
+
+class _CompletionSerialiser(_Serialiser):
+    def __init__(self, sidecar, served):
+        super().__init__(sidecar, served)
+        self.id = f"cmpl-{served.artifact_id}-{now()}"
+
+    def _chunk(self, text: str, finish_reason=None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": now(), "model": self.sidecar.model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+    def head(self, o):
+        return {**self._chunk(""), "confidence": self.confidence(o)}
+
+    def text(self, o, piece):
+        return self._chunk(piece or "")
+
+    def final(self, o):
+        return {**self._chunk("", o.finish_reason), "confidence": self.confidence(o)}
+
+    def response(self, o):
+        return p.CompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
+                                    choices=[p.CompletionChoice(text=o.text, finish_reason=o.finish_reason)],
+                                    confidence=_confidence(o, self.served)).model_dump()
+
+
+class _TGISerialiser(_Serialiser):
+    """TGI streams have no head chunk and no ``[DONE]`` sentinel; the first token event carries the confidence."""
+
+    sentinel = None
+
+    def __init__(self, sidecar, served, req: p.TGIRequest):
+        super().__init__(sidecar, served)
+        self.req = req
+        self.index = 0  # token events sent so far
+
+    def head(self, o):
+        return None
+
+    def text(self, o, piece):
+        event = {"index": self.index, "token": {"id": 0, "text": piece, "logprob": None, "special": False},
+                 "generated_text": None, "details": None}
+        if self.index == 0:
+            event["confidence"] = self.confidence(o)
+        self.index += 1
+        return event
+
+    def final(self, o):
+        return {"index": self.index, "token": {"id": 0, "text": "", "logprob": None, "special": True},
+                "generated_text": o.text,
+                "details": {"finish_reason": _tgi_details(o, None)["finish_reason"],
+                            "generated_tokens": o.completion_tokens, "seed": self.req.parameters.seed},
+                "confidence": self.confidence(o)}
+
+    def error(self, exc):
+        return {"error": _error_event(exc)["error"]["message"], "error_type": "generation"}
+
+    def response(self, o):
+        text = (self.req.inputs + o.text) if self.req.parameters.return_full_text else o.text
+        return {"generated_text": text, "details": _tgi_details(o, self.req.parameters.seed),
+                "confidence": self.confidence(o)}
+
+
+async def _respond(sidecar: Sidecar, query: Query, serialiser: _Serialiser, *, stream: bool, wrap=None):
+    """Run the answer flow and render it with ``serialiser``: the whole response, or an SSE stream started as soon
+    as the decision is known (before the first token). An error after that point ends the stream with an error
+    event (never a silent cut); a client that goes away closes the flow, which stops the generation."""
+    if not stream:
+        o = await sidecar.answer(query)
+        payload = serialiser.response(o)
+        return JSONResponse(wrap(payload) if wrap else payload, headers=_headers(o))
+    events = sidecar.events(query, stream=True)
+    head = (await events.__anext__()).outcome
 
     async def body():
         try:
-            yield _sse(chunk(head, None, first=True))
-            async for kind, value in events:
-                if kind == "text":
-                    yield _sse(chunk(head, value))
-                elif kind == "step":  # a search step, with the value it was kept for
-                    out = chunk(head, value.text + "\n")
-                    out["search_step"] = {"text": value.text, "value": value.value}
-                    yield _sse(out)
-                elif kind == "done":
-                    yield _sse(chunk(value, None, last=True))
+            first = serialiser.head(head)
+            if first is not None:
+                yield _sse(first)
+            async for event in events:
+                if isinstance(event, Text):
+                    chunk = serialiser.text(head, event.piece)
+                elif isinstance(event, StepEvent):  # a search step, with the value it was kept for
+                    chunk = serialiser.step(head, event.step)
+                else:
+                    chunk = serialiser.final(event.outcome)
+                if chunk is not None:
+                    yield _sse(chunk)
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line is already sent
             logger.exception("error in a stream")
-            yield _sse(error_event(exc))
+            yield _sse(serialiser.error(exc))
         finally:
             await events.aclose()
-        yield "data: [DONE]\n\n"
+        if serialiser.sentinel:
+            yield serialiser.sentinel
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=_headers(head))
 
@@ -138,27 +265,7 @@ async def _stream(sidecar: Sidecar, query: Query, chunk, error_event=_error_even
 async def chat_completions(req: p.ChatCompletionRequest, sidecar: SidecarDep):
     served = sidecar.served
     query = _query(sidecar, served, sidecar.render_messages(served, [m.model_dump() for m in req.messages]), req)
-    cid = f"chatcmpl-{served.artifact_id}-{now()}"
-    if req.stream:
-        def chunk(o: Outcome, text, first=False, last=False):
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            out = {"id": cid, "object": "chat.completion.chunk", "created": now(), "model": sidecar.model_name,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": o.finish_reason if last else None}]}
-            if first or last:
-                out["confidence"] = _confidence(o, served).model_dump()
-            return out
-
-        return await _stream(sidecar, query, chunk)
-    o = await sidecar.answer(query)
-    body = p.ChatCompletionResponse(id=cid, created=now(), model=sidecar.model_name, usage=_usage(o),
-                                    choices=[p.ChatChoice(message=p.Message(role="assistant", content=o.text),
-                                                          finish_reason=o.finish_reason)],
-                                    confidence=_confidence(o, served),
-                                    search=p.SearchInfo(**o.search) if o.search else None)
-    payload = body.model_dump()
-    if payload["search"] is None:
-        del payload["search"]  # the plain OpenAI shape unless a search was asked for
-    return JSONResponse(payload, headers=_headers(o))
+    return await _respond(sidecar, query, _ChatSerialiser(sidecar, served), stream=req.stream)
 
 
 @router.post("/v1/completions", response_model=p.CompletionResponse, tags=["openai"])
@@ -168,22 +275,7 @@ async def completions(req: p.CompletionRequest, sidecar: SidecarDep):
         raise ClientError("exactly one prompt per request is supported")
     served = sidecar.served
     query = _query(sidecar, served, sidecar.render_question(served, prompts[0]), req)
-    cid = f"cmpl-{served.artifact_id}-{now()}"
-    if req.stream:
-        def chunk(o: Outcome, text, first=False, last=False):
-            out = {"id": cid, "object": "text_completion", "created": now(), "model": sidecar.model_name,
-                   "choices": [{"index": 0, "text": text or "", "finish_reason": o.finish_reason if last else None,
-                                "logprobs": None}]}
-            if first or last:
-                out["confidence"] = _confidence(o, served).model_dump()
-            return out
-
-        return await _stream(sidecar, query, chunk)
-    o = await sidecar.answer(query)
-    body = p.CompletionResponse(id=cid, created=now(), model=sidecar.model_name, usage=_usage(o),
-                                choices=[p.CompletionChoice(text=o.text, finish_reason=o.finish_reason)],
-                                confidence=_confidence(o, served))
-    return JSONResponse(body.model_dump(), headers=_headers(o))
+    return await _respond(sidecar, query, _CompletionSerialiser(sidecar, served), stream=req.stream)
 
 
 # -- TGI ---------------------------------------------------------------------------------------------------------
@@ -201,73 +293,26 @@ def _tgi_details(o: Outcome, seed):
             "generated_tokens": o.completion_tokens, "seed": seed, "prefill": [], "tokens": []}
 
 
-def _tgi_response(o: Outcome, served, req: p.TGIRequest) -> dict:
-    text = (req.inputs + o.text) if req.parameters.return_full_text else o.text
-    return {"generated_text": text, "details": _tgi_details(o, req.parameters.seed),
-            "confidence": _confidence(o, served).model_dump()}
-
-
-def _tgi_error_event(exc: Exception) -> dict:
-    event = _error_event(exc)["error"]
-    return {"error": event["message"], "error_type": "generation"}
-
-
-async def _tgi_stream(sidecar: Sidecar, req: p.TGIRequest):
+async def _tgi(sidecar: Sidecar, req: p.TGIRequest, *, stream: bool, wrap=None):
     served = sidecar.served
-    query = _tgi_query(sidecar, served, req)
-    state = {"index": 0, "first": True}
-
-    def chunk(o: Outcome, text, first=False, last=False):
-        if first:
-            return None
-        if last:
-            return {"index": state["index"], "token": {"id": 0, "text": "", "logprob": None, "special": True},
-                    "generated_text": o.text,
-                    "details": {"finish_reason": _tgi_details(o, None)["finish_reason"],
-                                "generated_tokens": o.completion_tokens, "seed": req.parameters.seed},
-                    "confidence": _confidence(o, served).model_dump()}
-        event = {"index": state["index"], "token": {"id": 0, "text": text, "logprob": None, "special": False},
-                 "generated_text": None, "details": None}
-        if state["first"]:
-            event["confidence"] = _confidence(o, served).model_dump()
-            state["first"] = False
-        state["index"] += 1
-        return event
-
-    response = await _stream(sidecar, query, chunk, error_event=_tgi_error_event)
-    inner = response.body_iterator
-
-    async def without_openai_framing():
-        # TGI streams have no head chunk and no [DONE] sentinel.
-        async for line in inner:
-            if line in ("data: null\n\n", "data: [DONE]\n\n"):
-                continue
-            yield line
-
-    response.body_iterator = without_openai_framing()
-    return response
+    return await _respond(sidecar, _tgi_query(sidecar, served, req), _TGISerialiser(sidecar, served, req),
+                          stream=stream, wrap=wrap)
 
 
 @router.post("/", tags=["tgi"])
 async def tgi_root(req: p.TGIRequest, sidecar: SidecarDep):
     """What ``text_generation.Client`` posts to: a one-element list, or SSE when ``stream`` is true."""
-    if req.stream:
-        return await _tgi_stream(sidecar, req)
-    served = sidecar.served
-    o = await sidecar.answer(_tgi_query(sidecar, served, req))
-    return JSONResponse([_tgi_response(o, served, req)], headers=_headers(o))
+    return await _tgi(sidecar, req, stream=req.stream, wrap=lambda payload: [payload])
 
 
 @router.post("/generate", tags=["tgi"])
 async def tgi_generate(req: p.TGIRequest, sidecar: SidecarDep):
-    served = sidecar.served
-    o = await sidecar.answer(_tgi_query(sidecar, served, req))
-    return JSONResponse(_tgi_response(o, served, req), headers=_headers(o))
+    return await _tgi(sidecar, req, stream=False)
 
 
 @router.post("/generate_stream", tags=["tgi"])
 async def tgi_generate_stream(req: p.TGIRequest, sidecar: SidecarDep):
-    return await _tgi_stream(sidecar, req)
+    return await _tgi(sidecar, req, stream=True)
 
 
 # -- valueprobe -----------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Union
 
 from valueprobe.plugin import ArtifactError, PromptError, ProbeResult, ValueProbe
 from valueprobe.plugin.artifact import TOKEN_POSITION
@@ -88,6 +90,37 @@ class Outcome:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     search: dict | None = None  # strategy, steps [{text, value}], tokens_generated, candidates_scored
+
+
+@dataclass(frozen=True)
+class Head:
+    """The decision, known at the prefill: confidence, decision, routing (text empty)."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Text:
+    """A piece of the answer's text."""
+
+    piece: str
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A step kept by value-guided search, with the value it was kept for."""
+
+    step: object  # valueprobe.plugin.search.Step
+
+
+@dataclass(frozen=True)
+class Final:
+    """The whole answer: text, usage, finish reason, routing, search record."""
+
+    outcome: Outcome
+
+
+Event = Union[Head, Text, StepEvent, Final]
 
 
 def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[float | None, float | None]:
@@ -270,11 +303,11 @@ class Sidecar:
         return scored
 
     # -- answering ----------------------------------------------------------------------------------------------
-    def _decided(self, query: Query, request_id: str, confidence: ProbeResult) -> Outcome:
-        """The policy's decision on a request's confidence, counted and remembered for feedback: the head of
-        every answer, before any text."""
+    def _decided(self, query: Query, request_id: str, confidence: ProbeResult, decision: str | None = None) -> Outcome:
+        """The policy's decision on a request's confidence (taken once: ``decision`` when the engine's prefill
+        callback already took it), counted and remembered for feedback: the head of every answer."""
         served = query.served
-        decision = served.policy.decide(confidence.probability)
+        decision = decision or served.policy.decide(confidence.probability)
         self.observe(served, confidence, decision)
         self._remember(request_id, confidence.probability)
         return Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
@@ -313,82 +346,73 @@ class Sidecar:
                        finish_reason="stop")
 
     async def answer(self, query: Query) -> Outcome:
-        """Score at prefill, decide, and only then spend decode steps: the local generation is stopped right after
-        the prefill when the policy does not answer locally."""
-        served = query.served
-        request_id = f"vp-{uuid.uuid4().hex[:24]}"
-        self._check_search(query)
-        if query.search is not None:
-            head = self._decided(query, request_id, (await self.engine.score([query.prompt], served.probe))[0])
-            if head.decision == "answer":
-                return await self._searched(query, head)
-            return await self._finish_non_local(query, head)
-        if self.settings.mode == "embedded":
-            gen = await self.engine.generate(
-                query.prompt, served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
-                top_p=query.top_p, seed=query.seed, stop=query.stop,
-                on_confidence=lambda r: served.policy.decide(r.probability) == "answer")
-            confidence = gen.confidence
-        else:
-            gen = None
-            confidence = (await self.engine.score([query.prompt], served.probe))[0]
-        head = self._decided(query, request_id, confidence)
-        if head.decision == "answer" and gen is not None:
-            return replace(head, text=gen.text, completion_tokens=gen.completion_tokens, finish_reason=gen.finish_reason)
-        return await self._finish_non_local(query, head)
+        """The whole answer: the final event of :meth:`events` (a fold over the one answer flow)."""
+        async for event in self.events(query, stream=False):
+            if isinstance(event, Final):
+                return event.outcome
+        raise RuntimeError("the answer flow ended without a final event")
 
-    async def answer_stream(self, query: Query):
-        """Yields ``("confidence", Outcome)`` first, then ``("text", piece)``, then ``("done", Outcome)``.
-        Closing the generator (a client that went away) stops the local generation."""
+    async def events(self, query: Query, *, stream: bool) -> AsyncIterator[Event]:
+        """The one answer flow, for every protocol, streamed or not: :class:`Head` (the decision, taken at the
+        prefill before any decoding), then :class:`Text` pieces or search :class:`StepEvent` s, then
+        :class:`Final` (text, usage, routing). A local generation is stopped right after the prefill when the
+        policy does not answer locally; ``stream`` asks the engine for pieces as they are decoded (a streamed
+        generation runs alone) instead of one batched generation. Closing the iterator (a client that went away)
+        stops the local generation."""
         served = query.served
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
-        stop_flag = done = pieces = None
         self._check_search(query)
-        if query.search is not None:
-            async for event in self._search_stream(query, request_id):
-                yield event
-            return
+        taken: dict[str, str] = {}  # the decision, taken once, by the engine at the prefill
+
+        def answers_locally(result: ProbeResult) -> bool:
+            taken["decision"] = served.policy.decide(result.probability)
+            return taken["decision"] == "answer"
+
+        gen = pieces = stop_flag = done = None
         try:
-            if self.settings.mode == "embedded":
-                confidence, pieces, stop_flag, done = await self.engine.generate_stream(
-                    query.prompt, served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
-                    top_p=query.top_p, seed=query.seed, stop=query.stop,
-                    decide=lambda r: served.policy.decide(r.probability) == "answer")
-            else:
+            if self.settings.mode == "embedded" and query.search is None:
+                args = dict(max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
+                            seed=query.seed, stop=query.stop)
+                if stream:
+                    confidence, pieces, stop_flag, done = await self.engine.generate_stream(
+                        query.prompt, served.probe, decide=answers_locally, **args)
+                else:
+                    gen = await self.engine.generate(query.prompt, served.probe, on_confidence=answers_locally, **args)
+                    confidence = gen.confidence
+            else:  # search, or gateway mode: a prompt-only prefill decides
                 confidence = (await self.engine.score([query.prompt], served.probe))[0]
-            head = self._decided(query, request_id, confidence)
-            if head.decision == "answer" and pieces is not None:
-                yield "confidence", head
-                async for piece in pieces:
-                    yield "text", piece
-                gen = await done
-                yield "done", replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
-                                      finish_reason=gen.finish_reason)
+            head = self._decided(query, request_id, confidence, taken.get("decision"))
+            answered_here = query.search is not None or gen is not None or pieces is not None
+            if head.decision != "answer" or not answered_here:  # abstain, escalate, or the gateway's upstream
+                if pieces is not None:
+                    async for _ in pieces:  # drain the generation the prefill decision already stopped
+                        pass
+                    await done
+                full = await self._finish_non_local(query, head)
+                yield Head(replace(full, text=""))
+                if full.text:
+                    yield Text(full.text)
+                yield Final(full)
                 return
-            if pieces is not None:
-                async for _ in pieces:  # drain the generation the prefill decision already stopped
-                    pass
-                await done
-            full = await self._finish_non_local(query, head)
-            yield "confidence", replace(full, text="")
-            if full.text:
-                yield "text", full.text
-            yield "done", full
+            yield Head(head)
+            if query.search is not None:
+                async for event in self._search_events(query, head):
+                    yield event
+            elif pieces is not None:
+                async for piece in pieces:
+                    yield Text(piece)
+                gen = await done
+            if gen is not None:
+                if not stream:
+                    yield Text(gen.text)
+                yield Final(replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
+                                    finish_reason=gen.finish_reason))
         finally:
             if stop_flag is not None:
                 stop_flag.event.set()  # a client that disconnected mid-stream stops the generation here
 
-    async def _search_stream(self, query: Query, request_id: str):
-        """Streaming search: the confidence first, then each kept step as it is chosen, with its value."""
-        head = self._decided(query, request_id, (await self.engine.score([query.prompt], query.served.probe))[0])
-        if head.decision != "answer":
-            full = await self._finish_non_local(query, head)
-            yield "confidence", replace(full, text="")
-            if full.text:
-                yield "text", full.text
-            yield "done", full
-            return
-        yield "confidence", head
+    async def _search_events(self, query: Query, head: Outcome) -> AsyncIterator[Event]:
+        """Each kept step as it is chosen, with its value, then the final outcome."""
         steps: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(self._searched(query, head, on_step=steps.put_nowait))
         try:
@@ -396,10 +420,10 @@ class Sidecar:
                 getter = asyncio.ensure_future(steps.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield "step", getter.result()
+                    yield StepEvent(getter.result())
                 else:
                     getter.cancel()
-            yield "done", await task
+            yield Final(await task)
         finally:
             task.cancel()
 

@@ -89,9 +89,22 @@ def build_model(family: str, vocab_size: int, seed: int = 0, **overrides):
     return model
 
 
+def as_served(tok, folder, family: str = "qwen2"):
+    """``tok`` as a served model folder gives it back: saved beside a ``family`` config and loaded by
+    ``AutoTokenizer``. transformers 5 then builds the family's tokenizer class (Qwen2's splits digits, the
+    in-memory one does not), so an artifact must be fitted with the tokenizer the folder gives, or the
+    scheme-2 fingerprint (the prompts' token ids) refuses it, rightly."""
+    from transformers import AutoTokenizer
+
+    cls_name, kwargs = FAMILIES[family]
+    getattr(transformers, cls_name)(vocab_size=len(tok), **kwargs).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
 @pytest.fixture(scope="session")
-def tokenizer():
-    return build_tokenizer()
+def tokenizer(tmp_path_factory):
+    return as_served(build_tokenizer(), tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")

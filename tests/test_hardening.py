@@ -20,9 +20,9 @@ def run_app(settings, model, tokenizer, scenario):
     return conftest.run_app(settings, model, tokenizer, scenario, timeout=120)
 
 
-def test_many_concurrent_chat_and_confidence_clients_get_no_500(artifact_file, qwen_model):
+def test_many_concurrent_chat_and_confidence_clients_get_no_500(artifact_file, qwen_model, tmp_path):
     # A fresh tokenizer: the model thread, the scoring thread and the event loop all use it at once.
-    tok = build_tokenizer()
+    tok = conftest.as_served(build_tokenizer(), tmp_path)
     settings = Settings(artifact=str(artifact_file), default_max_new_tokens=4)
 
     async def scenario(client, app):
@@ -109,9 +109,9 @@ def test_stream_closed_by_the_client_stops_generation(artifact_file, qwen_model,
         served = sidecar.served
         messages, rendered, kind = sidecar.render_question(served, "Capital of France?")
         query = sidecar.query(served, messages, rendered, kind, 200)
-        events = sidecar.answer_stream(query)
-        kind, head = await events.__anext__()
-        assert kind == "confidence"
+        events = sidecar.events(query, stream=True)
+        head = await events.__anext__()
+        assert type(head).__name__ == "Head"
         engine = sidecar.engine
         await events.aclose()  # what Starlette does when the client goes away
         # the generation thread is free again long before 200 tokens would have been generated
@@ -240,15 +240,15 @@ def test_score_works_with_a_tokenizer_without_pad_token_and_leaves_it_unchanged(
     assert [round(a.probability, 5) for a in results] == [round(b.probability, 5) for b in again]
 
 
-def test_fingerprint_cache_does_not_trust_a_reused_object_id(fitted, qwen_model):
+def test_fingerprint_cache_does_not_trust_a_reused_object_id(fitted, qwen_model, tmp_path):
     data, *_ = fitted
     probe = ValueProbe(data)
-    good = build_tokenizer()
+    good = conftest.as_served(build_tokenizer(), tmp_path / "good")
     probe.check_compatible(qwen_model, good)
     del good
     gc.collect()
     # Another tokenizer (a different vocabulary) may land at the same address: it must be checked, not trusted.
-    other = build_tokenizer()
+    other = conftest.as_served(build_tokenizer(), tmp_path / "other")
     other.add_tokens(["<extra_token_a>", "<extra_token_b>"])
     with pytest.raises(FingerprintMismatchError):
         probe.check_compatible(qwen_model, other)

@@ -103,3 +103,20 @@ def test_unknown_layer_raises(tokenizer):
             pass
     with pytest.raises(LayerNotFoundError):
         find_decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_step_recorder_ignores_forward_passes_of_other_threads(qwen_model, tokenizer):
+    """A search's recorder must not take a prefill another thread runs on the same model (the sidecar's scoring
+    thread) for the state after its own token: found by concurrent fuzzing as an IndexError in a search."""
+    import threading
+
+    from valueprobe.plugin.hooks import StepStateRecorder
+
+    ids = torch.tensor([tokenizer("What is the capital of France?")["input_ids"]])
+    with StepStateRecorder(qwen_model, [2]) as rec:
+        other = threading.Thread(target=lambda: qwen_model(torch.cat([ids, ids])))
+        other.start()
+        other.join()
+        assert rec.states() == {}
+        qwen_model(ids)
+        assert rec.states()[2].shape[:2] == (1, 1)
