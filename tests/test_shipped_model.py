@@ -16,11 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import Server, free_port
 
 from valueprobe.plugin.models import KNOWN_MODELS, ModelNotInstalledError
 
@@ -73,42 +73,22 @@ def test_shipped_artifact_loads_with_its_fingerprint_and_scores_the_readme_examp
         assert p == pytest.approx(recorded["scores"][name], abs=0.01), (name, p)
 
 
-class Sidecar:
-    """``valueprobe serve`` exactly as the README starts it (default model and artifact), on a free port."""
+class Sidecar(Server):
+    """``valueprobe serve`` exactly as the README starts it (default model and artifact), on a free port; waiting
+    and stopping as :class:`conftest.Server`."""
 
     def __init__(self, tmp_path: Path, *args: str):
-        from conftest import free_port
-
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp_path / "serve.log", "w")
-        env = {**os.environ, "VALUEPROBE_PORT": self.url.rsplit(":", 1)[1], "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "VALUEPROBE_PORT": str(self.port), "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", *args], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 900) -> Sidecar:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, open(self.log.name).read()[-3000:]
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(open(self.log.name).read()[-3000:])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 @pytest.mark.parametrize("engine", ["transformers", "vllm"])
 def test_the_readme_curl_requests_are_answered_by_each_engine(engine, tmp_path, recorded, served):
-    sidecar = Sidecar(tmp_path, "--engine", engine).wait_ready()
+    sidecar = Sidecar(tmp_path, "--engine", engine).wait_ready(timeout=900)
     try:
         confidence = httpx.post(sidecar.url + "/v1/confidence", json={"prompt": README_PROMPTS["peru"]}, timeout=120)
         chat = httpx.post(sidecar.url + "/v1/chat/completions", timeout=600, json={
