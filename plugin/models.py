@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,10 +245,28 @@ def _as_set(value) -> set[int]:
     return {value} if isinstance(value, int) else set(value)
 
 
+# tokenizer -> its end-of-turn ids, read once: rendering and encoding on every generation batch would be work on
+# the hot path, and a fast tokenizer must not encode on two threads at once (engines call this from model threads)
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def end_of_turn_token_ids(tokenizer) -> set[int]:
     """The special token the chat template puts right after an assistant's message (``<|im_end|>`` for Qwen,
     ``<|eot_id|>`` for Llama 3), read off the template itself: empty without a template or where the message is
-    followed by plain text."""
+    followed by plain text. Read once per tokenizer (changing its chat template afterwards is not seen)."""
+    try:
+        return set(_END_OF_TURN[tokenizer])
+    except (KeyError, TypeError):
+        pass
+    ids = _read_end_of_turn(tokenizer)
+    try:
+        _END_OF_TURN[tokenizer] = frozenset(ids)
+    except TypeError:  # not weakly referenceable: read every time
+        pass
+    return ids
+
+
+def _read_end_of_turn(tokenizer) -> set[int]:
     if not getattr(tokenizer, "chat_template", None):
         return set()
     mark = "valueprobe-end-of-turn-mark"

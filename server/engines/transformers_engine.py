@@ -120,6 +120,9 @@ class TransformersEngine(TokenizerAccess):
         self.generate_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="valueprobe-generate")
         self.device = next(model.parameters()).device
         self.pad_id = pad_token_id(tokenizer)
+        # every token that ends an answer, read here once (the chat template's end-of-turn token is found by
+        # encoding, which must not happen on the model thread beside an encode on the event loop)
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.admission = Admission(max_queue, "generations")
         self._batcher: asyncio.Task | None = None
         # waiting for the generation thread: searches batched by probe and spec, generations by probe and sampling
@@ -249,7 +252,9 @@ class TransformersEngine(TokenizerAccess):
 
     # -- embedded generation --------------------------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None, seed: int | None):
-        kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id}
+        # stop where the answer ends whatever the model's generation config says (answers are cut there anyway)
+        kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": self.pad_id,
+                  "eos_token_id": sorted(self.eos_ids)}
         if temperature and temperature > 0:
             # a row whose state overflowed (failed by `not_finite_error`, stopped at prefill) must not crash the
             # batch's sampling with NaN probabilities before it stops
@@ -310,7 +315,7 @@ class TransformersEngine(TokenizerAccess):
             raise ProbeFailedError(f"probe readout failed: {type(failures[0]).__name__}: {failures[0]}")
         if len(seen) != len(jobs):
             raise ProbeFailedError("the probe hook did not fire during the prefill")
-        eos = eos_token_ids(self.model, self.tokenizer)
+        eos = self.eos_ids
         generations: list[Generation | ProbeFailedError] = []
         for i, job in enumerate(jobs):
             if i in not_finite:
