@@ -179,10 +179,10 @@ def convert_gguf(gguf: Path, target: Path, *, name: str) -> Path:
     generation.eos_token_id = sorted(_as_set(generation.eos_token_id) | end_of_turn_token_ids(tokenizer))
     generation.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    import transformers
+    from .fingerprint import library_versions
 
     (tmp / _STAMP).write_text(json.dumps({"name": name, "gguf": gguf.name, "conversion": CONVERSION_VERSION,
-                                          "transformers": transformers.__version__, "torch": torch.__version__}))
+                                          **library_versions()}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
