@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.fingerprint import model_fingerprint, tokenizer_fingerprint
-from valueprobe.plugin.hooks import cache_from_layers, cache_layers, capture, find_decoder_layers
+from valueprobe.plugin.hooks import capture, find_decoder_layers
+from valueprobe.plugin.kvcache import cache_from_layers, cache_layers
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.nexttoken import next_token_features, summarize_logits
 from valueprobe.plugin.prompting import PromptFormat

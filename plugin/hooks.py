@@ -4,8 +4,8 @@ Layer numbering follows ``output_hidden_states``: layer ``l`` (1-based) is the o
 i.e. ``hidden_states[l]``. (HF models put the *final norm* on ``hidden_states[-1]``; the hook reads the block's
 raw output, so for the last layer the two differ by that norm. Layers 1..L-1 match exactly.)
 
-Hooks are global state on the model: always use :func:`capture` as a context manager, or keep the handle from
-``ValueProbe.attach`` and call ``remove()``. Two pieces cooperate:
+Hooks are global state on the model, so every hook object here has one lifecycle (:class:`Hooks`): it registers
+in ``__enter__`` and removes in ``__exit__`` (``remove()`` too, safe twice). Two pieces cooperate:
 
 * a forward *pre*-hook on the module that owns the decoder layers sees the 2-D ``attention_mask`` and the KV
   cache, works out the last real token of each row (left or right padding) and whether this forward is a
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .kvcache import cache_length
+
 __all__ = [
     "LayerNotFoundError",
     "StopForward",
@@ -33,8 +35,8 @@ __all__ = [
     "LastTokenReader",
     "capture",
     "StepStateRecorder",
-    "cache_layers",
-    "cache_from_layers",
+    "Hooks",
+    "LogitsHandOff",
 ]
 
 
@@ -123,37 +125,70 @@ def last_token_positions(attention_mask: torch.Tensor | None, batch: int, seq_le
     return positions
 
 
-def _cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:  # legacy tuple-of-tuples cache
-        return int(past[0][0].shape[-2])
-    except (TypeError, IndexError, AttributeError):
-        return 0
+class Hooks:
+    """One lifecycle for every hook object (baukit's ``Trace`` habit): hooks are registered in ``__enter__`` and
+    removed in ``__exit__``; ``remove()`` does the same as ``__exit__`` and is safe twice, entering twice registers
+    once. Subclasses say what to register in :meth:`_register`."""
+
+    _handles: list
+
+    def _register(self) -> list:
+        """Register this object's hooks; return their removable handles."""
+        raise NotImplementedError
+
+    def _on_remove(self) -> None:
+        """Forget per-forward state when the hooks go (subclasses that keep some)."""
+
+    def __enter__(self):
+        if not self._handles:
+            self._handles = list(self._register())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Detach every hook; safe to call twice."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._on_remove()
+
+    @property
+    def registered(self) -> bool:
+        return bool(self._handles)
 
 
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(keys, values)`` per layer of a transformers KV cache (the ``layers`` of >= 4.56, else the legacy form)."""
-    if getattr(cache, "layers", None) and hasattr(cache.layers[0], "keys"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return [(k, v) for k, v in cache.to_legacy_cache()]
+class LogitsHandOff:
+    """Values read at a decoder layer that wait for the LM head of the same forward pass, which appends the
+    next-token summary of the same rows (:func:`~valueprobe.plugin.nexttoken.summarize_logits`: ``2 + letters``
+    floats per row, so the vocabulary never leaves the device). The Hugging Face reader and the vLLM worker both
+    read the probe's layer first and the logits after, so both hand off through this."""
 
+    def __init__(self, letter_ids: Sequence[int]):
+        self.letter_ids = list(letter_ids)
+        self._held = None
 
-def cache_from_layers(kv: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A fresh ``DynamicCache`` holding ``kv`` (a forward appends to it in place: never reuse one)."""
-    from transformers import DynamicCache
+    def hold(self, values) -> None:
+        """Keep ``values`` (whatever the caller needs back) until :meth:`complete` of this forward."""
+        self._held = values
 
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
-    return cache
+    def complete(self, rows_of: Callable[[object], torch.Tensor]):
+        """``(held values, [rows, 2 + letters] summary)``, or ``None`` when nothing is held (a decode step, another
+        thread's forward). ``rows_of(held)`` gives the ``[rows, vocab]`` logits of the held rows."""
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        from .nexttoken import summarize_logits
+
+        return held, summarize_logits(rows_of(held), self.letter_ids)
+
+    def clear(self) -> None:
+        self._held = None
 
 
 @dataclass
-class LastTokenReader:
-    """Registers the hooks that read chosen layers at the last real token of each prefill.
+class LastTokenReader(Hooks):
+    """Hooks that read chosen layers at the last real token of each prefill, while entered (:class:`Hooks`).
 
     Parameters
     ----------
@@ -203,6 +238,7 @@ class LastTokenReader:
             self.neuron_indices = torch.as_tensor(self.neuron_indices, dtype=torch.long)
         self._device_indices: dict = {}
         self._head = None
+        self._hand_off = None
         if self.next_token_ids is not None:
             get = getattr(self.model, "get_output_embeddings", None)
             self._head = get() if callable(get) else None
@@ -210,31 +246,24 @@ class LastTokenReader:
                 raise LayerNotFoundError("reading the next-token distribution needs a causal LM with an output head")
             if self.stop_after:
                 raise ValueError("stop_after would skip the LM head whose logits were asked for")
-        self._pending: dict | None = None
+            self._hand_off = LogitsHandOff(self.next_token_ids)
         self._thread: int | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------------------------
-    def register(self) -> LastTokenReader:
-        if self._handles:
-            return self
+    # -- lifecycle (Hooks) -----------------------------------------------------------------------------------
+    def _register(self) -> list:
+        # thread_only: the thread that enters owns the reader
         self._thread = threading.get_ident() if self.thread_only else None
-        self._handles.append(self.decoder.owner.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        for layer in self.layers:
-            self._handles.append(self.decoder.block(layer).register_forward_hook(self._make_layer_hook(layer)))
+        handles = [self.decoder.owner.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        handles += [self.decoder.block(layer).register_forward_hook(self._make_layer_hook(layer)) for layer in self.layers]
         if self._head is not None:
-            self._handles.append(self._head.register_forward_hook(self._head_hook))
-        return self
+            handles.append(self._head.register_forward_hook(self._head_hook))
+        return handles
 
-    def remove(self) -> None:
-        """Detach every hook; safe to call twice."""
-        while self._handles:
-            self._handles.pop().remove()
+    def _on_remove(self) -> None:
         self._active = False
         self._values = {}
-
-    @property
-    def registered(self) -> bool:
-        return bool(self._handles)
+        if self._hand_off is not None:
+            self._hand_off.clear()
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def _foreign(self) -> bool:
@@ -246,7 +275,7 @@ class LastTokenReader:
         past = kwargs.get("past_key_values", kwargs.get("past_key_value"))
         cache_position = kwargs.get("cache_position")
         start = self.prefill_cache_length
-        is_decode = _cache_length(past) > start or (
+        is_decode = cache_length(past) > start or (
             cache_position is not None and cache_position.numel() > 0 and int(cache_position.reshape(-1)[0]) > start
         )
         self._values = {}
@@ -282,9 +311,8 @@ class LastTokenReader:
             if layer == deepest:
                 values, self._values = self._values, {}
                 self._active = False
-                if self._head is not None:
-                    self._pending = values  # completed by the LM head hook of this same forward
-                    self._pending_len = seq_len
+                if self._hand_off is not None:
+                    self._hand_off.hold((values, seq_len, self._positions))  # completed by the LM head hook
                     return None
                 self.on_prefill(values)
                 if self.stop_after:
@@ -297,18 +325,19 @@ class LastTokenReader:
     def _head_hook(self, module, args, output):
         if self._foreign():
             return None
-        values, self._pending = self._pending, None
-        if values is None:
-            return None
         logits = output[0] if isinstance(output, (tuple, list)) else output
-        if logits.shape[1] == self._pending_len and self._positions is not None:
-            last = logits[torch.arange(logits.shape[0], device=logits.device), self._positions.to(logits.device)]
-        else:  # logits_to_keep=1 (generate): only the last column was computed, and with left padding it is real
-            last = logits[:, -1, :]
-        from .nexttoken import summarize_logits
 
-        values["next_token"] = summarize_logits(last, self.next_token_ids)
-        self.on_prefill(values)
+        def last_logits(held):
+            _, seq_len, positions = held
+            if logits.shape[1] == seq_len:
+                return logits[torch.arange(logits.shape[0], device=logits.device), positions.to(logits.device)]
+            return logits[:, -1, :]  # logits_to_keep=1 (generate): the last column, real under left padding
+
+        done = self._hand_off.complete(last_logits)
+        if done is not None:
+            (values, _, _), summary = done
+            values["next_token"] = summary
+            self.on_prefill(values)
         return None
 
 
@@ -341,15 +370,12 @@ def capture(
     decoder = find_decoder_layers(model)
     chosen = range(1, len(decoder) + 1) if layers == "all" else layers
     sink = _Capture()
-    reader = LastTokenReader(model, list(chosen), sink.batches.append, neuron_indices, stop_after,
-                             prefill_cache_length, next_token_ids, thread_only)
-    reader.register()
-    try:
-        yield sink
-    except StopForward:
-        pass
-    finally:
-        reader.remove()
+    with LastTokenReader(model, list(chosen), sink.batches.append, neuron_indices, stop_after,
+                         prefill_cache_length, next_token_ids, thread_only):
+        try:
+            yield sink
+        except StopForward:
+            pass
 
 
 class _Capture:
@@ -377,7 +403,7 @@ def with_position_ids(encoding: dict) -> dict:
     return out
 
 
-class StepStateRecorder:
+class StepStateRecorder(Hooks):
     """Records chosen layers at the last column of *every* forward pass: the last prompt token of the prefill,
     then each token fed back during decoding. That is the state after every generated token, read by the same
     forward that generates, so a reasoning trace's step boundaries (or candidate steps in a search) are scored
@@ -417,14 +443,9 @@ class StepStateRecorder:
             self._columns[layer].append(col.detach().to("cpu", self.dtype))
         return hook
 
-    def __enter__(self) -> StepStateRecorder:
-        self._thread = threading.get_ident()
-        self._handles = [self.decoder.block(layer).register_forward_hook(self._hook(layer)) for layer in self.layers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    def _register(self) -> list:
+        self._thread = threading.get_ident()  # the thread that enters owns the recorder
+        return [self.decoder.block(layer).register_forward_hook(self._hook(layer)) for layer in self.layers]
 
     def states(self) -> dict[int, torch.Tensor]:
         return {layer: torch.cat(cols, dim=1) for layer, cols in self._columns.items() if cols}

@@ -42,7 +42,7 @@ from .fingerprint import (
     model_fingerprint,
     tokenizer_fingerprint_like,
 )
-from .hooks import LastTokenReader, capture, find_decoder_layers, with_position_ids
+from .hooks import Hooks, LastTokenReader, capture, find_decoder_layers, with_position_ids
 from .nexttoken import next_token_features, prompt_kind
 from .prompting import Prompt, PromptFormat
 from .readout import calibrate, head_logit, mahalanobis, stack_features, stack_proba
@@ -83,31 +83,48 @@ class ProbeResult:
     ood: bool | None = None
 
 
-class ProbeHandle:
-    """A probe attached to a model. Every prefill (a forward with an empty KV cache) is scored.
+class ProbeHandle(Hooks):
+    """A probe's hooks on a model: while entered, every prefill (a forward with an empty KV cache) is scored.
 
     ``latest`` holds the results of the most recent prefill; ``consume()`` returns and clears every batch
-    recorded since the last call. ``on_score`` (if given to ``attach``) is called with each batch's results.
-    Use as a context manager or call ``remove()``; removing twice is harmless.
+    recorded since the last call. ``on_score`` (if given) is called with each batch's results. Registers in
+    ``__enter__`` and removes in ``__exit__`` like every hook object (:class:`~valueprobe.plugin.hooks.Hooks`);
+    :meth:`ValueProbe.attach` hands it back already entered, so ``remove()`` (harmless twice) ends it too.
+
+    ``thread_only`` scores only forwards run by the thread that entered it (the sidecar's generation thread, while
+    another thread scores prompts on the same model). A readout that raises inside the forward pass is raised out
+    of it, unless ``on_error`` is given: then it is passed there and the forward goes on (a server ends that
+    request, not the batch).
     """
 
-    def __init__(self, probe: ValueProbe, model, on_score: Callable[[list[ProbeResult]], None] | None,
-                 letter_ids=None):
+    def __init__(self, probe: ValueProbe, model, on_score: Callable[[list[ProbeResult]], None] | None = None,
+                 letter_ids=None, *, thread_only: bool = False,
+                 on_error: Callable[[Exception], None] | None = None):
         self.probe = probe
-        self._on_score = on_score
+        self._on_score, self._on_error = on_score, on_error
         self._lock = threading.Lock()
         self._batches: list[list[ProbeResult]] = []
+        self._handles: list = []
         self.latest: list[ProbeResult] = []
         #: Kinds of the rows of the next prefill (``[("choice", n_choices) | ("open", 0)]``); open by default.
         #: Set it (or use ``probe.encode(..., handle=handle)``) before a multiple-choice ``generate``.
         self.kinds: list[tuple[str, int]] | None = None
         self._reader = LastTokenReader(
             model, [probe.layer], self._record, neuron_indices=probe.neuron_indices,
-            next_token_ids=letter_ids if probe.needs_next_token else None,
-        ).register()
+            next_token_ids=letter_ids if probe.needs_next_token else None, thread_only=thread_only,
+        )
+
+    def _register(self) -> list:
+        return [self._reader.__enter__()]  # the reader's remove() is this handle's
 
     def _record(self, values: dict[int, torch.Tensor]) -> None:
-        results = self.probe.readout(values[self.probe.layer], values.get("next_token"), self.kinds)
+        try:
+            results = self.probe.readout(values[self.probe.layer], values.get("next_token"), self.kinds)
+        except Exception as exc:
+            if self._on_error is None:
+                raise
+            self._on_error(exc)
+            return
         with self._lock:
             self.latest = results
             self._batches.append(results)
@@ -119,18 +136,9 @@ class ProbeHandle:
             batches, self._batches = self._batches, []
         return batches
 
-    def remove(self) -> None:
-        self._reader.remove()
-
     @property
     def attached(self) -> bool:
-        return self._reader.registered
-
-    def __enter__(self) -> ProbeHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+        return self.registered
 
 
 class ValueProbe:
@@ -284,7 +292,7 @@ class ValueProbe:
             raise ArtifactMismatchError(
                 f"artifact {self.artifact_id} has token_position {self.token_position!r}; this use needs {expected!r} "
                 "(last_prompt_token: confidence in a prompt, from `valueprobe fit --data`; step_end: a value over "
-                "reasoning steps, from `valueprobe fit --traces`)")
+                "reasoning steps, from `valueprobe fit-steps`)")
 
     @property
     def fingerprint_scheme(self) -> str:
@@ -412,6 +420,8 @@ class ValueProbe:
         on_score: Callable[[list[ProbeResult]], None] | None = None,
     ) -> ProbeHandle:
         """Register the forward hook; every later prefill of ``model`` is scored (decode steps are skipped).
+        Returns the entered :class:`ProbeHandle`: use it as ``with probe.attach(...) as handle:`` or call
+        ``handle.remove()``.
 
         Raises :class:`FingerprintMismatchError` for another checkpoint or tokenizer unless
         ``check_fingerprint=False`` (which warns instead); :class:`ArtifactMismatchError` for a step-value artifact.
@@ -421,7 +431,8 @@ class ValueProbe:
         if self.needs_next_token and tokenizer is None:
             raise ValueError("this artifact serves a stacked score: attach(model, tokenizer) needs the tokenizer "
                              "to find the option-letter tokens")
-        return ProbeHandle(self, model, on_score, self.letter_ids(tokenizer) if tokenizer is not None else None)
+        letters = self.letter_ids(tokenizer) if tokenizer is not None else None
+        return ProbeHandle(self, model, on_score, letters).__enter__()
 
     @torch.inference_mode()
     def prefill(self, model, batch, letter_ids: Sequence[int] | None = None, *, thread_only: bool = False):

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .hooks import StepStateRecorder, cache_from_layers, cache_layers
+from .hooks import StepStateRecorder
+from .kvcache import cache_from_layers, cache_layers
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
 

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 
 from .fingerprint import config_fingerprint, params_sha256
-from .hooks import find_decoder_layers
-from .nexttoken import prompt_kind, summarize_logits
+from .hooks import LogitsHandOff, find_decoder_layers
+from .nexttoken import prompt_kind
 
 __all__ = ["WORKER_EXTENSION", "ProbeWorkerExtension", "VllmProbe", "CompiledModelError", "checkpoint_layer_sha256",
            "internal_request_id"]
@@ -82,7 +82,7 @@ class ProbeWorkerExtension:
         block = find_decoder_layers(model).block(layer)
         idx = torch.as_tensor(list(neuron_indices), dtype=torch.long)
         letters = list(letter_ids) if letter_ids is not None else None
-        pending: dict[int, tuple[str, list[float]]] = {}
+        hand_off = LogitsHandOff(letters) if letters is not None else None
 
         def store(rid: str, values: list[float]) -> None:
             with self._vp_lock:
@@ -98,23 +98,21 @@ class ProbeWorkerExtension:
             if residual is not None:
                 state = state + residual.index_select(0, at)
             values = state.index_select(1, idx.to(state.device)).float().cpu().tolist()
-            if letters is None:
+            if hand_off is None:
                 for (_, _, rid), v in zip(rows, values):
                     store(rid, v)
-            else:  # completed by the logits hook of this same step
-                pending.clear()
-                pending.update({i: (rid, v) for (i, _, rid), v in zip(rows, values)})
+            else:  # completed by the logits hook of this same step (logits are per request: batch index i)
+                hand_off.hold([(i, rid, v) for (i, _, rid), v in zip(rows, values)])
             return None
 
         def logits_hook(module, args, output):
-            if not pending or output is None:
+            if output is None:
                 return None
-            order = sorted(pending)
-            summary = summarize_logits(output[torch.tensor(order, device=output.device)], letters).tolist()
-            for i, s in zip(order, summary):
-                rid, v = pending[i]
-                store(rid, v + s)
-            pending.clear()
+            done = hand_off.complete(lambda held: output[torch.tensor([i for i, _, _ in held], device=output.device)])
+            if done is not None:
+                held, summary = done
+                for (_, rid, v), s in zip(held, summary.tolist()):
+                    store(rid, v + s)
             return None
 
         handles = [block.register_forward_hook(layer_hook)]

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from valueprobe.plugin import ProbeResult, ValueProbe
-from valueprobe.plugin.hooks import LastTokenReader
+from valueprobe.plugin import ProbeHandle, ProbeResult, ValueProbe
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import pad_left, pad_token_id
 
@@ -284,14 +283,7 @@ class TransformersEngine(TokenizerAccess):
         not_finite: dict[int, ProbeFailedError] = {}  # rows whose readout is not a number
         rows = _RowStops([j.stop_flag for j in jobs], [j.max_new_tokens for j in jobs], prompt_length)
 
-        def on_prefill(values):
-            try:
-                results = probe.readout(values[probe.layer], values.get("next_token"), [j.prompt.kind for j in jobs])
-            except Exception as exc:  # noqa: BLE001 - re-raised below as a probe failure
-                failures.append(exc)
-                for j in jobs:
-                    j.stop_flag.event.set()
-                return
+        def on_score(results):
             seen.extend(results)
             for i, (j, result) in enumerate(zip(jobs, results)):
                 failure = not_finite_error(result, probe)
@@ -301,16 +293,20 @@ class TransformersEngine(TokenizerAccess):
                 elif j.on_confidence is not None and j.on_confidence(result) is False:
                     j.stop_flag.event.set()
 
-        reader = LastTokenReader(self.model, [probe.layer], on_prefill, neuron_indices=probe.neuron_indices,
-                                 next_token_ids=self.letter_ids(probe), thread_only=True).register()
-        try:
+        def on_error(exc):  # the readout failed: every row stops, the batch is answered with the failure
+            failures.append(exc)
+            for j in jobs:
+                j.stop_flag.event.set()
+
+        # the probe read through the same handle as plugin users' generate (thread_only: this thread's forwards)
+        handle = ProbeHandle(probe, self.model, on_score, self.letter_ids(probe), thread_only=True, on_error=on_error)
+        handle.kinds = [j.prompt.kind for j in jobs]
+        with handle:
             extra = {"stopping_criteria": StoppingCriteriaList([rows])}
             if streamer is not None:
                 extra["streamer"] = streamer
             kwargs = self._gen_kwargs(max(j.max_new_tokens for j in jobs), first.temperature, first.top_p, first.seed)
             out = self.model.generate(**enc, **kwargs, **extra)
-        finally:
-            reader.remove()
         if failures:
             raise ProbeFailedError(f"probe readout failed: {type(failures[0]).__name__}: {failures[0]}")
         if len(seen) != len(jobs):
