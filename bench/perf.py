@@ -106,3 +106,23 @@ def run(model, tokenizer, probe, *, reps: int = 5, new_tokens: int = 16, batch_s
                      f"{tput / base:.2f}x batch 1"))
         progress(rows[-1])
     return rows
+
+
+def random_model(folder: str, dtype: str):
+    """A model of ``folder``'s config with random weights (seeded), and its tokenizer: timings without the
+    checkpoint."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=getattr(torch, dtype)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def torch_device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device

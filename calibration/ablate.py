@@ -200,3 +200,39 @@ def trace_ablation_study(model, tokenizer, traces: list[dict], problems: dict[st
         "columns": ["all generated tokens", "answer line"],
         "random_sets": random_sets,
     }
+
+
+def study_provenance(study) -> dict:
+    """Which dopamine study's neurons an ablation record is about: the study file, its sha256 and size."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    study = Path(study)
+    result = json.loads(study.read_text())
+    return {"file": str(study), "sha256": hashlib.sha256(study.read_bytes()).hexdigest(),
+            "n_traces": result.get("n_traces"), "n_problems": result.get("n_problems"), "layer": result.get("layer")}
+
+
+def dopamine_ablation(model, tokenizer, study, traces: list[dict], *, states_dir, n_traces: int = 16,
+                      seeds: int = 5, mode: str = "zero", seed: int = 0) -> dict:
+    """The dopamine study's neurons (``valueprobe dopamine --out``) ablated while ``model`` re-reads its held-out
+    traces (teacher-forced NLL), against magnitude-matched random neuron sets: :func:`trace_ablation_study` on the
+    study's own held-out problems (its neurons were ranked on the others), with the study's provenance."""
+    import json
+    from pathlib import Path
+
+    from .data import load_data
+    from .dopamine import split_problems
+    from .trajectories import TRACE_FORMAT, trace_states
+
+    result = json.loads(Path(study).read_text())
+    layer, neurons = result["layer"], result["dopamine"]["neurons"]
+    if not traces:
+        raise ValueError("no traces to re-read")
+    held = [t for t, h in zip(traces, split_problems([t["problem"] for t in traces], seed=seed)) if h][:n_traces]
+    problems = {q.id: q for ds in sorted({t["dataset"] for t in traces}) for q in load_data(ds)}
+    ts = trace_states(model, tokenizer, traces, states_dir=states_dir, layers=[layer], problems=problems)
+    r = trace_ablation_study(model, tokenizer, held, problems, layer=layer, neurons=neurons, states=ts.layer(layer),
+                             fmt=TRACE_FORMAT, seeds=seeds, mode=mode, seed=seed)
+    return {**r, "layer": layer, "study": study_provenance(study)}

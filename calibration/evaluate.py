@@ -18,7 +18,8 @@ from .metrics import (
     reliability_curve,
 )
 
-__all__ = ["score_metrics", "BASELINES", "render_markdown", "write_plots", "format_table"]
+__all__ = ["score_metrics", "BASELINES", "render_markdown", "write_plots", "write_report", "format_table",
+           "evaluate_artifact", "prediction_records", "artifact_test_questions"]
 
 # Prompt-only baselines read from extraction rows, oriented so that higher = more confident.
 BASELINES = {
@@ -243,6 +244,35 @@ def evaluate_artifact(probe, model, tokenizer, questions, *, cache_dir=None, bat
         if all(v is not None for v in vals):
             rows.append({"name": name, **score_metrics(y, np.asarray(vals, dtype=np.float64))})
     return rows, fs, pred
+
+
+def write_report(card: dict, artifact_path: str | Path) -> list[str]:
+    """Beside an artifact ``<stem>.safetensors``: its card as ``<stem>.md`` and the plots in ``<stem>.plots/``.
+    Returns the plot file names."""
+    artifact_path = Path(artifact_path)
+    stem = artifact_path.name.removesuffix(".safetensors")
+    plots = write_plots(card, artifact_path.parent / f"{stem}.plots")
+    markdown = render_markdown(card)
+    for plot in plots:
+        markdown = markdown.replace(f"`{plot}`", f"`{stem}.plots/{plot}`")
+    (artifact_path.parent / f"{stem}.md").write_text(markdown)
+    return plots
+
+
+def prediction_records(probe, fs, pred) -> list[dict]:
+    """One JSON-ready record per question of :func:`evaluate_artifact`: label, the model's answer, the served
+    probability and its parts, the out-of-distribution flag where the artifact has one, and every baseline."""
+    records = []
+    for i, row in enumerate(fs.rows):
+        rec = {"id": row["id"], "dataset": row["dataset"], "kind": row["kind"], "label": row["label"],
+               "prediction": row["prediction"], "probability": float(pred["probability"][i]),
+               "served_score": probe.served_score, "raw": float(pred["value_raw"][i]),
+               "value_probability": float(pred["value_probability"][i])}
+        if "ood" in pred:
+            rec.update(ood=bool(pred["ood"][i]), ood_distance=float(pred["ood_distance"][i]))
+        rec.update({name: getter([row])[0] for name, getter in BASELINES.items()})
+        records.append(rec)
+    return records
 
 
 def artifact_test_questions(probe, specs=None, *, seed: int = 0):

@@ -102,3 +102,17 @@ def render_markdown(card: dict) -> str:
     lines += ["", "AUROC of V(s_t) for the final answer being right, by step index; ECE (10 quantile bins) and Brier "
               "over every held-out state."]
     return "\n".join(lines) + "\n"
+
+
+def fit_steps_from_traces(model, tokenizer, traces: list[dict], *, states_dir, layer: int, model_name: str,
+                          objective: str = "td", seed: int = 0):
+    """``(artifact, card)`` of a step-value head fitted on reasoning ``traces`` (``valueprobe traces``): their
+    states at ``layer`` are read from ``states_dir``, or re-read by one prefill per trace where they were not
+    recorded (the problems are looked up by the traces' dataset names), then :func:`fit_step_value`."""
+    from .trajectories import TRACE_FORMAT, recorded_states
+
+    if not traces:
+        raise ValueError("no traces to fit on")
+    ts = recorded_states(traces, states_dir=states_dir, layers=[layer], load_model=lambda: (model, tokenizer))
+    return fit_step_value(model, tokenizer, ts, layer=layer, model_name=model_name, objective=objective,
+                          prompt_format=TRACE_FORMAT, seed=seed)

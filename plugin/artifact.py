@@ -63,7 +63,7 @@ READABLE_VERSIONS = ("1", "2")  # version 1: value neurons only (no stack, no OO
 SERVED_SCORES = ("value", "stacked")
 HOOK_POINT = "decoder_block_output"
 TOKEN_POSITION = "last_prompt_token"
-# "step_end": a value over reasoning steps (`valueprobe fit --traces`), read at the token ending each step; the
+# "step_end": a value over reasoning steps (`valueprobe fit-steps`), read at the token ending each step; the
 # sidecar uses such an artifact for step search only, never to score prompts.
 TOKEN_POSITIONS = (TOKEN_POSITION, "step_end")
 REQUIRED_METADATA = (

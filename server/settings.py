@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     refusal_text: str = "I am not confident enough to answer this question."
 
     artifact_sha256: Optional[str] = Field(None, min_length=12, description="Pin: refuse (at start and on reload) an artifact whose content_sha256 does not start with this.")
-    search_artifact: Optional[str] = Field(None, description="Step-value artifact (`valueprobe fit --traces`, token_position step_end) that values candidate steps in `search`; default: the served artifact's own head read at step ends.")
+    search_artifact: Optional[str] = Field(None, description="Step-value artifact (`valueprobe fit-steps`, token_position step_end) that values candidate steps in `search`; default: the served artifact's own head read at step ends.")
     artifact_dir: Optional[str] = Field(None, description="Folder /v1/admin/reload may load artifacts from; default: the served artifact's folder.")
     admin_token: Optional[str] = Field(None, description="Bearer token for /v1/feedback and /v1/admin/*; unset = those routes are disabled (403).")
     max_batch_size: int = Field(8, ge=1, description="Most prompts scored in one prefill batch; also the most "

@@ -177,7 +177,7 @@ def test_a_dopamine_ablation_record_names_its_study(tmp_path):
     import hashlib
     import json
 
-    from valueprobe.cli import study_provenance
+    from valueprobe.calibration.ablate import study_provenance
 
     study = tmp_path / "dopamine.json"
     study.write_text(json.dumps({"n_traces": 8, "n_problems": 2, "layer": 3, "dopamine": {"neurons": [1, 2]}}))
@@ -189,7 +189,7 @@ def test_a_dopamine_ablation_record_names_its_study(tmp_path):
 def test_heap_fragmentation_limit_applies_on_glibc_and_yields_to_the_environment(monkeypatch):
     import sys
 
-    from valueprobe.cli import limit_heap_fragmentation
+    from valueprobe.calibration.trajectories import limit_heap_fragmentation
 
     if sys.platform.startswith("linux"):
         assert limit_heap_fragmentation() is True

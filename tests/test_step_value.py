@@ -46,7 +46,7 @@ def step_setup(tmp_path_factory, tokenizer):
     (folder / "states").mkdir()
     save_file(saved, str(folder / "states" / "states-toy.safetensors"), metadata={"layers": json.dumps([LAYER])})
     out = folder / "steps.safetensors"
-    result = CliRunner().invoke(app, ["fit", "--model", str(folder / "model"), "--traces", str(folder / "traces.jsonl"),
+    result = CliRunner().invoke(app, ["fit-steps", "--model", str(folder / "model"), "--traces", str(folder / "traces.jsonl"),
                                       "--states", str(folder / "states"), "--layer", str(LAYER), "--out", str(out)])
     assert result.exit_code == 0, result.output
     return model, out, result.output
@@ -73,8 +73,8 @@ def test_step_value_is_refused_for_prompts_naming_token_position(step_setup, tok
         probe.attach(model, tokenizer)
     with pytest.raises(ArtifactMismatchError, match="token_position"):
         probe.score(model, tokenizer, "What is 2 plus 3?")
-    result = CliRunner().invoke(app, ["fit", "--model", "x", "--out", str(out)])
-    assert result.exit_code != 0 and "--traces" in result.output
+    result = CliRunner().invoke(app, ["fit", "--model", "x", "--out", str(out)])  # a prompt confidence needs data
+    assert result.exit_code != 0 and "--data" in result.output
     result = CliRunner().invoke(app, ["score", "2 plus 3?", "--artifact", str(out), "--model", "x"])
     assert result.exit_code != 0 and "token_position" in result.output
 

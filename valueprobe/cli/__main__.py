@@ -1,0 +1,3 @@
+from valueprobe.cli import main
+
+main()

@@ -1,0 +1,206 @@
+"""`bench ...`: benchmarks that print ratios measured side by side."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import bench_app, fail, load_probe, probe_and_model
+
+
+@bench_app.command("extract")
+def bench_extract(
+    cache: Annotated[Path, typer.Option(help="Feature cache to report from.")] = Path("runs/cache"),
+    model: Annotated[Optional[str], typer.Option(help="Also measure a small sample with and without the "
+                                                      "shared-prefix reuse on this model.")] = None,
+    n: Annotated[int, typer.Option(help="Questions per kind for the measurement.")] = 16,
+    reps: Annotated[int, typer.Option(help="Interleaved repetitions.")] = 2,
+):
+    """Extraction throughput: questions/hour by kind from the cache's recorded timings, and (with --model) the
+    shared-prefix KV reuse measured side by side."""
+    from valueprobe.bench.extract import measure, report
+
+    report(cache, echo=typer.echo)
+    if model:
+        measure(model, n_choice=n, n_open=n, reps=reps, echo=typer.echo)
+
+
+@bench_app.command("soak")
+def bench_soak(
+    model: Annotated[Optional[str], typer.Option(help="Model for the sidecar; default: the artifact's.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    url: Annotated[Optional[str], typer.Option(help="Drive this running server (started with admin token "
+                                                    "'soak-admin') instead of starting one.")] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent clients (plus one that disconnects mid-stream).")] = 16,
+    seconds: Annotated[float, typer.Option(help="Seconds of load.")] = 60.0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per generation request.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Server's max_queue.")] = 64,
+):
+    """N clients for T seconds mixing every route, a hot reload halfway and a disconnecting streamer: statuses,
+    p50/p95 latency, polite 503s and server RSS growth."""
+    from valueprobe.bench.soak import run
+
+    result = run(model=model, artifact=artifact, url=url, clients=clients, seconds=seconds, max_tokens=max_tokens,
+                 max_queue=max_queue, echo=typer.echo)
+    if result["server_errors"] or result["unanswered"]:
+        raise typer.Exit(1)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: Annotated[Optional[str], typer.Option(help="Model for the sidecars; default: the artifact's.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    url: Annotated[Optional[str], typer.Option(help="Drive this running server instead of starting two.")] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent clients.")] = 8,
+    seconds: Annotated[float, typer.Option(help="Seconds of load per server and run.")] = 20.0,
+    repeats: Annotated[int, typer.Option(help="Interleaved runs per server (ABBA order); the ratio is given per "
+                                              "run with median and range.")] = 3,
+    batch: Annotated[int, typer.Option(help="max_batch_size of the batched server.")] = 8,
+    endpoint: Annotated[str, typer.Option(help="confidence (prompt-only) or completions.")] = "confidence",
+    max_tokens: Annotated[int, typer.Option(help="Tokens per completion (completions endpoint).")] = 16,
+    answers: Annotated[str, typer.Option(help="short (trivia: a few tokens, prefill-bound) or long (explanations "
+                                              "that run to --max-tokens: decode-bound).")] = "short",
+    engine: Annotated[Optional[list[str]], typer.Option(help="Compare engines instead (repeatable: transformers, "
+                                                             "vllm): completions at --clients-list, then vLLM's "
+                                                             "in-engine probe overhead.")] = None,
+    clients_list: Annotated[str, typer.Option(help="Client counts for --engine runs.")] = "1,4,16",
+    overhead_reps: Annotated[int, typer.Option(help="Interleaved with/without-probe repetitions (vllm).")] = 5,
+):
+    """Load-test the sidecar: throughput, p50/p99, errors; batched vs one-at-a-time ratio, measured side by side.
+    With --engine: each engine at 1, 4 and 16 clients (requests/s, tokens/s, p50/p95) and the vLLM probe overhead."""
+    from valueprobe.bench.serve import run, run_engines
+
+    if engine:
+        bad = set(engine) - {"transformers", "vllm"}
+        if bad:
+            fail(f"unknown engine(s) {sorted(bad)}; expected transformers or vllm")
+        run_engines(model, artifact, tuple(engine), tuple(int(c) for c in clients_list.split(",") if c.strip()), seconds,
+                    max_tokens, overhead_reps)
+        return
+    if answers not in ("short", "long"):
+        fail(f"--answers must be short or long, not {answers!r}")
+    if repeats < 1:
+        fail("--repeats must be at least 1")
+    run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens, answers, repeats)
+
+
+@bench_app.command("perf")
+def bench_perf(
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model; default: the artifact's.")] = None,
+    reps: Annotated[int, typer.Option(help="Interleaved repetitions per measurement.")] = 5,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt in the generate comparison.")] = 16,
+    dtype: str = "float32",
+    device: Annotated[str, typer.Option(help="Where the model runs: cpu, cuda, cuda:1, ...")] = "cpu",
+    random_weights: Annotated[bool, typer.Option(help="Timing only: build --model's architecture from its config "
+                                                 "(a folder with config and tokenizer, no weights needed) with random "
+                                                 "weights; the fingerprint is not checked.")] = False,
+):
+    """Probe overhead on generate, scoring vs bare prefill, readout microseconds, throughput at batch 1/4/16."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from valueprobe.bench.perf import random_model, run, torch_device_name
+
+    probe = load_probe(artifact)
+    if random_weights:
+        if model is None:
+            fail("--random-weights needs --model: a folder with the model's config and tokenizer")
+        mdl, tok = random_model(model, dtype)
+    else:
+        probe, mdl, tok = probe_and_model(probe, model, dtype)
+    mdl.to(device)
+    rows = run(mdl, tok, probe, reps=reps, new_tokens=new_tokens, progress=lambda r: typer.echo(" | ".join(r), err=True),
+               check_fingerprint=model is None)
+    where = (torch_device_name(device) if device != "cpu" else f"{os.cpu_count()} CPU threads")
+    table = Table(title=f"valueprobe perf: {probe.model_name}, layer {probe.layer}, k={probe.k}, {reps} reps, "
+                        f"{dtype}, {where}")
+    for col in ("measurement", "value", "reference", "ratio"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+@bench_app.command("quality")
+def bench_quality(
+    artifact: Annotated[Optional[list[Path]], typer.Option(help="Artifacts; default: every shipped one.")] = None,
+    cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
+    out: Annotated[Path, typer.Option(help="Folder for quality.md and the cards.")] = Path("runs/quality"),
+    model: Annotated[Optional[str], typer.Option(help="Override the artifact's model.")] = None,
+    refit: Annotated[bool, typer.Option(help="Also refit from the card's recipe and print both tables.")] = True,
+):
+    """Score shipped artifacts on their held-out test splits and reproduce their cards (leave-one-source-out and
+    per-kind tables, refitted from the recorded recipe) side by side; writes a report."""
+    from valueprobe.bench.quality import run
+    from valueprobe.weights import shipped_artifacts
+
+    paths = artifact or shipped_artifacts()
+    if not paths:
+        fail("no artifacts given and none shipped")
+    run(paths, cache_dir=cache, out=out, model_override=model, refit=refit, echo=typer.echo)
+
+
+@bench_app.command("semantic-entropy")
+def bench_semantic_entropy(
+    samples: Annotated[Path, typer.Option(help="Samples JSONL from `valueprobe sample-answers`.")] =
+        Path("weights/labels/qwen2.5-coder-1.5b-instruct.samples.jsonl"),
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
+    out: Annotated[Optional[Path], typer.Option(help="Write <out>.json and <out>.md.")] = None,
+):
+    """Semantic entropy (5 sampled answers) vs the prompt-only score on the same held-out open questions: AUROC
+    with intervals, a paired bootstrap of the difference, and the cost per question."""
+    from valueprobe.bench.semantic import run
+
+    try:
+        run(samples, artifact=artifact, cache_dir=cache, out=out, echo=typer.echo)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@bench_app.command("search")
+def bench_search(
+    traces_file: Annotated[Path, typer.Option("--traces", help="Traces JSONL from `valueprobe traces`: the problems, "
+                                                               "the value heads' training data and the sampled answers.")] =
+        Path("weights/traces/qwen2.5-coder-1.5b-instruct.gsm8k.jsonl"),
+    out: Annotated[Path, typer.Option(help="Writes <out>.jsonl (generated answers, appended: a rerun resumes), "
+                                           "<out>.md, <out>.json, <out>.png.")] =
+        Path("weights/search/qwen2.5-coder-1.5b-instruct.gsm8k"),
+    states: Annotated[Path, typer.Option(help="States recorded by `valueprobe traces` (else re-read by prefill).")] =
+        Path("runs/traces"),
+    model: Annotated[Optional[str], typer.Option(help="Model; default: the traces' own.")] = None,
+    layer: Annotated[int, typer.Option(help="Layer the value head reads (the dopamine study's choice).")] = 16,
+    folds: Annotated[int, typer.Option(help="Problem folds: each problem's head is fitted on the other folds.")] = 5,
+    objective: Annotated[str, typer.Option(help="Value head objective: td or bce (final reward).")] = "td",
+    width: Annotated[int, typer.Option(help="Candidate lines per step for value-beam.")] = 4,
+    batch: Annotated[int, typer.Option(help="Problems searched together (value-beam: batch x width rows).")] = 8,
+    limit: Annotated[Optional[int], typer.Option(help="Generate for the first N traced problems only.")] = None,
+    strategies: Annotated[str, typer.Option(help="Generated strategies (comma list of greedy, value-beam, "
+                                                 "value-beam-centered; '' for the report alone).")] = "greedy,value-beam",
+    seed: int = 0,
+):
+    """Value-guided step search vs greedy, self-consistency, best-of-n and random step selection at an equal
+    token budget, on traced GSM8K problems scored by out-of-fold value heads: accuracy, tokens, McNemar tests,
+    plot. Resumable; the report covers the problems every strategy has answered so far."""
+    import torch
+
+    from valueprobe.bench.search import KNOWN_GENERATED, run
+
+    chosen = [s for s in strategies.split(",") if s]
+    unknown = [s for s in chosen if s not in KNOWN_GENERATED]
+    if unknown:
+        fail(f"unknown strategies {unknown}; expected some of {list(KNOWN_GENERATED)}")
+    if objective not in ("td", "bce"):
+        fail("objective must be td or bce")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run(traces_file, out=out, states_dir=states, model_name=model, layer=layer, folds=folds, objective=objective,
+            width=width, batch=batch, limit=limit, strategies=chosen, do_generate=bool(chosen), seed=seed,
+            echo=typer.echo)
+    except ValueError as exc:
+        fail(str(exc))

@@ -1,0 +1,74 @@
+"""`serve`: the sidecar."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import app, fail
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Model name or folder; default: the artifact's own model.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="embedded (generate here) or gateway (answers from --upstream-url).")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="Embedded engine: transformers, or vllm (vLLM's async engine "
+                                                      "in-process; the probe is read inside its forward pass).")] = None,
+    upstream_url: Annotated[Optional[str], typer.Option(help="Gateway mode: TGI or OpenAI-compatible server that answers.")] = None,
+    upstream_kind: Annotated[Optional[str], typer.Option(help="tgi or openai.")] = None,
+    upstream_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible upstream.")] = None,
+    escalate_url: Annotated[Optional[str], typer.Option(help="Bigger model for escalated questions.")] = None,
+    escalate_kind: Annotated[Optional[str], typer.Option(help="tgi or openai.")] = None,
+    escalate_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible escalation target.")] = None,
+    abstain_below: Annotated[Optional[float], typer.Option(help="Abstain when P(correct) is below this.")] = None,
+    escalate_below: Annotated[Optional[float], typer.Option(help="Escalate when P(correct) is below this.")] = None,
+    escalate_rate: Annotated[Optional[float], typer.Option(help="Use the artifact's threshold escalating this share (0.1, 0.2, 0.3).")] = None,
+    risk_alpha: Annotated[Optional[float], typer.Option(help="Abstain below the artifact's risk-controlled threshold at this error rate.")] = None,
+    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/reload "
+                                                       "(unset: those routes answer 403).")] = None,
+    artifact_sha256: Annotated[Optional[str], typer.Option(help="Pin: refuse an artifact whose content hash does "
+                                                           "not start with this (at start and on reload).")] = None,
+    artifact_dir: Annotated[Optional[str], typer.Option(help="Folder reload may load from (default: the artifact's).")] = None,
+    search_artifact: Annotated[Optional[str], typer.Option(help="Step-value artifact (`valueprobe fit-steps`) that "
+                                                           "values steps in `search` (default: the served head).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Settings file (KEY=value lines, VALUEPROBE_ prefix).")] = None,
+    log_level: str = "info",
+):
+    """Run the sidecar: OpenAI and TGI routes with calibrated confidence, abstain/escalate, Prometheus metrics.
+
+    Exits with status 1, the reason on stderr, when the model or the artifact cannot be loaded (a refused hot
+    reload later on keeps the old artifact serving).
+
+    Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
+    --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
+    refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window, dtype, device,
+    check_fingerprint, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
+    only; see server/settings.py.
+    """
+    from pydantic import ValidationError
+
+    from valueprobe.server.app import serve as run_sidecar
+    from valueprobe.server.settings import Settings
+
+    given = {k: v for k, v in dict(model=model, artifact=artifact, mode=mode, engine=engine, upstream_url=upstream_url,
+                                   upstream_kind=upstream_kind, upstream_model=upstream_model, escalate_url=escalate_url,
+                                   escalate_kind=escalate_kind, escalate_model=escalate_model,
+                                   abstain_below=abstain_below, escalate_below=escalate_below,
+                                   escalate_rate=escalate_rate, risk_alpha=risk_alpha, admin_token=admin_token,
+                                   artifact_sha256=artifact_sha256, artifact_dir=artifact_dir,
+                                   search_artifact=search_artifact,
+                                   host=host, port=port).items() if v is not None}
+    try:
+        settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
+    except ValidationError as exc:
+        fail(str(exc))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    failure = run_sidecar(settings, log_level=log_level)
+    if failure is not None:
+        fail(f"the sidecar could not load its model or artifact, so it stopped: {failure}", code=1)
