@@ -8,17 +8,17 @@ chosen by leave-one-source-out AUROC (:mod:`.transfer`), which is also the card'
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
-from valueprobe.plugin.artifact import ArtifactData
+from valueprobe.plugin.artifact import ArtifactData, load_artifact, save_artifact
 from valueprobe.plugin.fingerprint import stamp_metadata
 from valueprobe.plugin.nexttoken import KINDS
+from valueprobe.plugin.probe import ValueProbe
 from valueprobe.plugin.prompting import PromptFormat
-from valueprobe.plugin.readout import STACK_FEATURES
 
 from .evaluate import BASELINES, reliability_dict, score_metrics
 from .extract import FeatureSet
@@ -73,9 +73,11 @@ class SplitData:
 
 @dataclass
 class FittedParts:
-    """Everything fitted on train/calibration that the test rows are compared with."""
+    """Everything fitted on train/calibration that the test rows are compared with. ``served`` is the artifact
+    as written, read back by :class:`~valueprobe.plugin.ValueProbe`: the card's served numbers come from the
+    serving code."""
 
-    served: ConfidenceModel
+    served: ValueProbe
     other_head: ConfidenceModel | None
     dense: LinearProbe
     next_token: NextTokenStack
@@ -96,10 +98,15 @@ def _row(name, y, score, prob=None, **extra):
     return {"name": name, **score_metrics(y, score, prob), **extra}
 
 
+def served_predictions(probe: ValueProbe, X: np.ndarray, side: Side) -> dict[str, np.ndarray]:
+    """The served numbers of rows of one layer's states ``X`` (every unit), as the sidecar computes them."""
+    return probe.predict(X[:, probe.neuron_indices.numpy()], side.max_softmax, side.entropy, side.kind)
+
+
 def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
     """The comparison rows for one test subset (all fitted on train/calibration only)."""
     y = data.y
-    comp = parts.served.components(data.X, data.side)
+    comp = served_predictions(parts.served, data.X, data.side)
     rows = [
         _row("served score (value neurons + next-token, per kind)", y, comp["probability"], comp["probability"]),
         _row("value neurons, calibrated", y, comp["value_raw"], comp["value_probability"]),
@@ -196,7 +203,27 @@ def fit_artifact(
         X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights) if other_name else None)
     rng = np.random.default_rng(cfg.seed + 1)
     random_sets = [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(cfg.random_draws)]
-    parts = FittedParts(served=served, other_head=other, dense=LinearProbe().fit(X[tr], y[tr], sample_weight=weights),
+
+    # The artifact's tensors and readout metadata, written and read back: every served number below (the card's
+    # tables, reliability, thresholds) is computed by ValueProbe, the code that serves it.
+    tensors = served.artifact_tensors()
+    if other is not None:
+        tensors.update({f"head.{other.head}.{k_}": v for k_, v in other.head_.head_params().items()})
+    if "head.linear.weight" not in tensors:  # every artifact carries a linear head (the fallback readers use)
+        linear = ConfidenceModel(neurons, head="linear", seed=cfg.seed).fit(X[tr], y[tr], side[tr], X[cal], y[cal],
+                                                                           side[cal])
+        tensors.update({f"head.linear.{k_}": v for k_, v in linear.head_.head_params().items()})
+    metadata = {
+        "model_name": model_name,
+        "hidden_size": str(width),
+        "layer": str(layer),
+        **stamp_metadata(model, tokenizer, layer, prompt_format),
+        "prompt_format": prompt_format.to_json(),
+        "objective": cfg.objective,
+        **served.readout_metadata(),
+    }
+    probe = _written_and_read_back(ArtifactData(tensors, metadata))
+    parts = FittedParts(served=probe, other_head=other, dense=LinearProbe().fit(X[tr], y[tr], sample_weight=weights),
                         next_token=NextTokenStack().fit(side[tr], y[tr], side[cal], y[cal]), random_sets=random_sets,
                         random_probes=[LinearProbe().fit(X[tr][:, s], y[tr], sample_weight=weights) for s in random_sets],
                         calibration=SplitData(X[cal], y[cal], side[cal], [r for r, m in zip(features.rows, cal) if m]))
@@ -206,7 +233,7 @@ def fit_artifact(
 
     test = {"all": _evaluate(parts, subset(te))}
     reliability = {}
-    test_comp = served.components(X[te], side[te])
+    test_comp = served_predictions(probe, X[te], side[te])
     for kind in KINDS:
         m = te & (side.kind == kind)
         if len(np.unique(y[m])) == 2:
@@ -229,9 +256,8 @@ def fit_artifact(
         value_loso = mean_of(r[f"value_{head}"] for r in study.rows.values())
     else:
         served_loso = value_loso = None
-    served_score = "stacked" if served.stack_ else "value"
-
-    prob_cal = served.components(X[cal], side[cal])["probability" if served_score == "stacked" else "value_probability"]
+    served_score = probe.served_score
+    prob_cal = served_predictions(probe, X[cal], side[cal])["probability"]
     thresholds = {
         "escalation": {f"{r:g}": escalation_threshold(prob_cal, r) for r in cfg.escalation_rates},
         "risk_controlled": {
@@ -283,43 +309,17 @@ def fit_artifact(
     }
     card["verdict"] = _verdict(card)
 
-    tensors = {
-        "neurons.indices": torch.as_tensor(neurons, dtype=torch.int64),
-        "features.mean": torch.tensor(served.head_.standardizer_.mean_, dtype=torch.float32),
-        "features.scale": torch.tensor(served.head_.standardizer_.scale_, dtype=torch.float32),
-    }
-    linear = served if head == "linear" else other
-    mlp = served if head == "mlp" else other
-    if linear is None:
-        linear = ConfidenceModel(neurons, head="linear", seed=cfg.seed).fit(X[tr], y[tr], side[tr], X[cal], y[cal], side[cal])
-    tensors.update({f"head.linear.{k_}": v for k_, v in linear.head_.head_params().items()})
-    if mlp is not None:
-        tensors.update({f"head.mlp.{k_}": v for k_, v in mlp.head_.head_params().items()})
-    tensors["calibrator.a"] = torch.tensor([served.value_calibrator_.a_], dtype=torch.float64)
-    tensors["calibrator.b"] = torch.tensor([served.value_calibrator_.b_], dtype=torch.float64)
-    for kind, params in served.stack_.items():
-        tensors.update({f"stack.{kind}.{name}": torch.tensor(np.asarray(v, dtype=np.float64).reshape(-1))
-                        for name, v in params.items()})
-    tensors["ood.mean"] = torch.tensor(served.ood_mean_, dtype=torch.float64)
-    tensors["ood.precision"] = torch.tensor(served.ood_precision_, dtype=torch.float64)
-    tensors["ood.threshold"] = torch.tensor([served.ood_threshold_], dtype=torch.float64)
-    metadata = {
-        "model_name": model_name,
-        "hidden_size": str(width),
-        "layer": str(layer),
-        **stamp_metadata(model, tokenizer, layer, prompt_format),
-        "prompt_format": prompt_format.to_json(),
-        "objective": cfg.objective,
-        "head": head,
-        "calibrator": "platt",
-        "served_score": served_score,
-        "stack_kinds": json.dumps(sorted(served.stack_)),
-        "served_by_kind": json.dumps({kind: served.modes[kind] if kind in served.stack_ else "value" for kind in KINDS}),
-        "stack_features": json.dumps(list(STACK_FEATURES)),
-        "thresholds": json.dumps(thresholds, sort_keys=True),
-        "eval_card": json.dumps(card, sort_keys=True, default=_json_default),
-    }
+    metadata["thresholds"] = json.dumps(thresholds, sort_keys=True)
+    metadata["eval_card"] = json.dumps(card, sort_keys=True, default=_json_default)
     return ArtifactData(tensors, metadata), card
+
+
+def _written_and_read_back(data: ArtifactData) -> ValueProbe:
+    """``data`` saved to a file and loaded as the sidecar loads it (validation, dtypes and all)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/artifact.safetensors"
+        save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
+        return ValueProbe(load_artifact(path))
 
 
 def _json_default(o):

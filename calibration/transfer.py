@@ -9,21 +9,23 @@ only, so no number reuses neurons chosen with the target source's rows.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
-from valueprobe.plugin.readout import mahalanobis, stack_features, stack_logit, stack_proba
+from valueprobe.plugin.readout import STACK_FEATURES, mahalanobis, stack_features, stack_logit, stack_proba
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
 from .probes import LinearProbe, MLPProbe
 
-__all__ = ["Side", "prune_path", "ConfidenceModel", "loso_layer_scan", "loso_study", "K_GRID"]
+__all__ = ["Side", "prune_path", "KindStacker", "ConfidenceModel", "loso_layer_scan", "loso_study", "K_GRID"]
 
 K_GRID = (768, 384, 192, 96, 48, 32, 24, 16, 12, 8, 4)
 
@@ -90,6 +92,38 @@ def _make_head(kind: str, seed: int):
     raise ValueError(f"unknown head {kind!r}")
 
 
+class KindStacker:
+    """One question kind's stacker: logistic regression on the stacking features ``[value logit, logit(max-softmax),
+    entropy]`` (:func:`~valueprobe.plugin.readout.stack_features`), then Platt on the calibration rows.
+
+    ``value_weight=False`` leaves the value logit out (weight 0: the next-token signal alone). ``params_`` are the
+    artifact's ``stack.<kind>.*`` arrays; ``predict_proba`` is the serving function on them. ``inverted_``: the
+    Platt slope on the calibration rows is not positive (the stacker ranks them backwards)."""
+
+    def __init__(self, *, value_weight: bool = True, seed: int = 0, C: float = 1.0):
+        self.value_weight, self.seed, self.C = value_weight, seed, C
+
+    def fit(self, features, y, features_cal, y_cal) -> KindStacker:
+        features = np.asarray(features, dtype=np.float64)
+        if self.value_weight:
+            lr = LinearProbe(C=self.C, random_state=self.seed).fit(features, y)
+            params = {"mean": lr.standardizer_.mean_, "scale": lr.standardizer_.scale_, "weight": lr.coef_,
+                      "bias": np.array([lr.intercept_])}
+        else:
+            lr = LinearProbe(C=self.C, random_state=self.seed).fit(features[:, 1:], y)
+            params = {"mean": np.r_[0.0, lr.standardizer_.mean_], "scale": np.r_[1.0, lr.standardizer_.scale_],
+                      "weight": np.r_[0.0, lr.coef_], "bias": np.array([lr.intercept_])}
+        platt = PlattCalibrator().fit(stack_logit(params, features_cal), y_cal)
+        self.slope_ = float(platt.a_)
+        self.inverted_ = platt.a_ <= 0
+        params["calibrator.a"], params["calibrator.b"] = np.array([platt.a_]), np.array([platt.b_])
+        self.params_ = params
+        return self
+
+    def predict_proba(self, features) -> np.ndarray:
+        return stack_proba(self.params_, features)
+
+
 class ConfidenceModel:
     """The served confidence, fitted from one layer's states.
 
@@ -144,43 +178,75 @@ class ConfidenceModel:
             m, mc = side.kind == kind, side_cal.kind == kind
             if self.modes[kind] == "value" or len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
                 continue
-            features = stack_features(oof[m], side.max_softmax[m], side.entropy[m])
-            if self.modes[kind] == "next_token":
-                stacker = LinearProbe(C=1.0, random_state=self.seed).fit(features[:, 1:], y[m])
-                params = {"mean": np.r_[0.0, stacker.standardizer_.mean_], "scale": np.r_[1.0, stacker.standardizer_.scale_],
-                          "weight": np.r_[0.0, stacker.coef_], "bias": np.array([stacker.intercept_])}
-            else:
-                stacker = LinearProbe(C=1.0, random_state=self.seed).fit(features, y[m])
-                params = {"mean": stacker.standardizer_.mean_, "scale": stacker.standardizer_.scale_,
-                          "weight": stacker.coef_, "bias": np.array([stacker.intercept_])}
-            z_cal = stack_logit(params, stack_features(raw_cal[mc], side_cal.max_softmax[mc], side_cal.entropy[mc]))
-            platt = PlattCalibrator().fit(z_cal, y_cal[mc])
-            if platt.a_ <= 0:
+            stacker = KindStacker(value_weight=self.modes[kind] != "next_token", seed=self.seed).fit(
+                stack_features(oof[m], side.max_softmax[m], side.entropy[m]), y[m],
+                stack_features(raw_cal[mc], side_cal.max_softmax[mc], side_cal.entropy[mc]), y_cal[mc])
+            if stacker.inverted_:
                 # Stacker inverted on the calibration rows: that kind is served by the value probability.
-                self.dropped_kinds_[kind] = f"stacker's Platt slope {platt.a_:.3g} <= 0 on the calibration split"
+                self.dropped_kinds_[kind] = f"stacker's Platt slope {stacker.slope_:.3g} <= 0 on the calibration split"
                 continue
-            params["calibrator.a"], params["calibrator.b"] = np.array([platt.a_]), np.array([platt.b_])
-            self.stack_[kind] = params
+            self.stack_[kind] = stacker.params_
         lw = LedoitWolf().fit(Xk)
         self.ood_mean_, self.ood_precision_ = lw.location_, lw.precision_
         self.ood_threshold_ = float(np.quantile(mahalanobis(Xk_cal, self.ood_mean_, self.ood_precision_),
                                                 self.ood_quantile))
+        self.probe_ = None  # built from these parameters at the first prediction
         return self
 
-    def components(self, X, side: Side) -> dict[str, np.ndarray]:
-        """Every served number per row: ``value_raw``, ``value_probability``, ``probability`` (the stacked score
-        of the row's kind; the value probability where that kind has no stacker), ``ood_distance``, ``ood``."""
-        Xk = X[:, self.neurons]
-        raw = self.head_.decision_function(Xk)
-        value_p = self.value_calibrator_.predict_proba(raw)
-        prob = value_p.copy()
+    # -- the fitted model as the artifact holds it, read back by the serving code ---------------------------------
+    @property
+    def served_score(self) -> str:
+        """``stacked`` when some kind has a stacker, else ``value``: the artifact's ``served_score``."""
+        return "stacked" if self.stack_ else "value"
+
+    def artifact_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted pieces under the artifact's tensor names: neurons, the head's standardiser and parameters,
+        the value calibrator, the per-kind stackers and the OOD model."""
+        tensors = {
+            "neurons.indices": torch.as_tensor(self.neurons, dtype=torch.int64),
+            "features.mean": torch.tensor(self.head_.standardizer_.mean_, dtype=torch.float32),
+            "features.scale": torch.tensor(self.head_.standardizer_.scale_, dtype=torch.float32),
+            **{f"head.{self.head}.{name}": v for name, v in self.head_.head_params().items()},
+            "calibrator.a": torch.tensor([self.value_calibrator_.a_], dtype=torch.float64),
+            "calibrator.b": torch.tensor([self.value_calibrator_.b_], dtype=torch.float64),
+            "ood.mean": torch.tensor(self.ood_mean_, dtype=torch.float64),
+            "ood.precision": torch.tensor(self.ood_precision_, dtype=torch.float64),
+            "ood.threshold": torch.tensor([self.ood_threshold_], dtype=torch.float64),
+        }
         for kind, params in self.stack_.items():
-            m = side.kind == kind
-            if m.any():
-                prob[m] = stack_proba(params, stack_features(raw[m], side.max_softmax[m], side.entropy[m]))
-        dist = mahalanobis(Xk, self.ood_mean_, self.ood_precision_)
-        return {"value_raw": raw, "value_probability": value_p, "probability": prob, "ood_distance": dist,
-                "ood": dist > self.ood_threshold_}
+            tensors.update({f"stack.{kind}.{name}": torch.tensor(np.asarray(v, dtype=np.float64).reshape(-1))
+                            for name, v in params.items()})
+        return tensors
+
+    def readout_metadata(self) -> dict[str, str]:
+        """The artifact's metadata fields that say how these tensors are read."""
+        return {
+            "head": self.head,
+            "calibrator": "platt",
+            "served_score": self.served_score,
+            "stack_kinds": json.dumps(sorted(self.stack_)),
+            "served_by_kind": json.dumps({kind: self.modes[kind] if kind in self.stack_ else "value" for kind in KINDS}),
+            "stack_features": json.dumps(list(STACK_FEATURES)),
+        }
+
+    def as_probe(self, width: int):
+        """This model as a :class:`~valueprobe.plugin.ValueProbe` (no fingerprint: for predictions only), so that
+        every number fitting reports comes from the serving code path."""
+        from valueprobe.plugin.artifact import ArtifactData
+        from valueprobe.plugin.probe import ValueProbe
+        from valueprobe.plugin.prompting import PromptFormat
+
+        metadata = {"model_name": "(being fitted)", "layer": "1", "hidden_size": str(width),
+                    "prompt_format": PromptFormat().to_json(), **self.readout_metadata()}
+        return ValueProbe(ArtifactData(self.artifact_tensors(), metadata))
+
+    def components(self, X, side: Side) -> dict[str, np.ndarray]:
+        """Every served number per row, computed by :meth:`ValueProbe.predict` (the serving code): ``value_raw``,
+        ``value_probability``, ``probability`` (the stacked score of the row's kind; the value probability where
+        that kind has no stacker), ``ood_distance``, ``ood``."""
+        if getattr(self, "probe_", None) is None:
+            self.probe_ = self.as_probe(X.shape[1])
+        return self.probe_.predict(X[:, self.neurons], side.max_softmax, side.entropy, side.kind)
 
 
 class NextTokenStack:
