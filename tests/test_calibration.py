@@ -90,6 +90,8 @@ def test_calibrator_input_checks(scores):
 def test_ranking_metrics_match_sklearn(scores):
     raw, y = scores
     assert auroc_score(y, raw) == pytest.approx(roc_auc_score(y, raw))
+    tied = np.round(raw, 1)  # ties count half, as in scikit-learn
+    assert auroc_score(y, tied) == pytest.approx(roc_auc_score(y, tied), abs=1e-12)
     assert auprc_score(y, raw) == pytest.approx(average_precision_score(y, raw))
     p = 1 / (1 + np.exp(-raw))
     assert brier_loss(y, p) == pytest.approx(brier_score_loss(y, p))
@@ -293,3 +295,25 @@ def test_calibrators_are_scikit_learn_estimators():
     y = (raw + np.random.default_rng(0).normal(0, 1, 200) > 0).astype(int)
     fitted = PlattCalibrator().fit(raw, y)
     assert clone(fitted).get_params() == {"C": 1e6} and fitted.predict_proba([0.0]).shape == (1,)
+
+
+def test_bootstrap_auroc_interval_equals_scoring_each_resample_with_sklearn():
+    """The vectorised interval (ranks of every resample at once) is the loop over roc_auc_score it replaced: same
+    draws, ties counted half, one-class resamples skipped."""
+    from sklearn.metrics import roc_auc_score
+
+    from valueprobe.calibration.metrics import auroc_confidence_interval
+
+    rng = np.random.default_rng(5)
+    for n in (10, 80):
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        score = np.round(rng.normal(size=n) + y, 1)  # rounded: many ties
+        draws = np.random.default_rng(0)
+        stats = []
+        for _ in range(200):
+            idx = draws.integers(0, n, n)
+            if y[idx].min() != y[idx].max():
+                stats.append(roc_auc_score(y[idx], score[idx]))
+        want = np.percentile(stats, [2.5, 97.5])
+        assert auroc_confidence_interval(y, score, n_boot=200, seed=0) == pytest.approx(tuple(want), abs=1e-12)
