@@ -220,18 +220,33 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
+    def log_excerpt(self, limit: int = 6000) -> str:
+        """The server's log for a failure message: from its first traceback (a vLLM engine's root cause is printed
+        by its core process long before the tail) plus the tail, at most ``limit`` characters of each."""
+        text = open(self.log.name, errors="replace").read()
+        first = text.find("Traceback (most recent call last)")
+        if first >= 0 and len(text) - first > limit:
+            text = f"{text[first:first + limit]}\n[...]\n{text[-limit:]}"
+        else:
+            text = text[-limit:]
+        # an engine killed for memory leaves no traceback of its own: say how much memory was left
+        with contextlib.suppress(OSError):
+            available = next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+            text += f"\n[{available.strip()} when the failure was read]"
+        return text
+
     def wait_ready(self, timeout=240):
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {open(self.log.name).read()[-2000:]}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_excerpt()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError(open(self.log.name).read()[-2000:])
+        raise TimeoutError(self.log_excerpt())
 
     def stop(self):
         self.proc.terminate()

@@ -7,7 +7,8 @@ are not installed (``bash scripts/setup.sh --models`` installs them). CI install
 ``VALUEPROBE_CACHE`` at a new empty folder, so the conversion runs every time: a cache warmed by an older
 transformers once hid a conversion change that made the shipped model refuse to serve for every new user.
 
-``python tests/test_shipped_model.py`` rewrites ``tests/data/shipped-model-scores.json`` (the recorded values).
+``python tests/test_shipped_model.py`` rewrites ``tests/data/shipped-model-scores.json`` (the recorded values);
+``--print`` only prints them (the test runs that in a subprocess).
 """
 
 from __future__ import annotations
@@ -67,8 +68,16 @@ def served() -> dict:
     return {}
 
 
+def scores_in_a_subprocess() -> dict[str, float]:
+    """:func:`score_readme_examples` in its own process: the 1.5B model (7 GB in float32) must not stay in the test
+    process's heap while the sidecars below load it twice more (CI's vLLM engine once failed to start here)."""
+    out = subprocess.run([sys.executable, __file__, "--print"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_shipped_artifact_loads_with_its_fingerprint_and_scores_the_readme_examples(recorded):
-    scores = score_readme_examples()
+    scores = scores_in_a_subprocess()
     for name, p in scores.items():
         assert p == pytest.approx(recorded["scores"][name], abs=0.01), (name, p)
 
@@ -113,6 +122,9 @@ def test_the_readme_curl_requests_are_answered_by_each_engine(engine, tmp_path, 
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--print"]:  # the test's subprocess: print the scores, write nothing
+        print(json.dumps(score_readme_examples()))
+        sys.exit(0)
     import transformers
 
     RECORDED.write_text(json.dumps({
