@@ -152,9 +152,11 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
         metrics.request_latency.labels(route=getattr(route, "path", "unmatched")).observe(time.perf_counter() - started)
         return response
 
+    from .consumers import router as consumers
     from .routes import router
 
     app.include_router(router)
+    app.include_router(consumers)
 
     # prometheus_client's own ASGI app (content negotiation, gzip); a Route, not a Mount, so /metrics does not
     # redirect to /metrics/.

@@ -189,3 +189,54 @@ class FeedbackResponse(BaseModel):
 
 class ReloadRequest(BaseModel):
     artifact: str = Field(min_length=1)
+
+
+# -- the shapes routers and guardrails call (server/consumers.py) ---------------------------------------------------
+class ClassifyRequest(BaseModel):
+    """Hugging Face text-classification (TEI ``/predict``, vLLM Semantic Router's HTTP classifier)."""
+
+    model_config = ConfigDict(extra="allow")  # truncate, raw_scores, ...: accepted, not needed
+
+    inputs: Union[str, list[str]] = Field(description="A question, or a list of them.")
+
+
+class ClassLabel(BaseModel):
+    label: Literal["confident", "not_confident"]
+    score: float = Field(description="P(label): the calibrated P(correct) for 'confident', its complement otherwise.")
+
+
+class DetectorParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    threshold: Optional[float] = Field(None, ge=0, le=1, description="P(correct) below which content is detected.")
+
+
+class ContentsRequest(BaseModel):
+    """FMS guardrails detector API, text contents (``POST /api/v1/text/contents``, header ``detector-id``)."""
+
+    contents: list[str] = Field(min_length=1)
+    detector_params: DetectorParams = Field(default_factory=DetectorParams)
+
+
+class ContentsDetection(BaseModel):
+    start: int
+    end: int
+    text: str
+    detection: str
+    detection_type: str
+    score: float = Field(description="1 - P(correct): how sure the detector is that this content is low-confidence.")
+
+
+class GenerationRequest(BaseModel):
+    """FMS guardrails detector API, generation (``POST /api/v1/text/generation``)."""
+
+    prompt: str = Field(min_length=1)
+    generated_text: str
+    detector_params: DetectorParams = Field(default_factory=DetectorParams)
+
+
+class GenerationDetection(BaseModel):
+    detection: str
+    detection_type: str
+    score: float
+    evidence: list = Field(default_factory=list)

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     escalate_rate: Optional[float] = Field(None, gt=0, lt=1, description="Take escalate_below from the artifact's fitted threshold for this traffic share (e.g. 0.2).")
     risk_alpha: Optional[float] = Field(None, gt=0, lt=1, description="Take abstain_below from the artifact's risk-controlled threshold at this error rate (e.g. 0.2).")
     refusal_text: str = "I am not confident enough to answer this question."
+    confident_above: Optional[float] = Field(None, ge=0, le=1, description="For the interfaces routers and guardrails call (/classify, /api/v1/text/*): P(correct) at or above this is 'confident'; default: the threshold in force (escalate_below, else abstain_below), else 0.5. A request's detector_params.threshold wins.")
 
     artifact_sha256: Optional[str] = Field(None, min_length=12, description="Pin: refuse (at start and on reload) an artifact whose content_sha256 does not start with this.")
     search_artifact: Optional[str] = Field(None, description="Step-value artifact (`valueprobe fit-steps`, token_position step_end) that values candidate steps in `search`; default: the served artifact's own head read at step ends.")

@@ -28,6 +28,9 @@ def serve(
     escalate_below: Annotated[Optional[float], typer.Option(help="Escalate when P(correct) is below this.")] = None,
     escalate_rate: Annotated[Optional[float], typer.Option(help="Use the artifact's threshold escalating this share (0.1, 0.2, 0.3).")] = None,
     risk_alpha: Annotated[Optional[float], typer.Option(help="Abstain below the artifact's risk-controlled threshold at this error rate.")] = None,
+    confident_above: Annotated[Optional[float], typer.Option(help="/classify and the guardrails detector routes: "
+                                                             "P(correct) at or above this is 'confident' (default: "
+                                                             "the policy's threshold, else 0.5).")] = None,
     admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/reload "
                                                        "(unset: those routes answer 403).")] = None,
     artifact_sha256: Annotated[Optional[str], typer.Option(help="Pin: refuse an artifact whose content hash does "
@@ -60,7 +63,8 @@ def serve(
                                    upstream_kind=upstream_kind, upstream_model=upstream_model, escalate_url=escalate_url,
                                    escalate_kind=escalate_kind, escalate_model=escalate_model,
                                    abstain_below=abstain_below, escalate_below=escalate_below,
-                                   escalate_rate=escalate_rate, risk_alpha=risk_alpha, admin_token=admin_token,
+                                   escalate_rate=escalate_rate, risk_alpha=risk_alpha, confident_above=confident_above,
+                                   admin_token=admin_token,
                                    artifact_sha256=artifact_sha256, artifact_dir=artifact_dir,
                                    search_artifact=search_artifact,
                                    host=host, port=port).items() if v is not None}
