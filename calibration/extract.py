@@ -177,6 +177,38 @@ def repeated_prompts(tokenizer, fmt: PromptFormat, questions: list[Question], n_
             "past_key_values": use.cache(len(rows)) if use is not None else None}
 
 
+@dataclass
+class SamplingBatch:
+    """One batch of :func:`sampling_batches`: its questions, the ``generate`` inputs (``n_samples`` rows per
+    question), and the pad and end-of-answer token ids."""
+
+    questions: list[Question]
+    inputs: dict
+    pad_id: int
+    eos: list[int]
+
+
+def sampling_batches(model, tokenizer, fmt: PromptFormat, total: int, todo: list[Question], *, n_samples: int,
+                     rows_per_batch: int, seed_of, desc: str, unit: str = "q", progress: bool = True):
+    """The batching every sampler shares (semantic-entropy answers, reasoning traces): ``todo`` in batches of
+    ``rows_per_batch // n_samples`` questions, each rendered with ``fmt`` behind the shared prefix's KV cache and
+    repeated ``n_samples`` times, the torch seed set to ``seed_of(questions, start)`` before the batch is yielded
+    (so a resumed run draws the same samples), progress counted out of ``total`` questions."""
+    model.eval()
+    device = next(model.parameters()).device
+    eos = sorted(eos_token_ids(model, tokenizer))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    prefix = SharedPrefix(model, tokenizer, fmt, device) if todo else None
+    per_batch = max(1, rows_per_batch // n_samples)
+    with tqdm(total=total, initial=total - len(todo), desc=desc, unit=unit, disable=not progress) as bar:
+        for start in range(0, len(todo), per_batch):
+            batch = todo[start : start + per_batch]
+            inputs = repeated_prompts(tokenizer, fmt, batch, n_samples, prefix, pad_id, device)
+            torch.manual_seed(seed_of(batch, start))
+            yield SamplingBatch(batch, inputs, pad_id, eos)
+            bar.update(len(batch))
+
+
 @torch.inference_mode()
 def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token_lists, layers, device, *,
                prefix: SharedPrefix | None, generate: bool, max_new_tokens: int, letter_ids: list[int],

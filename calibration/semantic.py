@@ -24,13 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import PromptFormat
 
 from .data import Question, normalize_answer
-from .extract import PLAIN_SAMPLING, SharedPrefix, repeated_prompts
+from .extract import PLAIN_SAMPLING, sampling_batches
 
 __all__ = ["equivalent", "cluster_answers", "semantic_entropy", "sample_answers", "load_samples"]
 
@@ -103,19 +101,14 @@ def sample_answers(model, tokenizer, questions: list[Question], fmt: PromptForma
     out.parent.mkdir(parents=True, exist_ok=True)
     done = load_samples(out)
     todo = [q for q in questions if q.id not in done]
-    model.eval()
-    device = next(model.parameters()).device
-    eos = sorted(eos_token_ids(model, tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    prefix = SharedPrefix(model, tokenizer, fmt, device) if todo else None
-    per_batch = max(1, rows_per_batch // n_samples)
-    with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="sample", unit="q",
-              disable=not progress) as bar, out.open("a") as fh:
-        for start in range(0, len(todo), per_batch):
-            batch = todo[start : start + per_batch]
-            inputs = repeated_prompts(tokenizer, fmt, batch, n_samples, prefix, pad_id, device)
-            # One seed per batch from the run seed and the first question, so a resumed run draws the same samples.
-            torch.manual_seed(seed * 1_000_003 + sum(map(ord, batch[0].id)) * 7919 + start)
+
+    def seed_of(batch, start):  # from the run seed and the batch's first question: a resumed run draws the same
+        return seed * 1_000_003 + sum(map(ord, batch[0].id)) * 7919 + start
+
+    with out.open("a") as fh:
+        for b in sampling_batches(model, tokenizer, fmt, len(questions), todo, n_samples=n_samples,
+                                  rows_per_batch=rows_per_batch, seed_of=seed_of, desc="sample", progress=progress):
+            batch, inputs, pad_id, eos = b.questions, b.inputs, b.pad_id, b.eos
             started = time.perf_counter()
             gen = model.generate(**inputs, **PLAIN_SAMPLING, max_new_tokens=max_new_tokens, temperature=temperature,
                                  output_logits=True, return_dict_in_generate=True, pad_token_id=pad_id,
@@ -138,7 +131,6 @@ def sample_answers(model, tokenizer, questions: list[Question], fmt: PromptForma
                 fh.write(json.dumps(rec) + "\n")
                 done[q.id] = rec
             fh.flush()
-            bar.update(len(batch))
     return done
 
 

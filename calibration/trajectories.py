@@ -29,11 +29,10 @@ from valueprobe.plugin.search import final_answer  # the one grader: traces, ben
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.hooks import StepStateRecorder, find_decoder_layers
-from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import PromptFormat
 
 from .data import Question, grade_numeric
-from .extract import PLAIN_SAMPLING, SharedPrefix, repeated_prompts
+from .extract import PLAIN_SAMPLING, sampling_batches
 
 __all__ = ["limit_heap_fragmentation", "recorded_states", "TRACE_FORMAT", "split_steps", "step_boundaries", "final_answer", "generate_traces", "load_traces",
            "trace_states", "TraceSet"]
@@ -96,23 +95,20 @@ def generate_traces(model, tokenizer, problems: list[Question], out: str | os.Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {t["problem"] for t in load_traces(out)}
     todo = [q for q in problems if q.id not in done]
-    model.eval()
-    device = next(model.parameters()).device
     n_layers = len(find_decoder_layers(model))
     layers = sorted(set(layers or range(1, n_layers + 1)))
-    eos = sorted(eos_token_ids(model, tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    prefix = SharedPrefix(model, tokenizer, fmt, device) if todo else None
     folder = Path(states_dir) if states_dir else None
     if folder:
         folder.mkdir(parents=True, exist_ok=True)
-    per_batch = max(1, rows_per_batch // n_samples)
-    with tqdm(total=len(problems), initial=len(problems) - len(todo), desc="traces", unit="problem",
-              disable=not progress) as bar, out.open("a") as fh:
-        for start in range(0, len(todo), per_batch):
-            batch = todo[start : start + per_batch]
-            inputs = repeated_prompts(tokenizer, fmt, batch, n_samples, prefix, pad_id, device)
-            torch.manual_seed(seed * 1_000_003 + int(re.sub(r"\D", "", batch[0].id) or 0))
+
+    def seed_of(batch, start):  # from the run seed and the batch's first problem: a resumed run draws the same
+        return seed * 1_000_003 + int(re.sub(r"\D", "", batch[0].id) or 0)
+
+    with out.open("a") as fh:
+        for b in sampling_batches(model, tokenizer, fmt, len(problems), todo, n_samples=n_samples,
+                                  rows_per_batch=rows_per_batch, seed_of=seed_of, desc="traces", unit="problem",
+                                  progress=progress):
+            batch, inputs, pad_id, eos = b.questions, b.inputs, b.pad_id, b.eos
             started = time.perf_counter()
             with StepStateRecorder(model, layers) as rec:
                 seq = model.generate(**inputs, **PLAIN_SAMPLING, max_new_tokens=max_new_tokens,
@@ -149,7 +145,6 @@ def generate_traces(model, tokenizer, problems: list[Question], out: str | os.Pa
             for record in records:
                 fh.write(json.dumps(record) + "\n")
             fh.flush()
-            bar.update(len(batch))
     return load_traces(out)
 
 
