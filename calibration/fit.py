@@ -30,6 +30,7 @@ from .transfer import (
     K_GRID,
     ConfidenceModel,
     NextTokenStack,
+    cv_auroc,
     Side,
     balanced_weights,
     loso_layer_scan,
@@ -172,8 +173,6 @@ def fit_artifact(
         scan = loso_layer_scan(feats, y, sources, tr, layers, balance=cfg.balance, progress=cfg.progress)
         layer_score = {l: float(np.mean([v for v in per.values() if v is not None])) for l, per in scan.items()}
     else:
-        from .selection import cv_auroc
-
         scan = {}
         layer_score = {l: cv_auroc(np.asarray(feats[tr][:, l - 1, :], dtype=np.float64), y[tr], seed=cfg.seed)
                        for l in layers}

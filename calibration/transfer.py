@@ -25,7 +25,7 @@ from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
 from .probes import LinearProbe, MLPProbe
 
-__all__ = ["Side", "prune_path", "KindStacker", "ConfidenceModel", "loso_layer_scan", "loso_study", "K_GRID"]
+__all__ = ["Side", "cv_auroc", "prune_path", "KindStacker", "ConfidenceModel", "loso_layer_scan", "loso_study", "K_GRID"]
 
 K_GRID = (768, 384, 192, 96, 48, 32, 24, 16, 12, 8, 4)
 
@@ -69,6 +69,16 @@ def balanced_weights(y, sources) -> np.ndarray:
             if cell.any():
                 w[cell] = 1.0 / (len(names) * (2 if len(np.unique(y[m])) == 2 else 1) * cell.sum())
     return w * len(y)
+
+
+def cv_auroc(X, y, *, folds: int = 3, seed: int = 0) -> float:
+    """Mean out-of-fold AUROC of a linear probe (stratified folds, fixed seed): the layer criterion when there is a
+    single source, so nothing can be left out."""
+    y = np.asarray(y)
+    oof = np.zeros(len(y))
+    for train, val in StratifiedKFold(folds, shuffle=True, random_state=seed).split(X, y):
+        oof[val] = LinearProbe(C=0.05, random_state=seed).fit(X[train], y[train]).decision_function(X[val])
+    return auroc_score(y, oof)
 
 
 def prune_path(X, y, sizes=K_GRID, *, seed: int = 0, sample_weight=None) -> dict[int, np.ndarray]:

@@ -223,18 +223,25 @@ def test_td_objective_bootstraps_along_trajectories():
     assert auroc_score(reward, first) > 0.9
 
 
-def test_selector_finds_planted_sparse_signal_and_respects_cap():
-    from valueprobe.calibration.selection import NeuronSelector
+def test_leave_one_source_out_selection_finds_a_planted_sparse_signal_that_transfers():
+    """Three sources share a signal on three neurons (their base rates differ): pruning on the fitting rows keeps
+    those neurons, and every left-out source is scored well by a small k."""
+    from valueprobe.calibration.transfer import Side, loso_study, prune_path
 
     rng = np.random.default_rng(0)
-    n, layers, width = 600, 3, 200
-    X = rng.standard_normal((n, layers, width))
-    y = (X[:, 1, [5, 17, 42]].sum(1) + 0.5 * rng.standard_normal(n) > 0).astype(int)
-    sel = NeuronSelector(progress=False, top_layers=2).fit(X, y)
-    assert sel.layer_ == 2 and {5, 17, 42} <= set(sel.neurons_.tolist())
-    assert sel.layer_auroc_[1] == max(sel.layer_auroc_)
-    capped = NeuronSelector(progress=False, layers=[2], max_fraction=0.01).fit(X, y)
-    assert len(capped.neurons_) <= 2 and set(capped.neurons_.tolist()) <= {5, 17, 42}
+    n, width = 900, 200
+    X = rng.standard_normal((n, width))
+    sources = np.array(["a", "b", "c"])[np.arange(n) % 3]
+    shift = np.select([sources == "a", sources == "b"], [-0.8, 0.0], 0.8)
+    y = (X[:, [5, 17, 42]].sum(1) + shift + 0.5 * rng.standard_normal(n) > 0).astype(int)
+    side = Side(rng.uniform(0.3, 1, n), rng.uniform(0, 1.3, n), np.array(["open"] * n))
+    split = np.array(["train", "train", "train", "calibration", "test"])[np.arange(n) % 5]
+    study = loso_study(X, y, sources, side, split, max_fraction=0.05, heads=("linear",), random_draws=3,
+                       progress=False)
+    assert study.k <= 0.05 * width
+    assert min(study.k_curve[study.k].values()) > 0.8  # each source, scored by neurons pruned without it
+    tr = split == "train"
+    assert {5, 17, 42} <= set(prune_path(X[tr], y[tr], [16, 8, 4])[4].tolist())
 
 
 def test_auroc_interval_covers_the_estimate_and_shrinks_with_n():
