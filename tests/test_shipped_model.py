@@ -90,7 +90,10 @@ class Sidecar(Server):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp_path / "serve.log", "w")
-        env = {**os.environ, "VALUEPROBE_PORT": str(self.port), "TOKENIZERS_PARALLELISM": "false"}
+        # a new user's environment: no VLLM_* tuning left over from other tests (a 1 GiB KV cache from the vLLM
+        # tests' settings once made vLLM refuse the 1.5B model's 32k context here)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+        env.update({"VALUEPROBE_PORT": str(self.port), "TOKENIZERS_PARALLELISM": "false"})
         self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", *args], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
 

@@ -18,7 +18,20 @@ from valueprobe.plugin import ValueProbe  # noqa: E402
 from valueprobe.plugin.artifact import FingerprintMismatchError  # noqa: E402
 from valueprobe.plugin.vllm import WORKER_EXTENSION, CompiledModelError, ProbeWorkerExtension, VllmProbe  # noqa: E402
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_kv_cache():
+    """1 GiB of CPU KV cache for the tiny engines of this module only. (Set at import, it leaked into every later
+    test's environment: collecting this module gave the shipped-model test's sidecar 1 GiB, too little for the
+    1.5B model's 32k context, and vLLM refused to start there in CI.)"""
+    before = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    yield
+    if before is None:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    else:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = before
 
 # vLLM's CPU attention needs a head size of 32 or more.
 VLLM_DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
