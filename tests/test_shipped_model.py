@@ -36,25 +36,43 @@ README_PROMPTS = {
 }
 CHAT_MAX_TOKENS = 24
 
-try:
-    KNOWN_MODELS[MODEL].part_paths()
-    installed = True
-except ModelNotInstalledError:
-    installed = False
+
+# The shipped small model (the cascade's first model) and its artifact: checked the same way, from the same empty cache.
+SMALL = "Qwen2.5-Coder-0.5B-Instruct"
+SMALL_ARTIFACT = "qwen2.5-coder-0.5b-instruct.safetensors"
+
+
+def _installed(name: str) -> bool:
+    try:
+        KNOWN_MODELS[name].part_paths()
+        return True
+    except ModelNotInstalledError:
+        return False
+
 
 pytestmark = [pytest.mark.shipped_model,
-              pytest.mark.skipif(not installed, reason="the shipped model is not installed (setup.sh --models)")]
+              pytest.mark.skipif(not _installed(MODEL), reason="the shipped model is not installed (setup.sh --models)")]
 
 
-def score_readme_examples() -> dict[str, float]:
-    """Calibrated probability of each README example, with the shipped default artifact and its check on."""
+def score_readme_examples(model_name: str = MODEL) -> dict[str, float]:
+    """Calibrated probability of each README example, with the model's shipped artifact and its check on."""
     from valueprobe.plugin import ValueProbe, load_model
     from valueprobe.weights import default_artifact
 
-    model, tokenizer = load_model(MODEL)
-    probe = ValueProbe.load(default_artifact())
+    model, tokenizer = load_model(model_name)
+    path = default_artifact() if model_name == MODEL else default_artifact().with_name(SMALL_ARTIFACT)
+    probe = ValueProbe.load(path)
     results = probe.score(model, tokenizer, list(README_PROMPTS.values()))  # check_fingerprint is on by default
     return {name: round(r.probability, 4) for name, r in zip(README_PROMPTS, results)}
+
+
+def scores_in_a_subprocess(model_name: str = MODEL) -> dict[str, float]:
+    """:func:`score_readme_examples` in its own process: the 1.5B model (7 GB in float32) must not stay in the test
+    process's heap while the sidecars below load it twice more."""
+    out = subprocess.run([sys.executable, __file__, "--print", model_name], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +86,17 @@ def served() -> dict:
     return {}
 
 
-def scores_in_a_subprocess() -> dict[str, float]:
-    """:func:`score_readme_examples` in its own process: the 1.5B model (7 GB in float32) must not stay in the test
-    process's heap while the sidecars below load it twice more (CI's vLLM engine once failed to start here)."""
-    out = subprocess.run([sys.executable, __file__, "--print"], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_shipped_artifact_loads_with_its_fingerprint_and_scores_the_readme_examples(recorded):
     scores = scores_in_a_subprocess()
     for name, p in scores.items():
         assert p == pytest.approx(recorded["scores"][name], abs=0.01), (name, p)
+
+
+@pytest.mark.skipif(not _installed(SMALL), reason="the shipped small model is not installed (setup.sh --models)")
+def test_the_small_models_artifact_loads_with_its_fingerprint_and_scores_the_readme_examples(recorded):
+    scores = scores_in_a_subprocess(SMALL)
+    for name, p in scores.items():
+        assert p == pytest.approx(recorded["small"][name], abs=0.01), (name, p)
 
 
 class Sidecar(Server):
@@ -125,8 +142,8 @@ def test_the_readme_curl_requests_are_answered_by_each_engine(engine, tmp_path, 
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--print"]:  # the test's subprocess: print the scores, write nothing
-        print(json.dumps(score_readme_examples()))
+    if sys.argv[1:2] == ["--print"]:  # the tests' subprocess: print the scores, write nothing
+        print(json.dumps(score_readme_examples(sys.argv[2] if len(sys.argv) > 2 else MODEL)))
         sys.exit(0)
     import transformers
 
@@ -134,5 +151,6 @@ if __name__ == "__main__":
         "produced_by": "python tests/test_shipped_model.py",
         "transformers": transformers.__version__,
         "scores": score_readme_examples(),
+        "small": score_readme_examples(SMALL),
     }, indent=2) + "\n")
     print(RECORDED.read_text())
