@@ -92,7 +92,21 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+# Token log-probabilities are not served yet (issue 23): a request that asks for them is refused with the reason
+# rather than answered with an empty field. (TGI's `details` stays: its stock client always sends it.)
+_UNSERVED = {"logprobs": "logprobs", "top_logprobs": "top_logprobs", "top_n_tokens": "top_n_tokens",
+             "decoder_input_details": "decoder_input_details"}
+
+
+def _refuse_unserved(fields: dict) -> None:
+    asked = [name for name in _UNSERVED if fields.get(name) not in (None, False, 0)]
+    if asked:
+        raise ClientError(f"{', '.join(asked)}: token log-probabilities are not served by this sidecar yet; "
+                          "send the request without them")
+
+
 def _query(sidecar: Sidecar, served, rendered_messages, req: p._GenerationParams) -> Query:
+    _refuse_unserved({**(req.model_extra or {}), "logprobs": getattr(req, "logprobs", None)})
     messages, rendered, kind = rendered_messages
     return sidecar.query(served, messages, rendered, kind, req.max_completion_tokens or req.max_tokens, req.temperature,
                          req.top_p, req.seed, req.stop_list(), getattr(req, "search", None))
@@ -282,6 +296,7 @@ async def completions(req: p.CompletionRequest, sidecar: SidecarDep):
 def _tgi_query(sidecar: Sidecar, served, req: p.TGIRequest) -> Query:
     sidecar.check_size(req.inputs)
     prm = req.parameters
+    _refuse_unserved(prm.model_extra or {})
     temperature = prm.temperature if prm.do_sample else None
     # TGI semantics: `inputs` is the raw model text; OpenAI upstreams get it as one user message.
     return sidecar.query(served, [{"role": "user", "content": req.inputs}], req.inputs, ("open", 0), prm.max_new_tokens,

@@ -238,3 +238,25 @@ def test_a_sidecar_that_cannot_load_exits_non_zero_with_the_reason(assets, tmp_p
     assert code == 1, log[-2000:]
     assert "could not load its model or artifact, so it stopped" in log
     assert ("ArtifactError" in log) if broken == "artifact" else ("no-such-model" in log)
+
+
+def test_token_logprobs_are_refused_with_the_reason_not_answered_empty(servers):
+    """Until token log-probabilities are served, asking for them is a 400 that says so (never a null field); TGI's
+    `details` stays answered, since the stock TGI client always sends it."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=servers["upstream"].url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    for extra in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 2}):
+        with pytest.raises(openai.BadRequestError, match="logprobs"):
+            client.chat.completions.create(model="x", messages=messages, max_tokens=2, **extra)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="x", prompt="What is 2 + 2?", max_tokens=2, logprobs=1)
+    assert client.chat.completions.create(model="x", messages=messages, max_tokens=2, logprobs=False).choices
+    url = servers["upstream"].url
+    r = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2, "top_n_tokens": 3}})
+    assert r.status_code == 400 and "top_n_tokens" in r.json()["error"]  # TGI's error shape
+    r = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2, "details": True}},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["details"]["finish_reason"]
