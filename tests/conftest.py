@@ -173,6 +173,21 @@ def artifact_file(tmp_path_factory, fitted):
     return path
 
 
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, fitted, qwen_model, tokenizer):
+    """A folder a real sidecar serves from (:class:`Server`): the tiny Qwen2 saved as ``model/`` and its fitted
+    artifact as ``probe.safetensors`` (one per test module)."""
+    from valueprobe.plugin import save_artifact
+    from valueprobe.plugin.artifact import ArtifactData
+
+    folder = tmp_path_factory.mktemp("sidecar")
+    qwen_model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    data, *_ = fitted
+    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), folder / "probe.safetensors")
+    return folder
+
+
 def run_app(settings, model, tokenizer, scenario, *, timeout: float = 60):
     """Run ``scenario(client, app)`` against the sidecar in-process (lifespan on, ASGI transport) once ready."""
     import asyncio

@@ -12,21 +12,14 @@ import httpx
 import pytest
 from conftest import Server, free_port
 
-from valueprobe.plugin import save_artifact
-from valueprobe.plugin.artifact import ArtifactData
 
 QUESTIONS = ["What is the capital of France?", "Which planet is largest?", "How many legs does a spider have?",
              "the lazy fox?"]
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory, fitted, qwen_model, tokenizer):
-    folder = tmp_path_factory.mktemp("consumers")
-    qwen_model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    data, *_ = fitted
-    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), folder / "probe.safetensors")
-    server = Server(folder).wait_ready()
+def sidecar(assets):
+    server = Server(assets).wait_ready()
     try:
         yield server
     finally:

@@ -10,18 +10,6 @@ import pytest
 from conftest import Server, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from valueprobe.plugin import save_artifact
-from valueprobe.plugin.artifact import ArtifactData
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, fitted, qwen_model, tokenizer):
-    folder = tmp_path_factory.mktemp("sidecar")
-    qwen_model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    data, *_ = fitted
-    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), folder / "probe.safetensors")
-    return folder
 
 
 @pytest.fixture(scope="module")
