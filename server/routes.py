@@ -94,8 +94,7 @@ def _sse(obj) -> str:
 
 # Token log-probabilities are not served yet (issue 23): a request that asks for them is refused with the reason
 # rather than answered with an empty field. (TGI's `details` stays: its stock client always sends it.)
-_UNSERVED = {"logprobs": "logprobs", "top_logprobs": "top_logprobs", "top_n_tokens": "top_n_tokens",
-             "decoder_input_details": "decoder_input_details"}
+_UNSERVED = ("logprobs", "top_logprobs", "top_n_tokens", "decoder_input_details")
 
 
 def _refuse_unserved(fields: dict) -> None:
@@ -106,7 +105,7 @@ def _refuse_unserved(fields: dict) -> None:
 
 
 def _query(sidecar: Sidecar, served, rendered_messages, req: p._GenerationParams) -> Query:
-    _refuse_unserved({**(req.model_extra or {}), "logprobs": getattr(req, "logprobs", None)})
+    _refuse_unserved(req.model_extra or {})  # the request models leave these fields undeclared (extra="allow")
     messages, rendered, kind = rendered_messages
     return sidecar.query(served, messages, rendered, kind, req.max_completion_tokens or req.max_tokens, req.temperature,
                          req.top_p, req.seed, req.stop_list(), getattr(req, "search", None))
