@@ -211,15 +211,10 @@ def sampling_batches(model, tokenizer, fmt: PromptFormat, total: int, todo: list
 
 @torch.inference_mode()
 def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token_lists, layers, device, *,
-               prefix: SharedPrefix | None, generate: bool, max_new_tokens: int, letter_ids: list[int],
-               answer_lengths: list[int] | None = None, eos: set[int] | None = None):
+               prefix: SharedPrefix | None, generate: bool, max_new_tokens: int, letter_ids: list[int]):
     """One batch: prefill (reading every layer at each row's last token and the next-token summary at the
     prompt's end) and, for unlabelled open questions, greedy generation stopped at the answer's end.
-
-    With ``answer_lengths`` each token list is prompt + the model's answer (its last ``answer_lengths[i]``
-    tokens): the layers are read at the answer's last token, the summary at the prompt's last token, and each row
-    gets its answer-side statistics from the same pass (see :func:`_answer_stats`). Returns ``(features [n, L, H],
-    summaries [n, 2+letters], generated token lists, or answer statistics, or None)``."""
+    Returns ``(features [n, L, H], summaries [n, 2+letters], generated token lists or None)``."""
     p_len = len(prefix) if prefix is not None else 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids, mask = _batch_inputs(token_lists, p_len, pad_id, device)
@@ -236,18 +231,61 @@ def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token
                                    for j, x in enumerate(gen.logits)], dim=1)
             extra = list(zip(tokens.tolist(), step_lp.tolist()))
         else:
-            lengths = answer_lengths or [0] * len(batch)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_len:]
             out = model(input_ids=input_ids[:, p_len:], attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=cache is not None, logits_to_keep=1 + max(lengths))
-            logits = out.logits  # [n, 1 + max answer length, vocab]: the last columns of every row
-            first_logits = torch.stack([logits[i, -1 - a] for i, a in enumerate(lengths)])
+                        past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+            first_logits = out.logits[:, -1]
             extra = None
-            if answer_lengths is not None:
-                extra = [_answer_stats(logits[i, logits.shape[1] - 1 - a:], input_ids[i, input_ids.shape[1] - a:], eos)
-                         for i, a in enumerate(lengths)]
     feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
     return feats, summarize_logits(first_logits, letter_ids), extra
+
+
+@torch.inference_mode()
+def _run_answer_batch(model, tokenizer, batch: list[Question], token_lists, answer_ids: dict[str, list[int]],
+                      layers, device, *, prefix: SharedPrefix | None, letter_ids: list[int], eos: set[int]):
+    """Both read positions of one batch in one pass, as serving computes them: the prompt's prefill (every layer
+    at its last token and the next-token summary there), then the answer fed on its KV cache, as decoding does
+    (every layer at the answer's last token: the state the decode step that emits the end of the answer
+    computes). A multiple-choice answer is the letter the model picks here unless ``answer_ids`` has it; open
+    answers come from ``answer_ids`` (right-padded in the continuation, so each row's last real token is its end).
+
+    Returns ``(prompt features [n, L, H], answer features [n, L, H], summaries [n, 2+letters], answer token
+    lists, answer statistics)``; see :func:`_answer_stats`."""
+    p_len = len(prefix) if prefix is not None else 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, mask = _batch_inputs(token_lists, p_len, pad_id, device)
+    cache = prefix.cache(len(batch)) if p_len else DynamicCache()
+    with capture(model, layers, prefill_cache_length=p_len) as cap:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_len:]
+        out = model(input_ids=input_ids[:, p_len:], attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    prompt_feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
+    first_logits = out.logits[:, -1]
+    summaries = summarize_logits(first_logits, letter_ids)
+    answers = []
+    for i, q in enumerate(batch):
+        if q.id in answer_ids:
+            answers.append(answer_ids[q.id])
+        elif q.kind == "choice":
+            answers.append([letter_ids[next_token_features(summaries[i], "choice", len(q.choices))[2]]])
+        else:
+            raise ValueError(f"{q.id}: an open question needs its answer to read at")
+    width = max(1, max(len(a) for a in answers))
+    answer_input = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    answer_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, a in enumerate(answers):
+        answer_input[i, :len(a)] = torch.tensor(a, dtype=torch.long)
+        answer_mask[i, :len(a)] = 1
+    full_mask = torch.cat([mask, answer_mask.to(device)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1]:]
+    with capture(model, layers, prefill_cache_length=mask.shape[1]) as cap:
+        cont = model(input_ids=answer_input.to(device), attention_mask=full_mask, position_ids=positions,
+                     past_key_values=out.past_key_values, use_cache=True)
+    answer_feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
+    stats = [_answer_stats(torch.cat([first_logits[i:i + 1], cont.logits[i, :len(a)]]),
+                           torch.tensor(a, dtype=torch.long, device=device), eos)
+             for i, a in enumerate(answers)]
+    return prompt_feats, answer_feats, summaries, answers, stats
 
 
 def _answer_stats(logits: torch.Tensor, answer: torch.Tensor, eos: set[int]) -> dict:
@@ -322,13 +360,15 @@ def extract_features(
     (``id -> row`` from :func:`load_labels`) supplies answers generated by an earlier run: those open questions
     get a prefill only. Each row records ``seconds`` (its share of its batch's wall time) and ``generated``.
 
-    ``answers`` (``id -> the model's answer``: the chosen letter for multiple choice, the generated text for
-    open questions, e.g. from a labels file) switches the read position to ``answer_end``: one prefill of prompt
-    + answer per question, no generation, every layer read at the answer's last token (the state the decode
-    step that emits the end of the answer computes). Rows then also carry ``answer`` and the answer-side
-    signals of the same pass (``answer_mean_logprob``, ``answer_min_logprob``, ``answer_sum_logprob``,
-    ``answer_tokens``, ``answer_end_prob``); ``max_softmax`` and ``option_entropy`` stay those at the prompt's
-    end. Every question needs an answer (open ones also their grade in ``labels``).
+    ``answers`` (``id -> the model's answer``: the generated text for open questions, e.g. from a labels file;
+    optionally the letter for multiple choice, which is otherwise the one the model picks in the same pass) also
+    reads at ``answer_end``: the prompt's prefill, then the answer fed on its KV cache as decoding does (no
+    generation), every layer read at the answer's last token (the state the decode step that emits the end of the
+    answer computes). The result is the answer-end set; its rows also carry ``answer`` and the answer-side signals
+    of the same pass (``answer_mean_logprob``, ``answer_min_logprob``, ``answer_sum_logprob``, ``answer_tokens``,
+    ``answer_end_prob``); ``max_softmax`` and ``option_entropy`` stay those at the prompt's end. The prompt-end
+    states of the same pass go to the prompt-only cache, so :func:`extract_answer_end` costs one pass. Every open
+    question needs an answer and its grade in ``labels``.
     """
     if not questions:
         raise ValueError("no questions to extract")
@@ -339,19 +379,24 @@ def extract_features(
     model.eval()
     device = next(model.parameters()).device
     layers = list(range(1, len(find_decoder_layers(model)) + 1))
-    folder = None
+    folder = prompt_folder = None
     done: dict[str, tuple[torch.Tensor, dict]] = {}
+    prompt_done: dict[str, tuple[torch.Tensor, dict]] = {}
     if answers is not None:
-        missing = [q.id for q in questions if q.id not in answers or (q.kind != "choice" and q.id not in labels)]
+        missing = [q.id for q in questions if q.kind != "choice" and (q.id not in answers or q.id not in labels)]
         if missing:
-            raise ValueError(f"{len(missing)} questions have no answer (and grade) to read at: {missing[:5]}")
+            raise ValueError(f"{len(missing)} open questions have no answer (and grade) to read at: {missing[:5]}")
     if cache_dir is not None:
         key = _cache_key(model, tokenizer, prompt_format, max_new_tokens)
-        folder = Path(cache_dir) / (key if answers is None else f"{key}-answer_end")
+        prompt_folder = Path(cache_dir) / key
+        folder = prompt_folder if answers is None else Path(cache_dir) / f"{key}-answer_end"
         folder.mkdir(parents=True, exist_ok=True)
         done = _load_shards(folder)
+        if answers is not None:
+            prompt_folder.mkdir(parents=True, exist_ok=True)
+            prompt_done = _load_shards(prompt_folder)
     if answers is not None:  # an answer that changed since it was read is read again
-        done = {i: v for i, v in done.items() if v[1].get("answer") == answers.get(i)}
+        done = {i: v for i, v in done.items() if i not in answers or v[1].get("answer") == answers[i]}
     todo = [q for q in questions if q.id not in done]
     eos = eos_token_ids(model, tokenizer)
     letter_ids = prompt_format.letter_token_ids(tokenizer, len(prompt_format.letters))
@@ -360,16 +405,19 @@ def extract_features(
     tokens = {q.id: tokenizer(prompt_format.render(tokenizer, q.prompt()), add_special_tokens=special)["input_ids"]
               for q in todo}
     answer_ids: dict[str, list[int]] = {}
-    if answers is not None:
-        for q in todo:
-            if q.kind == "choice":  # the letter token the model emits, as the prompt-only readout picks it
-                answer_ids[q.id] = [letter_ids[prompt_format.letters.index(answers[q.id])]]
-            else:
-                answer_ids[q.id] = tokenizer(answers[q.id], add_special_tokens=False)["input_ids"]
-            tokens[q.id] = tokens[q.id] + answer_ids[q.id]
+    for q in todo if answers is not None else []:
+        if q.id not in answers:
+            continue  # multiple choice: the letter the model picks in the same pass
+        if q.kind == "choice":  # the letter token the model emits, as the prompt-only readout picks it
+            answer_ids[q.id] = [letter_ids[prompt_format.letters.index(answers[q.id])]]
+        else:
+            answer_ids[q.id] = tokenizer(answers[q.id], add_special_tokens=False)["input_ids"]
 
     def needs_generation(q: Question) -> bool:
         return answers is None and q.kind != "choice" and q.id not in labels
+
+    def length(q: Question) -> int:
+        return len(tokens[q.id]) + len(answer_ids.get(q.id, ()))
 
     # Waves keep the given (interleaved) order; inside one, similar lengths share a batch so padding is small.
     wave = wave_size or max(len(todo), 1)
@@ -377,50 +425,66 @@ def extract_features(
     for w in range(0, len(todo), wave):
         chunk = todo[w : w + wave]
         for gen_flag in (False, True):
-            part = sorted((q for q in chunk if needs_generation(q) == gen_flag), key=lambda q: len(tokens[q.id]))
+            part = sorted((q for q in chunk if needs_generation(q) == gen_flag), key=length)
             size = generate_batch_size if gen_flag else batch_size
             groups.extend((gen_flag, part[i : i + size]) for i in range(0, len(part), size))
 
-    next_shard = len(list(folder.glob("shard-*.json"))) if folder else 0
+    shards = {f: len(list(f.glob("shard-*.json"))) for f in {folder, prompt_folder} if f is not None}
+
+    def flush(target: Path | None, feats: list, rows: list, into: dict) -> None:
+        if not rows:
+            return
+        feats_all = torch.cat(feats)
+        if target is not None:
+            _write_shard(target, shards[target], feats_all, rows)
+            shards[target] += 1
+        for i, row in enumerate(rows):
+            into[row["id"]] = (feats_all[i], row)
+        feats.clear()
+        rows.clear()
+
     pending_feats, pending_rows = [], []
+    prompt_feats_pending, prompt_rows_pending = [], []
     with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="extract", disable=not progress,
               unit="q") as bar:
         for number, (gen_flag, batch) in enumerate(groups):
             token_lists = [tokens[q.id] for q in batch]
             use_prefix = prefix if prefix is not None and all(prefix.matches(t) for t in token_lists) else None
             started = time.perf_counter()
-            lengths = [len(answer_ids[q.id]) for q in batch] if answers is not None else None
-            feats, summaries, generated = _run_batch(
-                model, tokenizer, prompt_format, batch, token_lists, layers, device, prefix=use_prefix,
-                generate=gen_flag, max_new_tokens=max_new_tokens, letter_ids=letter_ids, answer_lengths=lengths,
-                eos=eos)
+            if answers is None:
+                feats, summaries, generated = _run_batch(
+                    model, tokenizer, prompt_format, batch, token_lists, layers, device, prefix=use_prefix,
+                    generate=gen_flag, max_new_tokens=max_new_tokens, letter_ids=letter_ids)
+            else:
+                prompt_feats, feats, summaries, read, stats = _run_answer_batch(
+                    model, tokenizer, batch, token_lists, answer_ids, layers, device, prefix=use_prefix,
+                    letter_ids=letter_ids, eos=eos)
             seconds = (time.perf_counter() - started) / len(batch)
             for i, q in enumerate(batch):
-                prompt_tokens = len(token_lists[i]) - (lengths[i] if lengths else 0)
-                row = _row(prompt_format, q, summaries[i], prompt_tokens, generated[i] if generated else None,
-                           tokenizer, eos, labels.get(q.id))
-                row.update({"id": q.id, "dataset": q.dataset, "kind": q.kind, "seconds": round(seconds, 4),
-                            "generated": gen_flag, "prefix_cached": use_prefix is not None})
-                if answers is not None:
-                    row["answer"] = answers[q.id]
-                    if q.kind == "choice" and row["prediction"] != answers[q.id]:
-                        raise ValueError(f"{q.id}: the answer to read at is {answers[q.id]!r} but the model chose "
-                                         f"{row['prediction']!r} on this prompt: answers from another model or format?")
-                pending_rows.append(row)
+                common = {"id": q.id, "dataset": q.dataset, "kind": q.kind, "seconds": round(seconds, 4),
+                          "generated": gen_flag, "prefix_cached": use_prefix is not None}
+                if answers is None:
+                    row = _row(prompt_format, q, summaries[i], len(token_lists[i]),
+                               generated[i] if generated else None, tokenizer, eos, labels.get(q.id))
+                    pending_rows.append({**row, **common})
+                    continue
+                prompt_row = {**_row(prompt_format, q, summaries[i], len(token_lists[i]), None, tokenizer, eos,
+                                     labels.get(q.id)), **common}
+                answer = answers.get(q.id, prompt_row["prediction"])
+                if q.kind == "choice" and prompt_row["prediction"] != answer:
+                    raise ValueError(f"{q.id}: the answer to read at is {answer!r} but the model chose "
+                                     f"{prompt_row['prediction']!r} on this prompt: answers from another model or format?")
+                pending_rows.append({**prompt_row, **stats[i], "answer": answer})
+                if q.id not in prompt_done:
+                    prompt_feats_pending.append(prompt_feats[i:i + 1])
+                    prompt_rows_pending.append(prompt_row)
             pending_feats.append(feats)
             bar.update(len(batch))
             last = number == len(groups) - 1
-            if folder is not None and (len(pending_rows) >= shard_size or last):
-                feats_all = torch.cat(pending_feats)
-                _write_shard(folder, next_shard, feats_all, pending_rows)
-                for i, row in enumerate(pending_rows):
-                    done[row["id"]] = (feats_all[i], row)
-                next_shard += 1
-                pending_feats, pending_rows = [], []
-    if pending_rows:
-        feats_all = torch.cat(pending_feats)
-        for i, row in enumerate(pending_rows):
-            done[row["id"]] = (feats_all[i], row)
+            if len(pending_rows) >= shard_size or last:
+                flush(folder, pending_feats, pending_rows, done)
+                if answers is not None:
+                    flush(prompt_folder, prompt_feats_pending, prompt_rows_pending, prompt_done)
     features = torch.stack([done[q.id][0] for q in questions])
     rows = [dict(done[q.id][1]) for q in questions]
     if not all(math.isfinite(float(v)) for v in features.reshape(-1)[:1000]):
@@ -430,19 +494,18 @@ def extract_features(
 
 def extract_answer_end(model, tokenizer, questions: list[Question], prompt_format: PromptFormat, *,
                        labels: dict[str, dict], **kwargs) -> tuple[FeatureSet, FeatureSet]:
-    """Both read positions for ``questions``: ``(at the prompt's end, at the answer's end)``.
-
-    The prompt-only run gives the multiple-choice answers (the letter the model picks); the open answers are the
-    generated ones in ``labels`` (a labels file), so nothing is generated here: one prefill of the prompt and one
-    of prompt + answer per question, both cached under ``cache_dir`` (``kwargs`` go to
-    :func:`extract_features`)."""
+    """Both read positions for ``questions``: ``(at the prompt's end, at the answer's end)``, from one pass
+    (see ``answers`` in :func:`extract_features`): multiple-choice answers are the letters the model picks, open
+    answers the generated ones in ``labels`` (a labels file), so nothing is generated here. Both sets are cached
+    under ``cache_dir``; ``kwargs`` go to :func:`extract_features`."""
     missing = [q.id for q in questions if q.kind != "choice" and q.id not in labels]
     if missing:
         raise ValueError(f"{len(missing)} open questions have no generated answer in the labels file (generate "
                          f"them with `valueprobe extract --labels FILE` first): {missing[:5]}")
-    prompt = extract_features(model, tokenizer, questions, prompt_format, labels=labels, **kwargs)
-    answers = {r["id"]: r["prediction"] for r in prompt.rows}
+    answers = {q.id: labels[q.id]["prediction"] for q in questions if q.kind != "choice"}
     answer = extract_features(model, tokenizer, questions, prompt_format, labels=labels, answers=answers, **kwargs)
+    # With a cache the same pass filled the prompt-only one and this reads it back; without, it is a second pass.
+    prompt = extract_features(model, tokenizer, questions, prompt_format, labels=labels, **kwargs)
     return prompt, answer
 
 

@@ -9,7 +9,8 @@ import torch
 
 from conftest import build_model
 from valueprobe.calibration.data import Question
-from valueprobe.calibration.extract import SharedPrefix, extract_features, load_labels, save_labels
+from valueprobe.calibration.extract import (SharedPrefix, extract_answer_end, extract_features, load_labels,
+                                           save_labels)
 from valueprobe.plugin.prompting import PromptFormat
 
 QUESTIONS = [
@@ -115,3 +116,26 @@ def test_answer_end_refuses_a_letter_the_model_did_not_choose(qwen_model, tokeni
     other = next(letter for letter in "ABCD" if letter != rows[0]["prediction"])
     with pytest.raises(ValueError, match="the model chose"):
         extract_features(qwen_model, tokenizer, QUESTIONS[:1], fmt, answers={"c1": other}, progress=False)
+
+
+def test_one_answer_pass_fills_both_caches(qwen_model, tokenizer, tmp_path):
+    """``extract_answer_end`` runs one pass: the prompt-end states it writes to the prompt-only cache equal a
+    prompt-only extraction's, and reading both sets again from the cache runs no forward pass."""
+    fmt = PromptFormat()
+    prompt_only = extract_features(qwen_model, tokenizer, QUESTIONS, fmt, max_new_tokens=4, progress=False)
+    labels = {r["id"]: {**r, "prediction": "Paris"} for r in prompt_only.rows if r["kind"] == "open"}
+    prompt, answer = extract_answer_end(qwen_model, tokenizer, QUESTIONS, fmt, labels=labels, cache_dir=tmp_path,
+                                        max_new_tokens=4, batch_size=4, progress=False)
+    torch.testing.assert_close(prompt.features, prompt_only.features, atol=1e-4, rtol=1e-4)
+    assert [r["prediction"] for r in prompt.rows if r["kind"] == "choice"] == \
+        [r["answer"] for r in answer.rows if r["kind"] == "choice"]
+    assert all(r["answer"] == "Paris" for r in answer.rows if r["kind"] == "open")
+    calls = []
+    handle = qwen_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = extract_answer_end(qwen_model, tokenizer, QUESTIONS, fmt, labels=labels, cache_dir=tmp_path,
+                                   max_new_tokens=4, progress=False)
+    finally:
+        handle.remove()
+    assert calls == []
+    torch.testing.assert_close(again[1].features, answer.features)
