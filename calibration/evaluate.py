@@ -18,7 +18,7 @@ from .metrics import (
     reliability_curve,
 )
 
-__all__ = ["score_metrics", "BASELINES", "render_markdown", "write_plots", "write_report", "format_table",
+__all__ = ["score_metrics", "BASELINES", "ANSWER_BASELINES", "render_markdown", "write_plots", "write_report", "format_table",
            "evaluate_artifact", "prediction_records", "artifact_test_questions"]
 
 # Prompt-only baselines read from extraction rows, oriented so that higher = more confident.
@@ -29,6 +29,16 @@ BASELINES = {
     "neg. question length": lambda rows: [-r["question_tokens"] for r in rows],
     # Needs the whole generated answer (not prompt-only): open questions only.
     "seq log-prob (post-gen)": lambda rows: [r.get("seq_logprob") for r in rows],
+}
+# Answer-side baselines, from rows read at the answer's end (the same pass: prompt + the model's answer).
+ANSWER_BASELINES = {
+    "answer mean token log-prob": lambda rows: [r.get("answer_mean_logprob") for r in rows],
+    "answer sum log-prob": lambda rows: [r.get("answer_sum_logprob") for r in rows],
+    "answer min token log-prob": lambda rows: [r.get("answer_min_logprob") for r in rows],
+    "neg. answer length": lambda rows: [None if r.get("answer_tokens") is None else -r["answer_tokens"] for r in rows],
+    "prompt max-softmax": lambda rows: [r.get("max_softmax") for r in rows],
+    "prompt-only served score": lambda rows: [r.get("prompt_probability") for r in rows],
+    "P(True)": lambda rows: [r.get("p_true") for r in rows],
 }
 
 

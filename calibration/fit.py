@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from valueprobe.plugin.artifact import ArtifactData, load_artifact, save_artifact
+from valueprobe.plugin.artifact import ANSWER_END, TOKEN_POSITION, ArtifactData, load_artifact, save_artifact
 from valueprobe.plugin.fingerprint import stamp_metadata
 from valueprobe.plugin.nexttoken import KINDS
 from valueprobe.plugin.probe import ValueProbe
 from valueprobe.plugin.prompting import PromptFormat
+from valueprobe.plugin.readout import ANSWER_STACK_FEATURES, STACK_FEATURES
 
-from .evaluate import BASELINES, reliability_dict, score_metrics
+from .evaluate import ANSWER_BASELINES, BASELINES, reliability_dict, score_metrics
 from .extract import FeatureSet
 from .metrics import auroc_score
 from .probes import LinearProbe
@@ -104,12 +105,17 @@ def served_predictions(probe: ValueProbe, X: np.ndarray, side: Side) -> dict[str
     return probe.predict(X[:, probe.neuron_indices.numpy()], side.max_softmax, side.entropy, side.kind)
 
 
+# What the stacker's free columns are called in the card, per read position (see transfer.Side).
+FREE_SIGNALS = {TOKEN_POSITION: "next-token", ANSWER_END: "answer token log-probs"}
+
+
 def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
     """The comparison rows for one test subset (all fitted on train/calibration only)."""
     y = data.y
     comp = served_predictions(parts.served, data.X, data.side)
+    free = FREE_SIGNALS[parts.served.token_position]
     rows = [
-        _row("served score (value neurons + next-token, per kind)", y, comp["probability"], comp["probability"]),
+        _row(f"served score (value neurons + {free}, per kind)", y, comp["probability"], comp["probability"]),
         _row("value neurons, calibrated", y, comp["value_raw"], comp["value_probability"]),
     ]
     if parts.other_head is not None:
@@ -117,7 +123,8 @@ def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
         rows.append(_row(f"served score, {parts.other_head.head} head", y, oc["probability"], oc["probability"]))
     nts = parts.next_token.predict_proba(data.side)
     if np.isfinite(nts).all():
-        rows.append(_row("next-token stack (max-softmax + entropy, per kind)", y, nts, nts))
+        rows.append(_row("next-token stack (max-softmax + entropy, per kind)" if free == "next-token" else
+                         "answer log-prob stack (mean + min token log-prob, per kind)", y, nts, nts))
     rows.append(_row("dense probe, same layer", y, parts.dense.decision_function(data.X)))
     # AUROC only (no bootstrap interval per draw: 100 draws x 500 resamples would dominate the fit's time).
     rand = [auroc_score(y, p.decision_function(data.X[:, s])) if len(np.unique(y)) == 2 else None
@@ -128,7 +135,7 @@ def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
         rows.append({"name": f"random {len(parts.random_sets[0])} neurons, linear head ({len(rand)} draws)",
                      "n": len(y), "accuracy": float(np.mean(y)), "auroc": float(rand.mean()),
                      "auroc_std": float(rand.std()), "value_percentile": float((rand < value_auroc).mean() * 100)})
-    for name, getter in BASELINES.items():
+    for name, getter in (BASELINES if free == "next-token" else ANSWER_BASELINES).items():
         vals = getter(data.rows)
         if all(v is not None for v in vals):
             rows.append(_row(name, y, np.asarray(vals, dtype=np.float64)))
@@ -143,10 +150,16 @@ def fit_artifact(
     model_name: str,
     prompt_format: PromptFormat,
     config: FitConfig | None = None,
+    token_position: str = TOKEN_POSITION,
 ) -> tuple[ArtifactData, dict]:
     """Choose layer, k and head by leave-one-source-out AUROC, fit the served confidence (value neurons stacked
     with the next-token signal, per kind, Platt-calibrated per kind, with an OOD distance), evaluate it on the
     test split and on every left-out source, and build the artifact.
+
+    ``token_position="answer_end"``: ``features`` were read at the end of the model's own answer
+    (:func:`~valueprobe.calibration.extract.extract_answer_end`) and the free signal stacked with the value
+    neurons is the answer's token log-probabilities (:meth:`Side.from_answer_rows`); the answer-side baselines
+    (and ``prompt_probability``, the prompt-only served score, where rows carry it) are compared in every table.
 
     Returns ``(artifact, card)``; save with :func:`valueprobe.plugin.save_artifact`.
     """
@@ -161,7 +174,16 @@ def fit_artifact(
             raise ValueError(f"the {name} split has {(split == name).sum()} questions and only one outcome class; "
                              "more (or more varied) data is needed")
     sources = np.asarray([r["dataset"] for r in features.rows])
-    side = Side.from_rows(features.rows)
+    answer_end = token_position == ANSWER_END
+    if token_position not in (TOKEN_POSITION, ANSWER_END):
+        raise ValueError(f"token_position must be {TOKEN_POSITION!r} or {ANSWER_END!r}, got {token_position!r}")
+    side = Side.from_answer_rows(features.rows) if answer_end else Side.from_rows(features.rows)
+    stack_names = ANSWER_STACK_FEATURES if answer_end else STACK_FEATURES
+    loso_baselines = {}
+    for name, getter in (ANSWER_BASELINES if answer_end else {}).items():
+        vals = getter(features.rows)
+        if all(v is not None for v in vals):
+            loso_baselines[name] = np.asarray(vals, dtype=np.float64)
     n_layers, width = features.features.shape[1], features.features.shape[2]
     tr, cal, te = split == "train", split == "calibration", split == "test"
 
@@ -185,7 +207,7 @@ def fit_artifact(
     if many_sources:
         study = loso_study(X, y, sources, side, split, max_fraction=cfg.max_fraction or 1.0, tolerance=cfg.tolerance,
                            heads=cfg.heads, random_draws=cfg.random_draws, seed=cfg.seed, balance=cfg.balance,
-                           progress=cfg.progress)
+                           baselines=loso_baselines, progress=cfg.progress)
         k, head = study.k, study.head
     else:
         cap = max(1, int((cfg.max_fraction or 1.0) * width))
@@ -195,10 +217,10 @@ def fit_artifact(
     weights = balanced_weights(y[tr], sources[tr]) if cfg.balance else None
     neurons = prune_path(X[tr], y[tr], sorted(set(grid) | {k}), seed=cfg.seed, sample_weight=weights)[k]
     modes = study.modes if study is not None else {}
-    served = ConfidenceModel(neurons, head=head, seed=cfg.seed, modes=modes).fit(
+    served = ConfidenceModel(neurons, head=head, seed=cfg.seed, modes=modes, stack_names=stack_names).fit(
         X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights)
     other_name = next((h for h in cfg.heads if h != head), None)
-    other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed, modes=modes).fit(
+    other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed, modes=modes, stack_names=stack_names).fit(
         X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights) if other_name else None)
     rng = np.random.default_rng(cfg.seed + 1)
     random_sets = [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(cfg.random_draws)]
@@ -217,6 +239,7 @@ def fit_artifact(
         "hidden_size": str(width),
         "layer": str(layer),
         **stamp_metadata(model, tokenizer, layer, prompt_format),
+        "token_position": token_position,
         "prompt_format": prompt_format.to_json(),
         "objective": cfg.objective,
         **served.readout_metadata(),
@@ -278,6 +301,7 @@ def fit_artifact(
                 ood_card[f"loso_n_{name}"] = int(m.sum())
     card = {
         "model_name": model_name,
+        "token_position": token_position,
         "served_score": served_score,
         "served_by_kind": {kind: (served.modes[kind] if kind in served.stack_ or served.modes[kind] == "value"
                                   else "value (no stacker)") for kind in KINDS},
@@ -335,15 +359,28 @@ def _verdict(card: dict) -> str:
     """Plain sentences on the targets: transfer, free-baseline margin, calibration per kind, sparsity."""
     out = []
     loso = card.get("loso", {}).get("rows", {})
+    answer_end = card.get("token_position") == ANSWER_END
+    floor = 0.78 if answer_end else 0.72
     if loso:
         served = {s: r.get("served") for s, r in loso.items()}
         worst = min((v for v in served.values() if v is not None), default=None)
-        meeting = sum(1 for v in served.values() if v is not None and v >= 0.72)
-        out.append(f"Leave-one-source-out AUROC of the served score: min {worst:.3f}; ≥ 0.72 on {meeting} of "
+        meeting = sum(1 for v in served.values() if v is not None and v >= floor)
+        out.append(f"Leave-one-source-out AUROC of the served score: min {worst:.3f}; ≥ {floor} on {meeting} of "
                    f"{len(served)} left-out sources (target: all).")
         for kind in KINDS:
             rows = [r for r in loso.values() if r["kind"] == kind]
-            if rows:
+            if not rows:
+                continue
+            if answer_end:
+                # the best free answer-side signal per source: sequence log-probability (mean or sum), the
+                # minimum token log-probability, or the prompt's max-softmax
+                free = ("baseline:answer mean token log-prob", "baseline:answer sum log-prob",
+                        "baseline:answer min token log-prob", "baseline:prompt max-softmax")
+                best = [max((r[c] for c in free if r.get(c) is not None), default=0.5) for r in rows]
+                gain = np.mean([r["served"] - b for r, b in zip(rows, best)])
+                out.append(f"{kind}: serves {rows[0]['served_mode']}; served − best free answer-side baseline = "
+                           f"{gain:+.3f} AUROC (mean over left-out sources; target +0.03).")
+            else:
                 gain = np.mean([r["served"] - r["max_softmax"] for r in rows])
                 out.append(f"{kind}: serves {rows[0]['served_mode']}; served − max-softmax = {gain:+.3f} AUROC (mean "
                            "over left-out sources; target +0.02).")

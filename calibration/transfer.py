@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
-from valueprobe.plugin.readout import STACK_FEATURES, mahalanobis, stack_features, stack_logit, stack_proba
+from valueprobe.plugin.readout import STACK_FEATURES, answer_signals, mahalanobis, stack_features, stack_logit, stack_proba
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
@@ -32,7 +32,12 @@ K_GRID = (768, 384, 192, 96, 48, 32, 24, 16, 12, 8, 4)
 
 @dataclass
 class Side:
-    """Per-question prompt-only side information: the free next-token signal and the question kind."""
+    """Per-question side information: the free signal of the same forward pass and the question kind.
+
+    At the prompt's end (:meth:`from_rows`) the free signal is the next-token distribution: ``max_softmax`` and
+    ``entropy``. At the answer's end (:meth:`from_answer_rows`) it is the answer's own token log-probabilities,
+    in the same two columns (:func:`~valueprobe.plugin.readout.answer_signals`: the mean token probability and the
+    largest token surprise), so the stacker, the study and the artifact are the same code at both positions."""
 
     max_softmax: np.ndarray
     entropy: np.ndarray
@@ -43,6 +48,18 @@ class Side:
         return cls(np.array([r["max_softmax"] for r in rows], dtype=np.float64),
                    np.array([r["option_entropy"] for r in rows], dtype=np.float64),
                    np.array(["choice" if r["kind"] == "choice" else "open" for r in rows]))
+
+    @classmethod
+    def from_answer_rows(cls, rows: list[dict]) -> Side:
+        """From answer-end extraction rows (``answer_mean_logprob``, ``answer_min_logprob``; see
+        :func:`~valueprobe.calibration.extract.extract_features`)."""
+        def signals(r):
+            if r.get("answer_mean_logprob") is None:  # empty answer
+                return answer_signals([])
+            return float(np.exp(r["answer_mean_logprob"])), float(min(-r["answer_min_logprob"], 30.0))
+
+        pairs = np.array([signals(r) for r in rows], dtype=np.float64).reshape(-1, 2)
+        return cls(pairs[:, 0], pairs[:, 1], np.array(["choice" if r["kind"] == "choice" else "open" for r in rows]))
 
     def __getitem__(self, mask) -> Side:
         return Side(self.max_softmax[mask], self.entropy[mask], self.kind[mask])
@@ -147,8 +164,11 @@ class ConfidenceModel:
     """
 
     def __init__(self, neurons, *, head: str = "linear", seed: int = 0, folds: int = 5, ood_quantile: float = 0.99,
-                 modes: dict | None = None):
+                 modes: dict | None = None, stack_names=STACK_FEATURES):
         self.neurons = np.asarray(neurons, dtype=np.int64)
+        #: what the stacker's columns are (the artifact's ``stack_features``): next-token signals at the prompt's
+        #: end, the answer's token log-probabilities at its end (see :class:`Side`)
+        self.stack_names = tuple(stack_names)
         self.head, self.seed, self.folds, self.ood_quantile = head, seed, folds, ood_quantile
         #: per kind, what ``probability`` is: "stacked" (value logit + next-token features), "next_token" (the
         #: next-token features alone: the value weight is 0) or "value" (the value neurons' calibrated probability)
@@ -236,7 +256,7 @@ class ConfidenceModel:
             "served_score": self.served_score,
             "stack_kinds": json.dumps(sorted(self.stack_)),
             "served_by_kind": json.dumps({kind: self.modes[kind] if kind in self.stack_ else "value" for kind in KINDS}),
-            "stack_features": json.dumps(list(STACK_FEATURES)),
+            "stack_features": json.dumps(list(self.stack_names)),
         }
 
     def as_probe(self, width: int):
@@ -323,12 +343,15 @@ class LosoStudy:
 
 def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, tolerance: float = 0.01,
                heads=("linear", "mlp"), random_draws: int = 100, seed: int = 0, k_grid=K_GRID,
-               balance: bool = True, group_stacking: bool = False, progress: bool = True) -> LosoStudy:
+               balance: bool = True, group_stacking: bool = False, baselines: dict | None = None,
+               progress: bool = True) -> LosoStudy:
     """Leave-one-source-out at one layer (``X`` is ``[n, width]``): choose k and head, and measure the served
     score, its parts and its baselines on every left-out source.
 
     For each source s, the fitting rows are the other sources' ``train`` rows and the calibration rows the other
     sources' ``calibration`` rows; the neurons are pruned on those fitting rows only; every row of s is scored.
+    ``baselines`` (name -> a score per row, higher = more confident) adds each one's AUROC on every left-out
+    source as ``baseline:<name>``.
     """
     width = X.shape[1]
     names = [str(s) for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]
@@ -380,6 +403,10 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
                 study.predictions[s] = {"y": yt, "probability": comp["probability"], "ood": comp["ood"]}
         row["dense"] = study.dense[s]
         row["max_softmax"] = _auroc(yt, side.max_softmax[target])
+        row["neg_entropy"] = _auroc(yt, -side.entropy[target])
+        for name, score in (baselines or {}).items():
+            score = np.asarray(score, dtype=np.float64)[target]
+            row[f"baseline:{name}"] = _auroc(yt, score) if np.isfinite(score).all() else None
         nts = NextTokenStack().fit(side[fit], y[fit], side[cal], y[cal]).predict_proba(side[target])
         row["next_token_stack"] = _auroc(yt, nts) if np.isfinite(nts).all() else None
         row["next_token_stack_ece"] = _ece(yt, nts) if np.isfinite(nts).all() else None

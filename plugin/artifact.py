@@ -42,13 +42,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .readout import CALIBRATOR_PARAMS, CALIBRATORS, HEAD_PARAMS, HEADS, STACK_FEATURES, STACK_PARAMS
+from .readout import (ANSWER_STACK_FEATURES, CALIBRATOR_PARAMS, CALIBRATORS, HEAD_PARAMS, HEADS, STACK_FEATURES,
+                      STACK_PARAMS)
 
 __all__ = [
     "FORMAT_VERSION",
     "HOOK_POINT",
     "TOKEN_POSITION",
     "TOKEN_POSITIONS",
+    "ANSWER_END",
     "ArtifactError",
     "ArtifactMismatchError",
     "FingerprintMismatchError",
@@ -65,7 +67,10 @@ HOOK_POINT = "decoder_block_output"
 TOKEN_POSITION = "last_prompt_token"
 # "step_end": a value over reasoning steps (`valueprobe fit-steps`), read at the token ending each step; the
 # sidecar uses such an artifact for step search only, never to score prompts.
-TOKEN_POSITIONS = (TOKEN_POSITION, "step_end")
+# "answer_end": confidence in a given answer, read at the answer's last token (the decode step that emits the end
+# of the answer computes it), stacked with the answer's token log-probabilities (`valueprobe fit --answer-end`).
+ANSWER_END = "answer_end"
+TOKEN_POSITIONS = (TOKEN_POSITION, "step_end", ANSWER_END)
 REQUIRED_METADATA = (
     "format_version",
     "model_name",
@@ -266,6 +271,18 @@ def _validate_stack(md: dict, ts: dict, where: str) -> None:
         raise ArtifactError("metadata 'stack_kinds' is not valid JSON") from None
     _check(isinstance(kinds, list) and set(kinds) <= {"choice", "open"}, "metadata 'stack_kinds' must list choice/open")
     _check(served == "value" or kinds, "served_score 'stacked' needs at least one kind in 'stack_kinds'")
+    # The stacker's columns depend on where the artifact reads: a stack fitted on answer log-probabilities must
+    # never be fed next-token signals (or the reverse), so the names are part of the contract.
+    expected = list(ANSWER_STACK_FEATURES if md.get("token_position") == ANSWER_END else STACK_FEATURES)
+    _check("stack_features" in md or served == "value" or md.get("token_position") != ANSWER_END,
+           f"an artifact with token_position {ANSWER_END!r} and a stack needs metadata 'stack_features'")
+    if "stack_features" in md:
+        try:
+            names = json.loads(md["stack_features"])
+        except json.JSONDecodeError:
+            raise ArtifactError("metadata 'stack_features' is not valid JSON") from None
+        _check(names == expected, f"metadata 'stack_features' is {names!r}; an artifact with token_position "
+                                  f"{md.get('token_position')!r} needs {expected!r}")
     n = len(STACK_FEATURES)
     shapes = {"mean": (n,), "scale": (n,), "weight": (n,), "bias": (1,), "calibrator.a": (1,), "calibrator.b": (1,)}
     for kind in kinds:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .artifact import (
+    ANSWER_END,
     TOKEN_POSITION,
     ArtifactData,
     ArtifactMismatchError,
@@ -45,9 +46,19 @@ from .fingerprint import (
 from .hooks import Hooks, LastTokenReader, capture, find_decoder_layers, with_position_ids
 from .nexttoken import next_token_features, prompt_kind
 from .prompting import Prompt, PromptFormat
-from .readout import calibrate, head_logit, mahalanobis, stack_features, stack_proba
+from .readout import answer_signals, calibrate, head_logit, mahalanobis, stack_features, stack_proba
 
-__all__ = ["ValueProbe", "ProbeResult", "ProbeHandle"]
+__all__ = ["ValueProbe", "ProbeResult", "ProbeHandle", "answer_end_column"]
+
+
+def answer_end_column(answer_tokens: int, forwards: int) -> int | None:
+    """Which recorded forward holds the state at the answer's last token, when a generation recorded the last
+    column of every forward (:class:`~valueprobe.plugin.hooks.StepStateRecorder`: column 0 is the prompt's last
+    token, column ``j`` the forward that fed generated token ``j - 1``). An answer of ``n`` tokens (before the
+    end-of-answer token) ends at column ``n``: the decode step that takes its last token as input, the one that
+    emits the end of the answer. ``None`` when that forward never ran: the answer stopped at the token limit, so
+    its last token was never fed back (one more step gives it). An empty answer reads the prompt's last token."""
+    return answer_tokens if answer_tokens < forwards else None
 
 
 
@@ -280,6 +291,32 @@ class ValueProbe:
                 comps.update(max_softmax=float(ms[i]), entropy=float(ent[i]))
             dist = pred.get("ood_distance")
             out.append(ProbeResult(float(pred["value_raw"][i]), float(pred["probability"][i]), kinds[i][0], comps,
+                                   None if dist is None else float(dist[i]),
+                                   None if dist is None else bool(pred["ood"][i])))
+        return out
+
+    def readout_answer(self, values: torch.Tensor, token_logprobs: Sequence[Sequence[float]],
+                       kinds: Sequence[str] | None = None) -> list[ProbeResult]:
+        """Confidence in given answers (an ``answer_end`` artifact): ``[n, k]`` neuron values read at each answer's
+        last token and each answer's token log-probabilities (from the same pass; the free signal the stack
+        uses, :func:`~valueprobe.plugin.readout.answer_signals`) -> one :class:`ProbeResult` per answer, whose
+        ``components`` hold ``value_raw``, ``value_probability``, ``mean_token_logprob``, ``min_token_logprob``
+        and ``answer_tokens``."""
+        self.require_position(ANSWER_END)
+        n = int(torch.as_tensor(values).shape[0])
+        kinds = list(kinds) if kinds is not None else ["open"] * n
+        if len(kinds) != n or len(token_logprobs) != n:
+            raise ValueError(f"{len(kinds)} kinds and {len(token_logprobs)} answers for {n} rows")
+        signals = np.array([answer_signals(lp) for lp in token_logprobs], dtype=np.float64).reshape(-1, 2)
+        pred = self.predict(values, signals[:, 0], signals[:, 1], kinds)
+        out = []
+        for i, lp in enumerate(token_logprobs):
+            lp = [float(x) for x in lp]
+            comps = {"value_raw": float(pred["value_raw"][i]), "value_probability": float(pred["value_probability"][i]),
+                     "mean_token_logprob": float(np.mean(lp)) if lp else None,
+                     "min_token_logprob": min(lp) if lp else None, "answer_tokens": len(lp)}
+            dist = pred.get("ood_distance")
+            out.append(ProbeResult(float(pred["value_raw"][i]), float(pred["probability"][i]), kinds[i], comps,
                                    None if dist is None else float(dist[i]),
                                    None if dist is None else bool(pred["ood"][i])))
         return out

@@ -12,7 +12,8 @@ import torch
 from scipy.special import expit, logit
 
 __all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS", "STACK_FEATURES",
-           "STACK_PARAMS", "stack_features", "stack_logit", "stack_proba", "mahalanobis"]
+           "STACK_PARAMS", "ANSWER_STACK_FEATURES", "answer_signals", "stack_features", "stack_logit", "stack_proba",
+           "mahalanobis"]
 
 HEADS = ("linear", "mlp")
 CALIBRATORS = ("identity", "platt", "temperature", "isotonic")
@@ -71,6 +72,23 @@ def calibrate(kind: str, params: dict[str, np.ndarray], raw: np.ndarray) -> np.n
 # -- the served score: value neurons stacked with the free next-token signal, per question kind ------------------
 STACK_FEATURES = ("value_raw", "logit_max_softmax", "entropy")
 STACK_PARAMS = ("mean", "scale", "weight", "bias", "calibrator.a", "calibrator.b")
+
+
+# At the answer's end the stacker's two free columns are the answer's own token log-probabilities from the same
+# pass (the signals a router computes from ``logprobs``): the mean token probability enters where the max-softmax
+# does, as a logit, and the largest surprise (-min log-probability) where the entropy does. The artifact names
+# them in its ``stack_features`` metadata.
+ANSWER_STACK_FEATURES = ("value_raw", "logit_mean_token_probability", "max_token_surprise")
+
+
+def answer_signals(token_logprobs) -> tuple[float, float]:
+    """``(mean token probability, max token surprise)`` of one answer from its tokens' log-probabilities:
+    ``exp(mean log p)`` (the geometric mean) and ``-min log p``. An empty answer is the least confident
+    one can be: ``(0, inf)`` is clipped to ``(1e-6, 30)`` so the stacker never sees a non-finite value."""
+    lp = np.asarray(token_logprobs, dtype=np.float64).reshape(-1)
+    if lp.size == 0:
+        return 1e-6, 30.0
+    return float(np.exp(lp.mean())), float(min(-lp.min(), 30.0))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -293,3 +293,33 @@ def poisoned(model, tokenizer, word: str = "zebra"):
         yield
     finally:
         handle.remove()
+
+
+@pytest.fixture(scope="session")
+def answer_fitted(qwen_model, tokenizer):
+    """``(artifact_data, card)``: an ``answer_end`` artifact fitted on the tiny Qwen2 (planted labels; the answer
+    signals drawn at random): plumbing for confidence in given answers, not a quality claim."""
+    from valueprobe.calibration.fit import FitConfig, fit_artifact
+    from valueprobe.plugin.prompting import PromptFormat
+
+    fs, _ = synthetic_featureset(qwen_model, tokenizer)
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for r in fs.rows:
+        mean = float(-rng.uniform(0, 2))
+        r.update(answer_mean_logprob=mean, answer_min_logprob=mean - float(rng.uniform(0, 2)),
+                 answer_sum_logprob=3 * mean, answer_tokens=3, answer_end_prob=0.5, answer="A")
+    return fit_artifact(qwen_model, tokenizer, fs, model_name="tiny-qwen2", prompt_format=PromptFormat(),
+                        config=FitConfig(random_draws=5, progress=False), token_position="answer_end")
+
+
+@pytest.fixture(scope="module")
+def answer_artifact_file(tmp_path_factory, answer_fitted):
+    from valueprobe.plugin import save_artifact
+    from valueprobe.plugin.artifact import ArtifactData
+
+    data, _ = answer_fitted
+    path = tmp_path_factory.mktemp("answer-artifact") / "answer.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
+    return path

@@ -50,6 +50,12 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "aborted"
     confidence: ProbeResult
+    #: confidence in this answer (an answer_end artifact read at its last token), when the engine was given one
+    answer: ProbeResult | None = None
+    #: the answer's tokens' log-probabilities under the model (with ``answer``)
+    token_logprobs: list[float] | None = None
+    #: the answer's token ids (up to a stop string's cut)
+    token_ids: list[int] | None = None
 
 
 class StopFlag:
@@ -145,10 +151,12 @@ class EngineClient(Protocol):
     async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]: ...
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence: Callable | None = None) -> Generation: ...
+                       seed=None, stop=None, on_confidence: Callable | None = None,
+                       answer_probe: ValueProbe | None = None) -> Generation: ...
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
-                              top_p=None, seed=None, stop=None, decide: Callable | None = None
+                              top_p=None, seed=None, stop=None, decide: Callable | None = None,
+                              answer_probe: ValueProbe | None = None
                               ) -> tuple[ProbeResult, AsyncIterator[str], StopFlag, Any]: ...
 
     async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None): ...

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from valueprobe.plugin import ProbeHandle, ProbeResult, ValueProbe
+from valueprobe.plugin.hooks import StepStateRecorder
+from valueprobe.plugin.probe import answer_end_column
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import pad_left, pad_token_id
 
@@ -34,6 +37,8 @@ from ..errors import OverloadedError, ProbeFailedError
 from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, not_finite_error
 
 __all__ = ["TransformersEngine"]
+
+logger = logging.getLogger("valueprobe.server")
 
 
 def _not_a_number(value: float | None) -> bool:
@@ -69,6 +74,7 @@ class _GenerateJob:
     on_confidence: Callable | None = None
     stop_flag: StopFlag = field(default_factory=StopFlag)
     future: asyncio.Future | None = None
+    answer_probe: ValueProbe | None = None  # an answer_end artifact: confidence in the answer given
 
     @property
     def sampled(self) -> bool:
@@ -76,11 +82,12 @@ class _GenerateJob:
 
     @property
     def key(self) -> tuple:
+        probes = (id(self.probe), id(self.answer_probe))
         if not self.sampled:  # greedy: the seed means nothing
-            return (id(self.probe), "greedy")
+            return (*probes, "greedy")
         if self.seed is not None:  # a seeded sample runs alone, so its seed means the same thing every time
             return (id(self),)
-        return (id(self.probe), "sample", self.temperature, self.top_p or 1.0)
+        return (*probes, "sample", self.temperature, self.top_p or 1.0)
 
 
 @dataclass(eq=False)
@@ -301,33 +308,93 @@ class TransformersEngine(TokenizerAccess):
         # the probe read through the same handle as plugin users' generate (thread_only: this thread's forwards)
         handle = ProbeHandle(probe, self.model, on_score, self.letter_ids(probe), thread_only=True, on_error=on_error)
         handle.kinds = [j.prompt.kind for j in jobs]
-        with handle:
+        answer_probe = first.answer_probe
+        # The answer-end state is computed anyway: the decode step that feeds an answer's last token (and emits its
+        # end) runs through the same layer; the recorder keeps that layer's k values of every forward's last column.
+        recorder = (StepStateRecorder(self.model, [answer_probe.layer], neuron_indices=answer_probe.neuron_indices,
+                                      dtype=torch.float32) if answer_probe is not None else contextlib.nullcontext())
+        with handle, recorder:
             extra = {"stopping_criteria": StoppingCriteriaList([rows])}
             if streamer is not None:
                 extra["streamer"] = streamer
+            if answer_probe is not None:  # the answer's token log-probabilities: the stack's free signal
+                extra.update(output_logits=True, return_dict_in_generate=True)
             kwargs = self._gen_kwargs(max(j.max_new_tokens for j in jobs), first.temperature, first.top_p, first.seed)
             out = self.model.generate(**enc, **kwargs, **extra)
+        sequences = out.sequences if answer_probe is not None else out
         if failures:
             raise ProbeFailedError(f"probe readout failed: {type(failures[0]).__name__}: {failures[0]}")
         if len(seen) != len(jobs):
             raise ProbeFailedError("the probe hook did not fire during the prefill")
         eos = self.eos_ids
         generations: list[Generation | ProbeFailedError] = []
+        pending_answers = []  # (row, kept tokens) read together below
         for i, job in enumerate(jobs):
             if i in not_finite:
                 generations.append(not_finite[i])
                 continue
-            new = out[i, prompt_length:].tolist()[: rows.ended_at[i] if rows.ended_at[i] is not None else None]
+            new = sequences[i, prompt_length:].tolist()[: rows.ended_at[i] if rows.ended_at[i] is not None else None]
             new = new[: job.max_new_tokens]
             stopped = next((k for k, t in enumerate(new) if t in eos), None)
             tokens = new if stopped is None else new[:stopped]
             generated = self.decode(tokens)
             finish = "stop" if stopped is not None else ("aborted" if job.stop_flag.event.is_set() else "length")
+            kept = len(tokens)
             for s in job.stop or []:
                 if s and s in generated:
                     generated, finish = generated.split(s, 1)[0], "stop"
-            generations.append(Generation(generated, len(job.prompt.input_ids), len(tokens), finish, seen[i]))
+                    kept = self._tokens_within(tokens, generated)
+            generations.append(Generation(generated, len(job.prompt.input_ids), len(tokens), finish, seen[i],
+                                          token_ids=tokens[:kept]))
+            if answer_probe is not None and finish != "aborted":
+                pending_answers.append((i, kept))
+        if pending_answers:
+            columns = self._answer_columns(answer_probe, recorder, out, enc["attention_mask"], prompt_length,
+                                           max(kept for _, kept in pending_answers))
+            self._read_answers(answer_probe, jobs, generations, pending_answers, columns, out, prompt_length)
         return generations
+
+    def _tokens_within(self, tokens: list[int], text: str) -> int:
+        """How many of ``tokens`` decode inside ``text`` (an answer cut at a stop string): its last token is where
+        the answer the client gets ends."""
+        kept = 0
+        while kept < len(tokens) and len(self.decode(tokens[: kept + 1])) <= len(text):
+            kept += 1
+        return kept
+
+    def _answer_columns(self, answer_probe, recorder, out, prompt_mask, prompt_length, longest: int) -> torch.Tensor:
+        """``[batch, forwards (+1), k]``: the answer probe's values at the last column of every forward generate
+        ran (:func:`~valueprobe.plugin.probe.answer_end_column`), plus one decode step on generate's KV cache
+        when the ``longest`` kept answer stopped at the token limit on the batch's last step, so that its last
+        token was never fed back (only then; read by a recorder of its own)."""
+        states = recorder.states()[answer_probe.layer]
+        forwards = len(out.logits)  # the prefill plus one decode step per generated token but the last
+        if answer_end_column(longest, forwards) is not None:
+            return states
+        made = out.sequences.shape[1] - prompt_length
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones((prompt_mask.shape[0], made))], dim=1)
+        with StepStateRecorder(self.model, [answer_probe.layer], neuron_indices=answer_probe.neuron_indices,
+                               dtype=torch.float32) as one_more:
+            self.model(input_ids=out.sequences[:, -1:], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                       past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        return torch.cat([states, one_more.states()[answer_probe.layer]], dim=1)
+
+    def _read_answers(self, answer_probe, jobs, generations, pending, columns, out, prompt_length) -> None:
+        """Each answered row's ``generation.answer``: the answer probe's readout at its answer's last token, with
+        its tokens' log-probabilities (from generate's raw logits: the model's distribution, not the sampler's)."""
+        values, logprobs, kinds = [], [], []
+        for i, kept in pending:
+            values.append(columns[i, kept])
+            tokens = out.sequences[i, prompt_length : prompt_length + kept]
+            logprobs.append([float(torch.log_softmax(out.logits[j][i].float(), dim=-1)[t]) for j, t in enumerate(tokens.tolist())])
+            kinds.append(jobs[i].prompt.kind[0])
+        try:
+            results = answer_probe.readout_answer(torch.stack(values), logprobs, kinds)
+        except Exception:  # noqa: BLE001 - the answer's confidence fails alone; the answer stands without it
+            logger.exception("answer-level readout failed (artifact %s)", answer_probe.artifact_id)
+            results = [None] * len(pending)
+        for (i, _), result, lp in zip(pending, results, logprobs):
+            generations[i] = replace(generations[i], answer=result, token_logprobs=lp)
 
     def _search_group(self, jobs: list[_SearchJob]):
         """One batched search (:func:`valueprobe.plugin.search.search_many`) for jobs that share probe and spec."""
@@ -402,13 +469,14 @@ class TransformersEngine(TokenizerAccess):
                     j.future.set_result(r)
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence=None) -> Generation:
+                       seed=None, stop=None, on_confidence=None, answer_probe: ValueProbe | None = None) -> Generation:
         """Generate with ``probe`` reading the prefill (see :meth:`_generate_batch`), batched with the generations
         that wait beside it. Batched greedy decoding can differ from one-prompt decoding where two tokens' logits
         are within rounding of each other (padding changes the arithmetic), as in any batching server."""
         with self.admission.slot():
             job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []),
-                               on_confidence, future=asyncio.get_running_loop().create_future())
+                               on_confidence, future=asyncio.get_running_loop().create_future(),
+                               answer_probe=answer_probe)
             self._waiting_generations.append(job)
             if self._generation_drain is None or self._generation_drain.done():
                 self._generation_drain = asyncio.ensure_future(self._drain(
@@ -417,7 +485,7 @@ class TransformersEngine(TokenizerAccess):
             return await job.future
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
-                              top_p=None, seed=None, stop=None, decide=None):
+                              top_p=None, seed=None, stop=None, decide=None, answer_probe: ValueProbe | None = None):
         """Start a streamed generation. Returns ``(confidence, pieces, stop_flag, done)``: the confidence is
         awaited (it is known at prefill, before the first token), ``pieces`` is an async iterator of text,
         setting ``stop_flag.event`` ends generation early, ``done`` resolves to the :class:`Generation`.
@@ -436,7 +504,7 @@ class TransformersEngine(TokenizerAccess):
             return keep
 
         job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), on_confidence,
-                           stop_flag)
+                           stop_flag, answer_probe=answer_probe)
 
         def run_alone():
             out = self._generate_batch([job], streamer)[0]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import app, fail, load_model
+from .common import app, fail, load_model, load_probe
 
 
 @app.command()
@@ -86,15 +86,24 @@ def fit(
     random_draws: Annotated[int, typer.Option(help="Random-k neuron sets for the baseline.")] = 100,
     dtype: Annotated[str, typer.Option(help="Model dtype.")] = "float32",
     name: Annotated[Optional[str], typer.Option(help="Model name recorded in the artifact (default: --model).")] = None,
+    answer_end: Annotated[bool, typer.Option("--answer-end", help="Fit confidence in the model's own answer: "
+                                             "states read at the answer's last token (open answers from --labels, "
+                                             "the chosen letter for multiple choice; no generation), stacked with "
+                                             "the answer's token log-probabilities (token_position answer_end).")] = False,
+    prompt_artifact: Annotated[Optional[Path], typer.Option(help="With --answer-end: the prompt-only artifact of the "
+                                                            "same model, compared as a baseline on the same questions.")] = None,
 ):
     """Find value neurons by leave-one-source-out AUROC, stack them with the free next-token signal per question
     kind, calibrate, evaluate against baselines (transfer and test split) and write the artifact and its card.
+    With --answer-end the same recipe at the end of the model's own answer (served as `confidence.answer`).
     (A value over reasoning steps is `fit-steps`.)"""
     from valueprobe.calibration.data import DataError, interleave_sources, load_data
     from valueprobe.calibration.evaluate import format_table, write_report
-    from valueprobe.calibration.extract import extract_features, load_labels
-    from valueprobe.calibration.fit import FitConfig, fit_artifact
-    from valueprobe.plugin import PromptFormat, save_artifact
+    from valueprobe.calibration.extract import extract_answer_end, extract_features, load_labels
+    from valueprobe.calibration.fit import FitConfig, fit_artifact, served_predictions
+    from valueprobe.calibration.transfer import Side
+    from valueprobe.plugin import PromptFormat, ValueProbe, save_artifact
+    from valueprobe.plugin.artifact import ANSWER_END, TOKEN_POSITION
 
     try:
         questions = interleave_sources([load_data(spec, seed=seed) for spec in data])
@@ -103,12 +112,28 @@ def fit(
     mdl, tok = load_model(model, dtype)
     fmt = PromptFormat()
     known = load_labels(labels, model_name=model) if labels and labels.exists() else {}
-    features = extract_features(mdl, tok, questions, fmt, cache_dir=cache, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, labels=known)
+    extra = {"data_specs": list(data), "max_new_tokens": max_new_tokens}
+    if answer_end:
+        try:
+            prompt_features, features = extract_answer_end(mdl, tok, questions, fmt, labels=known, cache_dir=cache,
+                                                           batch_size=batch_size, max_new_tokens=max_new_tokens)
+        except ValueError as exc:
+            fail(str(exc))
+        if prompt_artifact is not None:
+            probe = load_probe(prompt_artifact)
+            X = prompt_features.features[:, probe.layer - 1, :].numpy().astype("float64")
+            served = served_predictions(probe, X, Side.from_rows(prompt_features.rows))["probability"]
+            for row, p in zip(features.rows, served):
+                row["prompt_probability"] = float(p)
+            extra["prompt_artifact"] = f"{prompt_artifact.name} (id {probe.artifact_id})"
+    else:
+        features = extract_features(mdl, tok, questions, fmt, cache_dir=cache, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens, labels=known)
     cfg = FitConfig(seed=seed, tolerance=tolerance, max_fraction=max_fraction, layers=layer, heads=tuple(head),
-                    random_draws=random_draws, extra={"data_specs": list(data), "max_new_tokens": max_new_tokens})
+                    random_draws=random_draws, extra=extra)
     try:
-        artifact, card = fit_artifact(mdl, tok, features, model_name=name or model, prompt_format=fmt, config=cfg)
+        artifact, card = fit_artifact(mdl, tok, features, model_name=name or model, prompt_format=fmt, config=cfg,
+                                      token_position=ANSWER_END if answer_end else TOKEN_POSITION)
     except ValueError as exc:
         fail(str(exc))
     save_artifact(artifact, out)

@@ -1,0 +1,101 @@
+"""Confidence in the answer given: the answer_end artifact read at the answer's last token during generation
+(no extra forward pass: the decode step that emits the end of the answer computes that state) equals the same
+readout from one prefill of prompt + answer, for answers that end at the end-of-answer token, at the token limit
+(one more decode step) and at a stop string, with batching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import MIXED_PROMPTS
+
+from valueprobe.plugin import ArtifactError, ValueProbe, load_artifact, save_artifact
+from valueprobe.plugin.artifact import ArtifactData
+from valueprobe.plugin.hooks import capture
+from valueprobe.plugin.nexttoken import prompt_kind
+from valueprobe.plugin.probe import answer_end_column
+from valueprobe.server.engines.base import Prompt
+from valueprobe.server.engines.transformers_engine import TransformersEngine
+
+
+@pytest.fixture(scope="module")
+def probe(artifact_file):
+    return ValueProbe.load(artifact_file)
+
+
+@pytest.fixture(scope="module")
+def answer_probe(answer_artifact_file):
+    return ValueProbe.load(answer_artifact_file)
+
+
+def _prefill_readout(model, answer_probe, prompt_ids, answer_ids, kind):
+    """The reference: one forward over prompt + answer, the layer read at its last token, the answer's token
+    log-probabilities from the same pass."""
+    ids = torch.tensor([list(prompt_ids) + list(answer_ids)])
+    with torch.inference_mode(), capture(model, [answer_probe.layer], answer_probe.neuron_indices) as cap:
+        out = model(ids)
+    logp = torch.log_softmax(out.logits[0].float(), -1)
+    lps = [float(logp[len(prompt_ids) - 1 + j, t]) for j, t in enumerate(answer_ids)]
+    return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], [lps], [kind])[0], lps
+
+
+def test_answer_end_column_is_the_step_that_feeds_the_last_token():
+    assert answer_end_column(0, 5) == 0          # empty answer: the prompt's last token
+    assert answer_end_column(3, 5) == 3          # 3 tokens, then the end token emitted by forward 3
+    assert answer_end_column(5, 5) is None       # stopped at the limit: the last token was never fed back
+
+
+def test_generation_reads_the_answer_end_state_a_prefill_of_prompt_plus_answer_gives(qwen_model, tokenizer, probe,
+                                                                                       answer_probe):
+    prompts = [Prompt(tuple(probe.encode(tokenizer, [p])["input_ids"][0].tolist()), prompt_kind(p))
+               for p in MIXED_PROMPTS]
+    limits = [4 + (i % 3) for i in range(len(prompts))]
+
+    async def main(eos=None, stop=None):
+        engine = TransformersEngine(qwen_model, tokenizer, probe, max_batch_size=8)
+        if eos is not None:  # a token the tiny random model does emit, as its end of answer: rows end early
+            engine.eos_ids = set(engine.eos_ids) | {eos}
+        await engine.start()
+        try:
+            return await asyncio.gather(*(engine.generate(p, probe, max_new_tokens=n, temperature=0, stop=stop,
+                                                          answer_probe=answer_probe)
+                                          for p, n in zip(prompts, limits)))
+        finally:
+            await engine.stop()
+
+    at_limit = asyncio.run(main())
+    assert {g.finish_reason for g in at_limit} == {"length"}
+    # the second generated token of the first answer ends answers early wherever the model emits it
+    second = at_limit[0].token_ids[1]
+    ended = asyncio.run(main(eos=second))
+    assert "stop" in {g.finish_reason for g in ended}
+    cut = asyncio.run(main(stop=[at_limit[3].text[1:3]]))
+    assert "stop" in {g.finish_reason for g in cut}
+    checked = 0
+    for gens in (at_limit, ended, cut):
+        for p, g in zip(prompts, gens):
+            assert g.answer is not None and g.token_logprobs is not None
+            answer_ids = g.token_ids
+            assert len(answer_ids) == len(g.token_logprobs)
+            expected, lps = _prefill_readout(qwen_model, answer_probe, p.input_ids, answer_ids, p.kind[0])
+            assert g.token_logprobs == pytest.approx(lps, abs=1e-4)
+            assert g.answer.raw == pytest.approx(expected.raw, abs=1e-4)
+            assert g.answer.probability == pytest.approx(expected.probability, abs=1e-4)
+            assert g.answer.components["answer_tokens"] == len(answer_ids)
+            checked += 1
+    assert checked == 3 * len(prompts)
+
+
+def test_an_answer_artifact_is_refused_where_a_prompt_confidence_is_needed_and_its_stack_names_are_checked(
+        answer_artifact_file, qwen_model, tokenizer):
+    probe = ValueProbe.load(answer_artifact_file)
+    assert probe.token_position == "answer_end"
+    with pytest.raises(ArtifactError, match="token_position"):
+        probe.score(qwen_model, tokenizer, ["What is 2+2?"])
+    data = load_artifact(answer_artifact_file)
+    md = dict(data.metadata)
+    md["stack_features"] = '["value_raw", "logit_max_softmax", "entropy"]'
+    with pytest.raises(ArtifactError, match="stack_features"):
+        save_artifact(ArtifactData(dict(data.tensors), md), answer_artifact_file.parent / "bad.safetensors")
