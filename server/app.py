@@ -65,6 +65,31 @@ def _search_probe_for(settings: Settings, engine):
     return probe
 
 
+def _answer_probe_for(settings: Settings, engine, probe):
+    """The answer-level artifact (``--answer-artifact``; by default the one beside the served artifact), checked
+    against the served model; ``None`` when there is none or the engine cannot read it."""
+    from valueprobe.plugin import ValueProbe
+    from valueprobe.plugin.artifact import ANSWER_END
+    from valueprobe.weights import answer_artifact_beside
+
+    requested = settings.answer_artifact
+    if requested and requested.lower() == "none":
+        return None
+    path = requested or (answer_artifact_beside(probe.data.path) if probe.data.path else None)
+    if path is None:
+        return None
+    if not engine.supports_answer_confidence:
+        if requested:
+            raise ValueError(f"answer_artifact needs an engine that reads the answer's end (transformers), not "
+                             f"{settings.engine}")
+        logger.warning("the %s engine does not read answer-level confidence yet: %s is not used", settings.engine, path)
+        return None
+    answer = ValueProbe.load(path)
+    answer.require_position(ANSWER_END)
+    answer.check_compatible(engine.model, engine.tokenizer, strict=settings.check_fingerprint)
+    return answer
+
+
 async def _load_vllm(settings: Settings, metrics):
     """vLLM engine in this process, loading the model's Hugging Face folder (a known model is converted once)."""
     from valueprobe.plugin.models import resolve_model_dir
@@ -115,10 +140,13 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                     engine = TransformersEngine(m, t, probe, max_batch_size=settings.max_batch_size,
                                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
                 search_probe = await asyncio.to_thread(_search_probe_for, settings, engine)
+                answer_probe = await asyncio.to_thread(_answer_probe_for, settings, engine, probe)
                 await engine.start()
-                app.state.sidecar = Sidecar(settings, engine, metrics, name, search_probe=search_probe)
-                logger.info("valueprobe ready: model %s, artifact %s%s", name, probe.artifact_id,
-                            f", search values by {search_probe.artifact_id}" if search_probe else "")
+                app.state.sidecar = Sidecar(settings, engine, metrics, name, search_probe=search_probe,
+                                            answer_probe=answer_probe)
+                logger.info("valueprobe ready: model %s, artifact %s%s%s", name, probe.artifact_id,
+                            f", search values by {search_probe.artifact_id}" if search_probe else "",
+                            f", answers scored by {answer_probe.artifact_id}" if answer_probe else "")
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and every route
                 logger.exception("loading failed")
                 app.state.load_error = f"{type(exc).__name__}: {exc}"

@@ -41,6 +41,10 @@ class SidecarMetrics:
         r = self.registry
         self.confidence = Histogram("valueprobe_confidence", "Calibrated P(correct) per request.",
                                     ["model", "artifact", "decision"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.answer_confidence = Histogram(
+            "valueprobe_answer_confidence", "Answer-level P(correct) of each locally generated answer (answer_end "
+            "artifact, read at the answer's last token).", ["model", "artifact", "flagged"], buckets=CONFIDENCE_BUCKETS,
+            registry=r)
         self.decisions = Counter("valueprobe_decisions_total", "Policy decisions.", ["decision"], registry=r)
         self.escalations = Counter("valueprobe_escalations_total", "Escalations by result.", ["result"], registry=r)
         self.probe_latency = Histogram("valueprobe_probe_latency_seconds", "Readout: k neurons to probability, per batch.",

@@ -40,7 +40,31 @@ class _Scored(BaseModel):
     ood: Optional[OOD] = None
 
 
+class AnswerComponents(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    value_raw: float = Field(description="Value-neuron head logit at the answer's last token.")
+    value_probability: float = Field(description="Value neurons alone, calibrated.")
+    mean_token_logprob: Optional[float] = Field(None, description="Mean log-probability of the answer's tokens.")
+    min_token_logprob: Optional[float] = Field(None, description="Lowest log-probability among the answer's tokens.")
+    answer_tokens: int = Field(description="Tokens in the answer scored.")
+
+
+class AnswerConfidence(BaseModel):
+    """Confidence in the answer given, read at its last token during generation (no extra forward pass)."""
+
+    probability: float = Field(description="Calibrated P(this answer is correct): the answer artifact's served score.")
+    raw: float = Field(description="The answer head's raw logit.")
+    kind: Literal["choice", "open"] = "open"
+    components: AnswerComponents
+    flagged: Optional[bool] = Field(None, description="probability below the sidecar's --flag-below (null: no flag set).")
+    artifact_id: str = Field(description="Id of the answer-level artifact that scored it.")
+    ood: Optional[OOD] = None
+
+
 class Confidence(_Scored):
+    answer: Optional[AnswerConfidence] = Field(None, description="Confidence in the answer given, when the sidecar "
+                                               "has an answer-level artifact and the answer was generated here.")
     decision: Literal["answer", "abstain", "escalate"]
     artifact_id: str
     routed: bool = Field(False, description="True when the answer came from the escalation model.")

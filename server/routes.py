@@ -62,9 +62,19 @@ def _scored(result, served) -> dict:
                 components=p.Components(**result.components) if result.components else None, ood=ood)
 
 
-def _confidence(o: Outcome, served) -> p.Confidence:
-    return p.Confidence(**_scored(o.confidence, served), decision=o.decision, artifact_id=o.artifact_id,
-                        routed=o.routed, upstream_error=o.upstream_error, request_id=o.request_id)
+def _answer_confidence(o: Outcome, answer_probe) -> p.AnswerConfidence | None:
+    a = o.answer
+    if a is None or answer_probe is None:
+        return None
+    ood = None if a.ood is None else p.OOD(flagged=a.ood, distance=a.ood_distance, threshold=answer_probe.ood_threshold)
+    return p.AnswerConfidence(probability=a.probability, raw=a.raw, kind=a.kind, components=p.AnswerComponents(**a.components),
+                              flagged=o.answer_flagged, artifact_id=answer_probe.artifact_id, ood=ood)
+
+
+def _confidence(o: Outcome, served, answer_probe=None) -> p.Confidence:
+    return p.Confidence(**_scored(o.confidence, served), answer=_answer_confidence(o, answer_probe),
+                        decision=o.decision, artifact_id=o.artifact_id, routed=o.routed,
+                        upstream_error=o.upstream_error, request_id=o.request_id)
 
 
 def _headers(o: Outcome) -> dict:
@@ -80,6 +90,10 @@ def _headers(o: Outcome) -> dict:
         h["x-valueprobe-upstream-error"] = "true"
     if o.confidence.ood:
         h["x-valueprobe-ood"] = "true"
+    if o.answer is not None:  # whole responses only: a stream's headers leave before the answer exists
+        h["x-valueprobe-answer-confidence"] = f"{o.answer.probability:.6f}"
+        if o.answer_flagged is not None:
+            h["x-valueprobe-answer-flagged"] = str(o.answer_flagged).lower()
     return h
 
 
@@ -128,7 +142,7 @@ class _Serialiser:
         self.sidecar, self.served = sidecar, served
 
     def confidence(self, o: Outcome) -> dict:
-        return _confidence(o, self.served).model_dump()
+        return _confidence(o, self.served, self.sidecar.answer_probe).model_dump()
 
     def head(self, o: Outcome) -> dict | None: ...
 
@@ -169,7 +183,7 @@ class _ChatSerialiser(_Serialiser):
         body = p.ChatCompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
                                         choices=[p.ChatChoice(message=p.Message(role="assistant", content=o.text),
                                                               finish_reason=o.finish_reason)],
-                                        confidence=_confidence(o, self.served),
+                                        confidence=_confidence(o, self.served, self.sidecar.answer_probe),
                                         search=p.SearchInfo(**o.search) if o.search else None)
         payload = body.model_dump()
         if payload["search"] is None:
@@ -198,7 +212,7 @@ class _CompletionSerialiser(_Serialiser):
     def response(self, o):
         return p.CompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
                                     choices=[p.CompletionChoice(text=o.text, finish_reason=o.finish_reason)],
-                                    confidence=_confidence(o, self.served)).model_dump()
+                                    confidence=_confidence(o, self.served, self.sidecar.answer_probe)).model_dump()
 
 
 class _TGISerialiser(_Serialiser):

@@ -90,6 +90,8 @@ class Outcome:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     search: dict | None = None  # strategy, steps [{text, value}], tokens_generated, candidates_scored
+    answer: ProbeResult | None = None  # confidence in the answer given (an answer_end artifact), local answers only
+    answer_flagged: bool | None = None  # answer.probability below --flag-below
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,10 @@ def check_pin(probe: ValueProbe, pin: str | None) -> None:
 
 class Sidecar:
     def __init__(self, settings: Settings, engine: EngineClient, metrics: SidecarMetrics, model_name: str, *,
-                 search_probe: ValueProbe | None = None):
+                 search_probe: ValueProbe | None = None, answer_probe: ValueProbe | None = None):
         self.settings, self.engine, self.metrics, self.model_name = settings, engine, metrics, model_name
         self.search_probe = search_probe  # a step-value artifact for `search`; else the served probe's head
+        self.answer_probe = answer_probe  # an answer_end artifact: confidence.answer on every generated answer
         self.upstream = None
         if settings.mode == "gateway":
             self.upstream = make_upstream(settings.upstream_kind, settings.upstream_url, timeout=settings.upstream_timeout_s,
@@ -372,7 +375,7 @@ class Sidecar:
         try:
             if self.settings.mode == "embedded" and query.search is None:
                 args = dict(max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
-                            seed=query.seed, stop=query.stop)
+                            seed=query.seed, stop=query.stop, answer_probe=self.answer_probe)
                 if stream:
                     confidence, pieces, stop_flag, done = await self.engine.generate_stream(
                         query.prompt, served.probe, decide=answers_locally, **args)
@@ -406,7 +409,7 @@ class Sidecar:
                 if not stream:
                     yield Text(gen.text)
                 yield Final(replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
-                                    finish_reason=gen.finish_reason))
+                                    finish_reason=gen.finish_reason, **self._answer_fields(gen)))
         finally:
             if stop_flag is not None:
                 stop_flag.event.set()  # a client that disconnected mid-stream stops the generation here
@@ -454,6 +457,18 @@ class Sidecar:
             return replace(o, text=gen.text, upstream_error=upstream_error, completion_tokens=gen.completion_tokens,
                            finish_reason=gen.finish_reason)
         return replace(o, text=self.settings.refusal_text, upstream_error=upstream_error)
+
+    def _answer_fields(self, gen) -> dict:
+        """``answer`` and ``answer_flagged`` of an outcome from the local generation that answered it (observed in
+        the answer-confidence histogram)."""
+        if gen.answer is None or self.answer_probe is None:
+            return {}
+        p = gen.answer.probability
+        flag = self.settings.flag_below
+        flagged = None if flag is None else bool(p < flag)
+        self.metrics.answer_confidence.labels(model=self.model_name, artifact=self.answer_probe.artifact_id,
+                                              flagged=str(bool(flagged)).lower()).observe(p)
+        return {"answer": gen.answer, "answer_flagged": flagged}
 
     # -- feedback -----------------------------------------------------------------------------------------------
     def feedback(self, request_id: str, correct: bool, probability: float | None) -> dict:

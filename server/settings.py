@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     confident_above: Optional[float] = Field(None, ge=0, le=1, description="For the interfaces routers and guardrails call (/classify, /api/v1/text/*): P(correct) at or above this is 'confident'; default: the threshold in force (escalate_below, else abstain_below), else 0.5. A request's detector_params.threshold wins.")
 
     artifact_sha256: Optional[str] = Field(None, min_length=12, description="Pin: refuse (at start and on reload) an artifact whose content_sha256 does not start with this.")
+    answer_artifact: Optional[str] = Field(None, description="Answer-level artifact (`valueprobe fit --answer-end`, token_position answer_end): every generated answer gets confidence.answer, read at its last token during generation. Default: `<artifact stem>.answer.safetensors` beside the served artifact when there is one; 'none' turns it off.")
+    flag_below: Optional[float] = Field(None, ge=0, le=1, description="Mark answers whose answer-level P(correct) is below this (confidence.answer.flagged, x-valueprobe-answer-flagged).")
     search_artifact: Optional[str] = Field(None, description="Step-value artifact (`valueprobe fit-steps`, token_position step_end) that values candidate steps in `search`; default: the served artifact's own head read at step ends.")
     artifact_dir: Optional[str] = Field(None, description="Folder /v1/admin/reload may load artifacts from; default: the served artifact's folder.")
     admin_token: Optional[str] = Field(None, description="Bearer token for /v1/feedback and /v1/admin/*; unset = those routes are disabled (403).")

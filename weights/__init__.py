@@ -13,11 +13,23 @@ def default_artifact() -> Path:
     return Path(str(files(__name__) / DEFAULT_ARTIFACT_NAME))
 
 
+_SUFFIXES = {"steps": ".steps.safetensors", "answer": ".answer.safetensors"}
+
+
 def shipped_artifacts(kind: str = "prompt") -> list[Path]:
-    """Shipped artifacts of one kind: ``prompt`` (confidence in a prompt) or ``steps`` (step values for search,
-    named ``*.steps.safetensors``)."""
+    """Shipped artifacts of one kind: ``prompt`` (confidence in a prompt), ``answer`` (confidence in a given
+    answer, ``*.answer.safetensors``) or ``steps`` (step values for search, ``*.steps.safetensors``)."""
     paths = sorted(Path(str(p)) for p in files(__name__).iterdir() if str(p).endswith(".safetensors"))
-    return [p for p in paths if p.name.endswith(".steps.safetensors") == (kind == "steps")]
+    if kind in _SUFFIXES:
+        return [p for p in paths if p.name.endswith(_SUFFIXES[kind])]
+    return [p for p in paths if not any(p.name.endswith(s) for s in _SUFFIXES.values())]
+
+
+def answer_artifact_beside(prompt_artifact) -> Path | None:
+    """The answer-level artifact fitted beside a prompt artifact (``<stem>.answer.safetensors``), if there is one."""
+    path = Path(prompt_artifact)
+    sibling = path.with_name(path.name.removesuffix(".safetensors") + ".answer.safetensors")
+    return sibling if sibling.exists() else None
 
 
 def labels_path(model_name: str) -> Path | None:

@@ -130,6 +130,8 @@ class EngineClient(Protocol):
 
     #: whether :meth:`search` (value-guided step search) is served
     supports_search: ClassVar[bool]
+    #: whether ``generate(answer_probe=...)`` reads an answer-level artifact at each answer's end
+    supports_answer_confidence: ClassVar[bool]
     tokenizer: Any
     probe: ValueProbe
 

@@ -65,6 +65,8 @@ class VllmEngine(TokenizerAccess):
     (no step search: ``supports_search`` is false)."""
 
     supports_search = False
+    # the worker extension reads the prefill only; reading each request's last decode step is not built yet
+    supports_answer_confidence = False
 
     def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None,
                  stop_token_ids: Iterable[int] = ()):
@@ -293,15 +295,16 @@ class VllmEngine(TokenizerAccess):
                           else "stop", confidence)
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence=None) -> Generation:
+                       seed=None, stop=None, on_confidence=None, answer_probe=None) -> Generation:
         with self.admission.slot():
             async with self._using(probe):
                 return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
                                        on_confidence)
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
-                              top_p=None, seed=None, stop=None, decide=None):
-        """See :class:`~valueprobe.server.engines.base.EngineClient`: ``(confidence, pieces, stop_flag, done)``."""
+                              top_p=None, seed=None, stop=None, decide=None, answer_probe=None):
+        """See :class:`~valueprobe.server.engines.base.EngineClient`: ``(confidence, pieces, stop_flag, done)``.
+        ``answer_probe`` is not read here (``supports_answer_confidence`` is false)."""
         held = contextlib.ExitStack()  # the slot outlives this call: released when the streamed generation ends
         held.enter_context(self.admission.slot())
         loop = asyncio.get_running_loop()
