@@ -189,11 +189,14 @@ class ConfidenceItem(BaseModel):
     prompt: Optional[str] = Field(None, min_length=1, description="A question, rendered with the artifact's format.")
     messages: Optional[list[Message]] = Field(None, min_length=1, description="A chat, rendered by the chat template.")
     choices: Optional[list[str]] = Field(None, min_length=2, description="Options for a multiple-choice question.")
+    answer: Optional[str] = Field(None, description="An answer generated elsewhere (gateway mode): also score "
+                                  "confidence in it (one prefill of prompt + answer; needs an answer-level artifact).")
 
 
 class ConfidenceResult(_Scored):
     decision: Literal["answer", "abstain", "escalate"]
     artifact_id: str
+    answer: Optional[AnswerConfidence] = None
 
 
 class ConfidenceBatch(BaseModel):

@@ -62,17 +62,17 @@ def _scored(result, served) -> dict:
                 components=p.Components(**result.components) if result.components else None, ood=ood)
 
 
-def _answer_confidence(o: Outcome, answer_probe) -> p.AnswerConfidence | None:
-    a = o.answer
+def _answer_confidence(a, flagged: bool | None, answer_probe) -> p.AnswerConfidence | None:
+    """``confidence.answer`` from an answer-level readout (``None`` when there is none)."""
     if a is None or answer_probe is None:
         return None
     ood = None if a.ood is None else p.OOD(flagged=a.ood, distance=a.ood_distance, threshold=answer_probe.ood_threshold)
     return p.AnswerConfidence(probability=a.probability, raw=a.raw, kind=a.kind, components=p.AnswerComponents(**a.components),
-                              flagged=o.answer_flagged, artifact_id=answer_probe.artifact_id, ood=ood)
+                              flagged=flagged, artifact_id=answer_probe.artifact_id, ood=ood)
 
 
 def _confidence(o: Outcome, served, answer_probe=None) -> p.Confidence:
-    return p.Confidence(**_scored(o.confidence, served), answer=_answer_confidence(o, answer_probe),
+    return p.Confidence(**_scored(o.confidence, served), answer=_answer_confidence(o.answer, o.answer_flagged, answer_probe),
                         decision=o.decision, artifact_id=o.artifact_id, routed=o.routed,
                         upstream_error=o.upstream_error, request_id=o.request_id)
 
@@ -350,7 +350,9 @@ MAX_CONFIDENCE_ITEMS = 256
 @router.post("/v1/confidence", tags=["valueprobe"], response_model=Union[p.ConfidenceResult, p.ConfidenceBatch])
 async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidecar: SidecarDep):
     """Prompt-only confidence, no generation: ``{"prompt": ...}`` (with ``choices`` for multiple choice),
-    ``{"messages": [...]}`` or a list of up to 256 of them (admitted as one request)."""
+    ``{"messages": [...]}`` or a list of up to 256 of them (admitted as one request). An item with ``answer``
+    (generated elsewhere: gateway mode) also gets ``answer``, the confidence in that answer from one prefill of
+    prompt + answer (needs an answer-level artifact; 400 otherwise)."""
     items = req if isinstance(req, list) else [req]
     if not items:
         raise ClientError("empty list")
@@ -366,8 +368,14 @@ async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidec
         else:
             _, rendered, kind = sidecar.render_messages(served, [m.model_dump() for m in item.messages])
         prompts.append(sidecar.prompt(served, rendered, kind))
+    given = [i for i, item in enumerate(items) if item.answer is not None]
+    answers = {}
+    if given:
+        scored_answers = await sidecar.answer_confidence([prompts[i] for i in given], [items[i].answer for i in given])
+        answers = {i: _answer_confidence(r, flagged, sidecar.answer_probe) for i, (r, flagged) in zip(given, scored_answers)}
     scored = await sidecar.confidence(served, prompts)
-    results = [p.ConfidenceResult(**_scored(r, served), decision=d, artifact_id=served.artifact_id) for r, d in scored]
+    results = [p.ConfidenceResult(**_scored(r, served), decision=d, artifact_id=served.artifact_id, answer=answers.get(i))
+               for i, (r, d) in enumerate(scored)]
     return results[0] if not isinstance(req, list) else p.ConfidenceBatch(results=results)
 
 

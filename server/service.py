@@ -233,9 +233,9 @@ class Sidecar:
                 await client.aclose()
 
     # -- rendering ----------------------------------------------------------------------------------------------
-    def check_size(self, text: str):
+    def check_size(self, text: str, what: str = "prompt"):
         if len(text) > self.settings.max_prompt_chars:
-            raise ClientError(f"prompt is {len(text)} characters; the limit is {self.settings.max_prompt_chars}")
+            raise ClientError(f"{what} is {len(text)} characters; the limit is {self.settings.max_prompt_chars}")
 
     def render_question(self, served: Served, question: str, choices=None) -> tuple[list[dict], str, tuple[str, int]]:
         self.check_size(question)
@@ -457,6 +457,27 @@ class Sidecar:
             return replace(o, text=gen.text, upstream_error=upstream_error, completion_tokens=gen.completion_tokens,
                            finish_reason=gen.finish_reason)
         return replace(o, text=self.settings.refusal_text, upstream_error=upstream_error)
+
+    async def answer_confidence(self, prompts: list[Prompt], answers: list[str]) -> list[tuple[ProbeResult, bool | None]]:
+        """Confidence in answers generated elsewhere: one prefill of prompt + answer each, read at the answer's
+        last token (the state the decode step that ends it computes). ``(result, flagged)`` per answer."""
+        if self.answer_probe is None:
+            raise ClientError("'answer' needs an answer-level artifact (--answer-artifact, `valueprobe fit "
+                              "--answer-end`); this sidecar has none")
+        for a in answers:
+            self.check_size(a, "answer")
+        if not self.engine.supports_answer_confidence:
+            raise ClientError(f"'answer': the {self.settings.engine} engine does not score answers yet; use the "
+                              "transformers engine")
+        ids = [self.engine.tokenize_answer(a) for a in answers]
+        results = await self.engine.score_answers(prompts, ids, self.answer_probe)
+        out = []
+        for r in results:
+            flagged = None if self.settings.flag_below is None else bool(r.probability < self.settings.flag_below)
+            self.metrics.answer_confidence.labels(model=self.model_name, artifact=self.answer_probe.artifact_id,
+                                                  flagged=str(bool(flagged)).lower()).observe(r.probability)
+            out.append((r, flagged))
+        return out
 
     def _answer_fields(self, gen) -> dict:
         """``answer`` and ``answer_flagged`` of an outcome from the local generation that answered it (observed in

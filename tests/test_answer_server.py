@@ -96,3 +96,55 @@ def test_every_answer_shape_carries_confidence_in_the_answer_under_concurrency(s
               if f.name == "valueprobe_answer_confidence" for s in f.samples if s.name.endswith("_count")}
     assert sum(counts.values()) == len(results) + 1  # tgi_stream answered twice
     assert all(dict(k)["artifact"] == artifact_id for k in counts)
+
+
+def test_confidence_in_an_answer_generated_elsewhere_is_the_prefill_readout(server, qwen_model, tokenizer,
+                                                                           artifact_file, answer_artifact_file):
+    """Gateway mode's path: POST /v1/confidence with answers, many at once, equals the readout of one prefill of
+    prompt + answer computed here; and an answer the sidecar generated scores as it was served (where its text
+    re-tokenizes to the generated tokens)."""
+    from test_answer_level import _prefill_readout
+
+    sidecar, artifact_id = server
+    probe, answer_probe = ValueProbe.load(artifact_file), ValueProbe.load(answer_artifact_file)
+    given = ["Paris", "Jupiter, the largest", "eight", "Homer"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=sidecar.url, timeout=120) as client:
+            generated = await asyncio.gather(*(client.post("/v1/completions", json={"prompt": q, "max_tokens": 4})
+                                               for q in QUESTIONS))
+            texts = [g.json()["choices"][0]["text"] for g in generated]
+            served = [g.json()["confidence"]["answer"] for g in generated]
+            batch = await client.post("/v1/confidence", json=[{"prompt": q, "answer": t} for q, t in zip(QUESTIONS, texts)])
+            bad = await client.post("/v1/confidence", json={"prompt": "x", "answer": "y" * 20000})
+            mine = await client.post("/v1/confidence", json=[{"prompt": q, "answer": a} for q, a in zip(QUESTIONS, given)])
+            return texts, served, batch, bad, mine
+
+    texts, served, batch, bad, mine = asyncio.run(main())
+    assert batch.status_code == 200 and mine.status_code == 200, batch.text + mine.text
+    for q, a, r in zip(QUESTIONS, given, mine.json()["results"]):
+        prompt_ids = probe.encode(tokenizer, [q])["input_ids"][0].tolist()
+        expected, lps = _prefill_readout(qwen_model, answer_probe, prompt_ids,
+                                         tokenizer(a, add_special_tokens=False)["input_ids"], "open")
+        assert r["answer"]["probability"] == pytest.approx(expected.probability, abs=1e-4)
+        assert r["answer"]["components"]["mean_token_logprob"] == pytest.approx(sum(lps) / len(lps), abs=1e-4)
+    results = batch.json()["results"]
+    for text, s, r in zip(texts, served, results):
+        assert r["answer"]["artifact_id"] == artifact_id and 0 <= r["probability"] <= 1
+        if r["answer"]["components"]["answer_tokens"] != s["components"]["answer_tokens"]:
+            continue  # the text does not re-tokenize to the generated tokens (the tiny model's byte soup)
+        assert r["answer"]["probability"] == pytest.approx(s["probability"], abs=1e-4)
+    assert bad.status_code == 400 and "answer is 20000 characters" in bad.text
+
+
+def test_an_answer_without_an_answer_artifact_is_a_400_that_says_so(assets):
+    s = Server(assets, answer_artifact="none")
+    try:
+        s.wait_ready()
+        r = httpx.post(s.url + "/v1/confidence", json={"prompt": "What is 2+2?", "answer": "4"}, timeout=60)
+        assert r.status_code == 400 and "answer-level artifact" in r.text
+        chat = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                                 "max_tokens": 2}, timeout=60).json()
+        assert chat["confidence"]["answer"] is None
+    finally:
+        s.stop()

@@ -83,6 +83,11 @@ class TokenizerAccess:
             ids = self.tokenizer(text, add_special_tokens=probe.prompt_format.adds_special_tokens(self.tokenizer))
         return tuple(ids["input_ids"])
 
+    def tokenize_answer(self, text: str) -> tuple[int, ...]:
+        """Token ids of an answer as the model would have generated it (no special tokens; thread-safe)."""
+        with self._tokenizer_lock:
+            return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def decode(self, ids) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -151,6 +156,9 @@ class EngineClient(Protocol):
     def decode(self, ids) -> str: ...
 
     async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]: ...
+
+    async def score_answers(self, prompts: list[Prompt], answers: list[tuple[int, ...]], answer_probe: ValueProbe
+                            ) -> list[ProbeResult]: ...
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
                        seed=None, stop=None, on_confidence: Callable | None = None,

@@ -257,6 +257,36 @@ class TransformersEngine(TokenizerAccess):
             self.metrics.probe_latency.observe(time.perf_counter() - t_readout)
         return results
 
+    # -- confidence in answers generated elsewhere ------------------------------------------------------------------
+    async def score_answers(self, prompts: list[Prompt], answers: list[tuple[int, ...]], answer_probe: ValueProbe
+                            ) -> list[ProbeResult]:
+        """Confidence in given answers: one prefill of each prompt + answer (on the scoring thread), the answer
+        probe read at the last token, the answer's token log-probabilities from the same pass."""
+        results: list[ProbeResult] = []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(prompts), self.max_batch_size):
+            results.extend(await loop.run_in_executor(
+                self.score_executor, self._score_answer_batch, prompts[start : start + self.max_batch_size],
+                answers[start : start + self.max_batch_size], answer_probe))
+        return results
+
+    @torch.inference_mode()
+    def _score_answer_batch(self, prompts, answers, answer_probe: ValueProbe) -> list[ProbeResult]:
+        from valueprobe.plugin.hooks import capture
+
+        rows = [list(p.input_ids) + list(a) for p, a in zip(prompts, answers)]
+        enc = pad_left(rows, self.pad_id).to(self.device)
+        keep = 1 + max(len(a) for a in answers)
+        with capture(self.model, [answer_probe.layer], answer_probe.neuron_indices, thread_only=True) as cap:
+            logits = self.model(**enc, position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+                                logits_to_keep=keep).logits
+        logprobs = []
+        for i, a in enumerate(answers):
+            # left padding: every row's answer is its last len(a) tokens; column -1 - len(a) + j predicts token j
+            lp = torch.log_softmax(logits[i, keep - 1 - len(a) : keep - 1].float(), dim=-1)
+            logprobs.append([float(lp[j, t]) for j, t in enumerate(a)])
+        return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], logprobs, [p.kind[0] for p in prompts])
+
     # -- embedded generation --------------------------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None, seed: int | None):
         # stop where the answer ends whatever the model's generation config says (answers are cut there anyway)
