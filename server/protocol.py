@@ -60,6 +60,8 @@ class AnswerConfidence(BaseModel):
     flagged: Optional[bool] = Field(None, description="probability below the sidecar's --flag-below (null: no flag set).")
     artifact_id: str = Field(description="Id of the answer-level artifact that scored it.")
     ood: Optional[OOD] = None
+    local_text: Optional[str] = Field(None, description="Set when this low-confidence local answer was replaced by "
+                                      "the escalation target's (--escalate-after-below; confidence.routed is true).")
 
 
 class Confidence(_Scored):

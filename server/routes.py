@@ -62,17 +62,17 @@ def _scored(result, served) -> dict:
                 components=p.Components(**result.components) if result.components else None, ood=ood)
 
 
-def _answer_confidence(a, flagged: bool | None, answer_probe) -> p.AnswerConfidence | None:
+def _answer_confidence(a, flagged: bool | None, answer_probe, local_text: str | None = None) -> p.AnswerConfidence | None:
     """``confidence.answer`` from an answer-level readout (``None`` when there is none)."""
     if a is None or answer_probe is None:
         return None
     ood = None if a.ood is None else p.OOD(flagged=a.ood, distance=a.ood_distance, threshold=answer_probe.ood_threshold)
     return p.AnswerConfidence(probability=a.probability, raw=a.raw, kind=a.kind, components=p.AnswerComponents(**a.components),
-                              flagged=flagged, artifact_id=answer_probe.artifact_id, ood=ood)
+                              flagged=flagged, artifact_id=answer_probe.artifact_id, ood=ood, local_text=local_text)
 
 
 def _confidence(o: Outcome, served, answer_probe=None) -> p.Confidence:
-    return p.Confidence(**_scored(o.confidence, served), answer=_answer_confidence(o.answer, o.answer_flagged, answer_probe),
+    return p.Confidence(**_scored(o.confidence, served), answer=_answer_confidence(o.answer, o.answer_flagged, answer_probe, o.local_text),
                         decision=o.decision, artifact_id=o.artifact_id, routed=o.routed,
                         upstream_error=o.upstream_error, request_id=o.request_id)
 

@@ -92,6 +92,7 @@ class Outcome:
     search: dict | None = None  # strategy, steps [{text, value}], tokens_generated, candidates_scored
     answer: ProbeResult | None = None  # confidence in the answer given (an answer_end artifact), local answers only
     answer_flagged: bool | None = None  # answer.probability below --flag-below
+    local_text: str | None = None  # the local answer an answer-level escalation replaced
 
 
 @dataclass(frozen=True)
@@ -125,15 +126,20 @@ class Final:
 Event = Union[Head, Text, StepEvent, Final]
 
 
+def fitted_escalation_threshold(artifact_thresholds: dict, rate: float) -> float:
+    """The artifact's threshold (fitted on its calibration split) below which ``rate`` of the traffic falls."""
+    table = artifact_thresholds.get("escalation", {})
+    key = f"{rate:g}"
+    if key not in table:
+        raise ValueError(f"the artifact has no escalation threshold for rate {key}; it has {sorted(table)}")
+    return float(table[key])
+
+
 def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[float | None, float | None]:
     """Explicit thresholds win; otherwise ``escalate_rate`` / ``risk_alpha`` pick the artifact's fitted ones."""
     abstain, escalate = settings.abstain_below, settings.escalate_below
     if escalate is None and settings.escalate_rate is not None:
-        table = artifact_thresholds.get("escalation", {})
-        key = f"{settings.escalate_rate:g}"
-        if key not in table:
-            raise ValueError(f"the artifact has no escalation threshold for rate {key}; it has {sorted(table)}")
-        escalate = float(table[key])
+        escalate = fitted_escalation_threshold(artifact_thresholds, settings.escalate_rate)
     if abstain is None and settings.risk_alpha is not None:
         table = artifact_thresholds.get("risk_controlled", {})
         key = f"{settings.risk_alpha:g}"
@@ -172,6 +178,7 @@ class Sidecar:
         metrics.set_window(settings.feedback_window)
         self.served = self._make_served(engine.probe)
         self._publish(self.served)
+        self.escalate_after = self._escalate_after_threshold()
 
     # -- the served snapshot ------------------------------------------------------------------------------------
     @property
@@ -408,8 +415,12 @@ class Sidecar:
             if gen is not None:
                 if not stream:
                     yield Text(gen.text)
-                yield Final(replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
-                                    finish_reason=gen.finish_reason, **self._answer_fields(gen)))
+                final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
+                                finish_reason=gen.finish_reason, **self._answer_fields(gen))
+                if (not stream and self.escalate_after is not None and final.answer is not None
+                        and final.answer.probability < self.escalate_after):
+                    final = await self._escalated_after(query, final)
+                yield Final(final)
         finally:
             if stop_flag is not None:
                 stop_flag.event.set()  # a client that disconnected mid-stream stops the generation here
@@ -478,6 +489,28 @@ class Sidecar:
                                                   flagged=str(bool(flagged)).lower()).observe(r.probability)
             out.append((r, flagged))
         return out
+
+    def _escalate_after_threshold(self) -> float | None:
+        """``--escalate-after-below``, or the answer artifact's fitted threshold for ``--escalate-after-rate``."""
+        s = self.settings
+        if s.escalate_after_below is None and s.escalate_after_rate is None:
+            return None
+        if self.answer_probe is None:
+            raise ValueError("escalate_after_below / escalate_after_rate need an answer-level artifact (--answer-artifact)")
+        if self.escalation is None:
+            raise ValueError("escalate_after_below / escalate_after_rate need an escalation target (--escalate-url)")
+        if s.escalate_after_below is not None:
+            return s.escalate_after_below
+        return fitted_escalation_threshold(self.answer_probe.thresholds or {}, s.escalate_after_rate)
+
+    async def _escalated_after(self, query: Query, final: Outcome) -> Outcome:
+        """A local answer whose answer-level confidence is below ``escalate_after``: the escalation target's answer
+        instead (``routed``; the local text kept), or the local answer with the target's error if it failed."""
+        answer, error = await self._escalate(query)
+        if answer is None:
+            return replace(final, upstream_error=error)
+        return replace(final, text=answer.text, routed=True, local_text=final.text,
+                       completion_tokens=answer.completion_tokens or 0, finish_reason=answer.finish_reason)
 
     def _answer_fields(self, gen) -> dict:
         """``answer`` and ``answer_flagged`` of an outcome from the local generation that answered it (observed in

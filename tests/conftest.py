@@ -227,6 +227,7 @@ class Server:
     def __init__(self, assets, **settings):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.assets = assets
         env = {**os.environ, "VALUEPROBE_MODEL": str(assets / "model"), "VALUEPROBE_ARTIFACT": str(assets / "probe.safetensors"),
                "VALUEPROBE_PORT": str(self.port), "VALUEPROBE_DEFAULT_MAX_NEW_TOKENS": "8", "TOKENIZERS_PARALLELISM": "false",
                "OMP_NUM_THREADS": "1"}

@@ -148,3 +148,45 @@ def test_an_answer_without_an_answer_artifact_is_a_400_that_says_so(assets):
         assert chat["confidence"]["answer"] is None
     finally:
         s.stop()
+
+
+def test_escalate_after_a_low_confidence_local_answer(server, tmp_path):
+    """--escalate-after-below sends the question on after a local answer below the threshold and returns the
+    target's answer (routed, the local text kept); with the target down, the local answer stands, flagged."""
+    from conftest import free_port
+
+    sidecar, artifact_id = server
+    folder = tmp_path / "assets"
+    folder.mkdir()
+    for name in ("model", "probe.safetensors", "probe.answer.safetensors"):
+        os.symlink(sidecar.assets / name, folder / name)
+    always = Server(folder, escalate_url=sidecar.url, escalate_kind="tgi", escalate_after_below=1.0)
+    down = Server(folder, escalate_url=f"http://127.0.0.1:{free_port()}", escalate_after_below=1.0,
+                  upstream_timeout_s=2)
+    by_rate = Server(folder, escalate_url=sidecar.url, escalate_after_rate=0.2)
+    try:
+        for s in (always, down, by_rate):
+            s.wait_ready()
+
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as client:
+                def chat(s, q):
+                    return client.post(s.url + "/v1/chat/completions",
+                                       json={"messages": [{"role": "user", "content": q}], "max_tokens": 4})
+                return await asyncio.gather(*(chat(s, q) for s in (always, down) for q in QUESTIONS))
+
+        replies = [r.json() for r in asyncio.run(main())]
+        for r in replies[: len(QUESTIONS)]:
+            conf = r["confidence"]
+            assert conf["routed"] is True and conf["decision"] == "answer"
+            assert conf["answer"]["local_text"] is not None and conf["answer"]["artifact_id"] == artifact_id
+        for r in replies[len(QUESTIONS):]:
+            conf = r["confidence"]
+            assert conf["routed"] is False and conf["upstream_error"] and conf["answer"]["local_text"] is None
+            assert r["choices"][0]["message"]["content"] is not None
+        # the rate picks the answer artifact's fitted threshold: some answers go on, not all (tiny data: loose)
+        rate = ValueProbe.load(sidecar.assets / "probe.answer.safetensors").thresholds["escalation"]["0.2"]
+        assert 0 < rate < 1
+    finally:
+        for s in (always, down, by_rate):
+            s.stop()
