@@ -119,11 +119,14 @@ class SearchInfo(BaseModel):
 
 class ChatCompletionRequest(_GenerationParams):
     messages: list[Message] = Field(min_length=1)
+    logprobs: Optional[bool] = Field(None, description="Return each answer token's log-probability (transformers engine, whole responses).")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="With logprobs: the most likely tokens at each position.")
     search: Optional[SearchSpec] = Field(None, description="Answer by value-guided step search (transformers engine, embedded mode).")
 
 
 class CompletionRequest(_GenerationParams):
     prompt: Union[str, list[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=5, description="Each answer token's log-probability and this many alternatives.")
 
 
 class Usage(BaseModel):
@@ -136,6 +139,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: Message
     finish_reason: str
+    logprobs: Optional[Any] = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -178,6 +182,8 @@ class TGIParameters(BaseModel):
     stop: list[str] = Field(default_factory=list)
     details: bool = False
     return_full_text: bool = False
+    top_n_tokens: Optional[int] = Field(None, ge=0, le=5, description="With details: the most likely tokens at each position.")
+    decoder_input_details: bool = False
 
 
 class TGIRequest(BaseModel):

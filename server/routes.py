@@ -106,23 +106,50 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-# Token log-probabilities are not served yet (issue 23): a request that asks for them is refused with the reason
-# rather than answered with an empty field. (TGI's `details` stays: its stock client always sends it.)
-_UNSERVED = ("logprobs", "top_logprobs", "top_n_tokens", "decoder_input_details")
-
-
-def _refuse_unserved(fields: dict) -> None:
-    asked = [name for name in _UNSERVED if fields.get(name) not in (None, False, 0)]
-    if asked:
-        raise ClientError(f"{', '.join(asked)}: token log-probabilities are not served by this sidecar yet; "
-                          "send the request without them")
+def _asked_logprobs(req) -> int | None:
+    """How many alternatives per token a request asks for (0: the chosen token's only), or ``None``."""
+    if isinstance(req, p.ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ClientError("top_logprobs needs logprobs: true")
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs  # completions: null, or how many alternatives
 
 
 def _query(sidecar: Sidecar, served, rendered_messages, req: p._GenerationParams) -> Query:
-    _refuse_unserved(req.model_extra or {})  # the request models leave these fields undeclared (extra="allow")
     messages, rendered, kind = rendered_messages
     return sidecar.query(served, messages, rendered, kind, req.max_completion_tokens or req.max_tokens, req.temperature,
-                         req.top_p, req.seed, req.stop_list(), getattr(req, "search", None))
+                         req.top_p, req.seed, req.stop_list(), getattr(req, "search", None),
+                         logprobs=_asked_logprobs(req), stream=req.stream)
+
+
+def _openai_token(token) -> dict:
+    return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode("utf-8"))}
+
+
+def _chat_logprobs(o: Outcome) -> dict | None:
+    if o.logprobs is None:
+        return None
+    return {"content": [{**_openai_token(t), "top_logprobs": [_openai_token(_Alt(*a)) for a in t.top]}
+                        for t in o.logprobs], "refusal": None}
+
+
+def _completion_logprobs(o: Outcome, asked: int | None) -> dict | None:
+    if o.logprobs is None:
+        return None
+    offsets, at = [], 0
+    for t in o.logprobs:
+        offsets.append(at)
+        at += len(t.text)
+    return {"tokens": [t.text for t in o.logprobs], "token_logprobs": [t.logprob for t in o.logprobs],
+            "top_logprobs": [{a[1]: a[2] for a in t.top} for t in o.logprobs] if asked else None,
+            "text_offset": offsets}
+
+
+class _Alt:
+    """One alternative ``(id, text, logprob)`` with the attribute names of a token record."""
+
+    def __init__(self, id, text, logprob):
+        self.id, self.text, self.logprob = id, text, logprob
 
 
 def _error_event(exc: Exception) -> dict:
@@ -182,7 +209,7 @@ class _ChatSerialiser(_Serialiser):
     def response(self, o):
         body = p.ChatCompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
                                         choices=[p.ChatChoice(message=p.Message(role="assistant", content=o.text),
-                                                              finish_reason=o.finish_reason)],
+                                                              finish_reason=o.finish_reason, logprobs=_chat_logprobs(o))],
                                         confidence=_confidence(o, self.served, self.sidecar.answer_probe),
                                         search=p.SearchInfo(**o.search) if o.search else None)
         payload = body.model_dump()
@@ -192,8 +219,9 @@ class _ChatSerialiser(_Serialiser):
 
 
 class _CompletionSerialiser(_Serialiser):
-    def __init__(self, sidecar, served):
+    def __init__(self, sidecar, served, logprobs: int | None = None):
         super().__init__(sidecar, served)
+        self.logprobs = logprobs
         self.id = f"cmpl-{served.artifact_id}-{now()}"
 
     def _chunk(self, text: str, finish_reason=None) -> dict:
@@ -211,7 +239,8 @@ class _CompletionSerialiser(_Serialiser):
 
     def response(self, o):
         return p.CompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
-                                    choices=[p.CompletionChoice(text=o.text, finish_reason=o.finish_reason)],
+                                    choices=[p.CompletionChoice(text=o.text, finish_reason=o.finish_reason,
+                                                logprobs=_completion_logprobs(o, self.logprobs))],
                                     confidence=_confidence(o, self.served, self.sidecar.answer_probe)).model_dump()
 
 
@@ -302,28 +331,46 @@ async def completions(req: p.CompletionRequest, sidecar: SidecarDep):
         raise ClientError("exactly one prompt per request is supported")
     served = sidecar.served
     query = _query(sidecar, served, sidecar.render_question(served, prompts[0]), req)
-    return await _respond(sidecar, query, _CompletionSerialiser(sidecar, served), stream=req.stream)
+    return await _respond(sidecar, query, _CompletionSerialiser(sidecar, served, req.logprobs), stream=req.stream)
 
 
 # -- TGI ---------------------------------------------------------------------------------------------------------
-def _tgi_query(sidecar: Sidecar, served, req: p.TGIRequest) -> Query:
+def _tgi_query(sidecar: Sidecar, served, req: p.TGIRequest, stream: bool) -> Query:
     sidecar.check_size(req.inputs)
     prm = req.parameters
-    _refuse_unserved(prm.model_extra or {})
+    if prm.decoder_input_details:
+        raise ClientError("decoder_input_details: the prompt's token log-probabilities are not served (they would "
+                          "need a pass over the whole prompt's logits); send the request without it")
+    # The stock client sends details=true on every request: tokens are filled where this sidecar generates the
+    # answer in one whole response; elsewhere (gateway mode, vLLM engine, streams) details.tokens stays empty
+    # unless top_n_tokens asks for them explicitly, which is then refused with the reason.
+    logprobs = None
+    if prm.top_n_tokens:
+        logprobs = prm.top_n_tokens
+    elif prm.details and not stream and sidecar.serves_logprobs:
+        logprobs = 0
     temperature = prm.temperature if prm.do_sample else None
     # TGI semantics: `inputs` is the raw model text; OpenAI upstreams get it as one user message.
     return sidecar.query(served, [{"role": "user", "content": req.inputs}], req.inputs, ("open", 0), prm.max_new_tokens,
-                         temperature, prm.top_p, prm.seed, list(prm.stop))
+                         temperature, prm.top_p, prm.seed, list(prm.stop), logprobs=logprobs, stream=stream)
+
+
+def _tgi_token(t) -> dict:
+    return {"id": t.id, "text": t.text, "logprob": t.logprob, "special": False}
 
 
 def _tgi_details(o: Outcome, seed):
-    return {"finish_reason": "length" if o.finish_reason == "length" else "eos_token",
-            "generated_tokens": o.completion_tokens, "seed": seed, "prefill": [], "tokens": []}
+    details = {"finish_reason": "length" if o.finish_reason == "length" else "eos_token",
+               "generated_tokens": o.completion_tokens, "seed": seed, "prefill": [],
+               "tokens": [_tgi_token(t) for t in o.logprobs or []]}
+    if o.logprobs and any(t.top for t in o.logprobs):
+        details["top_tokens"] = [[_tgi_token(_Alt(*a)) for a in t.top] for t in o.logprobs]
+    return details
 
 
 async def _tgi(sidecar: Sidecar, req: p.TGIRequest, *, stream: bool, wrap=None):
     served = sidecar.served
-    return await _respond(sidecar, _tgi_query(sidecar, served, req), _TGISerialiser(sidecar, served, req),
+    return await _respond(sidecar, _tgi_query(sidecar, served, req, stream), _TGISerialiser(sidecar, served, req),
                           stream=stream, wrap=wrap)
 
 

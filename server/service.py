@@ -75,6 +75,7 @@ class Query:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     search: object | None = None  # a protocol SearchSpec: answer by value-guided step search
+    logprobs: int | None = None  # None: not asked; n: each answer token's log-probability and n alternatives
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Outcome:
     answer: ProbeResult | None = None  # confidence in the answer given (an answer_end artifact), local answers only
     answer_flagged: bool | None = None  # answer.probability below --flag-below
     local_text: str | None = None  # the local answer an answer-level escalation replaced
+    logprobs: list | None = None  # TokenLogprob per answer token, when asked for and answered here
 
 
 @dataclass(frozen=True)
@@ -285,12 +287,34 @@ class Sidecar:
         return Prompt(ids, kind)
 
     def query(self, served: Served, messages, rendered: str, kind, max_new_tokens: int | None, temperature=None,
-              top_p=None, seed=None, stop=None, search=None) -> Query:
+              top_p=None, seed=None, stop=None, search=None, logprobs: int | None = None, stream: bool = False) -> Query:
         n_new = self.max_new_tokens(max_new_tokens)
         if temperature is not None and temperature < SAMPLING_EPS:
             temperature = None  # greedy, as vLLM does: dividing logits by a subnormal temperature overflows them
+        if logprobs is not None:
+            self._check_logprobs(stream, search)
         return Query(messages, rendered, self.prompt(served, rendered, kind, n_new), served, n_new, temperature, top_p,
-                     seed, list(stop or []), search)
+                     seed, list(stop or []), search, logprobs)
+
+    @property
+    def serves_logprobs(self) -> bool:
+        """Whether whole responses can carry token log-probabilities (embedded mode, an engine that gives them)."""
+        return self.settings.mode == "embedded" and self.engine.supports_answer_confidence
+
+    def _check_logprobs(self, stream: bool, search) -> None:
+        """Token log-probabilities are served where this sidecar computes the answer in one generate call; every
+        other combination is refused with the reason (never answered with an empty field)."""
+        where = None
+        if self.settings.mode != "embedded":
+            where = "in gateway mode (the upstream generates: ask it)"
+        elif not self.engine.supports_answer_confidence:
+            where = f"by the {self.settings.engine} engine yet (use the transformers engine)"
+        elif stream:
+            where = "in streams yet (ask for a whole response)"
+        elif search is not None:
+            where = "with search"
+        if where:
+            raise ClientError(f"token log-probabilities are not served {where}")
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def _remember(self, request_id: str, p: float):
@@ -383,6 +407,8 @@ class Sidecar:
             if self.settings.mode == "embedded" and query.search is None:
                 args = dict(max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
                             seed=query.seed, stop=query.stop, answer_probe=self.answer_probe)
+                if query.logprobs is not None:  # refused with streams (see _check_logprobs)
+                    args["logprobs"] = query.logprobs
                 if stream:
                     confidence, pieces, stop_flag, done = await self.engine.generate_stream(
                         query.prompt, served.probe, decide=answers_locally, **args)
@@ -416,7 +442,7 @@ class Sidecar:
                 if not stream:
                     yield Text(gen.text)
                 final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
-                                finish_reason=gen.finish_reason, **self._answer_fields(gen))
+                                finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen))
                 if (not stream and self.escalate_after is not None and final.answer is not None
                         and final.answer.probability < self.escalate_after):
                     final = await self._escalated_after(query, final)
@@ -509,7 +535,7 @@ class Sidecar:
         answer, error = await self._escalate(query)
         if answer is None:
             return replace(final, upstream_error=error)
-        return replace(final, text=answer.text, routed=True, local_text=final.text,
+        return replace(final, text=answer.text, routed=True, local_text=final.text, logprobs=None,
                        completion_tokens=answer.completion_tokens or 0, finish_reason=answer.finish_reason)
 
     def _answer_fields(self, gen) -> dict:

@@ -228,23 +228,58 @@ def test_a_sidecar_that_cannot_load_exits_non_zero_with_the_reason(assets, tmp_p
     assert ("ArtifactError" in log) if broken == "artifact" else ("no-such-model" in log)
 
 
-def test_token_logprobs_are_refused_with_the_reason_not_answered_empty(servers):
-    """Until token log-probabilities are served, asking for them is a 400 that says so (never a null field); TGI's
-    `details` stays answered, since the stock TGI client always sends it."""
-    import openai
-    from openai import OpenAI
+def test_token_logprobs_are_served_in_every_answer_shape_and_refused_where_they_cannot_be(servers):
+    """OpenAI chat (logprobs, top_logprobs), completions (logprobs=n) and TGI (details tokens, top_n_tokens) carry
+    each answer token's log-probability under the model, many requests at once through the stock clients;
+    combinations that cannot be served are a 400 that says why, never an empty field."""
+    import asyncio
 
-    client = OpenAI(base_url=servers["upstream"].url + "/v1", api_key="unused")
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    for extra in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 2}):
-        with pytest.raises(openai.BadRequestError, match="logprobs"):
-            client.chat.completions.create(model="x", messages=messages, max_tokens=2, **extra)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model="x", prompt="What is 2 + 2?", max_tokens=2, logprobs=1)
-    assert client.chat.completions.create(model="x", messages=messages, max_tokens=2, logprobs=False).choices
+    import openai
+    from openai import AsyncOpenAI, OpenAI
+    from text_generation import Client
+
     url = servers["upstream"].url
-    r = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2, "top_n_tokens": 3}})
-    assert r.status_code == 400 and "top_n_tokens" in r.json()["error"]  # TGI's error shape
-    r = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2, "details": True}},
-                   timeout=60)
-    assert r.status_code == 200 and r.json()["details"]["finish_reason"]
+    questions = ["What is the capital of France?", "Which planet is largest?", "Who wrote the Iliad?"]
+
+    async def main():
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="unused")
+        chats = [client.chat.completions.create(model="x", messages=[{"role": "user", "content": q}], max_tokens=4,
+                                                logprobs=True, top_logprobs=3) for q in questions]
+        comps = [client.completions.create(model="x", prompt=q, max_tokens=4, logprobs=2) for q in questions]
+        return await asyncio.gather(*chats, *comps)
+
+    replies = asyncio.run(main())
+    for chat in replies[: len(questions)]:
+        content = chat.choices[0].logprobs.content
+        assert len(content) == chat.usage.completion_tokens and "".join(t.token for t in content) == \
+            chat.choices[0].message.content
+        for t in content:
+            assert t.logprob <= 0 and len(t.top_logprobs) == 3
+            tops = [a.logprob for a in t.top_logprobs]
+            assert tops == sorted(tops, reverse=True)
+            assert t.logprob == pytest.approx(tops[0], abs=1e-5)  # greedy: the chosen token is the most likely
+    for comp in replies[len(questions):]:
+        lp = comp.choices[0].logprobs
+        assert "".join(lp.tokens) == comp.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+        assert all(len(alt) <= 2 for alt in lp.top_logprobs) and lp.text_offset[0] == 0
+    tgi = Client(url, timeout=60).generate("What is the capital of France?", max_new_tokens=3, top_n_tokens=2)
+    assert len(tgi.details.tokens) == tgi.details.generated_tokens
+    assert all(t.logprob <= 0 for t in tgi.details.tokens) and len(tgi.details.top_tokens[0]) == 2
+    assert Client(url, timeout=60).generate("Hi", max_new_tokens=2).details.tokens[0].logprob <= 0  # details alone
+
+    sync = OpenAI(base_url=url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with pytest.raises(openai.BadRequestError, match="streams"):
+        list(sync.chat.completions.create(model="x", messages=messages, max_tokens=2, logprobs=True, stream=True))
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        sync.chat.completions.create(model="x", messages=messages, max_tokens=2, top_logprobs=2)
+    gateway = OpenAI(base_url=servers["gateway"].url + "/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError, match="gateway mode"):
+        gateway.chat.completions.create(model="x", messages=messages, max_tokens=2, logprobs=True)
+    assert sync.chat.completions.create(model="x", messages=messages, max_tokens=2, logprobs=False).choices[0].logprobs is None
+    r = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2,
+                                                                         "decoder_input_details": True}})
+    assert r.status_code == 400 and "decoder_input_details" in r.json()["error"]  # TGI's error shape
+    r = httpx.post(servers["gateway"].url + "/generate", timeout=60,
+                   json={"inputs": "Hi", "parameters": {"max_new_tokens": 2, "details": True}})
+    assert r.status_code == 200 and r.json()["details"]["tokens"] == []  # the stock client's default, in gateway mode

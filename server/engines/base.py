@@ -43,6 +43,17 @@ class Prompt:
     kind: tuple[str, int] = ("open", 0)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability under the model (raw logits, not the sampler's), and the
+    ``top`` most likely tokens at that step as ``(id, text, logprob)``, when asked for."""
+
+    id: int
+    text: str
+    logprob: float
+    top: tuple = ()
+
+
 @dataclass
 class Generation:
     text: str
@@ -56,6 +67,8 @@ class Generation:
     token_logprobs: list[float] | None = None
     #: the answer's token ids (up to a stop string's cut)
     token_ids: list[int] | None = None
+    #: each answer token with its log-probability (and top alternatives), when the request asked for them
+    logprobs: list[TokenLogprob] | None = None
 
 
 class StopFlag:
@@ -162,7 +175,7 @@ class EngineClient(Protocol):
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
                        seed=None, stop=None, on_confidence: Callable | None = None,
-                       answer_probe: ValueProbe | None = None) -> Generation: ...
+                       answer_probe: ValueProbe | None = None, logprobs: int | None = None) -> Generation: ...
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
                               top_p=None, seed=None, stop=None, decide: Callable | None = None,

@@ -34,7 +34,7 @@ from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.prompting import pad_left, pad_token_id
 
 from ..errors import OverloadedError, ProbeFailedError
-from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, not_finite_error
+from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, TokenLogprob, not_finite_error
 
 __all__ = ["TransformersEngine"]
 
@@ -75,6 +75,7 @@ class _GenerateJob:
     stop_flag: StopFlag = field(default_factory=StopFlag)
     future: asyncio.Future | None = None
     answer_probe: ValueProbe | None = None  # an answer_end artifact: confidence in the answer given
+    logprobs: int | None = None  # None: not asked; n >= 0: each token's log-probability and its n top alternatives
 
     @property
     def sampled(self) -> bool:
@@ -348,11 +349,12 @@ class TransformersEngine(TokenizerAccess):
             extra = {"stopping_criteria": StoppingCriteriaList([rows])}
             if streamer is not None:
                 extra["streamer"] = streamer
-            if answer_probe is not None:  # the answer's token log-probabilities: the stack's free signal
+            want_logits = answer_probe is not None or any(j.logprobs is not None for j in jobs)
+            if want_logits:  # the answer's token log-probabilities: the stack's free signal, and what clients ask
                 extra.update(output_logits=True, return_dict_in_generate=True)
             kwargs = self._gen_kwargs(max(j.max_new_tokens for j in jobs), first.temperature, first.top_p, first.seed)
             out = self.model.generate(**enc, **kwargs, **extra)
-        sequences = out.sequences if answer_probe is not None else out
+        sequences = out.sequences if want_logits else out
         if failures:
             raise ProbeFailedError(f"probe readout failed: {type(failures[0]).__name__}: {failures[0]}")
         if len(seen) != len(jobs):
@@ -375,8 +377,9 @@ class TransformersEngine(TokenizerAccess):
                 if s and s in generated:
                     generated, finish = generated.split(s, 1)[0], "stop"
                     kept = self._tokens_within(tokens, generated)
-            generations.append(Generation(generated, len(job.prompt.input_ids), len(tokens), finish, seen[i],
-                                          token_ids=tokens[:kept]))
+            generations.append(Generation(
+                generated, len(job.prompt.input_ids), len(tokens), finish, seen[i], token_ids=tokens[:kept],
+                logprobs=self._token_logprobs(out, i, tokens[:kept], job.logprobs) if job.logprobs is not None else None))
             if answer_probe is not None and finish != "aborted":
                 pending_answers.append((i, kept))
         if pending_answers:
@@ -384,6 +387,19 @@ class TransformersEngine(TokenizerAccess):
                                            max(kept for _, kept in pending_answers))
             self._read_answers(answer_probe, jobs, generations, pending_answers, columns, out, prompt_length)
         return generations
+
+    def _token_logprobs(self, out, row: int, tokens: list[int], top: int) -> list[TokenLogprob]:
+        """Each kept token of ``row`` with its log-probability from generate's raw logits (the model's
+        distribution: what OpenAI's and TGI's log-probabilities are) and its ``top`` alternatives."""
+        records = []
+        for j, t in enumerate(tokens):
+            lp = torch.log_softmax(out.logits[j][row].float(), dim=-1)
+            alternatives = ()
+            if top:
+                values, ids = lp.topk(top)
+                alternatives = tuple((int(a), self.decode([int(a)]), float(v)) for a, v in zip(ids, values))
+            records.append(TokenLogprob(int(t), self.decode([int(t)]), float(lp[t]), alternatives))
+        return records
 
     def _tokens_within(self, tokens: list[int], text: str) -> int:
         """How many of ``tokens`` decode inside ``text`` (an answer cut at a stop string): its last token is where
@@ -500,14 +516,15 @@ class TransformersEngine(TokenizerAccess):
                     j.future.set_result(r)
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence=None, answer_probe: ValueProbe | None = None) -> Generation:
+                       seed=None, stop=None, on_confidence=None, answer_probe: ValueProbe | None = None,
+                       logprobs: int | None = None) -> Generation:
         """Generate with ``probe`` reading the prefill (see :meth:`_generate_batch`), batched with the generations
         that wait beside it. Batched greedy decoding can differ from one-prompt decoding where two tokens' logits
         are within rounding of each other (padding changes the arithmetic), as in any batching server."""
         with self.admission.slot():
             job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []),
                                on_confidence, future=asyncio.get_running_loop().create_future(),
-                               answer_probe=answer_probe)
+                               answer_probe=answer_probe, logprobs=logprobs)
             self._waiting_generations.append(job)
             if self._generation_drain is None or self._generation_drain.done():
                 self._generation_drain = asyncio.ensure_future(self._drain(

@@ -295,11 +295,15 @@ class VllmEngine(TokenizerAccess):
                           else "stop", confidence)
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence=None, answer_probe=None) -> Generation:
+                       seed=None, stop=None, on_confidence=None, answer_probe=None, logprobs=None) -> Generation:
         with self.admission.slot():
             async with self._using(probe):
                 return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
                                        on_confidence)
+
+    async def score_answers(self, prompts, answers, answer_probe):
+        """Not served by this engine yet (``supports_answer_confidence`` is false: the sidecar refuses first)."""
+        raise ProbeFailedError("the vLLM engine does not score given answers yet; use the transformers engine")
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
                               top_p=None, seed=None, stop=None, decide=None, answer_probe=None):
