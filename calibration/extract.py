@@ -18,6 +18,8 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -398,6 +400,34 @@ def extract_features(
     if answers is not None:  # an answer that changed since it was read is read again
         done = {i: v for i, v in done.items() if i not in answers or v[1].get("answer") == answers[i]}
     todo = [q for q in questions if q.id not in done]
+    with contextlib.ExitStack() as locks:
+        for f in {folder, prompt_folder} if todo else ():
+            if f is not None:
+                locks.enter_context(_writer_lock(f))
+        return _extract_todo(model, tokenizer, questions, prompt_format, todo, done, prompt_done, folder,
+                             prompt_folder, labels, answers, layers, device, batch_size, generate_batch_size,
+                             max_new_tokens, shard_size, reuse_prefix, wave_size, progress)
+
+
+@contextlib.contextmanager
+def _writer_lock(folder: Path):
+    """One writer per cache folder: two extractions writing shards into one folder would number them alike and
+    overwrite each other's (a fit started beside a running extraction did). A second writer is refused."""
+    with open(folder / ".writer.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another extraction is writing to {folder}; wait for it to finish (this run would "
+                             "compute questions it has not cached yet)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _extract_todo(model, tokenizer, questions, prompt_format, todo, done, prompt_done, folder, prompt_folder, labels,
+                  answers, layers, device, batch_size, generate_batch_size, max_new_tokens, shard_size, reuse_prefix,
+                  wave_size, progress) -> FeatureSet:
     eos = eos_token_ids(model, tokenizer)
     letter_ids = prompt_format.letter_token_ids(tokenizer, len(prompt_format.letters))
     prefix = SharedPrefix(model, tokenizer, prompt_format, device) if (reuse_prefix and todo) else None

@@ -102,7 +102,8 @@ def _row(name, y, score, prob=None, **extra):
 
 def served_predictions(probe: ValueProbe, X: np.ndarray, side: Side) -> dict[str, np.ndarray]:
     """The served numbers of rows of one layer's states ``X`` (every unit), as the sidecar computes them."""
-    return probe.predict(X[:, probe.neuron_indices.numpy()], side.max_softmax, side.entropy, side.kind)
+    return probe.predict(X[:, probe.neuron_indices.numpy()], side.max_softmax, side.entropy, side.kind,
+                         extra=side.extra)
 
 
 # What the stacker's free columns are called in the card, per read position (see transfer.Side).
@@ -124,7 +125,7 @@ def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
     nts = parts.next_token.predict_proba(data.side)
     if np.isfinite(nts).all():
         rows.append(_row("next-token stack (max-softmax + entropy, per kind)" if free == "next-token" else
-                         "answer log-prob stack (mean + min token log-prob, per kind)", y, nts, nts))
+                         "free stack (next-token + answer sum and min log-prob, per kind)", y, nts, nts))
     rows.append(_row("dense probe, same layer", y, parts.dense.decision_function(data.X)))
     # AUROC only (no bootstrap interval per draw: 100 draws x 500 resamples would dominate the fit's time).
     rand = [auroc_score(y, p.decision_function(data.X[:, s])) if len(np.unique(y)) == 2 else None

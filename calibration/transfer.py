@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
-from valueprobe.plugin.readout import STACK_FEATURES, answer_signals, mahalanobis, stack_features, stack_logit, stack_proba
+from valueprobe.plugin.readout import LOGPROB_FLOOR, STACK_FEATURES, answer_signals, mahalanobis, stack_features, stack_logit, stack_proba
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
@@ -35,13 +35,20 @@ class Side:
     """Per-question side information: the free signal of the same forward pass and the question kind.
 
     At the prompt's end (:meth:`from_rows`) the free signal is the next-token distribution: ``max_softmax`` and
-    ``entropy``. At the answer's end (:meth:`from_answer_rows`) it is the answer's own token log-probabilities,
-    in the same two columns (:func:`~valueprobe.plugin.readout.answer_signals`: the mean token probability and the
-    largest token surprise), so the stacker, the study and the artifact are the same code at both positions."""
+    ``entropy``. At the answer's end (:meth:`from_answer_rows`) ``extra`` adds the answer's own token
+    log-probabilities (:func:`~valueprobe.plugin.readout.answer_signals`: their sum and minimum), so the stacker,
+    the study and the artifact are the same code at both positions."""
 
     max_softmax: np.ndarray
     entropy: np.ndarray
     kind: np.ndarray  # "choice" | "open"
+    extra: np.ndarray | None = None  # [n, m] further free columns of the stack (the answer's log-probabilities)
+
+    def stack_inputs(self, value_raw, mask=None) -> np.ndarray:
+        """The stacker's input rows (``mask`` selects rows of this side)."""
+        sel = slice(None) if mask is None else mask
+        return stack_features(value_raw, self.max_softmax[sel], self.entropy[sel],
+                              None if self.extra is None else self.extra[sel])
 
     @classmethod
     def from_rows(cls, rows: list[dict]) -> Side:
@@ -54,15 +61,17 @@ class Side:
         """From answer-end extraction rows (``answer_mean_logprob``, ``answer_min_logprob``; see
         :func:`~valueprobe.calibration.extract.extract_features`)."""
         def signals(r):
-            if r.get("answer_mean_logprob") is None:  # empty answer
+            if not r.get("answer_tokens"):  # empty answer
                 return answer_signals([])
-            return float(np.exp(r["answer_mean_logprob"])), float(min(-r["answer_min_logprob"], 30.0))
+            return (max(r["answer_sum_logprob"], 10 * LOGPROB_FLOOR), max(r["answer_min_logprob"], LOGPROB_FLOOR))
 
-        pairs = np.array([signals(r) for r in rows], dtype=np.float64).reshape(-1, 2)
-        return cls(pairs[:, 0], pairs[:, 1], np.array(["choice" if r["kind"] == "choice" else "open" for r in rows]))
+        prompt = cls.from_rows(rows)
+        prompt.extra = np.array([signals(r) for r in rows], dtype=np.float64).reshape(-1, 2)
+        return prompt
 
     def __getitem__(self, mask) -> Side:
-        return Side(self.max_softmax[mask], self.entropy[mask], self.kind[mask])
+        return Side(self.max_softmax[mask], self.entropy[mask], self.kind[mask],
+                    None if self.extra is None else self.extra[mask])
 
 
 def _auroc(y, s):
@@ -209,8 +218,7 @@ class ConfidenceModel:
             if self.modes[kind] == "value" or len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
                 continue
             stacker = KindStacker(value_weight=self.modes[kind] != "next_token", seed=self.seed).fit(
-                stack_features(oof[m], side.max_softmax[m], side.entropy[m]), y[m],
-                stack_features(raw_cal[mc], side_cal.max_softmax[mc], side_cal.entropy[mc]), y_cal[mc])
+                side.stack_inputs(oof[m], m), y[m], side_cal.stack_inputs(raw_cal[mc], mc), y_cal[mc])
             if stacker.inverted_:
                 # Stacker inverted on the calibration rows: that kind is served by the value probability.
                 self.dropped_kinds_[kind] = f"stacker's Platt slope {stacker.slope_:.3g} <= 0 on the calibration split"
@@ -276,7 +284,7 @@ class ConfidenceModel:
         that kind has no stacker), ``ood_distance``, ``ood``."""
         if getattr(self, "probe_", None) is None:
             self.probe_ = self.as_probe(X.shape[1])
-        return self.probe_.predict(X[:, self.neurons], side.max_softmax, side.entropy, side.kind)
+        return self.probe_.predict(X[:, self.neurons], side.max_softmax, side.entropy, side.kind, extra=side.extra)
 
 
 class NextTokenStack:
@@ -291,8 +299,8 @@ class NextTokenStack:
             m, mc = side.kind == kind, side_cal.kind == kind
             if len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
                 continue
-            lr = LinearProbe(C=1.0).fit(stack_features(np.zeros(m.sum()), side.max_softmax[m], side.entropy[m])[:, 1:], y[m])
-            f_cal = stack_features(np.zeros(mc.sum()), side_cal.max_softmax[mc], side_cal.entropy[mc])[:, 1:]
+            lr = LinearProbe(C=1.0).fit(side.stack_inputs(np.zeros(m.sum()), m)[:, 1:], y[m])
+            f_cal = side_cal.stack_inputs(np.zeros(mc.sum()), mc)[:, 1:]
             self.models_[kind] = (lr, PlattCalibrator().fit(lr.decision_function(f_cal), y_cal[mc]))
         return self
 
@@ -301,7 +309,7 @@ class NextTokenStack:
         for kind, (lr, platt) in self.models_.items():
             m = side.kind == kind
             if m.any():
-                f = stack_features(np.zeros(m.sum()), side.max_softmax[m], side.entropy[m])[:, 1:]
+                f = side.stack_inputs(np.zeros(m.sum()), m)[:, 1:]
                 out[m] = platt.predict_proba(lr.decision_function(f))
         return out
 

@@ -283,7 +283,7 @@ def _validate_stack(md: dict, ts: dict, where: str) -> None:
             raise ArtifactError("metadata 'stack_features' is not valid JSON") from None
         _check(names == expected, f"metadata 'stack_features' is {names!r}; an artifact with token_position "
                                   f"{md.get('token_position')!r} needs {expected!r}")
-    n = len(STACK_FEATURES)
+    n = len(expected)
     shapes = {"mean": (n,), "scale": (n,), "weight": (n,), "bias": (1,), "calibrator.a": (1,), "calibrator.b": (1,)}
     for kind in kinds:
         for name, shape in shapes.items():

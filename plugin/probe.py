@@ -248,7 +248,7 @@ class ValueProbe:
     def letter_ids(self, tokenizer) -> list[int]:
         return self.prompt_format.letter_token_ids(tokenizer, len(self.prompt_format.letters))
 
-    def predict(self, values, max_softmax=None, entropy=None, kinds=None) -> dict[str, np.ndarray]:
+    def predict(self, values, max_softmax=None, entropy=None, kinds=None, extra=None) -> dict[str, np.ndarray]:
         """Vectorised served numbers for ``[n, k]`` neuron values and, for stacked artifacts, each row's
         next-token ``max_softmax`` and ``entropy`` (as :func:`~valueprobe.plugin.nexttoken.next_token_features`
         gives them) and ``kinds`` (``"choice"`` / ``"open"`` per row). Returns arrays ``value_raw``,
@@ -262,8 +262,9 @@ class ValueProbe:
             for kind, params in self._stack.items():
                 m = kinds == kind
                 if m.any():
-                    prob[m] = stack_proba(params, stack_features(raw[m], np.asarray(max_softmax)[m],
-                                                                 np.asarray(entropy)[m]))
+                    prob[m] = stack_proba(params, stack_features(
+                        raw[m], np.asarray(max_softmax)[m], np.asarray(entropy)[m],
+                        None if extra is None else np.asarray(extra, dtype=np.float64)[m]))
         out = {"value_raw": raw, "value_probability": value_p, "probability": prob}
         if self._ood is not None:
             dist = mahalanobis(torch.as_tensor(values, dtype=torch.float64).numpy(), self._ood[0], self._ood[1])
@@ -296,27 +297,31 @@ class ValueProbe:
         return out
 
     def readout_answer(self, values: torch.Tensor, token_logprobs: Sequence[Sequence[float]],
-                       kinds: Sequence[str] | None = None) -> list[ProbeResult]:
+                       next_token: torch.Tensor, kinds: Sequence[tuple[str, int]] | None = None) -> list[ProbeResult]:
         """Confidence in given answers (an ``answer_end`` artifact): ``[n, k]`` neuron values read at each answer's
-        last token and each answer's token log-probabilities (from the same pass; the free signal the stack
-        uses, :func:`~valueprobe.plugin.readout.answer_signals`) -> one :class:`ProbeResult` per answer, whose
-        ``components`` hold ``value_raw``, ``value_probability``, ``mean_token_logprob``, ``min_token_logprob``
-        and ``answer_tokens``."""
+        last token, each answer's token log-probabilities and the ``[n, 2 + letters]`` next-token summary at the
+        prompt's end (:func:`~valueprobe.plugin.nexttoken.summarize_logits`), all from the same generation (the
+        free signals the stack uses) -> one :class:`ProbeResult` per answer, whose ``components`` hold
+        ``value_raw``, ``value_probability``, ``max_softmax``, ``entropy``, ``mean_token_logprob``,
+        ``min_token_logprob`` and ``answer_tokens``. ``kinds``: each prompt's ``(kind, n_choices)``."""
         self.require_position(ANSWER_END)
         n = int(torch.as_tensor(values).shape[0])
-        kinds = list(kinds) if kinds is not None else ["open"] * n
+        kinds = list(kinds) if kinds is not None else [("open", 0)] * n
         if len(kinds) != n or len(token_logprobs) != n:
             raise ValueError(f"{len(kinds)} kinds and {len(token_logprobs)} answers for {n} rows")
+        prompt = [next_token_features(next_token[i], kind, n_choices) for i, (kind, n_choices) in enumerate(kinds)]
+        ms, ent = np.array([f[0] for f in prompt]), np.array([f[1] for f in prompt])
         signals = np.array([answer_signals(lp) for lp in token_logprobs], dtype=np.float64).reshape(-1, 2)
-        pred = self.predict(values, signals[:, 0], signals[:, 1], kinds)
+        pred = self.predict(values, ms, ent, [k for k, _ in kinds], extra=signals)
         out = []
         for i, lp in enumerate(token_logprobs):
             lp = [float(x) for x in lp]
             comps = {"value_raw": float(pred["value_raw"][i]), "value_probability": float(pred["value_probability"][i]),
+                     "max_softmax": float(ms[i]), "entropy": float(ent[i]),
                      "mean_token_logprob": float(np.mean(lp)) if lp else None,
                      "min_token_logprob": min(lp) if lp else None, "answer_tokens": len(lp)}
             dist = pred.get("ood_distance")
-            out.append(ProbeResult(float(pred["value_raw"][i]), float(pred["probability"][i]), kinds[i], comps,
+            out.append(ProbeResult(float(pred["value_raw"][i]), float(pred["probability"][i]), kinds[i][0], comps,
                                    None if dist is None else float(dist[i]),
                                    None if dist is None else bool(pred["ood"][i])))
         return out

@@ -74,30 +74,35 @@ STACK_FEATURES = ("value_raw", "logit_max_softmax", "entropy")
 STACK_PARAMS = ("mean", "scale", "weight", "bias", "calibrator.a", "calibrator.b")
 
 
-# At the answer's end the stacker's two free columns are the answer's own token log-probabilities from the same
-# pass (the signals a router computes from ``logprobs``): the mean token probability enters where the max-softmax
-# does, as a logit, and the largest surprise (-min log-probability) where the entropy does. The artifact names
-# them in its ``stack_features`` metadata.
-ANSWER_STACK_FEATURES = ("value_raw", "logit_mean_token_probability", "max_token_surprise")
+# At the answer's end the stack also takes the answer's own token log-probabilities from the same generation (the
+# signals a router computes from ``logprobs``): their sum (the sequence log-probability) and their minimum, after
+# the prompt's next-token columns, which the same generation computed at its prefill. The artifact names its
+# columns in ``stack_features``.
+ANSWER_STACK_FEATURES = ("value_raw", "logit_max_softmax", "entropy", "answer_sum_logprob", "answer_min_logprob")
+LOGPROB_FLOOR = -30.0  # an empty answer, or a token the model all but ruled out: the stacker sees a finite value
 
 
 def answer_signals(token_logprobs) -> tuple[float, float]:
-    """``(mean token probability, max token surprise)`` of one answer from its tokens' log-probabilities:
-    ``exp(mean log p)`` (the geometric mean) and ``-min log p``. An empty answer is the least confident
-    one can be: ``(0, inf)`` is clipped to ``(1e-6, 30)`` so the stacker never sees a non-finite value."""
+    """``(sum, min)`` of one answer's token log-probabilities, each floored at :data:`LOGPROB_FLOOR` (an empty
+    answer is the least confident one can be: both at the floor)."""
     lp = np.asarray(token_logprobs, dtype=np.float64).reshape(-1)
     if lp.size == 0:
-        return 1e-6, 30.0
-    return float(np.exp(lp.mean())), float(min(-lp.min(), 30.0))
+        return LOGPROB_FLOOR, LOGPROB_FLOOR
+    return float(max(lp.sum(), 10 * LOGPROB_FLOOR)), float(max(lp.min(), LOGPROB_FLOOR))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
     return logit(np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6))
 
 
-def stack_features(value_raw, max_softmax, entropy) -> np.ndarray:
-    """``[n, 3]`` stacking inputs in :data:`STACK_FEATURES` order (the max-softmax enters as a logit)."""
-    return np.c_[np.asarray(value_raw, dtype=np.float64), _logit(max_softmax), np.asarray(entropy, dtype=np.float64)]
+def stack_features(value_raw, max_softmax, entropy, extra=None) -> np.ndarray:
+    """``[n, 3 + m]`` stacking inputs: :data:`STACK_FEATURES` order (the max-softmax enters as a logit), then the
+    ``m`` columns of ``extra`` (at the answer's end: :func:`answer_signals` per row; see
+    :data:`ANSWER_STACK_FEATURES`)."""
+    cols = np.c_[np.asarray(value_raw, dtype=np.float64), _logit(max_softmax), np.asarray(entropy, dtype=np.float64)]
+    if extra is not None:
+        cols = np.c_[cols, np.asarray(extra, dtype=np.float64).reshape(len(cols), -1)]
+    return cols
 
 
 def stack_logit(params: dict[str, np.ndarray], features: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from conftest import MIXED_PROMPTS
 from valueprobe.plugin import ArtifactError, ValueProbe, load_artifact, save_artifact
 from valueprobe.plugin.artifact import ArtifactData
 from valueprobe.plugin.hooks import capture
-from valueprobe.plugin.nexttoken import prompt_kind
+from valueprobe.plugin.nexttoken import prompt_kind, summarize_logits
 from valueprobe.plugin.probe import answer_end_column
 from valueprobe.server.engines.base import Prompt
 from valueprobe.server.engines.transformers_engine import TransformersEngine
@@ -30,15 +30,16 @@ def answer_probe(answer_artifact_file):
     return ValueProbe.load(answer_artifact_file)
 
 
-def _prefill_readout(model, answer_probe, prompt_ids, answer_ids, kind):
+def _prefill_readout(model, answer_probe, prompt_ids, answer_ids, kind, tokenizer):
     """The reference: one forward over prompt + answer, the layer read at its last token, the answer's token
-    log-probabilities from the same pass."""
+    log-probabilities and the prompt's next-token distribution from the same pass."""
     ids = torch.tensor([list(prompt_ids) + list(answer_ids)])
     with torch.inference_mode(), capture(model, [answer_probe.layer], answer_probe.neuron_indices) as cap:
         out = model(ids)
     logp = torch.log_softmax(out.logits[0].float(), -1)
     lps = [float(logp[len(prompt_ids) - 1 + j, t]) for j, t in enumerate(answer_ids)]
-    return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], [lps], [kind])[0], lps
+    first = summarize_logits(out.logits[0, len(prompt_ids) - 1 : len(prompt_ids)], answer_probe.letter_ids(tokenizer))
+    return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], [lps], first, [kind])[0], lps
 
 
 def test_answer_end_column_is_the_step_that_feeds_the_last_token():
@@ -79,7 +80,7 @@ def test_generation_reads_the_answer_end_state_a_prefill_of_prompt_plus_answer_g
             assert g.answer is not None and g.token_logprobs is not None
             answer_ids = g.token_ids
             assert len(answer_ids) == len(g.token_logprobs)
-            expected, lps = _prefill_readout(qwen_model, answer_probe, p.input_ids, answer_ids, p.kind[0])
+            expected, lps = _prefill_readout(qwen_model, answer_probe, p.input_ids, answer_ids, p.kind, tokenizer)
             assert g.token_logprobs == pytest.approx(lps, abs=1e-4)
             assert g.answer.raw == pytest.approx(expected.raw, abs=1e-4)
             assert g.answer.probability == pytest.approx(expected.probability, abs=1e-4)

@@ -125,7 +125,7 @@ def test_confidence_in_an_answer_generated_elsewhere_is_the_prefill_readout(serv
     for q, a, r in zip(QUESTIONS, given, mine.json()["results"]):
         prompt_ids = probe.encode(tokenizer, [q])["input_ids"][0].tolist()
         expected, lps = _prefill_readout(qwen_model, answer_probe, prompt_ids,
-                                         tokenizer(a, add_special_tokens=False)["input_ids"], "open")
+                                         tokenizer(a, add_special_tokens=False)["input_ids"], ("open", 0), tokenizer)
         assert r["answer"]["probability"] == pytest.approx(expected.probability, abs=1e-4)
         assert r["answer"]["components"]["mean_token_logprob"] == pytest.approx(sum(lps) / len(lps), abs=1e-4)
     results = batch.json()["results"]

@@ -139,3 +139,17 @@ def test_one_answer_pass_fills_both_caches(qwen_model, tokenizer, tmp_path):
         handle.remove()
     assert calls == []
     torch.testing.assert_close(again[1].features, answer.features)
+
+
+def test_a_second_writer_to_one_cache_is_refused_and_a_reader_is_not(qwen_model, tokenizer, tmp_path):
+    import fcntl
+
+    fmt = PromptFormat()
+    first = extract_features(qwen_model, tokenizer, QUESTIONS[:2], fmt, cache_dir=tmp_path, progress=False)
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    with open(folder / ".writer.lock", "w") as held:  # another process's extraction, mid-run
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        again = extract_features(qwen_model, tokenizer, QUESTIONS[:2], fmt, cache_dir=tmp_path, progress=False)
+        torch.testing.assert_close(again.features, first.features)  # all cached: reading needs no lock
+        with pytest.raises(ValueError, match="another extraction is writing"):
+            extract_features(qwen_model, tokenizer, QUESTIONS[:3], fmt, cache_dir=tmp_path, progress=False)

@@ -105,9 +105,10 @@ class TokenizerAccess:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def letter_ids(self, probe: ValueProbe) -> list[int] | None:
-        """The option letters' token ids, for artifacts that read the next-token distribution (cached per artifact)."""
-        if not probe.needs_next_token:
+    def letter_ids(self, probe: ValueProbe, always: bool = False) -> list[int] | None:
+        """The option letters' token ids, for artifacts that read the next-token distribution (cached per artifact);
+        ``always``: whatever the artifact serves (an answer-level readout summarises the prompt's distribution)."""
+        if not (always or probe.needs_next_token):
             return None
         key = probe.artifact_id
         if key not in self._letters:

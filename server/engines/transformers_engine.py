@@ -31,6 +31,7 @@ from valueprobe.plugin import ProbeHandle, ProbeResult, ValueProbe
 from valueprobe.plugin.hooks import StepStateRecorder
 from valueprobe.plugin.probe import answer_end_column
 from valueprobe.plugin.models import eos_token_ids
+from valueprobe.plugin.nexttoken import summarize_logits
 from valueprobe.plugin.prompting import pad_left, pad_token_id
 
 from ..errors import OverloadedError, ProbeFailedError
@@ -286,7 +287,11 @@ class TransformersEngine(TokenizerAccess):
             # left padding: every row's answer is its last len(a) tokens; column -1 - len(a) + j predicts token j
             lp = torch.log_softmax(logits[i, keep - 1 - len(a) : keep - 1].float(), dim=-1)
             logprobs.append([float(lp[j, t]) for j, t in enumerate(a)])
-        return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], logprobs, [p.kind[0] for p in prompts])
+        # the prompt's next-token distribution: the column that predicts each answer's first token
+        first = summarize_logits(torch.stack([logits[i, keep - 1 - len(a)] for i, a in enumerate(answers)]),
+                                 self.letter_ids(answer_probe, always=True))
+        return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], logprobs, first,
+                                           [p.kind for p in prompts])
 
     # -- embedded generation --------------------------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None, seed: int | None):
@@ -434,9 +439,12 @@ class TransformersEngine(TokenizerAccess):
             values.append(columns[i, kept])
             tokens = out.sequences[i, prompt_length : prompt_length + kept]
             logprobs.append([float(torch.log_softmax(out.logits[j][i].float(), dim=-1)[t]) for j, t in enumerate(tokens.tolist())])
-            kinds.append(jobs[i].prompt.kind[0])
+            kinds.append(jobs[i].prompt.kind)
+        rows = [i for i, _ in pending]
+        # the prompt's next-token distribution: generate's first logits, the prefill's last position
+        first = summarize_logits(out.logits[0][rows], self.letter_ids(answer_probe, always=True))
         try:
-            results = answer_probe.readout_answer(torch.stack(values), logprobs, kinds)
+            results = answer_probe.readout_answer(torch.stack(values), logprobs, first, kinds)
         except Exception:  # noqa: BLE001 - the answer's confidence fails alone; the answer stands without it
             logger.exception("answer-level readout failed (artifact %s)", answer_probe.artifact_id)
             results = [None] * len(pending)

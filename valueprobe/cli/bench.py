@@ -162,6 +162,29 @@ def bench_semantic_entropy(
         fail(str(exc))
 
 
+@bench_app.command("answer")
+def bench_answer(
+    answer_artifact: Annotated[Path, typer.Option(help="The answer-level artifact (`fit --answer-end`).")] =
+        Path("weights/qwen2.5-coder-1.5b-instruct.answer.safetensors"),
+    prompt_artifact: Annotated[Optional[Path], typer.Option(help="The prompt-only artifact; default: the shipped "
+                                                            "default.")] = None,
+    samples: Annotated[Optional[Path], typer.Option(help="Sampled answers (`sample-answers`) for semantic entropy.")] =
+        Path("weights/labels/qwen2.5-coder-1.5b-instruct.samples.jsonl"),
+    cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
+    out: Annotated[Optional[Path], typer.Option(help="Write <out>.json, <out>.md and <out>.risk_coverage.png.")] = None,
+):
+    """Confidence in the answer given vs the prompt-only score, the answer's token log-probabilities, P(True) and
+    semantic entropy, on held-out questions: AUROC, ECE, selective accuracy at 50% and 80% coverage."""
+    from valueprobe.bench.answer import run
+    from valueprobe.weights import default_artifact
+
+    try:
+        run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact or default_artifact(),
+            samples_path=samples, cache_dir=cache, out=out, echo=typer.echo)
+    except ValueError as exc:
+        fail(str(exc))
+
+
 @bench_app.command("search")
 def bench_search(
     traces_file: Annotated[Path, typer.Option("--traces", help="Traces JSONL from `valueprobe traces`: the problems, "

@@ -1,0 +1,160 @@
+"""Confidence in the answer given, beside the prompt-only score, the answer's free signals, P(True) and semantic
+entropy, on the same held-out questions.
+
+Two question sets, both never used to fit either artifact:
+
+* the answer artifact's test split, per kind (its recorded data specs, split seed and fractions);
+* the held-out open questions of the semantic-entropy table (``weights/labels/<model>.samples.jsonl``: 5 sampled
+  answers per question), where semantic entropy is the costly anchor.
+
+Features come from the extraction cache (one pass per question: the prompt's prefill, then the model's own answer
+fed on its KV cache; see :func:`valueprobe.calibration.extract.extract_answer_end`). P(True) costs one more prefill
+per question (the question, the proposed answer and "is it true?" as a two-option question); it is computed for
+the semantic-entropy questions only and cached like every extraction. Prints AUROC, ECE and selective accuracy at
+50% and 80% coverage, writes JSON, a markdown section and a risk–coverage plot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+COVERAGES = (0.5, 0.8)
+
+
+def selective_accuracy(y, score, coverage: float) -> float:
+    """Accuracy on the ``coverage`` share of questions with the highest score (ties broken by order)."""
+    y, score = np.asarray(y), np.asarray(score, dtype=np.float64)
+    keep = max(1, int(round(coverage * len(y))))
+    order = np.argsort(-score, kind="mergesort")[:keep]
+    return float(y[order].mean())
+
+
+def p_true_questions(questions, answers: dict[str, str]):
+    """Kadavath et al.'s P(True) as two-option questions: "Question ... Proposed answer ... Is the proposed answer
+    true?" with choices True / False; P(True) is the model's probability of the first letter."""
+    from valueprobe.calibration.data import Question
+
+    return [Question(f"ptrue-{q.id}", f"{q.question}\nProposed answer: {answers[q.id]}\nIs the proposed answer true?",
+                     0, ["True", "False"], "choice", f"ptrue-{q.dataset}") for q in questions]
+
+
+def _p_true(rows) -> np.ndarray:
+    """P(first letter) from extraction rows of the two-option questions (max-softmax is over the two letters)."""
+    return np.array([r["max_softmax"] if r["prediction"] == "A" else 1 - r["max_softmax"] for r in rows])
+
+
+def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | None, cache_dir="runs/cache",
+        out: Path | None = None, echo=print) -> dict:
+    from valueprobe.calibration.data import interleave_sources, load_data
+    from valueprobe.calibration.evaluate import ANSWER_BASELINES, format_table, score_metrics
+    from valueprobe.calibration.extract import extract_answer_end, extract_features, load_labels
+    from valueprobe.calibration.fit import served_predictions
+    from valueprobe.calibration.semantic import load_samples, score_rows
+    from valueprobe.calibration.splits import split_labels
+    from valueprobe.calibration.transfer import Side
+    from valueprobe.plugin import PromptFormat, ValueProbe, load_model
+    from valueprobe.weights import labels_path
+
+    answer_probe, prompt_probe = ValueProbe.load(answer_artifact), ValueProbe.load(prompt_artifact)
+    answer_probe.require_position("answer_end")
+    card = answer_probe.eval_card
+    specs = card["config"]["extra"]["data_specs"]
+    seed, fractions = card["splits"]["seed"], card["splits"]["fractions"]
+    questions = interleave_sources([load_data(s, seed=seed) for s in specs])
+    labels = load_labels(labels_path(answer_probe.model_name), model_name=answer_probe.model_name)
+    model, tok = load_model(answer_probe.model_name)
+    fmt = PromptFormat()
+    prompt_fs, answer_fs = extract_answer_end(model, tok, questions, fmt, labels=labels, cache_dir=cache_dir)
+    y = answer_fs.labels
+    kind = np.array([r["kind"] for r in answer_fs.rows])
+    ids = [r["id"] for r in answer_fs.rows]
+    answer_p = served_predictions(answer_probe, answer_fs.features[:, answer_probe.layer - 1].numpy().astype(np.float64),
+                                  Side.from_answer_rows(answer_fs.rows))["probability"]
+    prompt_p = served_predictions(prompt_probe, prompt_fs.features[:, prompt_probe.layer - 1].numpy().astype(np.float64),
+                                  Side.from_rows(prompt_fs.rows))["probability"]
+    scores = {"answer-level served score": answer_p, "prompt-only served score": prompt_p}
+    for name, getter in ANSWER_BASELINES.items():
+        vals = getter(answer_fs.rows)
+        if all(v is not None for v in vals):
+            scores[name] = np.asarray(vals, dtype=np.float64)
+    calibrated = {"answer-level served score", "prompt-only served score"}
+
+    def table(mask, extra: dict | None = None):
+        rows = []
+        for name, s in {**scores, **(extra or {})}.items():
+            s = np.asarray(s)[mask] if len(s) == len(y) else np.asarray(s)
+            m = score_metrics(y[mask], s, s if name in calibrated else None)
+            m.update({f"selective_acc@{c:g}": selective_accuracy(y[mask], s, c) for c in COVERAGES})
+            rows.append({"name": name, **m})
+        return rows
+
+    split = split_labels(ids, seed=seed, train_fraction=fractions[0], calibration_fraction=fractions[1])
+    test = split == "test"
+    result = {"answer_artifact": answer_probe.artifact_id, "prompt_artifact": prompt_probe.artifact_id,
+              "test_split": {k: table(test & (kind == k)) for k in ("choice", "open")}}
+    columns = ("auroc", "auroc_ci", "ece_equal_mass", "brier", "selective_acc@0.5", "selective_acc@0.8")
+    lines = [f"Answer-level ({answer_probe.artifact_id}) vs prompt-only ({prompt_probe.artifact_id}) and the free "
+             "answer-side signals, on the answer artifact's test split (never fitted or calibrated on)."]
+    for k, rows in result["test_split"].items():
+        lines += ["", f"{k} (n={int((test & (kind == k)).sum())}, accuracy {y[test & (kind == k)].mean():.3f}):", "",
+                  format_table(rows, columns=columns)]
+
+    if samples_path is not None and Path(samples_path).exists():
+        samples = load_samples(samples_path)
+        index = {i: n for n, i in enumerate(ids)}
+        se_ids = [i for i in samples if i in index]
+        rows_idx = np.array([index[i] for i in se_ids])
+        mask = np.zeros(len(y), dtype=bool)
+        mask[rows_idx] = True
+        order = np.argsort(rows_idx)  # the table reads rows in feature order
+        se = {name: s[order] for name, s in score_rows(samples, se_ids).items()}
+        by_id = {q.id: q for q in questions}
+        ptrue_q = p_true_questions([by_id[i] for i in np.asarray(se_ids)[order]],
+                                   {r["id"]: r["answer"] for r in answer_fs.rows})
+        ptrue_fs = extract_features(model, tok, ptrue_q, fmt, cache_dir=cache_dir)
+        se["P(True) (one extra prefill)"] = _p_true(ptrue_fs.rows)
+        se_rows = table(mask, se)
+        result["semantic_entropy_questions"] = {"n": int(mask.sum()), "accuracy": float(y[mask].mean()), "rows": se_rows}
+        lines += ["", f"The {int(mask.sum())} held-out open questions of the semantic-entropy table (accuracy "
+                  f"{y[mask].mean():.3f}; semantic entropy from 5 sampled answers each, P(True) from one extra prefill):",
+                  "", format_table(se_rows, columns=columns)]
+        result["plot"] = _plot(y[mask], {n: (np.asarray(s)[mask] if len(s) == len(y) else s)
+                                         for n, s in {**scores, **se}.items()
+                                         if n in ("answer-level served score", "prompt-only served score",
+                                                  "semantic entropy (discrete)", "answer mean token log-prob",
+                                                  "P(True) (one extra prefill)")}, out)
+    echo("\n".join(lines))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=float))
+        Path(f"{out}.md").write_text("## Confidence in the answer given (bench answer)\n\n" + "\n".join(lines) + "\n")
+    return result
+
+
+def _plot(y, scores: dict, out: Path | None) -> str | None:
+    """Selective accuracy against coverage for each score (higher is better), next to ``out``."""
+    if out is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from valueprobe.calibration.metrics import risk_coverage_curve
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in scores.items():
+        coverage, risk = risk_coverage_curve(y, s)
+        ax.plot(coverage, 1 - risk, label=name)
+    ax.axhline(float(np.mean(y)), color="grey", linestyle=":", label="answer everything")
+    ax.set_xlabel("coverage (share of questions answered)")
+    ax.set_ylabel("accuracy on the answered share")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = f"{out}.risk_coverage.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
