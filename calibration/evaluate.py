@@ -18,7 +18,7 @@ from .metrics import (
     reliability_curve,
 )
 
-__all__ = ["score_metrics", "BASELINES", "ANSWER_BASELINES", "render_markdown", "write_plots", "write_report", "format_table",
+__all__ = ["score_metrics", "BASELINES", "ANSWER_BASELINES", "evaluate_answers", "render_markdown", "write_plots", "write_report", "format_table",
            "evaluate_artifact", "prediction_records", "artifact_test_questions"]
 
 # Prompt-only baselines read from extraction rows, oriented so that higher = more confident.
@@ -256,6 +256,33 @@ def evaluate_artifact(probe, model, tokenizer, questions, *, cache_dir=None, bat
     return rows, fs, pred
 
 
+def evaluate_answers(answer_probe, model, tokenizer, fs, questions, *, cache_dir=None, batch_size: int = 8,
+                     max_new_tokens: int = 16, progress: bool = True):
+    """Confidence in the answers of ``fs`` (a prompt-only extraction of ``questions``, whose open answers were
+    generated or read from a labels file): one more pass per question reads ``answer_probe`` at each answer's end.
+    Returns ``(rows, answer featureset, predictions)`` like :func:`evaluate_artifact`, with the answer-side
+    baselines."""
+    from .extract import extract_features
+    from .transfer import Side
+
+    answer_probe.require_position("answer_end")
+    labels = {r["id"]: r for r in fs.rows if r["kind"] != "choice"}
+    answers = {i: r["prediction"] for i, r in labels.items()}
+    afs = extract_features(model, tokenizer, questions, answer_probe.prompt_format, cache_dir=cache_dir,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, labels=labels, answers=answers,
+                           progress=progress)
+    side = Side.from_answer_rows(afs.rows)
+    values = afs.features[:, answer_probe.layer - 1, :][:, answer_probe.neuron_indices]
+    pred = answer_probe.predict(values, side.max_softmax, side.entropy, side.kind, extra=side.extra)
+    y = afs.labels
+    rows = [{"name": "answer-level served score", **score_metrics(y, pred["probability"], pred["probability"])}]
+    for name, getter in ANSWER_BASELINES.items():
+        vals = getter(afs.rows)
+        if all(v is not None for v in vals):
+            rows.append({"name": name, **score_metrics(y, np.asarray(vals, dtype=np.float64))})
+    return rows, afs, pred
+
+
 def write_report(card: dict, artifact_path: str | Path) -> list[str]:
     """Beside an artifact ``<stem>.safetensors``: its card as ``<stem>.md`` and the plots in ``<stem>.plots/``.
     Returns the plot file names."""
@@ -269,9 +296,10 @@ def write_report(card: dict, artifact_path: str | Path) -> list[str]:
     return plots
 
 
-def prediction_records(probe, fs, pred) -> list[dict]:
+def prediction_records(probe, fs, pred, answer_fs=None, answer_pred=None) -> list[dict]:
     """One JSON-ready record per question of :func:`evaluate_artifact`: label, the model's answer, the served
-    probability and its parts, the out-of-distribution flag where the artifact has one, and every baseline."""
+    probability and its parts, the out-of-distribution flag where the artifact has one, and every baseline; with
+    :func:`evaluate_answers`' results also ``answer_probability``, ``answer_raw`` and the answer-side baselines."""
     records = []
     for i, row in enumerate(fs.rows):
         rec = {"id": row["id"], "dataset": row["dataset"], "kind": row["kind"], "label": row["label"],
@@ -281,6 +309,11 @@ def prediction_records(probe, fs, pred) -> list[dict]:
         if "ood" in pred:
             rec.update(ood=bool(pred["ood"][i]), ood_distance=float(pred["ood_distance"][i]))
         rec.update({name: getter([row])[0] for name, getter in BASELINES.items()})
+        if answer_fs is not None:
+            arow = answer_fs.rows[i]
+            rec.update(answer=arow["answer"], answer_probability=float(answer_pred["probability"][i]),
+                       answer_raw=float(answer_pred["value_raw"][i]))
+            rec.update({name: getter([arow])[0] for name, getter in ANSWER_BASELINES.items() if name != "P(True)"})
         records.append(rec)
     return records
 

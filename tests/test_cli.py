@@ -92,6 +92,36 @@ def test_fit_inspect_eval(model_dir, data_file, second_source, tmp_path):
             "neg. question length"} <= set(lines[0])
 
 
+def test_answer_level_extract_fit_and_eval(model_dir, data_file, second_source, tmp_path):
+    """extract (answers kept in a labels file) -> fit --answer-end (no generation: one pass per question) -> eval
+    --answer-artifact, whose per-item output carries the answer, its probability and the answer-side baselines."""
+    cache, labels = tmp_path / "cache", tmp_path / "labels.jsonl"
+    common = ["--model", str(model_dir), "--data", str(data_file), "--data", str(second_source), "--cache", str(cache),
+              "--max-new-tokens", "3"]
+    assert runner.invoke(app, ["extract", *common, "--labels", str(labels)]).exit_code == 0
+    prompt, answer = tmp_path / "prompt.safetensors", tmp_path / "prompt.answer.safetensors"
+    fitted = runner.invoke(app, ["fit", *common, "--labels", str(labels), "--out", str(prompt), "--random-draws", "5"])
+    assert fitted.exit_code == 0, fitted.output
+    fitted = runner.invoke(app, ["fit", *common, "--labels", str(labels), "--out", str(answer), "--random-draws", "5",
+                                 "--answer-end", "--prompt-artifact", str(prompt)])
+    assert fitted.exit_code == 0, fitted.output
+    probe = ValueProbe.load(answer)
+    assert probe.token_position == "answer_end" and probe.eval_card["token_position"] == "answer_end"
+    names = {row["name"] for row in probe.eval_card["test"]["all"]}
+    assert {"answer sum log-prob", "answer min token log-prob", "prompt-only served score"} <= names
+    assert all("baseline:answer sum log-prob" in r for r in probe.eval_card["loso"]["rows"].values())
+    preds = tmp_path / "preds.jsonl"
+    evaluated = runner.invoke(app, ["eval", "--artifact", str(prompt), "--answer-artifact", str(answer), "--cache",
+                                    str(cache), "--labels", str(labels), "--predictions", str(preds)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "confidence in the answers given" in evaluated.output
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert lines and all(0 <= x["answer_probability"] <= 1 and x["answer"] is not None for x in lines)
+    assert {"answer sum log-prob", "answer min token log-prob", "answer mean token log-prob"} <= set(lines[0])
+    refused = runner.invoke(app, ["eval", "--artifact", str(answer), "--cache", str(cache)])
+    assert refused.exit_code == 2 and "token_position" in refused.output
+
+
 def test_cli_errors_are_clear(tmp_path, model_dir):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nope")

@@ -102,14 +102,17 @@ def eval_(
                                                    "those questions need a prefill only.")] = None,
     check_fingerprint: Annotated[bool, typer.Option(help="Refuse a model whose fingerprint differs (default: on "
                                                     "for the artifact's own model).")] = True,
+    answer_artifact: Annotated[Optional[Path], typer.Option(help="Also score confidence in each answer with this "
+                                                            "answer-level artifact (`fit --answer-end`): one more "
+                                                            "pass per question, no generation.")] = None,
 ):
     """Score an artifact on labelled data: labels come from the model on the artifact's prompt format.
 
     With no --data, the artifact's own test split (data specs, split seed and fractions recorded in its card).
     """
     from valueprobe.calibration.data import DataError, load_data
-    from valueprobe.calibration.evaluate import (artifact_test_questions, evaluate_artifact, format_table,
-                                                 prediction_records)
+    from valueprobe.calibration.evaluate import (artifact_test_questions, evaluate_answers, evaluate_artifact,
+                                                 format_table, prediction_records)
     from valueprobe.calibration.extract import load_labels
 
     probe = load_probe(artifact)
@@ -127,6 +130,15 @@ def eval_(
                                        max_new_tokens=max_new, labels=known)
     typer.echo(f"{len(fs.labels)} questions, model accuracy {fs.labels.mean():.3f}")
     typer.echo(format_table(rows))
+    answer_fs = answer_pred = None
+    if answer_artifact is not None:
+        answer_probe = load_probe(answer_artifact, position="answer_end")
+        answer_probe.check_compatible(mdl, tok, strict=check_fingerprint)
+        answer_rows, answer_fs, answer_pred = evaluate_answers(answer_probe, mdl, tok, fs, questions, cache_dir=cache,
+                                                               batch_size=batch_size, max_new_tokens=max_new)
+        typer.echo("confidence in the answers given:")
+        typer.echo(format_table(answer_rows))
     if predictions:
-        predictions.write_text("".join(json.dumps(rec) + "\n" for rec in prediction_records(probe, fs, pred)))
+        records = prediction_records(probe, fs, pred, answer_fs, answer_pred)
+        predictions.write_text("".join(json.dumps(rec) + "\n" for rec in records))
         typer.echo(f"wrote {predictions}")
