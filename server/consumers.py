@@ -86,8 +86,17 @@ async def detect_contents(req: p.ContentsRequest, sidecar: SidecarDep,
 @router.post("/api/v1/text/generation", tags=["consumers"], response_model=list[p.GenerationDetection])
 async def detect_generation(req: p.GenerationRequest, sidecar: SidecarDep,
                             detector_id: Annotated[Optional[str], Header()] = None):
-    """FMS detector API, generation: a detection when the prompt's P(correct) is below the threshold."""
+    """FMS detector API, generation: a detection when P(correct) is below the threshold: the confidence in the
+    generated text itself (one prefill of prompt + answer) where the sidecar has an answer-level artifact and an
+    engine that reads it, else the prompt's."""
     served = sidecar.served
     below = threshold(sidecar, served, req.detector_params.threshold)
-    (q,) = await probabilities(sidecar, served, [req.prompt])
+    if sidecar.answer_probe is not None and sidecar.engine.supports_answer_confidence and req.generated_text:
+        if not req.prompt.strip():
+            raise ClientError("the prompt is empty")
+        _, rendered, kind = sidecar.render_question(served, req.prompt)
+        ((result, _),) = await sidecar.answer_confidence([sidecar.prompt(served, rendered, kind)], [req.generated_text])
+        q = result.probability
+    else:
+        (q,) = await probabilities(sidecar, served, [req.prompt])
     return [p.GenerationDetection(detection=DETECTION, detection_type=DETECTION_TYPE, score=1 - q)] if q < below else []

@@ -190,3 +190,15 @@ def test_escalate_after_a_low_confidence_local_answer(server, tmp_path):
     finally:
         for s in (always, down, by_rate):
             s.stop()
+
+
+def test_the_generation_detector_scores_the_generated_text_where_an_answer_artifact_is_served(server):
+    """FMS guardrails' /api/v1/text/generation: with an answer-level artifact the detection score is 1 - the
+    confidence in the generated text (as /v1/confidence scores it), not the prompt's."""
+    sidecar, _ = server
+    body = {"prompt": QUESTIONS[0], "answer": "Paris"}
+    want = httpx.post(sidecar.url + "/v1/confidence", json=body, timeout=60).json()
+    got = httpx.post(sidecar.url + "/api/v1/text/generation", headers={"detector-id": "valueprobe"}, timeout=60,
+                     json={"prompt": QUESTIONS[0], "generated_text": "Paris", "detector_params": {"threshold": 1.0}}).json()
+    assert got[0]["score"] == pytest.approx(1 - want["answer"]["probability"], abs=1e-5)
+    assert want["answer"]["probability"] != pytest.approx(want["probability"], abs=1e-6)  # not the prompt's number
