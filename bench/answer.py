@@ -158,3 +158,59 @@ def _plot(y, scores: dict, out: Path | None) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def measure_overhead(model, tokenizer, probe, answer_probe, *, reps: int = 5, new_tokens: int = 16, batch: int = 8,
+                     echo=print) -> dict:
+    """Seconds per batched greedy generation, side by side in one run (interleaved, rotating order): plain
+    ``model.generate`` (bare), the sidecar's transformers engine with the prompt-only probe, and with both heads
+    (prompt-only + answer-level, which also asks generate for its logits). Median and spread of each, and the
+    overhead of both heads over bare as the median of per-repetition ratios."""
+    import time
+
+    from valueprobe.plugin.nexttoken import prompt_kind
+    from valueprobe.plugin.prompting import pad_left
+    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.transformers_engine import TransformersEngine, _GenerateJob
+
+    from .perf import PROMPTS
+
+    engine = TransformersEngine(model, tokenizer, probe, max_batch_size=batch)
+    prompts = [Prompt(tuple(probe.encode(tokenizer, [q])["input_ids"][0].tolist()), prompt_kind(q)) for q in PROMPTS[:batch]]
+    enc = pad_left([list(p.input_ids) for p in prompts], engine.pad_id)
+    eos = sorted(engine.eos_ids)
+
+    def bare():
+        # the same stopping rule as the engine (every end-of-answer token), nothing read
+        model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                       pad_token_id=engine.pad_id, eos_token_id=eos)
+
+    def engine_run(answer):
+        jobs = [_GenerateJob(p, probe, new_tokens, None, None, None, [], answer_probe=answer) for p in prompts]
+        engine._generate_batch(jobs)
+
+    runs = {"bare generate": bare, "engine, prompt-only probe": lambda: engine_run(None),
+            "engine, both heads": lambda: engine_run(answer_probe)}
+    times = {name: [] for name in runs}
+    names = list(runs)
+    bare()  # warm-up
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            started = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - started)
+        echo(f"rep {rep + 1}/{reps}: " + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names))
+    ratios = np.array(times["engine, both heads"]) / np.array(times["bare generate"])
+    prompt_only = np.array(times["engine, prompt-only probe"]) / np.array(times["bare generate"])
+    result = {"reps": reps, "batch": batch, "new_tokens": new_tokens,
+              "seconds": {n: {"median": float(np.median(t)), "min": float(np.min(t)), "max": float(np.max(t))}
+                          for n, t in times.items()},
+              "both_heads_over_bare": {"median": float(np.median(ratios)), "min": float(ratios.min()),
+                                       "max": float(ratios.max())},
+              "prompt_only_over_bare": {"median": float(np.median(prompt_only)), "min": float(prompt_only.min()),
+                                        "max": float(prompt_only.max())}}
+    echo(f"both heads vs bare generate: {100 * (result['both_heads_over_bare']['median'] - 1):+.1f}% (median of "
+         f"{reps} interleaved reps; range {100 * (ratios.min() - 1):+.1f}% .. {100 * (ratios.max() - 1):+.1f}%); "
+         f"prompt-only probe vs bare: {100 * (result['prompt_only_over_bare']['median'] - 1):+.1f}%")
+    return result

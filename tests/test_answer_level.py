@@ -100,3 +100,14 @@ def test_an_answer_artifact_is_refused_where_a_prompt_confidence_is_needed_and_i
     md["stack_features"] = '["value_raw", "logit_max_softmax", "entropy"]'
     with pytest.raises(ArtifactError, match="stack_features"):
         save_artifact(ArtifactData(dict(data.tensors), md), answer_artifact_file.parent / "bad.safetensors")
+
+
+def test_the_overhead_bench_times_each_variant_interleaved(qwen_model, tokenizer, probe, answer_probe):
+    from valueprobe.bench.answer import measure_overhead
+
+    lines = []
+    result = measure_overhead(qwen_model, tokenizer, probe, answer_probe, reps=3, new_tokens=3, batch=3,
+                              echo=lines.append)
+    assert len(lines) == 4 and "both heads vs bare generate" in lines[-1]
+    assert set(result["seconds"]) == {"bare generate", "engine, prompt-only probe", "engine, both heads"}
+    assert all(v["min"] > 0 for v in result["seconds"].values()) and result["both_heads_over_bare"]["median"] > 0

@@ -172,15 +172,30 @@ def bench_answer(
         Path("weights/labels/qwen2.5-coder-1.5b-instruct.samples.jsonl"),
     cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
     out: Annotated[Optional[Path], typer.Option(help="Write <out>.json, <out>.md and <out>.risk_coverage.png.")] = None,
+    overhead_reps: Annotated[int, typer.Option(help="Also time generate with both heads vs bare (0: skip).")] = 0,
+    overhead_only: Annotated[bool, typer.Option(help="Only the overhead measurement.")] = False,
 ):
     """Confidence in the answer given vs the prompt-only score, the answer's token log-probabilities, P(True) and
-    semantic entropy, on held-out questions: AUROC, ECE, selective accuracy at 50% and 80% coverage."""
+    semantic entropy, on held-out questions: AUROC, ECE, selective accuracy at 50% and 80% coverage. With
+    --overhead-reps N, also the cost of both heads: generate with them vs bare, N interleaved repetitions."""
     from valueprobe.bench.answer import run
     from valueprobe.weights import default_artifact
 
     try:
-        run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact or default_artifact(),
-            samples_path=samples, cache_dir=cache, out=out, echo=typer.echo)
+        if not overhead_only:
+            run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact or default_artifact(),
+                samples_path=samples, cache_dir=cache, out=out, echo=typer.echo)
+        if overhead_reps:
+            import json
+
+            from valueprobe.bench.answer import measure_overhead
+            from valueprobe.plugin import ValueProbe
+
+            answer_probe = ValueProbe.load(answer_artifact)
+            probe, mdl, tok = probe_and_model(prompt_artifact or default_artifact(), None, "float32")
+            result = measure_overhead(mdl, tok, probe, answer_probe, reps=overhead_reps, echo=typer.echo)
+            if out:
+                Path(f"{out}.overhead.json").write_text(json.dumps(result, indent=2))
     except ValueError as exc:
         fail(str(exc))
 
