@@ -97,12 +97,17 @@ def _loso_table(card: dict) -> list[str]:
     if not rows:
         return []
     head = card["head"]
+    answer_end = card.get("token_position") == "answer_end"
+    free = "free stack" if answer_end else "next-token stack"
     cols = [("kind", "kind"), ("n", "n"), ("accuracy", "model acc."), ("served_mode", "serves"), ("served", "**served**"),
             ("served_ece", "served ECE (eq. mass)"), ("max_softmax", "max-softmax"),
-            ("next_token_stack", "next-token stack"), (f"served_{head}", "value + next-token stack"),
+            ("next_token_stack", free), (f"served_{head}", f"value + {free}"),
             (f"value_{head}", "value neurons"), ("dense", "dense, same layer"),
             ("random_mean", "random-k mean"), ("random_sd", "random-k sd"), ("value_percentile", "value pct. of random"),
             ("ood_auroc", "OOD AUROC")]
+    if answer_end:  # the answer's free signals on the same left-out sources
+        cols[7:7] = [(f"baseline:{name}", name) for name in ("answer sum log-prob", "answer mean token log-prob",
+                                                            "answer min token log-prob", "prompt-only served score")]
     out = ["| left-out source | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for s, r in rows.items():
         out.append(f"| {s} | " + " | ".join(_fmt(r.get(c[0]), 1 if c[0] == "value_percentile" else 3) for c in cols) + " |")
@@ -113,12 +118,19 @@ def render_markdown(card: dict) -> str:
     """The card as a human report: transfer first (the headline), then the within-distribution test split."""
     sel = card["selection"]
     s = card["splits"]
+    answer_end = card.get("token_position") == "answer_end"
+    free = ("the prompt's next-token features and the answer's sum and min token log-probability" if answer_end
+            else "next-token features")
     lines = [
-        f"# Eval card: {card['model_name']}",
+        f"# Eval card: {card['model_name']}" + (" — confidence in the answer given (answer_end)" if answer_end else ""),
         "",
-        f"- served score: **{card.get('served_score', 'value')}** (value neurons + next-token features, per question "
+        f"- served score: **{card.get('served_score', 'value')}** (value neurons + {free}, per question "
         "kind, Platt-calibrated per kind)" if card.get("served_score") == "stacked" else
         f"- served score: **{card.get('served_score', 'value')}** (value neurons, calibrated)",
+        *([f"- read at the last token of the model's own answer (greedy answers from the labels file; the letter chosen "
+           "for multiple choice); `prompt-only served score` is the shipped prompt-only artifact on the same "
+           "questions (fitted on every source's train split, so its leave-one-source-out column is not held out)"]
+          if answer_end else []),
         f"- layer **{sel['layer']}** of {sel['n_layers']}, **k = {sel['k']}** value neurons "
         f"({100 * sel['fraction']:.2f}% of width {sel['width']}), head `{card['head']}`; chosen by {sel.get('criterion', '')}",
         "- data: " + ", ".join(f"{d} ({v.get('kind', '')}, n={v['n']}, model accuracy {v['accuracy']:.2f})"
