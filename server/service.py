@@ -299,7 +299,7 @@ class Sidecar:
     @property
     def serves_logprobs(self) -> bool:
         """Whether whole responses can carry token log-probabilities (embedded mode, an engine that gives them)."""
-        return self.settings.mode == "embedded" and self.engine.supports_answer_confidence
+        return self.settings.mode == "embedded" and self.engine.supports_logprobs
 
     def _check_logprobs(self, stream: bool, search) -> None:
         """Token log-probabilities are served where this sidecar computes the answer in one generate call; every
@@ -307,8 +307,8 @@ class Sidecar:
         where = None
         if self.settings.mode != "embedded":
             where = "in gateway mode (the upstream generates: ask it)"
-        elif not self.engine.supports_answer_confidence:
-            where = f"by the {self.settings.engine} engine yet (use the transformers engine)"
+        elif not self.engine.supports_logprobs:
+            where = f"by the {self.settings.engine} engine"
         elif stream:
             where = "in streams yet (ask for a whole response)"
         elif search is not None:

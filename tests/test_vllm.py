@@ -215,6 +215,14 @@ def test_openai_client_concurrent_requests_each_get_their_own_confidence(vllm_se
                                                  messages=[{"role": "user", "content": QUESTIONS[0]}]))
     assert chunks[0].model_extra["confidence"]["probability"] == pytest.approx(expected[QUESTIONS[0]], abs=1e-4)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # token log-probabilities: vLLM's own, in the OpenAI shape; greedy picks the most likely token
+    chat = client.chat.completions.create(model="x", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    # vLLM counts an end-of-answer token in the usage; the log-probabilities cover the text returned
+    assert len(content) in (chat.usage.completion_tokens, chat.usage.completion_tokens - 1)
+    assert content and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-4) for t in content)
     # prompt-only scoring goes through the same engine
     r = httpx.post(answering.url + "/v1/confidence", json=[{"prompt": q} for q in QUESTIONS[:3]], timeout=60)
     assert r.status_code == 200

@@ -151,6 +151,8 @@ class EngineClient(Protocol):
     supports_search: ClassVar[bool]
     #: whether ``generate(answer_probe=...)`` reads an answer-level artifact at each answer's end
     supports_answer_confidence: ClassVar[bool]
+    #: whether ``generate(logprobs=n)`` gives each answer token's log-probability and top ``n`` alternatives
+    supports_logprobs: ClassVar[bool]
     tokenizer: Any
     probe: ValueProbe
 

@@ -116,6 +116,7 @@ class TransformersEngine(TokenizerAccess):
 
     supports_search = True
     supports_answer_confidence = True
+    supports_logprobs = True
 
     def __init__(self, model, tokenizer, probe: ValueProbe, *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
                  max_queue: int = 64, metrics=None):

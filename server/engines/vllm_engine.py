@@ -28,7 +28,7 @@ from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
 
 from ..errors import ClientError, ProbeFailedError
-from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, not_finite_error
+from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, TokenLogprob, not_finite_error
 
 __all__ = ["VllmEngine", "engine_args"]
 
@@ -67,6 +67,7 @@ class VllmEngine(TokenizerAccess):
     supports_search = False
     # the worker extension reads the prefill only; reading each request's last decode step is not built yet
     supports_answer_confidence = False
+    supports_logprobs = True  # vLLM's own (whole responses)
 
     def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None,
                  stop_token_ids: Iterable[int] = ()):
@@ -235,10 +236,12 @@ class VllmEngine(TokenizerAccess):
     async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None):
         raise ClientError("search is served by the transformers engine, not by vLLM")
 
-    def _params(self, max_new_tokens: int, temperature=None, top_p=None, seed=None, stop=None):
+    def _params(self, max_new_tokens: int, temperature=None, top_p=None, seed=None, stop=None, logprobs=None):
         from vllm import SamplingParams
 
-        stops = dict(stop=stop or None, stop_token_ids=self.stop_token_ids or None)
+        # vLLM's log-probabilities are the model's raw distribution by default (not the sampler's), as in the
+        # transformers engine; it returns the top ``logprobs`` tokens plus the sampled one
+        stops = dict(stop=stop or None, stop_token_ids=self.stop_token_ids or None, logprobs=logprobs)
         if temperature and temperature > 0:
             return SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p or 1.0, seed=seed,
                                   **stops)
@@ -291,15 +294,36 @@ class VllmEngine(TokenizerAccess):
                 finish = completion.finish_reason or "stop"
         if confidence is None:
             raise ProbeFailedError("the request produced no output")
+        records = None
+        if params.logprobs is not None and finish != "aborted":
+            records = self._token_logprobs(completion, params.logprobs)
         return Generation(text, len(prompt.input_ids), n_tokens, finish if finish in ("stop", "length", "aborted")
-                          else "stop", confidence)
+                          else "stop", confidence, logprobs=records)
+
+    def _token_logprobs(self, completion, top: int) -> list[TokenLogprob]:
+        """Each returned token with its log-probability and its ``top`` alternatives (by rank), from vLLM's
+        per-step ``{token id: Logprob}``; an end-of-answer token vLLM keeps at the end is not part of the text."""
+        ids = list(completion.token_ids)
+        steps = list(completion.logprobs or [])
+        while ids and ids[-1] in set(self.stop_token_ids or ()):
+            ids.pop()
+        records = []
+        for token, step in zip(ids, steps):
+            chosen = step[token]
+            ranked = sorted(((lp.rank, tid, lp) for tid, lp in step.items() if lp.rank is not None and lp.rank <= top),
+                            key=lambda x: x[0])[:top]
+            records.append(TokenLogprob(int(token), chosen.decoded_token if chosen.decoded_token is not None
+                                        else self.decode([token]), float(chosen.logprob),
+                                        tuple((int(tid), lp.decoded_token if lp.decoded_token is not None
+                                               else self.decode([tid]), float(lp.logprob)) for _, tid, lp in ranked)))
+        return records
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
                        seed=None, stop=None, on_confidence=None, answer_probe=None, logprobs=None) -> Generation:
         with self.admission.slot():
             async with self._using(probe):
-                return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop),
-                                       on_confidence)
+                return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop,
+                                                                   logprobs), on_confidence)
 
     async def score_answers(self, prompts, answers, answer_probe):
         """Not served by this engine yet (``supports_answer_confidence`` is false: the sidecar refuses first)."""
