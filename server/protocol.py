@@ -126,6 +126,8 @@ class ChatCompletionRequest(_GenerationParams):
 
 class CompletionRequest(_GenerationParams):
     prompt: Union[str, list[str]]
+    choices: Optional[list[str]] = Field(None, min_length=2, description="valueprobe extension: the options of a "
+                                         "multiple-choice question, rendered and calibrated as such (the answer is a letter).")
     logprobs: Optional[int] = Field(None, ge=0, le=5, description="Each answer token's log-probability and this many alternatives.")
 
 

@@ -330,7 +330,7 @@ async def completions(req: p.CompletionRequest, sidecar: SidecarDep):
     if len(prompts) != 1:
         raise ClientError("exactly one prompt per request is supported")
     served = sidecar.served
-    query = _query(sidecar, served, sidecar.render_question(served, prompts[0]), req)
+    query = _query(sidecar, served, sidecar.render_question(served, prompts[0], req.choices), req)
     return await _respond(sidecar, query, _CompletionSerialiser(sidecar, served, req.logprobs), stream=req.stream)
 
 

@@ -200,6 +200,70 @@ def bench_answer(
         fail(str(exc))
 
 
+@bench_app.command("cascade")
+def bench_cascade(
+    small_artifact: Annotated[Path, typer.Option(help="The small model's artifact (its test split is the question set).")] =
+        Path("weights/qwen2.5-coder-0.5b-instruct.safetensors"),
+    big_artifact: Annotated[Optional[Path], typer.Option(help="The big model's artifact; default: the shipped default.")] = None,
+    small_url: Annotated[Optional[str], typer.Option(help="A running small sidecar instead of starting one.")] = None,
+    big_url: Annotated[Optional[str], typer.Option(help="A running big sidecar instead of starting one.")] = None,
+    per_kind: Annotated[int, typer.Option(help="Held-out questions per kind (a seeded sample of the test split).")] = 200,
+    max_tokens: Annotated[int, typer.Option(help="Greedy tokens per answer.")] = 16,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight per sidecar.")] = 16,
+    route_check: Annotated[int, typer.Option(help="Questions also sent through the small sidecar's real escalation "
+                                                  "route to the big one (0: skip).")] = 8,
+    out: Annotated[Path, typer.Option(help="Writes <out>.jsonl (answers, appended: a rerun resumes), .json, .md, .png.")] =
+        Path("weights/cascade/qwen2.5-coder-0.5b-to-1.5b"),
+):
+    """A small model answers first, the big one takes what is escalated: both real models served by sidecars;
+    accuracy against the share escalated (0-100%) for escalation ordered by the small model's prompt-only score,
+    its answer-level score where its sidecar has one, max-softmax and at random, with tokens and seconds per
+    question, the area under each curve and the share reaching the big model's accuracy within 1 point."""
+    import random
+
+    from valueprobe.bench.cascade import check_escalation_route, load_records, run
+    from valueprobe.bench.serve import spawn_sidecar, wait_ready
+    from valueprobe.calibration.evaluate import artifact_test_questions
+    from valueprobe.weights import default_artifact
+
+    small_probe = load_probe(small_artifact)
+    big_artifact = big_artifact or default_artifact()
+    held_out = artifact_test_questions(small_probe)
+    rng = random.Random(0)
+    questions = []
+    for kind in ("choice", "open"):
+        pool = [q for q in held_out if q.kind == kind]
+        questions += rng.sample(pool, min(per_kind, len(pool)))
+    procs = []
+    try:
+        spawned = {}
+        if big_url is None:
+            spawned["big"] = spawn_sidecar(None, big_artifact, max_batch_size=concurrency)
+        if small_url is None:
+            spawned["small"] = spawn_sidecar(None, small_artifact, max_batch_size=concurrency)
+        procs = [p for p, _ in spawned.values()]
+        urls = {name: wait_ready(*pu)[1] for name, pu in spawned.items()}
+        small_url, big_url = small_url or urls["small"], big_url or urls["big"]
+        summary = run(questions, small_url=small_url, big_url=big_url, out=out, max_tokens=max_tokens,
+                      concurrency=concurrency, echo=typer.echo)
+        if route_check:
+            proc, url = wait_ready(*spawn_sidecar(None, small_artifact, escalate_url=big_url + "/v1",
+                                                  escalate_kind="openai", escalate_below=1.0))
+            procs.append(proc)
+            check = check_escalation_route(questions[:route_check // 2] + questions[-(route_check - route_check // 2):],
+                                           small_url_escalating=url, big=load_records(Path(f"{out}.jsonl"))["big"],
+                                           max_tokens=max_tokens)
+            typer.echo(f"escalation route check: {check['routed']}/{check['n']} routed, {check['same_as_big']}/"
+                       f"{check['n']} identical to the big model's own answer")
+            summary["route_check"] = check
+            import json
+
+            Path(f"{out}.json").write_text(json.dumps(summary, indent=2))
+    finally:
+        for p in procs:
+            p.terminate()
+
+
 @bench_app.command("search")
 def bench_search(
     traces_file: Annotated[Path, typer.Option("--traces", help="Traces JSONL from `valueprobe traces`: the problems, "
