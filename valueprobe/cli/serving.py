@@ -38,6 +38,16 @@ def serve(
     artifact_dir: Annotated[Optional[str], typer.Option(help="Folder reload may load from (default: the artifact's).")] = None,
     search_artifact: Annotated[Optional[str], typer.Option(help="Step-value artifact (`valueprobe fit-steps`) that "
                                                            "values steps in `search` (default: the served head).")] = None,
+    answer_artifact: Annotated[Optional[str], typer.Option(help="Answer-level artifact (`valueprobe fit --answer-end`): "
+                                                           "confidence.answer on every generated answer (default: "
+                                                           "<artifact stem>.answer.safetensors beside the artifact; "
+                                                           "'none': off).")] = None,
+    flag_below: Annotated[Optional[float], typer.Option(help="Mark answers whose answer-level P(correct) is below this.")] = None,
+    escalate_after_below: Annotated[Optional[float], typer.Option(help="After a local answer whose answer-level "
+                                                                  "P(correct) is below this, return the escalation "
+                                                                  "target's answer instead (whole responses).")] = None,
+    escalate_after_rate: Annotated[Optional[float], typer.Option(help="Take --escalate-after-below from the answer "
+                                                                 "artifact's threshold for this share of answers.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Settings file (KEY=value lines, VALUEPROBE_ prefix).")] = None,
@@ -66,7 +76,9 @@ def serve(
                                    escalate_rate=escalate_rate, risk_alpha=risk_alpha, confident_above=confident_above,
                                    admin_token=admin_token,
                                    artifact_sha256=artifact_sha256, artifact_dir=artifact_dir,
-                                   search_artifact=search_artifact,
+                                   search_artifact=search_artifact, answer_artifact=answer_artifact,
+                                   flag_below=flag_below, escalate_after_below=escalate_after_below,
+                                   escalate_after_rate=escalate_after_rate,
                                    host=host, port=port).items() if v is not None}
     try:
         settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
