@@ -297,20 +297,26 @@ class ValueProbe:
         return out
 
     def readout_answer(self, values: torch.Tensor, token_logprobs: Sequence[Sequence[float]],
-                       next_token: torch.Tensor, kinds: Sequence[tuple[str, int]] | None = None) -> list[ProbeResult]:
+                       next_token: torch.Tensor | None, kinds: Sequence[tuple[str, int]] | None = None, *,
+                       prompt_signals: tuple[Sequence[float], Sequence[float]] | None = None) -> list[ProbeResult]:
         """Confidence in given answers (an ``answer_end`` artifact): ``[n, k]`` neuron values read at each answer's
         last token, each answer's token log-probabilities and the ``[n, 2 + letters]`` next-token summary at the
         prompt's end (:func:`~valueprobe.plugin.nexttoken.summarize_logits`), all from the same generation (the
         free signals the stack uses) -> one :class:`ProbeResult` per answer, whose ``components`` hold
         ``value_raw``, ``value_probability``, ``max_softmax``, ``entropy``, ``mean_token_logprob``,
-        ``min_token_logprob`` and ``answer_tokens``. ``kinds``: each prompt's ``(kind, n_choices)``."""
+        ``min_token_logprob`` and ``answer_tokens``. ``kinds``: each prompt's ``(kind, n_choices)``. In place of
+        the summary, ``prompt_signals`` may give each prompt's ``(max_softmax, entropy)`` as a prompt-level
+        readout's components hold them."""
         self.require_position(ANSWER_END)
         n = int(torch.as_tensor(values).shape[0])
         kinds = list(kinds) if kinds is not None else [("open", 0)] * n
         if len(kinds) != n or len(token_logprobs) != n:
             raise ValueError(f"{len(kinds)} kinds and {len(token_logprobs)} answers for {n} rows")
-        prompt = [next_token_features(next_token[i], kind, n_choices) for i, (kind, n_choices) in enumerate(kinds)]
-        ms, ent = np.array([f[0] for f in prompt]), np.array([f[1] for f in prompt])
+        if prompt_signals is not None:
+            ms, ent = (np.asarray(x, dtype=np.float64).reshape(-1) for x in prompt_signals)
+        else:
+            prompt = [next_token_features(next_token[i], kind, n) for i, (kind, n) in enumerate(kinds)]
+            ms, ent = np.array([f[0] for f in prompt]), np.array([f[1] for f in prompt])
         signals = np.array([answer_signals(lp) for lp in token_logprobs], dtype=np.float64).reshape(-1, 2)
         pred = self.predict(values, ms, ent, [k for k, _ in kinds], extra=signals)
         out = []

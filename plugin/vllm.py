@@ -62,7 +62,11 @@ class ProbeWorkerExtension:
     """
 
     def valueprobe_attach(self, key: str, layer: int, neuron_indices: Sequence[int],
-                          letter_ids: Sequence[int] | None):
+                          letter_ids: Sequence[int] | None, position: str = "last_prompt_token"):
+        """Hook a probe under ``key``. ``position="answer_end"``: keep, for every request in every step, the ``k``
+        values at the last token that step fed it (overwritten each step), so that when a request finishes its
+        entry holds the state at the last token it was fed: an answer's last token when it ended at an
+        end-of-answer token (the step that fed it emitted the end). No next-token summary is kept for it."""
         runner = self.model_runner
         cfg = runner.vllm_config
         mode = getattr(cfg.compilation_config, "mode", None)
@@ -90,7 +94,7 @@ class ProbeWorkerExtension:
 
         def layer_hook(module, args, output):
             hidden, residual = (output[0], output[1]) if isinstance(output, (tuple, list)) else (output, None)
-            rows = rows_completing_prompt(runner)
+            rows = rows_last_fed(runner) if position == "answer_end" else rows_completing_prompt(runner)
             if not rows:
                 return None
             at = torch.tensor([r for _, r, _ in rows], device=hidden.device)
@@ -98,7 +102,7 @@ class ProbeWorkerExtension:
             if residual is not None:
                 state = state + residual.index_select(0, at)
             values = state.index_select(1, idx.to(state.device)).float().cpu().tolist()
-            if hand_off is None:
+            if hand_off is None or position == "answer_end":
                 for (_, _, rid), v in zip(rows, values):
                     store(rid, v)
             else:  # completed by the logits hook of this same step (logits are per request: batch index i)
@@ -116,7 +120,7 @@ class ProbeWorkerExtension:
             return None
 
         handles = [block.register_forward_hook(layer_hook)]
-        if letters is not None:
+        if letters is not None and position != "answer_end":
             handles.append(model.logits_processor.register_forward_hook(logits_hook))
         self._vp_handles[key] = handles
         return True
@@ -193,6 +197,15 @@ def rows_completing_prompt(runner) -> list[tuple[int, int, str]]:
     # vectorised: this runs at every step, and decode-only steps (the common case) must cost next to nothing
     hits = np.flatnonzero((computed < prompt) & (prompt <= computed + np.diff(starts)))
     return [(int(i), int(starts[i] + prompt[i] - 1 - computed[i]), batch.req_ids[i]) for i in hits]
+
+
+def rows_last_fed(runner) -> list[tuple[int, int, str]]:
+    """``(batch index, token row, request id)`` of every request in the step being run, at the last token the step
+    feeds it (a decode step's one token; a prefill's, or a prefill chunk's, last)."""
+    batch = runner.input_batch
+    n = batch.num_reqs
+    starts = runner.query_start_loc.np[: n + 1]
+    return [(i, int(starts[i + 1]) - 1, batch.req_ids[i]) for i in range(n) if starts[i + 1] > starts[i]]
 
 
 def internal_request_id(request_id: str, known: Iterable[str]) -> str | None:

@@ -80,13 +80,11 @@ def _answer_probe_for(settings: Settings, engine, probe):
         return None
     if not engine.supports_answer_confidence:
         if requested:
-            raise ValueError(f"answer_artifact needs an engine that reads the answer's end (transformers), not "
-                             f"{settings.engine}")
-        logger.warning("the %s engine does not read answer-level confidence yet: %s is not used", settings.engine, path)
+            raise ValueError(f"answer_artifact needs an engine that reads the answer's end, not {settings.engine}")
+        logger.warning("the %s engine does not read answer-level confidence: %s is not used", settings.engine, path)
         return None
     answer = ValueProbe.load(path)
     answer.require_position(ANSWER_END)
-    answer.check_compatible(engine.model, engine.tokenizer, strict=settings.check_fingerprint)
     return answer
 
 
@@ -141,6 +139,8 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
                 search_probe = await asyncio.to_thread(_search_probe_for, settings, engine)
                 answer_probe = await asyncio.to_thread(_answer_probe_for, settings, engine, probe)
+                if answer_probe is not None:  # checked against the served model (and hooked, on vLLM)
+                    await engine.attach_answer(answer_probe, strict=settings.check_fingerprint)
                 await engine.start()
                 app.state.sidecar = Sidecar(settings, engine, metrics, name, search_probe=search_probe,
                                             answer_probe=answer_probe)

@@ -91,7 +91,7 @@ async def detect_generation(req: p.GenerationRequest, sidecar: SidecarDep,
     engine that reads it, else the prompt's."""
     served = sidecar.served
     below = threshold(sidecar, served, req.detector_params.threshold)
-    if sidecar.answer_probe is not None and sidecar.engine.supports_answer_confidence and req.generated_text:
+    if sidecar.answer_probe is not None and sidecar.engine.supports_answer_scoring and req.generated_text:
         if not req.prompt.strip():
             raise ClientError("the prompt is empty")
         _, rendered, kind = sidecar.render_question(served, req.prompt)

@@ -503,9 +503,9 @@ class Sidecar:
                               "--answer-end`); this sidecar has none")
         for a in answers:
             self.check_size(a, "answer")
-        if not self.engine.supports_answer_confidence:
-            raise ClientError(f"'answer': the {self.settings.engine} engine does not score answers yet; use the "
-                              "transformers engine")
+        if not self.engine.supports_answer_scoring:
+            raise ClientError(f"'answer': the {self.settings.engine} engine does not score answers generated "
+                              "elsewhere; use the transformers engine")
         ids = [self.engine.tokenize_answer(a) for a in answers]
         results = await self.engine.score_answers(prompts, ids, self.answer_probe)
         out = []

@@ -142,7 +142,7 @@ def test_both_engines_implement_the_declared_engine_contract():
     from valueprobe.server.engines.vllm_engine import VllmEngine
 
     members = {n for n in vars(EngineClient) if not n.startswith("_")} | {"supports_search", "supports_answer_confidence",
-                                                                        "supports_logprobs"}
+                                                                        "supports_answer_scoring", "supports_logprobs"}
     assert {"score", "generate", "generate_stream", "search", "attach", "context_length"} <= members
     for cls in (TransformersEngine, VllmEngine):
         assert not [m for m in members if not hasattr(cls, m)], cls

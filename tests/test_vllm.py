@@ -40,18 +40,26 @@ VLLM_DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, n
 PROMPTS = MIXED_PROMPTS
 
 
-def fit_probe(model, tokenizer, name: str, served: str | None = None) -> ValueProbe:
+def fit_probe(model, tokenizer, name: str, served: str | None = None, position: str = "last_prompt_token"
+              ) -> ValueProbe:
     from valueprobe.calibration.fit import FitConfig, fit_artifact
     from valueprobe.plugin.artifact import ArtifactData
     from valueprobe.plugin.prompting import PromptFormat
 
     fs, _ = synthetic_featureset(model, tokenizer, n=120)
-    data, _ = fit_artifact(model, tokenizer, fs, model_name=name, prompt_format=PromptFormat(),
-                           config=FitConfig(random_draws=5, progress=False))
-    if served == "stacked":  # a stacker per kind, so the next-token summary is read and used too
-        from valueprobe.plugin.readout import STACK_FEATURES
+    if position == "answer_end":  # plumbing: answer signals drawn at random
+        import numpy as np
 
-        n = len(STACK_FEATURES)
+        rng = np.random.default_rng(5)
+        for r in fs.rows:
+            r.update(answer_sum_logprob=float(-rng.uniform(0, 6)), answer_min_logprob=float(-rng.uniform(0, 3)),
+                     answer_mean_logprob=-1.0, answer_tokens=3, answer="A")
+    data, _ = fit_artifact(model, tokenizer, fs, model_name=name, prompt_format=PromptFormat(),
+                           config=FitConfig(random_draws=5, progress=False), token_position=position)
+    if served == "stacked":  # a stacker per kind, so the next-token summary is read and used too
+        from valueprobe.plugin.readout import ANSWER_STACK_FEATURES, STACK_FEATURES
+
+        n = len(ANSWER_STACK_FEATURES if position == "answer_end" else STACK_FEATURES)
         tensors = dict(data.tensors)
         for kind in ("choice", "open"):
             tensors.update({f"stack.{kind}.mean": torch.zeros(n, dtype=torch.float64),
@@ -339,3 +347,61 @@ def test_reload_releases_the_old_artifact_when_its_last_request_ends(tmp_path, t
     assert after == ([new.artifact_id], [new.artifact_id])  # its last request ended: gone from the worker
     assert late.probability == pytest.approx(want, abs=1e-4)
     assert final == ([new.artifact_id], [new.artifact_id])
+
+
+def test_vllm_reads_confidence_in_the_answer_given(vllm_assets, tokenizer, tmp_path):
+    """The vLLM engine keeps each request's latest state at the answer artifact's layer (inside its own forward
+    passes) and scores the finished answer: equal to a transformers forward read at the last token vLLM fed, with
+    the answer's token log-probabilities and the prompt's next-token signal; many requests at once."""
+    import asyncio
+    import shutil
+
+    from conftest import Server
+    from transformers import AutoTokenizer
+
+    from valueprobe.plugin.hooks import capture
+    from valueprobe.plugin.nexttoken import summarize_logits
+
+    folder, model, _ = vllm_assets
+    served = tmp_path / "served"
+    served.mkdir()
+    os.symlink(folder / "model", served / "model")
+    prompt_probe = fit_probe(model, tokenizer, "tiny-qwen2-vllm", served="stacked")
+    answer_probe = fit_probe(model, tokenizer, "tiny-qwen2-vllm", served="stacked", position="answer_end")
+    shutil.copy(prompt_probe.data.path, served / "probe.safetensors")
+    shutil.copy(answer_probe.data.path, served / "probe.answer.safetensors")
+    server = Server(served, engine="vllm", vllm_max_model_len=256, vllm_max_num_seqs=8)
+    try:
+        server.wait_ready()
+
+        async def main():
+            async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+                return await asyncio.gather(*(client.post("/generate", json={
+                    "inputs": q, "parameters": {"max_new_tokens": 3 + i % 3, "details": True}})
+                    for i, q in enumerate(QUESTIONS[:6])))
+
+        replies = [r.json() for r in asyncio.run(main())]
+    finally:
+        server.stop()
+    served_tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    special = prompt_probe.prompt_format.adds_special_tokens(served_tokenizer)
+    for q, body in zip(QUESTIONS[:6], replies):
+        answer = body["confidence"]["answer"]
+        assert answer is not None and answer["artifact_id"] == answer_probe.artifact_id, body
+        prompt_ids = served_tokenizer(q, add_special_tokens=special)["input_ids"]
+        answer_ids = [t["id"] for t in body["details"]["tokens"]]
+        stopped_at_limit = body["details"]["finish_reason"] == "length"
+        assert answer["components"]["read_at"] == ("before_last_token" if stopped_at_limit else "last_token")
+        fed = prompt_ids + (answer_ids[:-1] if stopped_at_limit else answer_ids)
+        with torch.inference_mode(), capture(model, [answer_probe.layer], answer_probe.neuron_indices) as cap:
+            model(torch.tensor([fed]))
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        lps = [float(logp[len(prompt_ids) - 1 + j, t]) for j, t in enumerate(answer_ids)]
+        assert [t["logprob"] for t in body["details"]["tokens"]] == pytest.approx(lps, abs=1e-3)
+        first = summarize_logits(logits[len(prompt_ids) - 1 : len(prompt_ids)], answer_probe.letter_ids(served_tokenizer))
+        expected = answer_probe.readout_answer(cap.batches[0][answer_probe.layer], [lps], first, [("open", 0)])[0]
+        assert answer["components"]["value_raw"] == pytest.approx(expected.components["value_raw"], abs=1e-3), \
+            (answer["components"], expected.components)
+        assert answer["probability"] == pytest.approx(expected.probability, abs=1e-3), (q, body)

@@ -151,6 +151,8 @@ class EngineClient(Protocol):
     supports_search: ClassVar[bool]
     #: whether ``generate(answer_probe=...)`` reads an answer-level artifact at each answer's end
     supports_answer_confidence: ClassVar[bool]
+    #: whether :meth:`score_answers` scores answers generated elsewhere (one prefill of prompt + answer)
+    supports_answer_scoring: ClassVar[bool]
     #: whether ``generate(logprobs=n)`` gives each answer token's log-probability and top ``n`` alternatives
     supports_logprobs: ClassVar[bool]
     tokenizer: Any
@@ -175,6 +177,8 @@ class EngineClient(Protocol):
 
     async def score_answers(self, prompts: list[Prompt], answers: list[tuple[int, ...]], answer_probe: ValueProbe
                             ) -> list[ProbeResult]: ...
+
+    async def attach_answer(self, answer_probe: ValueProbe, strict: bool = True) -> None: ...
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
                        seed=None, stop=None, on_confidence: Callable | None = None,

@@ -116,6 +116,7 @@ class TransformersEngine(TokenizerAccess):
 
     supports_search = True
     supports_answer_confidence = True
+    supports_answer_scoring = True
     supports_logprobs = True
 
     def __init__(self, model, tokenizer, probe: ValueProbe, *, max_batch_size: int = 8, max_wait_ms: float = 5.0,
@@ -164,6 +165,11 @@ class TransformersEngine(TokenizerAccess):
     async def attach(self, probe: ValueProbe, strict: bool = True) -> None:
         """Make ``probe`` servable (hooks are registered per call here, so checking is all there is)."""
         await self.check_compatible(probe, strict)
+
+    async def attach_answer(self, answer_probe: ValueProbe, strict: bool = True) -> None:
+        """Make an answer-level artifact servable: its fingerprint against the served model (it is read by hooks
+        registered per generation)."""
+        await self.check_compatible(answer_probe, strict)
 
     async def release_unused(self) -> list[str]:
         """Nothing stays hooked between calls here, so nothing is released."""

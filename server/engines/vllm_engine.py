@@ -19,6 +19,8 @@ import contextlib
 import itertools
 import logging
 import uuid
+
+import torch
 from collections import Counter
 from collections.abc import Iterable
 from types import SimpleNamespace
@@ -34,6 +36,7 @@ __all__ = ["VllmEngine", "engine_args"]
 
 # A request asks for its readout right after its prefill; one unclaimed this long belongs to a request that ended.
 READOUT_TTL_S = 300.0
+ANSWER_KEY = ":answer_end"  # the worker key of an answer-level artifact: its artifact id + this
 
 logger = logging.getLogger("valueprobe.server")
 
@@ -66,7 +69,10 @@ class VllmEngine(TokenizerAccess):
 
     supports_search = False
     # the worker extension reads the prefill only; reading each request's last decode step is not built yet
-    supports_answer_confidence = False
+    supports_answer_confidence = True
+    # answers generated elsewhere would need the prompt's whole next-token distribution from a prefill of prompt +
+    # answer, which vLLM's prompt log-probabilities do not give: the transformers engine scores those
+    supports_answer_scoring = False
     supports_logprobs = True  # vLLM's own (whole responses)
 
     def __init__(self, llm, tokenizer, probe: ValueProbe, *, max_queue: int = 64, metrics=None,
@@ -82,6 +88,10 @@ class VllmEngine(TokenizerAccess):
         self._attach_lock = asyncio.Lock()  # attach and detach RPCs one at a time
         self._ready: dict[str, dict[str, list[float]]] = {}  # vLLM request id -> {artifact id: readout}
         self._ready_at: dict[str, float] = {}  # when each entry arrived (entries nobody asks for expire)
+        # answer-level readouts: request id (the caller's, or vLLM's internal one when another request fetched them)
+        # -> (fetch number, {answer key: the k values at the last token fed so far}); the latest fetch wins
+        self._answers: dict[str, tuple[int, dict[str, list[float]]]] = {}
+        self._fetches = itertools.count()
         self._fetch_lock = asyncio.Lock()
         self.admission = Admission(max_queue, "requests")
         self._ids = itertools.count()
@@ -214,14 +224,23 @@ class VllmEngine(TokenizerAccess):
 
     def _store(self, fetched: dict, now: float | None = None) -> None:
         """Keep fetched readouts until their requests ask; drop those nobody asked for in ``READOUT_TTL_S``
-        (a request aborted or cancelled before its first output never asks)."""
+        (a request aborted or cancelled before its first output never asks). Answer-level values (keys ending in
+        ``ANSWER_KEY``) are kept apart, the latest fetch winning: the worker overwrites them at every step."""
         import time
 
         now = time.monotonic() if now is None else now
-        self._ready.update(fetched)
-        self._ready_at.update(dict.fromkeys(fetched, now))
+        fetch = next(self._fetches)
+        for rid, entry in fetched.items():
+            answer = {k: v for k, v in entry.items() if k.endswith(ANSWER_KEY)}
+            if answer:
+                self._answers[rid] = (fetch, {**self._answers.get(rid, (0, {}))[1], **answer})
+            prompt = {k: v for k, v in entry.items() if not k.endswith(ANSWER_KEY)}
+            if prompt:
+                self._ready.setdefault(rid, {}).update(prompt)
+            self._ready_at[rid] = now
         for rid in [r for r, t in self._ready_at.items() if now - t > READOUT_TTL_S]:
             self._ready.pop(rid, None)
+            self._answers.pop(rid, None)
             self._ready_at.pop(rid, None)
 
     def _pop(self, request_id: str, key: str):
@@ -232,6 +251,41 @@ class VllmEngine(TokenizerAccess):
             return None
         self._ready_at.pop(internal, None)
         return self._ready.pop(internal)[key]
+
+    async def attach_answer(self, answer_probe: ValueProbe, strict: bool = True) -> None:
+        """Check ``answer_probe`` (an answer_end artifact) against the worker's model and hook it: the worker keeps
+        every request's latest ``k`` values at that layer, read when the request finishes."""
+        await self.check_compatible(answer_probe, strict)
+        async with self._attach_lock:
+            await self.llm.collective_rpc("valueprobe_attach", args=(
+                answer_probe.artifact_id + ANSWER_KEY, answer_probe.layer, answer_probe.neuron_indices.tolist(), None,
+                "answer_end"))
+
+    async def _answer_readout(self, request_id: str, prompt: Prompt, answer_probe: ValueProbe, confidence: ProbeResult,
+                              token_logprobs: list[float]) -> ProbeResult | None:
+        """The answer-level readout of a finished request: the worker's latest values for it (the state at the last
+        token it was fed), the answer's token log-probabilities and the prompt's next-token signal (the prompt-level
+        readout's components). ``None`` (logged) when a part is missing."""
+        key = answer_probe.artifact_id + ANSWER_KEY
+        async with self._fetch_lock:
+            self._store((await self.llm.collective_rpc("valueprobe_take", args=([request_id],)))[0])
+            # stored under the caller's id, or vLLM's internal one when another request's fetch took it: the latest
+            matches = [rid for rid in self._answers if rid == request_id or rid.startswith(f"{request_id}-")]
+            latest = max(matches, key=lambda rid: self._answers[rid][0], default=None)
+            values = None if latest is None else self._answers[latest][1].get(key)
+            for rid in matches:
+                del self._answers[rid]
+        comps = confidence.components or {}
+        if values is None or "max_softmax" not in comps:
+            logger.warning("no answer-level readout for %s (%s)", request_id,
+                           "no values from the worker" if values is None else "the prompt artifact reads no next-token signal")
+            return None
+        try:
+            return answer_probe.readout_answer(torch.tensor([values], dtype=torch.float32), [token_logprobs], None,
+                                               [prompt.kind], prompt_signals=([comps["max_softmax"]], [comps["entropy"]]))[0]
+        except Exception:  # noqa: BLE001 - the answer's confidence fails alone; the answer stands without it
+            logger.exception("answer-level readout failed (artifact %s)", answer_probe.artifact_id)
+            return None
 
     async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None):
         raise ClientError("search is served by the transformers engine, not by vLLM")
@@ -264,8 +318,11 @@ class VllmEngine(TokenizerAccess):
             async with self._using(probe):
                 return list(await asyncio.gather(*(self._prefill_only(p, probe) for p in prompts)))
 
-    async def _run(self, prompt: Prompt, probe: ValueProbe, params, on_confidence, on_text=None, stop_event=None):
-        """Drive one request; the policy runs on the first output (right after the prefill)."""
+    async def _run(self, prompt: Prompt, probe: ValueProbe, params, on_confidence, on_text=None, stop_event=None,
+                   answer_probe: ValueProbe | None = None, asked_logprobs: int | None = None):
+        """Drive one request; the policy runs on the first output (right after the prefill). With
+        ``answer_probe`` the finished answer gets its answer-level readout (``params`` then ask vLLM for the
+        sampled tokens' log-probabilities)."""
         rid = self._next_id()
         confidence = None
         text, n_tokens, finish = "", 0, "length"
@@ -297,8 +354,18 @@ class VllmEngine(TokenizerAccess):
         records = None
         if params.logprobs is not None and finish != "aborted":
             records = self._token_logprobs(completion, params.logprobs)
+        answer = None
+        if answer_probe is not None and records is not None:
+            answer = await self._answer_readout(rid, prompt, answer_probe, confidence, [t.logprob for t in records])
+            if answer is not None:
+                # vLLM never feeds back the token it samples last: an answer stopped at the token limit is read
+                # at the state before its last token (the transformers engine runs that one more step)
+                answer.components["read_at"] = "last_token" if finish != "length" else "before_last_token"
         return Generation(text, len(prompt.input_ids), n_tokens, finish if finish in ("stop", "length", "aborted")
-                          else "stop", confidence, logprobs=records)
+                          else "stop", confidence, answer=answer,
+                          token_logprobs=None if records is None else [t.logprob for t in records],
+                          token_ids=None if records is None else [t.id for t in records],
+                          logprobs=records if asked_logprobs is not None else None)
 
     def _token_logprobs(self, completion, top: int) -> list[TokenLogprob]:
         """Each returned token with its log-probability and its ``top`` alternatives (by rank), from vLLM's
@@ -322,17 +389,18 @@ class VllmEngine(TokenizerAccess):
                        seed=None, stop=None, on_confidence=None, answer_probe=None, logprobs=None) -> Generation:
         with self.admission.slot():
             async with self._using(probe):
+                wanted = logprobs if logprobs is not None else (0 if answer_probe is not None else None)
                 return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop,
-                                                                   logprobs), on_confidence)
+                                                                   wanted), on_confidence, answer_probe=answer_probe,
+                                       asked_logprobs=logprobs)
 
     async def score_answers(self, prompts, answers, answer_probe):
-        """Not served by this engine yet (``supports_answer_confidence`` is false: the sidecar refuses first)."""
+        """Not served by this engine (``supports_answer_scoring`` is false: the sidecar refuses first)."""
         raise ProbeFailedError("the vLLM engine does not score given answers yet; use the transformers engine")
 
     async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
                               top_p=None, seed=None, stop=None, decide=None, answer_probe=None):
-        """See :class:`~valueprobe.server.engines.base.EngineClient`: ``(confidence, pieces, stop_flag, done)``.
-        ``answer_probe`` is not read here (``supports_answer_confidence`` is false)."""
+        """See :class:`~valueprobe.server.engines.base.EngineClient`: ``(confidence, pieces, stop_flag, done)``."""
         held = contextlib.ExitStack()  # the slot outlives this call: released when the streamed generation ends
         held.enter_context(self.admission.slot())
         loop = asyncio.get_running_loop()
@@ -353,8 +421,9 @@ class VllmEngine(TokenizerAccess):
             try:
                 async with self._using(probe):
                     return await self._run(prompt, probe,
-                                           self._params(max_new_tokens, temperature, top_p, seed, stop),
-                                           on_confidence, on_text, stop_flag.event)
+                                           self._params(max_new_tokens, temperature, top_p, seed, stop,
+                                                        0 if answer_probe is not None else None),
+                                           on_confidence, on_text, stop_flag.event, answer_probe=answer_probe)
             finally:
                 held.close()
                 await queue.put(None)
