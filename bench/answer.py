@@ -121,6 +121,10 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
         lines += ["", f"The {int(mask.sum())} held-out open questions of the semantic-entropy table (accuracy "
                   f"{y[mask].mean():.3f}; semantic entropy from 5 sampled answers each, P(True) from one extra prefill):",
                   "", format_table(se_rows, columns=columns)]
+        auroc = {r["name"]: r["auroc"] for r in se_rows}
+        ours, se_auroc = auroc["answer-level served score"], auroc["semantic entropy (discrete)"]
+        lines += ["", f"Target (answer-level ≥ semantic entropy on these questions, zero extra generations): "
+                  f"{ours:.3f} vs {se_auroc:.3f}: {'met' if ours >= se_auroc else 'MISSED'}."]
         result["plot"] = _plot(y[mask], {n: (np.asarray(s)[mask] if len(s) == len(y) else s)
                                          for n, s in {**scores, **se}.items()
                                          if n in ("answer-level served score", "prompt-only served score",
@@ -130,8 +134,25 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{out}.json").write_text(json.dumps(result, indent=2, default=float))
-        Path(f"{out}.md").write_text("## Confidence in the answer given (bench answer)\n\n" + "\n".join(lines) + "\n")
+        section = SECTION + "\n\n" + "\n".join(lines) + "\n"
+        Path(f"{out}.md").write_text(section)
+        update_card(Path(answer_artifact), section)
     return result
+
+
+SECTION = "## Held-out comparison with the prompt-only score, P(True) and semantic entropy (bench answer)"
+
+
+def update_card(answer_artifact: Path, section: str) -> None:
+    """Put ``section`` at the end of the answer artifact's card (``<stem>.md``), replacing an earlier one, so the
+    card carries the semantic-entropy target's evidence next to the fit's own tables."""
+    card = answer_artifact.with_name(answer_artifact.name.removesuffix(".safetensors") + ".md")
+    if not card.exists():
+        return
+    text = card.read_text()
+    if SECTION in text:
+        text = text[: text.index(SECTION)].rstrip() + "\n"
+    card.write_text(text + "\n" + section)
 
 
 def _plot(y, scores: dict, out: Path | None) -> str | None:
