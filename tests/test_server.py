@@ -181,7 +181,7 @@ def test_bench_serve_interleaves_repeated_runs_and_reports_each_ratio(assets):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
     out = subprocess.run([sys.executable, "-m", "valueprobe.cli", "bench", "serve", "--model", str(assets / "model"),
-                          "--artifact", str(assets / "probe.safetensors"), "--clients", "3", "--seconds", "1",
+                          "--artifact", str(assets / "probe.safetensors"), "--clients", "3", "--seconds", "3",
                           "--repeats", "3"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     line = next(x for x in out.stdout.splitlines() if "batched / one-at-a-time requests/s" in x)
