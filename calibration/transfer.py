@@ -19,7 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
-from valueprobe.plugin.readout import LOGPROB_FLOOR, STACK_FEATURES, answer_signals, mahalanobis, stack_features, stack_logit, stack_proba
+from valueprobe.plugin.readout import STACK_FEATURES, answer_signals, floored_signals, mahalanobis, stack_features, stack_logit, stack_proba
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
@@ -63,7 +63,7 @@ class Side:
         def signals(r):
             if not r.get("answer_tokens"):  # empty answer
                 return answer_signals([])
-            return (max(r["answer_sum_logprob"], 10 * LOGPROB_FLOOR), max(r["answer_min_logprob"], LOGPROB_FLOOR))
+            return floored_signals(r["answer_sum_logprob"], r["answer_min_logprob"])
 
         prompt = cls.from_rows(rows)
         prompt.extra = np.array([signals(r) for r in rows], dtype=np.float64).reshape(-1, 2)

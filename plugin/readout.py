@@ -88,7 +88,13 @@ def answer_signals(token_logprobs) -> tuple[float, float]:
     lp = np.asarray(token_logprobs, dtype=np.float64).reshape(-1)
     if lp.size == 0:
         return LOGPROB_FLOOR, LOGPROB_FLOOR
-    return float(max(lp.sum(), 10 * LOGPROB_FLOOR)), float(max(lp.min(), LOGPROB_FLOOR))
+    return floored_signals(lp.sum(), lp.min())
+
+
+def floored_signals(sum_logprob: float, min_logprob: float) -> tuple[float, float]:
+    """An answer's ``(sum, min)`` token log-probability floored as :func:`answer_signals` floors them (for rows
+    that carry the two numbers rather than the list)."""
+    return float(max(sum_logprob, 10 * LOGPROB_FLOOR)), float(max(min_logprob, LOGPROB_FLOOR))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -40,11 +40,10 @@ class _Scored(BaseModel):
     ood: Optional[OOD] = None
 
 
-class AnswerComponents(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class AnswerComponents(Components):
+    """The parts of an answer-level score: the value neurons read at the answer's last token, the prompt's
+    next-token signal (inherited fields) and the answer's own token log-probabilities."""
 
-    value_raw: float = Field(description="Value-neuron head logit at the answer's last token.")
-    value_probability: float = Field(description="Value neurons alone, calibrated.")
     mean_token_logprob: Optional[float] = Field(None, description="Mean log-probability of the answer's tokens.")
     min_token_logprob: Optional[float] = Field(None, description="Lowest log-probability among the answer's tokens.")
     answer_tokens: int = Field(description="Tokens in the answer scored.")

@@ -373,7 +373,7 @@ class TransformersEngine(TokenizerAccess):
             raise ProbeFailedError("the probe hook did not fire during the prefill")
         eos = self.eos_ids
         generations: list[Generation | ProbeFailedError] = []
-        pending_answers = []  # (row, kept tokens) read together below
+        pending_answers = []  # (row, kept tokens, their log-probabilities) read together below
         for i, job in enumerate(jobs):
             if i in not_finite:
                 generations.append(not_finite[i])
@@ -389,15 +389,19 @@ class TransformersEngine(TokenizerAccess):
                 if s and s in generated:
                     generated, finish = generated.split(s, 1)[0], "stop"
                     kept = self._tokens_within(tokens, generated)
+            scored = answer_probe is not None and finish != "aborted"
+            # each kept token's log-probability, computed once: served when asked, and the answer readout's input
+            records = (self._token_logprobs(out, i, tokens[:kept], job.logprobs or 0)
+                       if job.logprobs is not None or scored else None)
             generations.append(Generation(
                 generated, len(job.prompt.input_ids), len(tokens), finish, seen[i], token_ids=tokens[:kept],
-                logprobs=self._token_logprobs(out, i, tokens[:kept], job.logprobs) if job.logprobs is not None else None))
-            if answer_probe is not None and finish != "aborted":
-                pending_answers.append((i, kept))
+                logprobs=records if job.logprobs is not None else None))
+            if scored:
+                pending_answers.append((i, kept, [t.logprob for t in records]))
         if pending_answers:
             columns = self._answer_columns(answer_probe, recorder, out, enc["attention_mask"], prompt_length,
-                                           max(kept for _, kept in pending_answers))
-            self._read_answers(answer_probe, jobs, generations, pending_answers, columns, out, prompt_length)
+                                           max(kept for _, kept, _ in pending_answers))
+            self._read_answers(answer_probe, jobs, generations, pending_answers, columns, out)
         return generations
 
     def _token_logprobs(self, out, row: int, tokens: list[int], top: int) -> list[TokenLogprob]:
@@ -438,16 +442,13 @@ class TransformersEngine(TokenizerAccess):
                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         return torch.cat([states, one_more.states()[answer_probe.layer]], dim=1)
 
-    def _read_answers(self, answer_probe, jobs, generations, pending, columns, out, prompt_length) -> None:
+    def _read_answers(self, answer_probe, jobs, generations, pending, columns, out) -> None:
         """Each answered row's ``generation.answer``: the answer probe's readout at its answer's last token, with
-        its tokens' log-probabilities (from generate's raw logits: the model's distribution, not the sampler's)."""
-        values, logprobs, kinds = [], [], []
-        for i, kept in pending:
-            values.append(columns[i, kept])
-            tokens = out.sequences[i, prompt_length : prompt_length + kept]
-            logprobs.append([float(torch.log_softmax(out.logits[j][i].float(), dim=-1)[t]) for j, t in enumerate(tokens.tolist())])
-            kinds.append(jobs[i].prompt.kind)
-        rows = [i for i, _ in pending]
+        its tokens' log-probabilities (``pending``: ``(row, kept tokens, their log-probabilities)``)."""
+        values = [columns[i, kept] for i, kept, _ in pending]
+        logprobs = [lps for _, _, lps in pending]
+        kinds = [jobs[i].prompt.kind for i, _, _ in pending]
+        rows = [i for i, _, _ in pending]
         # the prompt's next-token distribution: generate's first logits, the prefill's last position
         first = summarize_logits(out.logits[0][rows], self.letter_ids(answer_probe, always=True))
         try:
@@ -455,7 +456,7 @@ class TransformersEngine(TokenizerAccess):
         except Exception:  # noqa: BLE001 - the answer's confidence fails alone; the answer stands without it
             logger.exception("answer-level readout failed (artifact %s)", answer_probe.artifact_id)
             results = [None] * len(pending)
-        for (i, _), result, lp in zip(pending, results, logprobs):
+        for (i, _, _), result, lp in zip(pending, results, logprobs):
             generations[i] = replace(generations[i], answer=result, token_logprobs=lp)
 
     def _search_group(self, jobs: list[_SearchJob]):
