@@ -24,7 +24,10 @@ Metadata (all strings; JSON where structured)
 ``chat_template_sha256``, ``library_versions`` (JSON: valueprobe, transformers, tokenizers, torch at stamping),
 ``restamped_from`` (the ``content_sha256`` a ``valueprobe restamp`` replaced), ``prompt_format``
 (JSON), ``objective``, ``head`` (which head scores), ``calibrator``, ``served_score`` (``value`` or ``stacked``: which
-number ``probability`` is), ``stack_kinds`` (JSON), ``thresholds`` (JSON), ``eval_card`` (JSON)
+number ``probability`` is), ``stack_kinds`` (JSON), ``thresholds`` (JSON), ``eval_card`` (JSON),
+after a recalibration from feedback (``ValueProbe.recalibrated``) ``calibration_version`` (0 when absent: as fitted),
+``recalibrated_from`` and ``calibration_origin`` (the replaced and the fitted ``content_sha256``) and
+``recalibration`` (JSON: the Platt maps applied, per slot, and the feedback evidence they were promoted on),
 and ``content_sha256``: a hash over every tensor and every other metadata field, so a truncated or edited file is
 refused instead of silently scoring garbage.
 """
@@ -88,7 +91,7 @@ REQUIRED_METADATA = (
     "content_sha256",
 )
 JSON_METADATA = ("model_fingerprint", "tokenizer_fingerprint", "library_versions", "prompt_format", "thresholds",
-                 "eval_card", "stack_kinds", "stack_features")
+                 "eval_card", "stack_kinds", "stack_features", "recalibration")
 
 
 class ArtifactError(ValueError):
@@ -165,6 +168,8 @@ def validate(data: ArtifactData, *, check_hash: bool = True) -> None:
                 raise ArtifactError(f"metadata field {key!r}{where} is not valid JSON: {exc}") from None
     for key in ("hidden_size", "layer"):
         _check(md[key].isdigit() and int(md[key]) > 0, f"metadata {key!r}{where} must be a positive integer")
+    _check(md.get("calibration_version", "0").isdigit(),
+           f"metadata 'calibration_version'{where} must be a non-negative integer")
     _check(md["hook_point"] == HOOK_POINT, f"unsupported hook_point {md['hook_point']!r}{where}")
     _check(md["token_position"] in TOKEN_POSITIONS,
            f"unsupported token_position {md['token_position']!r}{where}; expected one of {TOKEN_POSITIONS}")

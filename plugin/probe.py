@@ -15,6 +15,7 @@ Example
 
 from __future__ import annotations
 
+import json
 import threading
 import warnings
 import weakref
@@ -412,6 +413,70 @@ class ValueProbe:
                         library_versions=stamp["library_versions"],
                         restamped_from=self.data.metadata["content_sha256"])
         return ValueProbe(ArtifactData(dict(self.data.tensors), metadata))
+
+    # -- recalibration from feedback ------------------------------------------------------------------------------
+    @property
+    def calibration_version(self) -> int:
+        """0 for a fitted artifact; each promoted recalibration (:meth:`recalibrated`) adds one."""
+        return int(self.data.metadata.get("calibration_version", "0"))
+
+    @property
+    def calibration_origin(self) -> str:
+        """``content_sha256`` of the fitted artifact this one descends from by recalibration (itself if none)."""
+        return self.data.metadata.get("calibration_origin", self.data.metadata["content_sha256"])
+
+    def calibration_slot(self, kind: str) -> str:
+        """The calibrator whose output is the served probability of a ``kind`` prompt: the kind's stacker
+        (``"choice"`` / ``"open"``) or the value calibrator (``"value"``)."""
+        return kind if self.served_score == "stacked" and kind in self._stack else "value"
+
+    def origin_maps(self) -> dict[str, tuple[float, float]]:
+        """Per slot ``(a, b)`` with ``logit(p_served) = a * logit(p_fitted) + b``: what the promoted recalibrations
+        did to the fitted artifact's probability (identity when there were none)."""
+        maps = self.data.json("recalibration", {}).get("from_origin", {})
+        return {slot: (float(a), float(b)) for slot, (a, b) in maps.items()}
+
+    def recalibrated(self, maps: dict[str, tuple[float, float]], record: dict | None = None) -> ValueProbe:
+        """This artifact with a Platt map ``p -> sigmoid(a * logit(p) + b)`` applied after the served probability
+        of each slot in ``maps`` (see :meth:`calibration_slot`), composed into the slot's own Platt parameters so
+        the readout path is unchanged: ``a' = a * a_old``, ``b' = a * b_old + b``. A temperature or identity value
+        calibrator becomes Platt; an isotonic one cannot take the map (refit instead: ``ValueError``).
+        ``calibration_version`` goes up by one, ``recalibrated_from`` names the replaced ``content_sha256``,
+        ``calibration_origin`` the fitted artifact, and ``recalibration`` (JSON) holds ``record`` plus the maps from
+        the fitted artifact. Save the result with :meth:`save` (a new ``content_sha256``)."""
+        tensors, metadata = dict(self.data.tensors), dict(self.data.metadata)
+        origin = self.origin_maps()
+        for slot, (a, b) in maps.items():
+            if not (np.isfinite(a) and np.isfinite(b) and a > 0):
+                raise ValueError(f"recalibration of {slot!r} needs a finite positive slope, got a={a}, b={b}")
+            if slot in self._stack:
+                names = (f"stack.{slot}.calibrator.a", f"stack.{slot}.calibrator.b")
+            elif slot == "value":
+                kind = metadata["calibrator"]
+                if kind == "isotonic":
+                    raise ValueError("the value calibrator is isotonic: a Platt map cannot be composed into it; "
+                                     "refit the artifact on the new data instead")
+                if kind != "platt":
+                    a_old = 1.0 / float(tensors.pop("calibrator.temperature").reshape(-1)[0]) if kind == "temperature" else 1.0
+                    tensors["calibrator.a"] = torch.tensor([a_old], dtype=torch.float64)
+                    tensors["calibrator.b"] = torch.tensor([0.0], dtype=torch.float64)
+                    metadata["calibrator"] = "platt"
+                names = ("calibrator.a", "calibrator.b")
+            else:
+                raise ValueError(f"unknown calibration slot {slot!r}; this artifact has {sorted(self._stack) + ['value']}")
+            a_old, b_old = (float(tensors[n].reshape(-1)[0]) for n in names)
+            dtype = tensors[names[0]].dtype
+            tensors[names[0]] = torch.tensor([a * a_old], dtype=dtype)
+            tensors[names[1]] = torch.tensor([a * b_old + b], dtype=dtype)
+            a0, b0 = origin.get(slot, (1.0, 0.0))
+            origin[slot] = (a * a0, a * b0 + b)
+        metadata.update(calibration_version=str(self.calibration_version + 1),
+                        recalibrated_from=self.data.metadata["content_sha256"],
+                        calibration_origin=self.calibration_origin,
+                        recalibration=json.dumps({**(record or {}), "maps": {s: list(m) for s, m in maps.items()},
+                                                  "from_origin": {s: list(m) for s, m in origin.items()}},
+                                                 sort_keys=True))
+        return ValueProbe(ArtifactData(tensors, metadata))
 
     def check_compatible(self, model, tokenizer=None, *, strict: bool = True) -> list[str]:
         """Compare the model (and tokenizer) with the fingerprints recorded at fit time.

@@ -39,16 +39,27 @@ def _probe_for(settings: Settings):
 
     from .service import check_pin
 
-    if settings.artifact:
-        artifact = settings.artifact
-    else:
-        from valueprobe.weights import default_artifact
-
-        artifact = str(default_artifact())
-    probe = ValueProbe.load(artifact)
+    probe = ValueProbe.load(configured_artifact(settings))
     probe.require_position(TOKEN_POSITION)
     check_pin(probe, settings.artifact_sha256)
+    if settings.recalibration != "off":  # a calibration promoted from feedback before a restart is served again
+        from .recalibration import calibration_folder, latest_promoted
+
+        newer = latest_promoted(probe, calibration_folder(settings.calibration_dir, probe.calibration_origin))
+        if newer is not None:
+            logger.info("serving calibration %d of %s (promoted from feedback): %s", newer.calibration_version,
+                        probe.artifact_id, newer.data.path)
+            probe = newer
     return probe
+
+
+def configured_artifact(settings: Settings) -> str:
+    """The artifact the settings name (``--artifact``, else the shipped default), before any recalibration."""
+    if settings.artifact:
+        return settings.artifact
+    from valueprobe.weights import default_artifact
+
+    return str(default_artifact())
 
 
 def _search_probe_for(settings: Settings, engine):
@@ -75,7 +86,7 @@ def _answer_probe_for(settings: Settings, engine, probe):
     requested = settings.answer_artifact
     if requested and requested.lower() == "none":
         return None
-    path = requested or (answer_artifact_beside(probe.data.path) if probe.data.path else None)
+    path = requested or answer_artifact_beside(configured_artifact(settings))
     if path is None:
         return None
     if not engine.supports_answer_confidence:

@@ -33,6 +33,13 @@ class NotFoundError(ClientError):
     type = "not_found_error"
 
 
+class ConflictError(ClientError):
+    """The request is valid but the state does not allow it (e.g. promoting a shadow calibrator that is not better)."""
+
+    status_code = 409
+    type = "conflict_error"
+
+
 class ServerError(ValueprobeError):
     pass
 

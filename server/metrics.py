@@ -25,7 +25,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 READOUT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
 DECISIONS = ("answer", "abstain", "escalate")
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "not_found_error", "upstream_error", "not_ready",
-               "overloaded", "server_error", "permission_error", "probe_error")
+               "overloaded", "server_error", "permission_error", "probe_error", "conflict_error")
 N_BINS = 10
 
 
@@ -82,6 +82,25 @@ class SidecarMetrics:
                                 registry=r)
         self.window_brier = Gauge("valueprobe_feedback_window_brier", "Brier over the last feedback window (this replica).",
                                   registry=r)
+        # Calibration that follows the traffic (server/recalibration.py): the version served, the shadow against the
+        # live calibration on held-out feedback, promotions, and the drift of the served score.
+        self.calibration_version = Gauge("valueprobe_calibration_version", "Calibration version served: 0 as "
+                                         "fitted, +1 per promoted recalibration from feedback.", registry=r)
+        self.calibration_brier = Gauge("valueprobe_calibration_brier", "Brier on held-out feedback of the live and "
+                                       "the shadow calibration, per calibration slot.", ["slot", "calibrator"], registry=r)
+        self.calibration_ece = Gauge("valueprobe_calibration_ece", "ECE on held-out feedback of the live and the "
+                                     "shadow calibration, per calibration slot.", ["slot", "calibrator"], registry=r)
+        self.calibration_feedback = Gauge("valueprobe_calibration_feedback", "Labelled feedback in the shadow "
+                                          "calibrator's window, per calibration slot.", ["slot"], registry=r)
+        self.promotions = Counter("valueprobe_calibration_promotions_total", "Shadow calibrations promoted to live.",
+                                  ["trigger"], registry=r)
+        self.score_psi = Gauge("valueprobe_score_psi", "Population stability index of the fitted artifact's "
+                               "probability over the drift window against its test split (>0.25: large shift).",
+                               ["kind"], registry=r)
+        self.ood_rate = Gauge("valueprobe_ood_rate", "Share of the drift window's prompts flagged out of "
+                              "distribution.", ["kind"], registry=r)
+        for trigger in ("admin", "auto"):
+            self.promotions.labels(trigger=trigger)
         # Start every bounded series at zero so rates exist before the first event.
         for d in DECISIONS:
             self.decisions.labels(decision=d)

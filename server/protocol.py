@@ -36,6 +36,7 @@ class _Scored(BaseModel):
     raw: float = Field(description="The value head's raw logit.")
     kind: Literal["choice", "open"] = Field("open", description="Question kind the score was calibrated for.")
     served_score: Literal["value", "stacked"] = "value"
+    calibration_version: int = Field(0, description="0 as fitted; +1 per recalibration from feedback promoted since.")
     components: Optional[Components] = None
     ood: Optional[OOD] = None
 
@@ -214,13 +215,18 @@ class ConfidenceBatch(BaseModel):
 
 class FeedbackRequest(BaseModel):
     request_id: str = Field(min_length=1)
-    correct: bool
+    correct: bool = Field(description="Whether the answer served was correct.")
     probability: Optional[float] = Field(None, ge=0, le=1, description="Needed when another replica served the request.")
+    kind: Optional[Literal["choice", "open"]] = Field(None, description="With 'probability' (another replica served "
+                                                      "it): the question kind, so the label also refits the shadow "
+                                                      "calibrator.")
 
 
 class FeedbackResponse(BaseModel):
     recorded: bool
-    window: dict
+    window: dict = Field(description="ECE and Brier of the served probability over the feedback window.")
+    recalibration: dict = Field(description="Whether the label refits the shadow calibrator (used, slot, reason) "
+                                "and, when --recalibration auto promoted on it, the promotion.")
 
 
 class ReloadRequest(BaseModel):

@@ -59,7 +59,7 @@ def _scored(result, served) -> dict:
     if result.ood is not None:
         ood = p.OOD(flagged=result.ood, distance=result.ood_distance, threshold=probe.ood_threshold)
     return dict(probability=result.probability, raw=result.raw, kind=result.kind, served_score=probe.served_score,
-                components=p.Components(**result.components) if result.components else None, ood=ood)
+                calibration_version=probe.calibration_version, components=p.Components(**result.components) if result.components else None, ood=ood)
 
 
 def _answer_confidence(a, flagged: bool | None, answer_probe, local_text: str | None = None) -> p.AnswerConfidence | None:
@@ -428,8 +428,24 @@ async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidec
 
 @router.post("/v1/feedback", tags=["valueprobe"], response_model=p.FeedbackResponse, dependencies=[AdminDep])
 async def feedback(req: p.FeedbackRequest, sidecar: SidecarDep):
-    window = sidecar.feedback(req.request_id, req.correct, req.probability)
-    return p.FeedbackResponse(recorded=True, window=window)
+    """Label a served answer: feeds the feedback metrics and, for answers the local model gave, the shadow
+    calibrator (which ``--recalibration auto`` promotes by itself when it is better)."""
+    window, recalibration = await sidecar.feedback(req.request_id, req.correct, req.probability, req.kind)
+    return p.FeedbackResponse(recorded=True, window=window, recalibration=recalibration)
+
+
+@router.get("/v1/admin/calibration", tags=["valueprobe"], dependencies=[AdminDep])
+async def calibration(sidecar: SidecarDep):
+    """Live against shadow calibration per slot on held-out feedback (Brier, ECE, promotable and why), the
+    calibration version served and the drift window (score PSI, OOD rate per kind)."""
+    return await sidecar.calibration_report()
+
+
+@router.post("/v1/admin/calibration/promote", tags=["valueprobe"], dependencies=[AdminDep])
+async def promote_calibration(sidecar: SidecarDep):
+    """Serve the shadow calibration of every slot where it beats the live one on held-out feedback, written as a
+    new artifact (409 when none does, with each slot's reason)."""
+    return await sidecar.promote(trigger="admin")
 
 
 @router.post("/v1/admin/reload", tags=["valueprobe"], dependencies=[AdminDep])
@@ -450,6 +466,7 @@ async def artifact(sidecar: SidecarDep):
     probe, policy = served.probe, served.policy
     return {"artifact_id": probe.artifact_id, "model_name": probe.model_name, "layer": probe.layer, "k": probe.k,
             "head": probe.head, "calibrator": probe.calibrator, "served_score": probe.served_score,
+            "calibration_version": probe.calibration_version, "calibration_origin": probe.calibration_origin[:12],
             "prompt_format": json.loads(probe.prompt_format.to_json()), "thresholds": probe.thresholds,
             "policy": {"abstain_below": policy.abstain_below, "escalate_below": policy.escalate_below,
                        "escalation_configured": policy.can_escalate},

@@ -16,13 +16,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Union
 
+from scipy.special import expit
+
 from valueprobe.plugin import ArtifactError, PromptError, ProbeResult, ValueProbe
 from valueprobe.plugin.artifact import TOKEN_POSITION
 from valueprobe.plugin.nexttoken import prompt_kind
 
 from .engines.base import EngineClient, Prompt
-from .errors import ClientError, NotFoundError, UpstreamError
+from .errors import ClientError, ConflictError, NotFoundError, UpstreamError
 from .metrics import SidecarMetrics
+from .recalibration import (DriftMonitor, ShadowCalibrator, calibration_folder, card_reference, next_artifact_path,
+                            to_logit)
 from .settings import Settings
 from .upstream import make_upstream
 
@@ -46,6 +50,18 @@ class Policy:
         if self.can_escalate and self.escalate_below is not None and p < self.escalate_below:
             return "escalate"
         return "answer"
+
+
+@dataclass
+class Remembered:
+    """What feedback on a request needs: the probability served, the calibration slot and the fitted artifact's
+    logit behind it (``z0``, comparable across calibration versions), and whether the answer was the local
+    model's (abstained, escalated and replaced answers say nothing about the probe's calibration)."""
+
+    probability: float
+    slot: str
+    z0: float
+    local: bool
 
 
 @dataclass(frozen=True)
@@ -153,8 +169,9 @@ def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[f
 
 
 def check_pin(probe: ValueProbe, pin: str | None) -> None:
-    """Refuse an artifact whose content hash differs from the deployment's pin (``--artifact-sha256``)."""
-    if pin and not probe.data.metadata["content_sha256"].startswith(pin.lower()):
+    """Refuse an artifact whose content hash differs from the deployment's pin (``--artifact-sha256``); a
+    recalibration of the pinned artifact from feedback (its ``calibration_origin``) passes."""
+    if pin and not any(h.startswith(pin.lower()) for h in (probe.data.metadata["content_sha256"], probe.calibration_origin)):
         raise ArtifactError(f"artifact content_sha256 {probe.data.metadata['content_sha256'][:16]}… does not match "
                             f"the pinned {pin[:16]}… (--artifact-sha256)")
 
@@ -175,9 +192,10 @@ class Sidecar:
             self.escalation = make_upstream(settings.escalate_kind, settings.escalate_url,
                                             timeout=settings.upstream_timeout_s, model=settings.escalate_model,
                                             api_key=settings.upstream_api_key, name="escalation", metrics=metrics)
-        self._recent: OrderedDict[str, float] = OrderedDict()
+        self._recent: OrderedDict[str, Remembered] = OrderedDict()
         self._reload_lock = asyncio.Lock()
         metrics.set_window(settings.feedback_window)
+        self._reset_calibration_state(engine.probe)
         self.served = self._make_served(engine.probe)
         self._publish(self.served)
         self.escalate_after = self._escalate_after_threshold()
@@ -201,12 +219,27 @@ class Sidecar:
             self.metrics.confidence.labels(model=self.model_name, artifact=probe.artifact_id, decision=decision)
         self.metrics.info.info({"artifact_id": probe.artifact_id, "model": self.model_name,
                                 "layer": str(probe.layer), "k": str(probe.k), "served_score": probe.served_score,
-                                "model_fingerprint": probe.model_fingerprint.get("layer_weights_sha256", "")[:16]})
+                                "model_fingerprint": probe.model_fingerprint.get("layer_weights_sha256", "")[:16],
+                                "calibration_version": str(probe.calibration_version),
+                                "calibration_origin": probe.calibration_origin[:12]})
+        self.metrics.calibration_version.set(probe.calibration_version)
+
+    def _reset_calibration_state(self, probe: ValueProbe) -> None:
+        """A new shadow and drift window for the fitted artifact ``probe`` descends from (kept across promotions
+        of the same one: its feedback stays comparable; reset by a reload of another)."""
+        s = self.settings
+        self._origin = probe.calibration_origin
+        self.shadow = None if s.recalibration == "off" else ShadowCalibrator(
+            window=s.recalibration_window, min_feedback=s.recalibration_min_feedback, margin=s.recalibration_margin)
+        self.drift = DriftMonitor(card_reference(probe.eval_card), window=s.drift_window)
+        self._observed = 0
 
     def allowed_artifact_path(self, requested: str) -> Path:
         """Reload only takes ``.safetensors`` files inside the artifact folder (``artifact_dir``, default: the
         served artifact's folder). The same message for every refusal, so it reveals nothing about the disk."""
-        root = Path(self.settings.artifact_dir or Path(self.probe.data.path or ".").parent).resolve()
+        from .app import configured_artifact
+
+        root = Path(self.settings.artifact_dir or Path(configured_artifact(self.settings)).parent).resolve()
         try:
             path = (root / requested).resolve()
         except (OSError, ValueError):
@@ -232,6 +265,8 @@ class Sidecar:
                 raise ClientError(f"reload refused, still serving {old.artifact_id}: {exc}") from None
             self.served = served
             self.engine.probe = probe
+            if probe.calibration_origin != self._origin:
+                self._reset_calibration_state(probe)
             self._publish(served)
             await self.engine.release_unused()  # the old artifact goes once the requests using it end
             return old.artifact_id, served.artifact_id
@@ -317,8 +352,17 @@ class Sidecar:
             raise ClientError(f"token log-probabilities are not served {where}")
 
     # -- scoring ------------------------------------------------------------------------------------------------
-    def _remember(self, request_id: str, p: float):
-        self._recent[request_id] = p
+    @staticmethod
+    def fitted_logit(probe: ValueProbe, kind: str, probability: float) -> tuple[str, float]:
+        """``(slot, z0)``: the calibration slot that served ``probability`` and the logit the fitted artifact
+        (calibration version 0) would have served, undoing the promoted recalibrations."""
+        slot = probe.calibration_slot(kind)
+        a, b = probe.origin_maps().get(slot, (1.0, 0.0))
+        return slot, float((to_logit(probability) - b) / a)
+
+    def _remember(self, request_id: str, served: Served, result: ProbeResult, decision: str):
+        slot, z0 = self.fitted_logit(served.probe, result.kind, result.probability)
+        self._recent[request_id] = Remembered(result.probability, slot, z0, local=decision == "answer")
         while len(self._recent) > 10000:
             self._recent.popitem(last=False)
 
@@ -328,6 +372,20 @@ class Sidecar:
         self.metrics.decisions.labels(decision=decision).inc()
         if result.ood is not None:
             self.metrics.ood.labels(kind=result.kind, flagged=str(result.ood).lower()).inc()
+        _, z0 = self.fitted_logit(served.probe, result.kind, result.probability)
+        self.drift.observe(result.kind, float(expit(z0)), result.ood)
+        self._observed += 1
+        if self._observed % 50 == 0:
+            self.publish_drift()
+
+    def publish_drift(self) -> dict:
+        stats = self.drift.stats()
+        for kind, st in stats.items():
+            if st["psi"] is not None:
+                self.metrics.score_psi.labels(kind=kind).set(st["psi"])
+            if st["ood_rate"] is not None:
+                self.metrics.ood_rate.labels(kind=kind).set(st["ood_rate"])
+        return stats
 
     async def confidence(self, served: Served, prompts: list[Prompt]) -> list[tuple[ProbeResult, str]]:
         results = await self.engine.score(prompts, served.probe)
@@ -343,7 +401,7 @@ class Sidecar:
         served = query.served
         decision = decision or served.policy.decide(confidence.probability)
         self.observe(served, confidence, decision)
-        self._remember(request_id, confidence.probability)
+        self._remember(request_id, served, confidence, decision)
         return Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
 
     async def _escalate(self, query: Query):
@@ -535,6 +593,8 @@ class Sidecar:
         answer, error = await self._escalate(query)
         if answer is None:
             return replace(final, upstream_error=error)
+        if final.request_id in self._recent:  # the answer served is the escalation target's: no feedback on ours
+            self._recent[final.request_id].local = False
         return replace(final, text=answer.text, routed=True, local_text=final.text, logprobs=None,
                        completion_tokens=answer.completion_tokens or 0, finish_reason=answer.finish_reason)
 
@@ -550,12 +610,96 @@ class Sidecar:
                                               flagged=str(bool(flagged)).lower()).observe(p)
         return {"answer": gen.answer, "answer_flagged": flagged}
 
-    # -- feedback -----------------------------------------------------------------------------------------------
-    def feedback(self, request_id: str, correct: bool, probability: float | None) -> dict:
-        p = probability if probability is not None else self._recent.get(request_id)
+    # -- feedback and the calibration that follows it -----------------------------------------------------------
+    async def feedback(self, request_id: str, correct: bool, probability: float | None,
+                       kind: str | None = None) -> tuple[dict, dict]:
+        """Record a label: the feedback metrics (every answer), and the shadow calibrator (answers the local model
+        gave, remembered here or sent with ``probability`` and ``kind``). Returns the window's ECE/Brier and what
+        recalibration did with it (``used``, ``reason``; ``promoted`` when ``auto`` promoted on this feedback)."""
+        remembered = self._recent.get(request_id)
+        p = probability if probability is not None else (remembered.probability if remembered else None)
         if p is None:
             raise NotFoundError(f"unknown request_id {request_id!r} on this replica: send 'probability' with the feedback")
-        return self.metrics.record_feedback(p, correct)
+        window = self.metrics.record_feedback(p, correct)
+        if self.shadow is None:
+            return window, {"used": False, "reason": "recalibration is off"}
+        if remembered is not None:
+            if not remembered.local:
+                return window, {"used": False, "reason": "the answer served was not the local model's (abstained, "
+                                "escalated or replaced): it says nothing about this probe's calibration"}
+            slot, z0 = remembered.slot, remembered.z0
+        elif kind is not None:  # served by another replica, assumed on this calibration version
+            slot, z0 = self.fitted_logit(self.probe, kind, p)
+        else:
+            return window, {"used": False, "reason": "request not served here: send 'kind' with 'probability' to "
+                            "use it for recalibration"}
+        self.shadow.add(slot, z0, correct)
+        self.metrics.calibration_feedback.labels(slot=slot).set(self.shadow.counts()[slot])
+        info: dict = {"used": True, "slot": slot}
+        if self.settings.recalibration == "auto" and self.shadow.seen_ % self.settings.recalibration_every == 0:
+            try:
+                info["promoted"] = await self.promote(trigger="auto")
+            except ConflictError as exc:
+                info["reason"] = f"not promoted: {exc}"
+        return window, info
+
+    async def calibration_report(self) -> dict:
+        """The live calibration against the shadow on held-out feedback, per slot, and the drift window (the
+        gauges are set from it)."""
+        probe = self.probe
+        slots = {} if self.shadow is None else await asyncio.to_thread(self.shadow.snapshot().report, probe.origin_maps())
+        for slot, rep in slots.items():
+            for who in ("live", "shadow"):
+                brier, ece = getattr(rep, f"{who}_brier"), getattr(rep, f"{who}_ece")
+                if brier is not None:
+                    self.metrics.calibration_brier.labels(slot=slot, calibrator=who).set(brier)
+                    self.metrics.calibration_ece.labels(slot=slot, calibrator=who).set(ece)
+        return {"mode": self.settings.recalibration, "artifact_id": probe.artifact_id,
+                "calibration_version": probe.calibration_version, "calibration_origin": probe.calibration_origin[:12],
+                "recalibration": probe.data.json("recalibration"), "slots": {s: r.to_dict() for s, r in slots.items()},
+                "drift": self.publish_drift()}
+
+    async def promote(self, *, trigger: str = "admin") -> dict:
+        """Promote the shadow calibration of every slot where it is better on held-out feedback: compose it into a
+        new artifact (``calibration_version`` + 1), write it to ``calibration_dir`` (the old one kept), load it
+        back (validated) and serve it, as a reload does. :class:`ConflictError` (409) when no slot qualifies."""
+        if self.shadow is None:
+            raise ConflictError("recalibration is off on this sidecar (--recalibration shadow or auto)")
+        async with self._reload_lock:
+            old = self.served
+            live = old.probe.origin_maps()
+            report = await asyncio.to_thread(self.shadow.snapshot().report, live)
+            chosen = {slot: rep for slot, rep in report.items() if rep.promotable}
+            if not chosen:
+                reasons = "; ".join(f"{slot}: {rep.reason}" for slot, rep in report.items()) or "no feedback yet"
+                raise ConflictError(f"nothing to promote, still serving {old.artifact_id} (calibration "
+                                    f"{old.probe.calibration_version}): {reasons}")
+            maps = {}
+            for slot, rep in chosen.items():  # from the live map to the shadow's: logit' = a * logit + b
+                a_live, b_live = live.get(slot, (1.0, 0.0))
+                a = rep.a / a_live
+                maps[slot] = (a, rep.b - a * b_live)
+            record = {"trigger": trigger, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "evidence": {slot: rep.to_dict() for slot, rep in chosen.items()},
+                      "thresholds": "carried over from the fitted artifact (probabilities, not re-fitted)"}
+            try:
+                probe = old.probe.recalibrated(maps, record)
+                folder = calibration_folder(self.settings.calibration_dir, old.probe.calibration_origin)
+                path = next_artifact_path(folder, probe.calibration_version)
+                await asyncio.to_thread(probe.save, path)
+                probe = await asyncio.to_thread(ValueProbe.load, str(path))
+                served = self._make_served(probe)
+                await self.engine.attach(probe, strict=self.settings.check_fingerprint)
+            except (ArtifactError, ValueError, OSError) as exc:
+                raise ConflictError(f"promotion failed, still serving {old.artifact_id}: {exc}") from None
+            self.served = served
+            self.engine.probe = probe
+            self._publish(served)
+            self.metrics.promotions.labels(trigger=trigger).inc()
+            await self.engine.release_unused()
+            return {"previous": old.artifact_id, "artifact_id": probe.artifact_id,
+                    "calibration_version": probe.calibration_version, "path": str(path),
+                    "slots": {slot: {"a": a, "b": b, **chosen[slot].to_dict()} for slot, (a, b) in maps.items()}}
 
 
 def now() -> int:

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(512, ge=1)
     default_max_new_tokens: int = Field(64, ge=1)
     feedback_window: int = Field(1000, ge=10, description="Feedback outcomes kept for the windowed ECE/Brier.")
+    recalibration: Literal["off", "shadow", "auto"] = Field("shadow", description="Calibration that follows the traffic: feedback on locally answered requests refits a shadow Platt per calibration slot (question kind), compared with the live one on held-out feedback (GET /v1/admin/calibration). shadow: promote on POST /v1/admin/calibration/promote; auto: also promote by itself when the shadow is better (checked every recalibration_every feedbacks); off: neither. A promoted calibration is written as a new artifact in calibration_dir and served again after a restart (unless off).")
+    recalibration_window: int = Field(500, ge=20, description="Labelled feedbacks per slot the shadow is fitted and compared on (the latest).")
+    recalibration_min_feedback: int = Field(100, ge=10, description="Labelled feedbacks a slot needs before its shadow can be promoted.")
+    recalibration_every: int = Field(50, ge=1, description="auto: compare shadow and live after this many feedbacks.")
+    recalibration_margin: float = Field(0.0, ge=0, description="Promote only when the shadow's held-out Brier is lower by more than this.")
+    calibration_dir: Optional[str] = Field(None, description="Where promoted calibrations are written (new artifact files; the old ones kept); default: $VALUEPROBE_CACHE/calibrations/<fitted artifact id>.")
+    drift_window: int = Field(1000, ge=50, description="Scored prompts per kind in the drift window (score PSI, OOD rate).")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -31,7 +31,7 @@ def serve(
     confident_above: Annotated[Optional[float], typer.Option(help="/classify and the guardrails detector routes: "
                                                              "P(correct) at or above this is 'confident' (default: "
                                                              "the policy's threshold, else 0.5).")] = None,
-    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/reload "
+    admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/* "
                                                        "(unset: those routes answer 403).")] = None,
     artifact_sha256: Annotated[Optional[str], typer.Option(help="Pin: refuse an artifact whose content hash does "
                                                            "not start with this (at start and on reload).")] = None,
@@ -48,6 +48,13 @@ def serve(
                                                                   "target's answer instead (whole responses).")] = None,
     escalate_after_rate: Annotated[Optional[float], typer.Option(help="Take --escalate-after-below from the answer "
                                                                  "artifact's threshold for this share of answers.")] = None,
+    recalibration: Annotated[Optional[str], typer.Option(help="Feedback refits a shadow calibrator per question kind: "
+                                                         "'shadow' (default) promotes it on POST "
+                                                         "/v1/admin/calibration/promote when it is better on held-out "
+                                                         "feedback, 'auto' also by itself, 'off' neither.")] = None,
+    calibration_dir: Annotated[Optional[str], typer.Option(help="Where promoted calibrations are written as new "
+                                                           "artifacts (and found again at a restart); default: "
+                                                           "$VALUEPROBE_CACHE/calibrations/<artifact id>.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Settings file (KEY=value lines, VALUEPROBE_ prefix).")] = None,
@@ -60,8 +67,9 @@ def serve(
 
     Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
     --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
-    refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window, dtype, device,
-    check_fingerprint, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
+    refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window,
+    recalibration_window, recalibration_min_feedback, recalibration_every, recalibration_margin, drift_window, dtype,
+    device, check_fingerprint, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
     only; see server/settings.py.
     """
     from pydantic import ValidationError
@@ -78,8 +86,8 @@ def serve(
                                    artifact_sha256=artifact_sha256, artifact_dir=artifact_dir,
                                    search_artifact=search_artifact, answer_artifact=answer_artifact,
                                    flag_below=flag_below, escalate_after_below=escalate_after_below,
-                                   escalate_after_rate=escalate_after_rate,
-                                   host=host, port=port).items() if v is not None}
+                                   escalate_after_rate=escalate_after_rate, recalibration=recalibration,
+                                   calibration_dir=calibration_dir, host=host, port=port).items() if v is not None}
     try:
         settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
     except ValidationError as exc:
