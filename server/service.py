@@ -656,7 +656,9 @@ class Sidecar:
                     self.metrics.calibration_ece.labels(slot=slot, calibrator=who).set(ece)
         return {"mode": self.settings.recalibration, "artifact_id": probe.artifact_id,
                 "calibration_version": probe.calibration_version, "calibration_origin": probe.calibration_origin[:12],
-                "recalibration": probe.data.json("recalibration"), "slots": {s: r.to_dict() for s, r in slots.items()},
+                "recalibration": probe.data.json("recalibration"),
+                "slot_of_kind": {kind: probe.calibration_slot(kind) for kind in ("choice", "open")},
+                "slots": {s: r.to_dict() for s, r in slots.items()},
                 "drift": self.publish_drift()}
 
     async def promote(self, *, trigger: str = "admin") -> dict:

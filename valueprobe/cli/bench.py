@@ -264,6 +264,50 @@ def bench_cascade(
             p.terminate()
 
 
+@bench_app.command("recalibrate")
+def bench_recalibrate(
+    data: Annotated[Optional[list[str]], typer.Option(help="Data specs the artifact was never fitted on "
+                                                           "(repeatable), mixed and shuffled.")] = None,
+    artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    url: Annotated[Optional[str], typer.Option(help="A running sidecar (started with --recalibration auto and "
+                                                    "--admin-token) instead of starting one.")] = None,
+    admin_token: Annotated[str, typer.Option(help="Its admin token.")] = "recalibrate-bench",
+    window: Annotated[int, typer.Option(help="Answers per window (scored before their labels are sent).")] = 100,
+    min_feedback: Annotated[int, typer.Option(help="Labels a kind needs before its shadow can be promoted.")] = 100,
+    every: Annotated[int, typer.Option(help="Feedbacks between shadow-vs-live comparisons.")] = 50,
+    max_tokens: Annotated[int, typer.Option(help="Greedy tokens per answer.")] = 16,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 16,
+    out: Annotated[Path, typer.Option(help="Writes <out>.jsonl (every answer), .json, .md, .png.")] =
+        Path("weights/recalibrate/qwen2.5-coder-1.5b-instruct"),
+):
+    """Replay sources the artifact never saw through a sidecar with --recalibration auto, sending each graded
+    answer's label to /v1/feedback: ECE and Brier of the fitted and of the served calibration, window by window
+    (each window answered before its labels are sent), and the promotions made. Starts over on every run (a
+    fresh calibration folder; the sidecar's shadow lives in its memory)."""
+    import tempfile
+
+    from valueprobe.bench.recalibrate import run, sample_sources
+    from valueprobe.bench.serve import spawn_sidecar, wait_ready
+    from valueprobe.weights import default_artifact
+
+    specs = data or ["arithmetic:400", "socialiqa:400"]
+    questions = sample_sources(specs)
+    proc = None
+    try:
+        if url is None:
+            folder = tempfile.mkdtemp(prefix="valueprobe-calibrations-")
+            proc, url = wait_ready(*spawn_sidecar(None, artifact or default_artifact(), max_batch_size=concurrency,
+                                                  admin_token=admin_token, recalibration="auto",
+                                                  recalibration_min_feedback=min_feedback, recalibration_every=every,
+                                                  calibration_dir=folder))
+            typer.echo(f"sidecar ready at {url}; promoted calibrations go to {folder}")
+        run(questions, url=url, admin_token=admin_token, out=out, window=window, max_tokens=max_tokens,
+            concurrency=concurrency, sources=specs, echo=typer.echo)
+    finally:
+        if proc is not None:
+            proc.terminate()
+
+
 @bench_app.command("search")
 def bench_search(
     traces_file: Annotated[Path, typer.Option("--traces", help="Traces JSONL from `valueprobe traces`: the problems, "
