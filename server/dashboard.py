@@ -63,6 +63,14 @@ PANELS = [
         ('sum by (kind) (rate(valueprobe_ood_total{flagged="true"}[%s])) / sum by (kind) (rate(valueprobe_ood_total[%s]))'
          % (W, W), "{{kind}}"),
     ]),
+    ("Calibration: live vs shadow Brier on held-out feedback, and the version served", "timeseries", [
+        ("valueprobe_calibration_brier", "{{calibrator}} {{slot}} {{instance}}"),
+        ("valueprobe_calibration_version", "version {{instance}}"),
+    ]),
+    ("Drift: served-score PSI against the test split, and OOD rate (window)", "timeseries", [
+        ("valueprobe_score_psi", "PSI {{kind}} {{instance}}"),
+        ("valueprobe_ood_rate", "OOD {{kind}} {{instance}}"),
+    ]),
     ("Loaded artifacts", "table", [
         ("valueprobe_artifact_info", ""),
     ]),
