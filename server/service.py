@@ -62,6 +62,7 @@ class Remembered:
     slot: str
     z0: float
     local: bool
+    labelled: bool = False  # a repeated label (a client's retry) must not count twice in the shadow
 
 
 @dataclass(frozen=True)
@@ -627,6 +628,9 @@ class Sidecar:
             if not remembered.local:
                 return window, {"used": False, "reason": "the answer served was not the local model's (abstained, "
                                 "escalated or replaced): it says nothing about this probe's calibration"}
+            if remembered.labelled:
+                return window, {"used": False, "reason": "this request was labelled already; the shadow keeps the first label"}
+            remembered.labelled = True
             slot, z0 = remembered.slot, remembered.z0
         elif kind is not None:  # served by another replica, assumed on this calibration version
             slot, z0 = self.fitted_logit(self.probe, kind, p)
