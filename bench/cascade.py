@@ -200,5 +200,7 @@ def check_escalation_route(questions, *, small_url_escalating: str, big: dict, m
 
     replies = [r.json() for r in asyncio.run(main())]
     routed = [r["confidence"]["routed"] for r in replies]
+    errors = [r["confidence"].get("upstream_error") for r in replies]
     same = [r["choices"][0]["text"].strip() == big[q.id]["text"].strip() for q, r in zip(questions, replies)]
-    return {"n": len(questions), "routed": int(sum(routed)), "same_as_big": int(sum(same))}
+    return {"n": len(questions), "routed": int(sum(routed)), "same_as_big": int(sum(same)),
+            "upstream_errors": sum(e is not None for e in errors), "errors": sorted({e for e in errors if e})[:3]}

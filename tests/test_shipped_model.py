@@ -69,6 +69,11 @@ def score_readme_examples(model_name: str = MODEL) -> dict[str, float]:
     path = default_artifact() if model_name == MODEL else default_artifact().with_name(SMALL_ARTIFACT)
     probe = ValueProbe.load(path)
     results = probe.score(model, tokenizer, list(README_PROMPTS.values()))  # check_fingerprint is on by default
+    from valueprobe.weights import answer_artifact_beside
+
+    beside = answer_artifact_beside(path)  # the answer-level artifact a sidecar of this model would serve with it
+    if beside is not None:
+        ValueProbe.load(beside).check_compatible(model, tokenizer, strict=True)
     return {name: round(r.probability, 4) for name, r in zip(README_PROMPTS, results)}
 
 

@@ -248,15 +248,24 @@ def bench_cascade(
                       concurrency=concurrency, echo=typer.echo)
         if route_check:
             proc, url = wait_ready(*spawn_sidecar(None, small_artifact, escalate_url=big_url + "/v1",
-                                                  escalate_kind="openai", escalate_below=1.0))
+                                                  escalate_kind="openai", escalate_below=1.0,
+                                                  # the big model on shared CPUs takes minutes for 8 at once: the
+                                                  # default 30 s made escalations fall back to local answers
+                                                  upstream_timeout_s=1800))
             procs.append(proc)
             check = check_escalation_route(questions[:route_check // 2] + questions[-(route_check - route_check // 2):],
                                            small_url_escalating=url, big=load_records(Path(f"{out}.jsonl"))["big"],
                                            max_tokens=max_tokens)
             typer.echo(f"escalation route check: {check['routed']}/{check['n']} routed, {check['same_as_big']}/"
-                       f"{check['n']} identical to the big model's own answer")
+                       f"{check['n']} identical to the big model's own answer, {check['upstream_errors']} upstream "
+                       "errors")
             summary["route_check"] = check
             import json
+
+            with open(f"{out}.md", "a") as fh:
+                fh.write(f"\nEscalation route check (the small sidecar escalating everything to the big one over the "
+                         f"OpenAI protocol): {check['routed']}/{check['n']} routed, {check['same_as_big']}/{check['n']} "
+                         f"identical to the big model's own answer, {check['upstream_errors']} upstream errors.\n")
 
             Path(f"{out}.json").write_text(json.dumps(summary, indent=2))
     finally:
