@@ -39,7 +39,7 @@ def _probe_for(settings: Settings):
 
     from .service import check_pin
 
-    probe = ValueProbe.load(configured_artifact(settings))
+    probe = ValueProbe.load(settings.artifact_path())
     probe.require_position(TOKEN_POSITION)
     check_pin(probe, settings.artifact_sha256)
     if settings.recalibration != "off":  # a calibration promoted from feedback before a restart is served again
@@ -52,14 +52,6 @@ def _probe_for(settings: Settings):
             probe = newer
     return probe
 
-
-def configured_artifact(settings: Settings) -> str:
-    """The artifact the settings name (``--artifact``, else the shipped default), before any recalibration."""
-    if settings.artifact:
-        return settings.artifact
-    from valueprobe.weights import default_artifact
-
-    return str(default_artifact())
 
 
 def _search_probe_for(settings: Settings, engine):
@@ -86,7 +78,7 @@ def _answer_probe_for(settings: Settings, engine, probe):
     requested = settings.answer_artifact
     if requested and requested.lower() == "none":
         return None
-    path = requested or answer_artifact_beside(configured_artifact(settings))
+    path = requested or answer_artifact_beside(settings.artifact_path())
     if path is None:
         return None
     if not engine.supports_answer_confidence:

@@ -238,9 +238,7 @@ class Sidecar:
     def allowed_artifact_path(self, requested: str) -> Path:
         """Reload only takes ``.safetensors`` files inside the artifact folder (``artifact_dir``, default: the
         served artifact's folder). The same message for every refusal, so it reveals nothing about the disk."""
-        from .app import configured_artifact
-
-        root = Path(self.settings.artifact_dir or Path(configured_artifact(self.settings)).parent).resolve()
+        root = Path(self.settings.artifact_dir or Path(self.settings.artifact_path()).parent).resolve()
         try:
             path = (root / requested).resolve()
         except (OSError, ValueError):

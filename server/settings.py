@@ -67,6 +67,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
+    def artifact_path(self) -> str:
+        """The artifact these settings name (``artifact``, else the shipped default), before any recalibration."""
+        if self.artifact:
+            return self.artifact
+        from valueprobe.weights import default_artifact
+
+        return str(default_artifact())
+
     @model_validator(mode="after")
     def _check(self):
         if self.mode == "gateway" and not self.upstream_url:
