@@ -19,9 +19,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from scipy.special import expit, logit
+from scipy.special import expit
 
 from valueprobe.calibration.metrics import brier_loss, expected_calibration_error
+from valueprobe.server.recalibration import fitted_logit
 
 from .cascade import _request, grade
 
@@ -29,10 +30,9 @@ N_BINS = 10
 
 
 def fitted_probability(p: float, slot: str, from_origin: dict) -> float:
-    """The fitted artifact's probability behind a served one of calibration ``slot``: undo
-    ``logit(p) = a * logit(p0) + b``."""
-    a, b = from_origin.get(slot, (1.0, 0.0))
-    return float(expit((logit(np.clip(p, 1e-6, 1 - 1e-6)) - b) / a))
+    """The fitted artifact's probability behind a served one of calibration ``slot`` (the sidecar's own inverse,
+    with the maps ``/v1/admin/calibration`` reported)."""
+    return float(expit(fitted_logit(p, tuple(from_origin.get(slot, (1.0, 0.0))))))
 
 
 def calibration_numbers(y, p) -> dict:

@@ -194,6 +194,9 @@ class ValueProbe:
         self.tokenizer_fingerprint = data.json("tokenizer_fingerprint")
         self.thresholds = data.json("thresholds", {})
         self.eval_card = data.json("eval_card", {})
+        # parsed once: the sidecar undoes these maps for every request it scores (origin_maps)
+        self._origin_maps = {slot: (float(a), float(b)) for slot, (a, b)
+                             in data.json("recalibration", {}).get("from_origin", {}).items()}
         # Models already checked (hashing a layer's weights costs ~0.1-0.5 s on a 1.5B model: do it once).
         self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # ... and those that did not match: model -> {tokenizer: {fields, refusal, warning, warned}}, so a caller who
@@ -433,8 +436,7 @@ class ValueProbe:
     def origin_maps(self) -> dict[str, tuple[float, float]]:
         """Per slot ``(a, b)`` with ``logit(p_served) = a * logit(p_fitted) + b``: what the promoted recalibrations
         did to the fitted artifact's probability (identity when there were none)."""
-        maps = self.data.json("recalibration", {}).get("from_origin", {})
-        return {slot: (float(a), float(b)) for slot, (a, b) in maps.items()}
+        return dict(self._origin_maps)
 
     def recalibrated(self, maps: dict[str, tuple[float, float]], record: dict | None = None) -> ValueProbe:
         """This artifact with a Platt map ``p -> sigmoid(a * logit(p) + b)`` applied after the served probability

@@ -53,7 +53,6 @@ def _probe_for(settings: Settings):
     return probe
 
 
-
 def _search_probe_for(settings: Settings, engine):
     """The step-value artifact for ``search`` (``--search-artifact``), checked against the served model."""
     from valueprobe.plugin import ValueProbe

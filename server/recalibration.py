@@ -20,7 +20,7 @@ population stability index per kind, and keeps the out-of-distribution rate over
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy.special import expit, logit
@@ -34,6 +34,13 @@ P_CLIP = 1e-6
 
 def to_logit(p) -> np.ndarray:
     return logit(np.clip(np.asarray(p, dtype=np.float64), P_CLIP, 1 - P_CLIP))
+
+
+def fitted_logit(probability: float, origin_map: tuple[float, float] = (1.0, 0.0)) -> float:
+    """The logit the fitted artifact would have served behind a served ``probability``: undo the promoted
+    recalibrations' map ``logit(p) = a * logit(p0) + b`` of its slot (``ValueProbe.origin_maps``)."""
+    a, b = origin_map
+    return float((to_logit(probability) - b) / a)
 
 
 def population_stability_index(expected_counts, actual_counts, eps: float = 1e-4) -> float:
@@ -89,7 +96,7 @@ class SlotReport:
     reason: str = ""
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 @dataclass

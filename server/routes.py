@@ -59,7 +59,8 @@ def _scored(result, served) -> dict:
     if result.ood is not None:
         ood = p.OOD(flagged=result.ood, distance=result.ood_distance, threshold=probe.ood_threshold)
     return dict(probability=result.probability, raw=result.raw, kind=result.kind, served_score=probe.served_score,
-                calibration_version=probe.calibration_version, components=p.Components(**result.components) if result.components else None, ood=ood)
+                calibration_version=probe.calibration_version,
+                components=p.Components(**result.components) if result.components else None, ood=ood)
 
 
 def _answer_confidence(a, flagged: bool | None, answer_probe, local_text: str | None = None) -> p.AnswerConfidence | None:

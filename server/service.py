@@ -25,8 +25,8 @@ from valueprobe.plugin.nexttoken import prompt_kind
 from .engines.base import EngineClient, Prompt
 from .errors import ClientError, ConflictError, NotFoundError, UpstreamError
 from .metrics import SidecarMetrics
-from .recalibration import (DriftMonitor, ShadowCalibrator, calibration_folder, card_reference, next_artifact_path,
-                            to_logit)
+from .recalibration import (DriftMonitor, ShadowCalibrator, calibration_folder, card_reference, fitted_logit,
+                            next_artifact_path)
 from .settings import Settings
 from .upstream import make_upstream
 
@@ -172,7 +172,8 @@ def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[f
 def check_pin(probe: ValueProbe, pin: str | None) -> None:
     """Refuse an artifact whose content hash differs from the deployment's pin (``--artifact-sha256``); a
     recalibration of the pinned artifact from feedback (its ``calibration_origin``) passes."""
-    if pin and not any(h.startswith(pin.lower()) for h in (probe.data.metadata["content_sha256"], probe.calibration_origin)):
+    pinned = (probe.data.metadata["content_sha256"], probe.calibration_origin)
+    if pin and not any(h.startswith(pin.lower()) for h in pinned):
         raise ArtifactError(f"artifact content_sha256 {probe.data.metadata['content_sha256'][:16]}… does not match "
                             f"the pinned {pin[:16]}… (--artifact-sha256)")
 
@@ -262,13 +263,17 @@ class Sidecar:
                 await self.engine.attach(probe, strict=self.settings.check_fingerprint)
             except (ArtifactError, ValueError) as exc:
                 raise ClientError(f"reload refused, still serving {old.artifact_id}: {exc}") from None
-            self.served = served
-            self.engine.probe = probe
-            if probe.calibration_origin != self._origin:
-                self._reset_calibration_state(probe)
-            self._publish(served)
-            await self.engine.release_unused()  # the old artifact goes once the requests using it end
+            await self._swap(served)
             return old.artifact_id, served.artifact_id
+
+    async def _swap(self, served: Served) -> None:
+        """Serve ``served`` (already attached to the engine) from the next request on: a reload or a promotion."""
+        self.served = served
+        self.engine.probe = served.probe
+        if served.probe.calibration_origin != self._origin:  # another fitted artifact: its feedback starts afresh
+            self._reset_calibration_state(served.probe)
+        self._publish(served)
+        await self.engine.release_unused()  # the old artifact goes once the requests using it end
 
     async def aclose(self):
         for client in (self.upstream, self.escalation):
@@ -352,30 +357,31 @@ class Sidecar:
 
     # -- scoring ------------------------------------------------------------------------------------------------
     @staticmethod
-    def fitted_logit(probe: ValueProbe, kind: str, probability: float) -> tuple[str, float]:
+    def slot_and_fitted_logit(probe: ValueProbe, kind: str, probability: float) -> tuple[str, float]:
         """``(slot, z0)``: the calibration slot that served ``probability`` and the logit the fitted artifact
         (calibration version 0) would have served, undoing the promoted recalibrations."""
         slot = probe.calibration_slot(kind)
-        a, b = probe.origin_maps().get(slot, (1.0, 0.0))
-        return slot, float((to_logit(probability) - b) / a)
+        return slot, fitted_logit(probability, probe.origin_maps().get(slot, (1.0, 0.0)))
 
-    def _remember(self, request_id: str, served: Served, result: ProbeResult, decision: str):
-        slot, z0 = self.fitted_logit(served.probe, result.kind, result.probability)
+    def _remember(self, request_id: str, result: ProbeResult, decision: str, slot: str, z0: float):
         self._recent[request_id] = Remembered(result.probability, slot, z0, local=decision == "answer")
         while len(self._recent) > 10000:
             self._recent.popitem(last=False)
 
-    def observe(self, served: Served, result: ProbeResult, decision: str):
+    def observe(self, served: Served, result: ProbeResult, decision: str) -> tuple[str, float]:
+        """Count a scored prompt (confidence histogram, decisions, OOD, the drift window); returns its
+        ``(slot, z0)`` (:meth:`slot_and_fitted_logit`) for feedback."""
         self.metrics.confidence.labels(model=self.model_name, artifact=served.artifact_id, decision=decision).observe(
             result.probability)
         self.metrics.decisions.labels(decision=decision).inc()
         if result.ood is not None:
             self.metrics.ood.labels(kind=result.kind, flagged=str(result.ood).lower()).inc()
-        _, z0 = self.fitted_logit(served.probe, result.kind, result.probability)
+        slot, z0 = self.slot_and_fitted_logit(served.probe, result.kind, result.probability)
         self.drift.observe(result.kind, float(expit(z0)), result.ood)
         self._observed += 1
         if self._observed % 50 == 0:
             self.publish_drift()
+        return slot, z0
 
     def publish_drift(self) -> dict:
         stats = self.drift.stats()
@@ -399,8 +405,7 @@ class Sidecar:
         callback already took it), counted and remembered for feedback: the head of every answer."""
         served = query.served
         decision = decision or served.policy.decide(confidence.probability)
-        self.observe(served, confidence, decision)
-        self._remember(request_id, served, confidence, decision)
+        self._remember(request_id, confidence, decision, *self.observe(served, confidence, decision))
         return Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
 
     async def _escalate(self, query: Query):
@@ -631,7 +636,7 @@ class Sidecar:
             remembered.labelled = True
             slot, z0 = remembered.slot, remembered.z0
         elif kind is not None:  # served by another replica, assumed on this calibration version
-            slot, z0 = self.fitted_logit(self.probe, kind, p)
+            slot, z0 = self.slot_and_fitted_logit(self.probe, kind, p)
         else:
             return window, {"used": False, "reason": "request not served here: send 'kind' with 'probability' to "
                             "use it for recalibration"}
@@ -696,11 +701,8 @@ class Sidecar:
                 await self.engine.attach(probe, strict=self.settings.check_fingerprint)
             except (ArtifactError, ValueError, OSError) as exc:
                 raise ConflictError(f"promotion failed, still serving {old.artifact_id}: {exc}") from None
-            self.served = served
-            self.engine.probe = probe
-            self._publish(served)
+            await self._swap(served)
             self.metrics.promotions.labels(trigger=trigger).inc()
-            await self.engine.release_unused()
             return {"previous": old.artifact_id, "artifact_id": probe.artifact_id,
                     "calibration_version": probe.calibration_version, "path": str(path),
                     "slots": {slot: {"a": a, "b": b, **chosen[slot].to_dict()} for slot, (a, b) in maps.items()}}
