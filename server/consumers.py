@@ -12,7 +12,8 @@
 
 Every text is a question rendered with the artifact's prompt format, scored by the same engine call as
 ``/v1/confidence`` (so the metrics and dashboards count these requests too). Thresholds: the request's
-``detector_params.threshold``, else ``confident_above``, else the policy's threshold in force, else 0.5.
+``detector_params.threshold``, else ``confident_above``, else the probability below which the served policy would not answer locally (the higher of
+``abstain_below`` and ``escalate_below`` in force), else 0.5.
 """
 
 from __future__ import annotations
@@ -33,16 +34,9 @@ DETECTION = "low_confidence"
 
 
 def threshold(sidecar: Sidecar, served, asked: Optional[float] = None) -> float:
-    """The P(correct) below which a text is 'not confident' (see the module docstring for the order)."""
-    if asked is not None:
-        return asked
-    if sidecar.settings.confident_above is not None:
-        return sidecar.settings.confident_above
-    policy = served.policy
-    for value in (policy.escalate_below if policy.can_escalate else None, policy.abstain_below):
-        if value is not None:
-            return value
-    return 0.5
+    """The P(correct) below which a text is 'not confident': the served policy's cut (see
+    :meth:`~valueprobe.server.service.Policy.confident_below` for the order), the same one the chat route answers by."""
+    return served.policy.confident_below(asked, sidecar.settings.confident_above)
 
 
 async def probabilities(sidecar: Sidecar, served, texts: list[str]) -> list[float]:
@@ -55,8 +49,7 @@ async def probabilities(sidecar: Sidecar, served, texts: list[str]) -> list[floa
     for text in texts:
         if not text.strip():
             raise ClientError("an input is empty")
-        _, rendered, kind = sidecar.render_question(served, text)
-        prompts.append(sidecar.prompt(served, rendered, kind))
+        prompts.append(sidecar.prepare(served, question=text, scoring_only=True).prompt)
     return [result.probability for result, _ in await sidecar.confidence(served, prompts)]
 
 
@@ -94,8 +87,8 @@ async def detect_generation(req: p.GenerationRequest, sidecar: SidecarDep,
     if sidecar.answer_probe is not None and sidecar.engine.supports_answer_scoring and req.generated_text:
         if not req.prompt.strip():
             raise ClientError("the prompt is empty")
-        _, rendered, kind = sidecar.render_question(served, req.prompt)
-        ((result, _),) = await sidecar.answer_confidence([sidecar.prompt(served, rendered, kind)], [req.generated_text])
+        prompt = sidecar.prepare(served, question=req.prompt, scoring_only=True).prompt
+        ((result, _),) = await sidecar.answer_confidence([prompt], [req.generated_text])
         q = result.probability
     else:
         (q,) = await probabilities(sidecar, served, [req.prompt])

@@ -116,11 +116,11 @@ def _asked_logprobs(req) -> int | None:
     return req.logprobs  # completions: null, or how many alternatives
 
 
-def _query(sidecar: Sidecar, served, rendered_messages, req: p._GenerationParams) -> Query:
-    messages, rendered, kind = rendered_messages
-    return sidecar.query(served, messages, rendered, kind, req.max_completion_tokens or req.max_tokens, req.temperature,
-                         req.top_p, req.seed, req.stop_list(), getattr(req, "search", None),
-                         logprobs=_asked_logprobs(req), stream=req.stream)
+def _generation(req: p._GenerationParams) -> dict:
+    """The generation parameters of an OpenAI request, as :meth:`Sidecar.prepare` takes them."""
+    return dict(max_new_tokens=req.max_completion_tokens or req.max_tokens, temperature=req.temperature,
+                top_p=req.top_p, seed=req.seed, stop=req.stop_list(), search=getattr(req, "search", None),
+                logprobs=_asked_logprobs(req), stream=req.stream)
 
 
 def _openai_token(token) -> dict:
@@ -321,7 +321,7 @@ async def _respond(sidecar: Sidecar, query: Query, serialiser: _Serialiser, *, s
 @router.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, tags=["openai"])
 async def chat_completions(req: p.ChatCompletionRequest, sidecar: SidecarDep):
     served = sidecar.served
-    query = _query(sidecar, served, sidecar.render_messages(served, [m.model_dump() for m in req.messages]), req)
+    query = sidecar.prepare(served, messages=[m.model_dump() for m in req.messages], **_generation(req))
     return await _respond(sidecar, query, _ChatSerialiser(sidecar, served), stream=req.stream)
 
 
@@ -331,13 +331,12 @@ async def completions(req: p.CompletionRequest, sidecar: SidecarDep):
     if len(prompts) != 1:
         raise ClientError("exactly one prompt per request is supported")
     served = sidecar.served
-    query = _query(sidecar, served, sidecar.render_question(served, prompts[0], req.choices), req)
+    query = sidecar.prepare(served, question=prompts[0], choices=req.choices, **_generation(req))
     return await _respond(sidecar, query, _CompletionSerialiser(sidecar, served, req.logprobs), stream=req.stream)
 
 
 # -- TGI ---------------------------------------------------------------------------------------------------------
 def _tgi_query(sidecar: Sidecar, served, req: p.TGIRequest, stream: bool) -> Query:
-    sidecar.check_size(req.inputs)
     prm = req.parameters
     if prm.decoder_input_details:
         raise ClientError("decoder_input_details: the prompt's token log-probabilities are not served (they would "
@@ -350,10 +349,9 @@ def _tgi_query(sidecar: Sidecar, served, req: p.TGIRequest, stream: bool) -> Que
         logprobs = prm.top_n_tokens
     elif prm.details and not stream and sidecar.serves_logprobs:
         logprobs = 0
-    temperature = prm.temperature if prm.do_sample else None
-    # TGI semantics: `inputs` is the raw model text; OpenAI upstreams get it as one user message.
-    return sidecar.query(served, [{"role": "user", "content": req.inputs}], req.inputs, ("open", 0), prm.max_new_tokens,
-                         temperature, prm.top_p, prm.seed, list(prm.stop), logprobs=logprobs, stream=stream)
+    return sidecar.prepare(served, raw=req.inputs, max_new_tokens=prm.max_new_tokens,
+                           temperature=prm.temperature if prm.do_sample else None, top_p=prm.top_p, seed=prm.seed,
+                           stop=list(prm.stop), logprobs=logprobs, stream=stream)
 
 
 def _tgi_token(t) -> dict:
@@ -411,11 +409,9 @@ async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidec
     for item in items:
         if (item.prompt is None) == (item.messages is None):
             raise ClientError("each item needs exactly one of 'prompt' or 'messages'")
-        if item.prompt is not None:
-            _, rendered, kind = sidecar.render_question(served, item.prompt, item.choices)
-        else:
-            _, rendered, kind = sidecar.render_messages(served, [m.model_dump() for m in item.messages])
-        prompts.append(sidecar.prompt(served, rendered, kind))
+        messages = None if item.messages is None else [m.model_dump() for m in item.messages]
+        prompts.append(sidecar.prepare(served, question=item.prompt, choices=item.choices, messages=messages,
+                                       scoring_only=True).prompt)
     given = [i for i, item in enumerate(items) if item.answer is not None]
     answers = {}
     if given:

@@ -38,7 +38,11 @@ SAMPLING_EPS = 1e-5
 
 @dataclass(frozen=True)
 class Policy:
-    """answer / abstain / escalate from the calibrated probability and the two thresholds."""
+    """answer / abstain / escalate from the calibrated probability and the two thresholds: the one policy every
+    route answers with (chat, completions, TGI, ``/v1/confidence``, ``/classify`` and the detector API).
+
+    Abstention is checked first, then escalation (where a target is configured); settings refuse an
+    ``escalate_below`` at or under ``abstain_below``, which could never apply."""
 
     abstain_below: float | None
     escalate_below: float | None
@@ -50,6 +54,22 @@ class Policy:
         if self.can_escalate and self.escalate_below is not None and p < self.escalate_below:
             return "escalate"
         return "answer"
+
+    @property
+    def answers_below(self) -> float | None:
+        """The probability below which :meth:`decide` does not answer locally (the higher of the thresholds in
+        force), or ``None`` when it always answers: what ``/classify`` and the detectors call 'not confident'."""
+        cuts = [self.abstain_below, self.escalate_below if self.can_escalate else None]
+        cuts = [c for c in cuts if c is not None]
+        return max(cuts) if cuts else None
+
+    def confident_below(self, asked: float | None = None, configured: float | None = None) -> float:
+        """The cut of the consumer interfaces: a request's own threshold, else ``confident_above``, else
+        :attr:`answers_below`, else 0.5 (so a text is 'confident' exactly when the chat route would answer it)."""
+        for value in (asked, configured, self.answers_below):
+            if value is not None:
+                return value
+        return 0.5
 
 
 @dataclass
@@ -93,6 +113,9 @@ class Query:
     stop: list[str] = field(default_factory=list)
     search: object | None = None  # a protocol SearchSpec: answer by value-guided step search
     logprobs: int | None = None  # None: not asked; n: each answer token's log-probability and n alternatives
+    #: the request as another valueprobe sidecar's ``/v1/confidence`` takes it (``prompt``/``choices`` or
+    #: ``messages``, as the user sent them): how gain routing asks the escalation target for its probability
+    source: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,6 +189,11 @@ def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[f
             raise ValueError(f"the artifact has no risk-controlled threshold for alpha {key}; it has {sorted(table)}")
         t = table[key]["threshold"]
         abstain = 1.0 + 1e-9 if t is None else float(t)  # no qualifying coverage: abstain on everything
+    if abstain is not None and escalate is not None and escalate <= abstain:
+        # abstention is checked first: an escalation threshold at or below it would never send anything
+        raise ValueError(f"escalate_below {escalate:g} is at or below abstain_below {abstain:g}: abstention is "
+                         "checked first, so nothing would ever be escalated; set escalate_below above abstain_below "
+                         "(escalate between the two, abstain below both)")
     return abstain, escalate
 
 
@@ -285,7 +313,7 @@ class Sidecar:
         if len(text) > self.settings.max_prompt_chars:
             raise ClientError(f"{what} is {len(text)} characters; the limit is {self.settings.max_prompt_chars}")
 
-    def render_question(self, served: Served, question: str, choices=None) -> tuple[list[dict], str, tuple[str, int]]:
+    def _render_question(self, served: Served, question: str, choices=None) -> tuple[list[dict], str, tuple[str, int]]:
         self.check_size(question)
         prompt = {"question": question, "choices": choices} if choices else question
         fmt = served.probe.prompt_format
@@ -296,13 +324,13 @@ class Sidecar:
             raise ClientError(str(exc)) from None
         return [{"role": "user", "content": user}], rendered, prompt_kind(prompt)
 
-    def render_messages(self, served: Served, messages: list[dict]) -> tuple[list[dict], str, tuple[str, int]]:
+    def _render_messages(self, served: Served, messages: list[dict]) -> tuple[list[dict], str, tuple[str, int]]:
         """A single user message is a question and gets the artifact's format (what the probe was fitted on);
         longer conversations are rendered by the chat template as given."""
         for m in messages:
             self.check_size(m["content"])
         if len(messages) == 1 and messages[0]["role"] == "user":
-            return self.render_question(served, messages[0]["content"])
+            return self._render_question(served, messages[0]["content"])
         try:
             return messages, served.probe.prompt_format.render(self.engine.tokenizer, messages), ("open", 0)
         except PromptError as exc:
@@ -314,7 +342,7 @@ class Sidecar:
             raise ClientError(f"max tokens {n} exceeds the limit {self.settings.max_new_tokens_limit}")
         return n
 
-    def prompt(self, served: Served, rendered: str, kind=("open", 0), max_new_tokens: int = 0) -> Prompt:
+    def _tokenized(self, served: Served, rendered: str, kind=("open", 0), max_new_tokens: int = 0) -> Prompt:
         """Tokenize once, and refuse a prompt that cannot fit the model's context before any model work."""
         ids = self.engine.tokenize(rendered, served.probe)
         if not ids:
@@ -325,15 +353,38 @@ class Sidecar:
                               f"context of {context}")
         return Prompt(ids, kind)
 
-    def query(self, served: Served, messages, rendered: str, kind, max_new_tokens: int | None, temperature=None,
-              top_p=None, seed=None, stop=None, search=None, logprobs: int | None = None, stream: bool = False) -> Query:
-        n_new = self.max_new_tokens(max_new_tokens)
+    def prepare(self, served: Served | None = None, *, question: str | None = None, choices=None,
+                messages: list[dict] | None = None, raw: str | None = None, max_new_tokens: int | None = None,
+                temperature: float | None = None, top_p: float | None = None, seed: int | None = None, stop=None,
+                search=None, logprobs: int | None = None, stream: bool = False, scoring_only: bool = False) -> Query:
+        """Any protocol's request as one :class:`Query`, the only way routes and consumers build one.
+
+        Exactly one of ``question`` (with ``choices`` for multiple choice; rendered with the artifact's format),
+        ``messages`` (a single user message is a question; longer chats go through the chat template as given) or
+        ``raw`` (TGI's ``inputs``: the model's text as is). ``scoring_only``: a prompt to score, nothing to
+        generate (``/v1/confidence``, ``/classify``, the detectors). Greedy below a temperature of
+        :data:`SAMPLING_EPS`; the prompt is tokenized once and refused if it cannot fit the context."""
+        served = served or self.served
+        if sum(x is not None for x in (question, messages, raw)) != 1:
+            raise ClientError("a request needs exactly one of a question, messages or raw text")
+        if question is not None:
+            user, rendered, kind = self._render_question(served, question, choices)
+            source = {"prompt": question, **({"choices": list(choices)} if choices else {})}
+        elif messages is not None:
+            user, rendered, kind = self._render_messages(served, messages)
+            source = {"messages": [dict(m) for m in messages]}
+        else:
+            self.check_size(raw)
+            # TGI semantics: ``raw`` is the model's text; OpenAI upstreams get it as one user message
+            user, rendered, kind = [{"role": "user", "content": raw}], raw, ("open", 0)
+            source = {"messages": user}
+        n_new = 0 if scoring_only else self.max_new_tokens(max_new_tokens)
         if temperature is not None and temperature < SAMPLING_EPS:
             temperature = None  # greedy, as vLLM does: dividing logits by a subnormal temperature overflows them
         if logprobs is not None:
             self._check_logprobs(stream, search)
-        return Query(messages, rendered, self.prompt(served, rendered, kind, n_new), served, n_new, temperature, top_p,
-                     seed, list(stop or []), search, logprobs)
+        return Query(user, rendered, self._tokenized(served, rendered, kind, n_new), served, n_new, temperature, top_p,
+                     seed, list(stop or []), search, logprobs, source)
 
     @property
     def serves_logprobs(self) -> bool:

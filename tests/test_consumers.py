@@ -122,11 +122,11 @@ def test_the_threshold_comes_from_the_request_then_the_setting_then_the_policy_t
     from types import SimpleNamespace
 
     from valueprobe.server.consumers import threshold
+    from valueprobe.server.service import Policy
 
     def case(setting=None, abstain=None, escalate=None, can_escalate=False, asked=None):
         sidecar = SimpleNamespace(settings=SimpleNamespace(confident_above=setting))
-        served = SimpleNamespace(policy=SimpleNamespace(abstain_below=abstain, escalate_below=escalate,
-                                                        can_escalate=can_escalate))
+        served = SimpleNamespace(policy=Policy(abstain, escalate, can_escalate))
         return threshold(sidecar, served, asked)
 
     assert case(asked=0.9, setting=0.7, abstain=0.3) == 0.9
@@ -134,3 +134,26 @@ def test_the_threshold_comes_from_the_request_then_the_setting_then_the_policy_t
     assert case(abstain=0.3, escalate=0.6, can_escalate=True) == 0.6
     assert case(abstain=0.3, escalate=0.6, can_escalate=False) == 0.3  # no target: escalation is not in force
     assert case() == 0.5
+
+
+def test_classify_and_chat_agree_on_every_probability():
+    """One policy answers every route: a text is 'confident' on /classify exactly when the chat route would answer
+    it locally (the bug this replaced: /classify cut at escalate_below while chat abstained below abstain_below)."""
+    import numpy as np
+
+    from valueprobe.server.service import Policy
+
+    for policy in (Policy(0.3, 0.5, True), Policy(0.5, None, True), Policy(None, 0.4, True), Policy(0.2, 0.6, False)):
+        cut = policy.confident_below()
+        for q in np.linspace(0, 1, 101):
+            assert (q >= cut) == (policy.decide(float(q)) == "answer"), (policy, q)
+
+
+def test_contradictory_thresholds_are_refused_at_start():
+    """abstain_below 0.5 with escalate_below 0.3: abstention is checked first, so escalation could never apply."""
+    from valueprobe.server.service import resolve_thresholds
+    from valueprobe.server.settings import Settings
+
+    with pytest.raises(ValueError, match="escalate_below 0.3 is at or below abstain_below 0.5"):
+        resolve_thresholds(Settings(abstain_below=0.5, escalate_below=0.3), {})
+    assert resolve_thresholds(Settings(abstain_below=0.3, escalate_below=0.5), {}) == (0.3, 0.5)

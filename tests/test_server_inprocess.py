@@ -96,8 +96,11 @@ def test_thresholds_from_artifact(artifact_file, fitted, qwen_model, tokenizer):
     import json
 
     thresholds = json.loads(data.metadata["thresholds"])
-    abstain, escalate = resolve_thresholds(Settings(escalate_rate=0.2, risk_alpha=0.2), thresholds)
-    assert escalate == thresholds["escalation"]["0.2"]
+    abstain, escalate = resolve_thresholds(Settings(escalate_rate=0.2), thresholds)
+    assert escalate == thresholds["escalation"]["0.2"] and abstain is None
+    risk = thresholds["risk_controlled"]["0.2"]["threshold"]
+    abstain, escalate = resolve_thresholds(Settings(risk_alpha=0.2), thresholds)
+    assert escalate is None and abstain == (1.0 + 1e-9 if risk is None else risk)
     with pytest.raises(ValueError, match="no escalation threshold"):
         resolve_thresholds(Settings(escalate_rate=0.25), thresholds)
     with pytest.raises(ValueError, match="upstream_url"):
