@@ -212,13 +212,45 @@ def bench_cascade(
     concurrency: Annotated[int, typer.Option(help="Requests in flight per sidecar.")] = 16,
     route_check: Annotated[int, typer.Option(help="Questions also sent through the small sidecar's real escalation "
                                                   "route to the big one (0: skip).")] = 8,
-    out: Annotated[Path, typer.Option(help="Writes <out>.jsonl (answers, appended: a rerun resumes), .json, .md, .png.")] =
-        Path("weights/cascade/qwen2.5-coder-0.5b-to-1.5b"),
+    out: Annotated[Optional[Path], typer.Option(help="Writes <out>.json, .md, .png, .gain-rates.json (and live: "
+                                                     "<out>.jsonl, answers appended: a rerun resumes). Default: "
+                                                     "weights/cascade/qwen2.5-coder-0.5b-to-1.5b live, "
+                                                     "weights/cascade/routing offline.")] = None,
+    small_predictions: Annotated[Optional[Path], typer.Option(help="Offline, no model: the small model's `eval "
+                                                                   "--predictions` records (with --big-predictions).")] = None,
+    big_predictions: Annotated[Optional[Path], typer.Option(help="Offline: the big model's `eval --predictions` "
+                                                                 "records on the same questions.")] = None,
+    records: Annotated[Optional[Path], typer.Option(help="Offline: a live run's <out>.jsonl (both models' "
+                                                         "records).")] = None,
 ):
-    """A small model answers first, the big one takes what is escalated: both real models served by sidecars;
-    accuracy against the share escalated (0-100%) for escalation ordered by the small model's prompt-only score,
-    its answer-level score where its sidecar has one, max-softmax and at random, with tokens and seconds per
-    question, the area under each curve and the share reaching the big model's accuracy within 1 point."""
+    """A small model answers, the big one takes what is escalated: accuracy against the share escalated (0-100%)
+    for escalation ordered by the small model's confidences (lowest first), at random, by the big model's
+    prompt-only P, by the expected gain P_big - P_small before decoding (the router) and after the small answer
+    (the cascade), the same difference on raw max-softmax, a leave-one-source-out fitted router and the oracle;
+    areas, APGR, paired bootstrap intervals, APGR per source, tokens (and seconds where measured) per question and
+    the targets. Live: both real models served by sidecars. Offline (--small-predictions/--big-predictions or
+    --records): no model."""
+    if small_predictions or big_predictions or records:
+        from valueprobe.bench.cascade import run_offline
+
+        if records and (small_predictions or big_predictions):
+            fail("give either --records or --small-predictions and --big-predictions, not both")
+        if not records and not (small_predictions and big_predictions):
+            fail("offline needs both --small-predictions and --big-predictions")
+        out = out or Path("weights/cascade/routing")
+        if records and Path(f"{out}.jsonl").resolve() == records.resolve():
+            fail(f"--out {out} would overwrite the report of the records it reads; choose another --out")
+        for path in (records, small_predictions, big_predictions):
+            if path is not None and not path.exists():
+                fail(f"{path} does not exist")
+        try:
+            run_offline(out=out, small_predictions=small_predictions, big_predictions=big_predictions,
+                        records=records, echo=typer.echo)
+        except (ValueError, KeyError) as exc:
+            fail(f"cannot analyse the records: {exc!r}")
+        typer.echo(f"wrote {out}.md, {out}.json, {out}.png, {out}.gain-rates.json")
+        return
+    out = out or Path("weights/cascade/qwen2.5-coder-0.5b-to-1.5b")
     import random
 
     from valueprobe.bench.cascade import check_escalation_route, load_records, run
@@ -267,7 +299,9 @@ def bench_cascade(
                          f"OpenAI protocol): {check['routed']}/{check['n']} routed, {check['same_as_big']}/{check['n']} "
                          f"identical to the big model's own answer, {check['upstream_errors']} upstream errors.\n")
 
-            Path(f"{out}.json").write_text(json.dumps(summary, indent=2))
+            from valueprobe.bench.cascade import json_ready
+
+            Path(f"{out}.json").write_text(json.dumps(json_ready(summary), indent=2))
     finally:
         for p in procs:
             p.terminate()
