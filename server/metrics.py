@@ -29,6 +29,10 @@ ERROR_TYPES = ("invalid_request_error", "authentication_error", "not_found_error
 N_BINS = 10
 
 
+#: why gain routing kept or escalated a question (valueprobe.server.routing.RouteInfo.reason)
+ROUTE_REASONS = ("gain_above", "gain_below", "target_unavailable", "abstained", "not_replaced_in_stream")
+
+
 def confidence_bin(p: float) -> str:
     """Label of the equal-width bin holding ``p`` (``"0.0-0.1"`` … ``"0.9-1.0"``)."""
     i = min(int(p * N_BINS), N_BINS - 1)
@@ -67,6 +71,15 @@ class SidecarMetrics:
         self.generation_batch_size = Histogram("valueprobe_generation_batch_size",
                                                "Generations run together in one batched generate.",
                                                buckets=(1, 2, 4, 8, 16), registry=r)
+        self.route_decisions = Counter("valueprobe_route_decisions_total", "Gain routing decisions by moment "
+                                       "(before decoding / after the local answer) and reason.", ["moment", "reason"],
+                                       registry=r)
+        self.route_gain = Histogram("valueprobe_route_gain", "Expected gain P(target right) - P(local right) per routed "
+                                    "question.", buckets=[-0.5, -0.3, -0.2, -0.1, -0.05, 0, 0.05, 0.1, 0.2, 0.3, 0.5],
+                                    registry=r)
+        self.route_target_latency = Histogram("valueprobe_route_target_confidence_seconds", "Seconds spent asking the "
+                                              "escalation target for its probability (its prefill plus the network).",
+                                              registry=r)
         self.errors = Counter("valueprobe_errors_total", "Error responses by type.", ["type"], registry=r)
         self.ood = Counter("valueprobe_ood_total", "Scored prompts by kind and out-of-distribution flag.",
                            ["kind", "flagged"], registry=r)
@@ -106,8 +119,11 @@ class SidecarMetrics:
             self.decisions.labels(decision=d)
         for result in ("ok", "failed"):
             self.escalations.labels(result=result)
-        for upstream in ("upstream", "escalation"):
+        for upstream in ("upstream", "escalation", "route_target"):
             self.upstream_errors.labels(upstream=upstream)
+        for moment in ("before", "after"):
+            for reason in ROUTE_REASONS:
+                self.route_decisions.labels(moment=moment, reason=reason)
         for error_type in ERROR_TYPES:
             self.errors.labels(type=error_type)
         for kind in ("choice", "open"):

@@ -64,6 +64,23 @@ class AnswerConfidence(BaseModel):
                                       "the escalation target's (--escalate-after-below; confidence.routed is true).")
 
 
+class Route(BaseModel):
+    """Gain routing's decision (``--escalate-gain-above`` / ``--escalate-gain-rate``)."""
+
+    moment: Literal["before", "after"] = Field(description="before: decided on both prompt-only probabilities before "
+                                               "any decoding; after: on the local answer's answer-level probability.")
+    answered_by: Literal["local", "escalation"]
+    reason: Literal["gain_above", "gain_below", "target_unavailable", "abstained", "not_replaced_in_stream"]
+    p_local: Optional[float] = Field(None, description="This model's calibrated P(correct) the gain used.")
+    p_target: Optional[float] = Field(None, description="The escalation target's calibrated P(correct) (its prefill).")
+    gain: Optional[float] = Field(None, description="p_target - p_local: the expected gain of escalating.")
+    threshold: Optional[float] = Field(None, description="The gain above which a question is escalated.")
+    target_artifact_id: Optional[str] = None
+    target_error: Optional[str] = Field(None, description="Why the target's probability is missing (the question "
+                                        "was answered here).")
+    seconds: float = Field(0.0, description="Seconds this request waited for the target's probability.")
+
+
 class Confidence(_Scored):
     answer: Optional[AnswerConfidence] = Field(None, description="Confidence in the answer given, when the sidecar "
                                                "has an answer-level artifact and the answer was generated here.")
@@ -72,6 +89,7 @@ class Confidence(_Scored):
     routed: bool = Field(False, description="True when the answer came from the escalation model.")
     upstream_error: Optional[str] = Field(None, description="Set when an upstream failed; the answer is a fallback.")
     request_id: str
+    route: Optional[Route] = Field(None, description="Gain routing's decision, when the sidecar routes by gain.")
 
 
 class _GenerationParams(BaseModel):

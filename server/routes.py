@@ -75,7 +75,8 @@ def _answer_confidence(a, flagged: bool | None, answer_probe, local_text: str | 
 def _confidence(o: Outcome, served, answer_probe=None) -> p.Confidence:
     return p.Confidence(**_scored(o.confidence, served), answer=_answer_confidence(o.answer, o.answer_flagged, answer_probe, o.local_text),
                         decision=o.decision, artifact_id=o.artifact_id, routed=o.routed,
-                        upstream_error=o.upstream_error, request_id=o.request_id)
+                        upstream_error=o.upstream_error, request_id=o.request_id,
+                        route=None if o.route is None else p.Route(**o.route.to_dict()))
 
 
 def _headers(o: Outcome) -> dict:
@@ -89,6 +90,10 @@ def _headers(o: Outcome) -> dict:
     }
     if o.upstream_error:
         h["x-valueprobe-upstream-error"] = "true"
+    if o.route is not None:  # gain routing: known at the head for a decision before decoding
+        h["x-valueprobe-route"] = o.route.reason
+        if o.route.gain is not None:
+            h["x-valueprobe-route-gain"] = f"{o.route.gain:.6f}"
     if o.confidence.ood:
         h["x-valueprobe-ood"] = "true"
     if o.answer is not None:  # whole responses only: a stream's headers leave before the answer exists

@@ -25,6 +25,7 @@ from valueprobe.plugin.nexttoken import prompt_kind
 from .engines.base import EngineClient, Prompt
 from .errors import ClientError, ConflictError, NotFoundError, UpstreamError
 from .metrics import SidecarMetrics
+from .routing import GainRouter, RouteInfo, confidence_url, load_gain_table
 from .recalibration import (DriftMonitor, ShadowCalibrator, calibration_folder, card_reference, fitted_logit,
                             next_artifact_path)
 from .settings import Settings
@@ -135,6 +136,7 @@ class Outcome:
     answer_flagged: bool | None = None  # answer.probability below --flag-below
     local_text: str | None = None  # the local answer an answer-level escalation replaced
     logprobs: list | None = None  # TokenLogprob per answer token, when asked for and answered here
+    route: RouteInfo | None = None  # gain routing's decision (--escalate-gain-above / --escalate-gain-rate)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,16 @@ class Sidecar:
             self.escalation = make_upstream(settings.escalate_kind, settings.escalate_url,
                                             timeout=settings.upstream_timeout_s, model=settings.escalate_model,
                                             api_key=settings.upstream_api_key, name="escalation", metrics=metrics)
+        self.gain_router = None
+        if settings.escalate_gain_above is not None or settings.escalate_gain_rate is not None:
+            if settings.escalate_gain_moment == "after" and answer_probe is None:
+                raise ValueError("escalate_gain_moment 'after' decides on the local answer's answer-level probability: "
+                                 "it needs an answer-level artifact (--answer-artifact)")
+            self.gain_router = GainRouter(
+                settings.escalate_confidence_url or confidence_url(settings.escalate_url),
+                moment=settings.escalate_gain_moment, above=settings.escalate_gain_above,
+                rate=settings.escalate_gain_rate, table=load_gain_table(settings.escalate_gain_table),
+                timeout=settings.escalate_confidence_timeout_s, api_key=settings.upstream_api_key, metrics=metrics)
         self._recent: OrderedDict[str, Remembered] = OrderedDict()
         self._reload_lock = asyncio.Lock()
         metrics.set_window(settings.feedback_window)
@@ -304,7 +316,7 @@ class Sidecar:
         await self.engine.release_unused()  # the old artifact goes once the requests using it end
 
     async def aclose(self):
-        for client in (self.upstream, self.escalation):
+        for client in (self.upstream, self.escalation, self.gain_router):
             if client is not None:
                 await client.aclose()
 
@@ -451,19 +463,24 @@ class Sidecar:
         return scored
 
     # -- answering ----------------------------------------------------------------------------------------------
-    def _decided(self, query: Query, request_id: str, confidence: ProbeResult, decision: str | None = None) -> Outcome:
+    def _decided(self, query: Query, request_id: str, confidence: ProbeResult, decision: str | None = None,
+                 route: RouteInfo | None = None) -> Outcome:
         """The policy's decision on a request's confidence (taken once: ``decision`` when the engine's prefill
         callback already took it), counted and remembered for feedback: the head of every answer."""
         served = query.served
         decision = decision or served.policy.decide(confidence.probability)
         self._remember(request_id, confidence, decision, *self.observe(served, confidence, decision))
-        return Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids))
+        return Outcome(confidence, decision, request_id, served.artifact_id, prompt_tokens=len(query.prompt.input_ids),
+                       route=route)
 
     async def _escalate(self, query: Query):
         try:
+            # a gain-routing target is a valueprobe sidecar: it gets the request as the user sent it (a multiple-
+            # choice question stays one, through the completions 'choices' extension), rendered by its own format
+            source = query.source if self.gain_router is not None else None
             answer = await self.escalation.answer(messages=query.messages, rendered=query.rendered,
                                                   max_new_tokens=query.max_new_tokens, temperature=query.temperature,
-                                                  top_p=query.top_p, seed=query.seed, stop=query.stop)
+                                                  top_p=query.top_p, seed=query.seed, stop=query.stop, source=source)
             self.metrics.escalations.labels(result="ok").inc()
             return answer, None
         except UpstreamError as exc:
@@ -505,7 +522,11 @@ class Sidecar:
         :class:`Final` (text, usage, routing). A local generation is stopped right after the prefill when the
         policy does not answer locally; ``stream`` asks the engine for pieces as they are decoded (a streamed
         generation runs alone) instead of one batched generation. Closing the iterator (a client that went away)
-        stops the local generation."""
+        stops the local generation.
+
+        With gain routing (:mod:`.routing`) the escalation target's probability is asked for beside the local
+        prefill: ``before`` decides on it with a prompt-only prefill here (the local generation starts only for a
+        question kept here), ``after`` on the local answer's answer-level probability."""
         served = query.served
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
         self._check_search(query)
@@ -515,22 +536,43 @@ class Sidecar:
             taken["decision"] = served.policy.decide(result.probability)
             return taken["decision"] == "answer"
 
+        router = self.gain_router if query.search is None else None
+        target = asyncio.ensure_future(self._target_probability(query)) if router is not None else None
+        route = None
         gen = pieces = stop_flag = done = None
         try:
-            if self.settings.mode == "embedded" and query.search is None:
+            embedded_generation = self.settings.mode == "embedded" and query.search is None
+            if router is not None and router.moment == "before":
+                # the router: both prompt-only probabilities decide before any decoding here
+                confidence = (await self.engine.score([query.prompt], served.probe))[0]
+                taken["decision"] = served.policy.decide(confidence.probability)
+                if taken["decision"] == "answer":
+                    prefill_target, waited = await target
+                    route = router.decide(confidence.probability, prefill_target, moment="before", waited=waited)
+                    if route.answered_by == "escalation":
+                        taken["decision"] = "escalate"
+                else:
+                    route = self._abstained_route(router, confidence, "before")
+                embedded_generation = embedded_generation and taken["decision"] == "answer"
+                answers_locally = None
+            if embedded_generation:
                 args = dict(max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
                             seed=query.seed, stop=query.stop, answer_probe=self.answer_probe)
                 if query.logprobs is not None:  # refused with streams (see _check_logprobs)
                     args["logprobs"] = query.logprobs
                 if stream:
-                    confidence, pieces, stop_flag, done = await self.engine.generate_stream(
+                    generated_confidence, pieces, stop_flag, done = await self.engine.generate_stream(
                         query.prompt, served.probe, decide=answers_locally, **args)
                 else:
                     gen = await self.engine.generate(query.prompt, served.probe, on_confidence=answers_locally, **args)
-                    confidence = gen.confidence
-            else:  # search, or gateway mode: a prompt-only prefill decides
+                    generated_confidence = gen.confidence
+                if route is None:  # decided by the generation's own prefill
+                    confidence = generated_confidence
+            elif route is None:  # search, or gateway mode: a prompt-only prefill decides
                 confidence = (await self.engine.score([query.prompt], served.probe))[0]
-            head = self._decided(query, request_id, confidence, taken.get("decision"))
+            head = self._decided(query, request_id, confidence, taken.get("decision"), route)
+            if router is not None and router.moment == "after" and head.decision != "answer":
+                head = replace(head, route=self._abstained_route(router, confidence, "after"))
             answered_here = query.search is not None or gen is not None or pieces is not None
             if head.decision != "answer" or not answered_here:  # abstain, escalate, or the gateway's upstream
                 if pieces is not None:
@@ -556,13 +598,49 @@ class Sidecar:
                     yield Text(gen.text)
                 final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
                                 finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen))
-                if (not stream and self.escalate_after is not None and final.answer is not None
+                if router is not None and router.moment == "after":
+                    final = await self._routed_after(query, final, target, stream)
+                elif (not stream and self.escalate_after is not None and final.answer is not None
                         and final.answer.probability < self.escalate_after):
                     final = await self._escalated_after(query, final)
                 yield Final(final)
         finally:
             if stop_flag is not None:
                 stop_flag.event.set()  # a client that disconnected mid-stream stops the generation here
+            if target is not None and not target.done():
+                target.cancel()
+
+    async def _target_probability(self, query: Query) -> tuple:
+        """The escalation target's ``(P, artifact id, error)`` for ``query``, and the seconds spent asking."""
+        started = time.perf_counter()
+        target = await self.gain_router.target_probability(query.source)
+        return target, time.perf_counter() - started
+
+    @staticmethod
+    def _abstained_route(router, confidence: ProbeResult, moment: str):
+        info = RouteInfo(moment, "local", "abstained", confidence.probability, None, None, None)
+        router.count(info)
+        return info
+
+    async def _routed_after(self, query: Query, final: Outcome, target, stream: bool) -> Outcome:
+        """The cascade's decision on a local answer: the gain from its answer-level probability and the target's;
+        above the threshold, the target's answer replaces it (a stream has sent it already: flagged instead)."""
+        if final.answer is None:  # no answer-level probability (the readout failed): the local answer stands
+            return final
+        answer_target, waited = await target
+        route = self.gain_router.decide(final.answer.probability, answer_target, moment="after", waited=waited)
+        if stream:  # decided as usual, but what was streamed stays
+            if route.answered_by == "escalation":
+                route = replace(route, answered_by="local", reason="not_replaced_in_stream")
+            return replace(final, route=route)
+        final = replace(final, route=route)
+        if route.answered_by != "escalation":
+            return final
+        replaced = await self._escalated_after(query, final)
+        if not replaced.routed:  # the target failed to answer: the local answer stands, flagged
+            return replace(replaced, route=replace(route, answered_by="local", reason="target_unavailable",
+                                                   target_error=replaced.upstream_error))
+        return replaced
 
     async def _search_events(self, query: Query, head: Outcome) -> AsyncIterator[Event]:
         """Each kept step as it is chosen, with its value, then the final outcome."""
@@ -604,8 +682,10 @@ class Sidecar:
             gen = await self.engine.generate(query.prompt, query.served.probe, max_new_tokens=query.max_new_tokens,
                                              temperature=query.temperature, top_p=query.top_p, seed=query.seed,
                                              stop=query.stop)
+            route = o.route if o.route is None else replace(o.route, answered_by="local", reason="target_unavailable",
+                                                              target_error=upstream_error)
             return replace(o, text=gen.text, upstream_error=upstream_error, completion_tokens=gen.completion_tokens,
-                           finish_reason=gen.finish_reason)
+                           finish_reason=gen.finish_reason, route=route)
         return replace(o, text=self.settings.refusal_text, upstream_error=upstream_error)
 
     async def answer_confidence(self, prompts: list[Prompt], answers: list[str]) -> list[tuple[ProbeResult, bool | None]]:

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     flag_below: Optional[float] = Field(None, ge=0, le=1, description="Mark answers whose answer-level P(correct) is below this (confidence.answer.flagged, x-valueprobe-answer-flagged).")
     escalate_after_below: Optional[float] = Field(None, ge=0, le=1, description="After a local answer whose answer-level P(correct) is below this, send the question to the escalation target and return its answer (routed; the local answer kept in confidence.answer.local_text). Whole responses only: a stream has already sent the local answer.")
     escalate_after_rate: Optional[float] = Field(None, gt=0, lt=1, description="Take escalate_after_below from the answer artifact's fitted threshold for this share of answers (e.g. 0.2).")
+    escalate_gain_above: Optional[float] = Field(None, ge=-1, le=1, description="Route by expected gain (the escalation target must be a valueprobe sidecar): escalate when P(target right) - P(this model right) is above this. P(target right) comes from the target's /v1/confidence (one prefill there, asked beside the local prefill).")
+    escalate_gain_rate: Optional[float] = Field(None, gt=0, lt=1, description="Route by expected gain, escalating this share of the traffic (the highest gains): the threshold is the rolling quantile of this replica's last 1000 gains, taken from escalate_gain_table until 50 were seen.")
+    escalate_gain_table: Optional[str] = Field(None, description="JSON of rate -> gain threshold (`valueprobe bench cascade` writes <out>.gain-rates.json) that seeds escalate_gain_rate.")
+    escalate_gain_moment: Literal["before", "after"] = Field("before", description="before: decide on both prompt-only probabilities before any decoding (a router: an escalated question is not answered here); after: decide on this model's answer-level probability once its answer exists (a cascade; needs --answer-artifact; whole responses only).")
+    escalate_confidence_url: Optional[str] = Field(None, description="The target's /v1/confidence; default: derived from escalate_url.")
+    escalate_confidence_timeout_s: float = Field(10.0, gt=0, description="Gain routing: how long to wait for the target's probability; past it the question is answered here, flagged (confidence.route.reason target_unavailable).")
     search_artifact: Optional[str] = Field(None, description="Step-value artifact (`valueprobe fit-steps`, token_position step_end) that values candidate steps in `search`; default: the served artifact's own head read at step ends.")
     artifact_dir: Optional[str] = Field(None, description="Folder /v1/admin/reload may load artifacts from; default: the served artifact's folder.")
     admin_token: Optional[str] = Field(None, description="Bearer token for /v1/feedback and /v1/admin/*; unset = those routes are disabled (403).")
@@ -79,5 +85,17 @@ class Settings(BaseSettings):
     def _check(self):
         if self.mode == "gateway" and not self.upstream_url:
             raise ValueError("mode=gateway needs upstream_url")
+        if self.escalate_gain_above is not None or self.escalate_gain_rate is not None:
+            if (self.escalate_gain_above is None) == (self.escalate_gain_rate is None):
+                raise ValueError("gain routing takes one of escalate_gain_above or escalate_gain_rate, not both")
+            if not self.escalate_url:
+                raise ValueError("gain routing (escalate_gain_above / escalate_gain_rate) needs escalate_url: a "
+                                 "valueprobe sidecar serving the bigger model")
+            if self.mode != "embedded":
+                raise ValueError("gain routing compares this sidecar's own model with the target: embedded mode only")
+            clashing = [name for name in ("escalate_below", "escalate_rate", "escalate_after_below",
+                                          "escalate_after_rate") if getattr(self, name) is not None]
+            if clashing:
+                raise ValueError(f"gain routing decides escalation by itself; drop {', '.join(clashing)}")
         return self
 

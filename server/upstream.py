@@ -34,7 +34,9 @@ class TGIUpstream:
         self.client = AsyncClient(self.url, timeout=int(max(1, timeout)))
 
     async def answer(self, *, messages, rendered: str, max_new_tokens: int, temperature=None, top_p=None, seed=None,
-                     stop=None) -> UpstreamAnswer:
+                     stop=None, source: dict | None = None) -> UpstreamAnswer:
+        """The upstream's answer to the rendered text (``source``, the request as the user sent it, is for
+        OpenAI-compatible valueprobe targets; TGI takes the model's text)."""
         started = time.perf_counter()
         try:
             kwargs = {"max_new_tokens": max_new_tokens, "stop_sequences": stop or None, "seed": seed}
@@ -74,20 +76,28 @@ class OpenAIUpstream(TGIUpstream):
         self.client = httpx.AsyncClient(base_url=self.url, timeout=timeout, headers=headers)
 
     async def answer(self, *, messages, rendered: str, max_new_tokens: int, temperature=None, top_p=None, seed=None,
-                     stop=None) -> UpstreamAnswer:
+                     stop=None, source: dict | None = None) -> UpstreamAnswer:
+        """The upstream's chat answer to ``messages``; with ``source`` (a request in valueprobe's
+        ``/v1/confidence`` shape, for a target that is a valueprobe sidecar) the request as the user sent it: a
+        question with ``choices`` goes through the completions ``choices`` extension, so that the target renders
+        and answers it as multiple choice."""
         started = time.perf_counter()
-        body = {"model": self.model, "messages": messages, "max_tokens": max_new_tokens}
+        body = {"model": self.model, "max_tokens": max_new_tokens}
         for key, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("stop", stop or None)):
             if value is not None:
                 body[key] = value
-        path = "/chat/completions" if self.url.endswith("/v1") else "/v1/chat/completions"
+        v1 = "" if self.url.endswith("/v1") else "/v1"
+        if source and "prompt" in source:
+            path, body = f"{v1}/completions", {**body, **source}
+        else:
+            path, body = f"{v1}/chat/completions", {**body, "messages": (source or {}).get("messages") or messages}
         try:
             response = await self.client.post(path, json=body)
             response.raise_for_status()
             choice = response.json()["choices"][0]
             usage = response.json().get("usage") or {}
-            return UpstreamAnswer(choice["message"]["content"] or "", usage.get("completion_tokens"),
-                                  choice.get("finish_reason") or "stop")
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+            return UpstreamAnswer(text or "", usage.get("completion_tokens"), choice.get("finish_reason") or "stop")
         except Exception as exc:  # noqa: BLE001
             self._failed()
             raise UpstreamError(f"{self.name} (OpenAI-compatible at {self.url}) failed: {type(exc).__name__}: {exc}") from None
