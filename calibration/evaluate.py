@@ -19,7 +19,8 @@ from .metrics import (
 )
 
 __all__ = ["score_metrics", "BASELINES", "ANSWER_BASELINES", "evaluate_answers", "render_markdown", "write_plots", "write_report", "format_table",
-           "evaluate_artifact", "prediction_records", "artifact_test_questions"]
+           "evaluate_artifact", "prediction_records", "artifact_test_questions", "route_big_probabilities",
+           "add_route_gain"]
 
 # Prompt-only baselines read from extraction rows, oriented so that higher = more confident.
 BASELINES = {
@@ -328,6 +329,35 @@ def prediction_records(probe, fs, pred, answer_fs=None, answer_pred=None) -> lis
             rec.update({name: getter([arow])[0] for name, getter in ANSWER_BASELINES.items() if name != "P(True)"})
         records.append(rec)
     return records
+
+
+def route_big_probabilities(fs, pred) -> dict[str, float]:
+    """``id -> the big model's served prompt-only probability`` from :func:`evaluate_artifact`'s ``(fs, pred)`` of
+    the big model's artifact: P_big of the expected gain."""
+    return {row["id"]: float(pred["probability"][i]) for i, row in enumerate(fs.rows)}
+
+
+def add_route_gain(records: list[dict], big_probability: dict[str, float], *, answer_level: bool) -> list[dict]:
+    """Copies of the small model's :func:`prediction_records` with the routing score: ``route_big_probability``
+    (P_big, from :func:`route_big_probabilities`), ``route_small_field`` (the record field used as P_small:
+    ``answer_probability`` when ``answer_level``, else the prompt-only ``probability``) and ``route_gain`` =
+    :func:`valueprobe.calibration.routing.expected_gain` (P_big, P_small), the score the served policy escalates
+    on (higher first). Raises ``ValueError`` when a record's question has no P_big or no answer-level
+    probability."""
+    from .routing import expected_gain
+
+    field = "answer_probability" if answer_level else "probability"
+    missing = [r["id"] for r in records if r["id"] not in big_probability]
+    if missing:
+        raise ValueError(f"{len(missing)} question(s) have no big-model probability, e.g. {missing[:3]}")
+    out = []
+    for rec in records:
+        if rec.get(field) is None:
+            raise ValueError(f"record {rec['id']} has no {field}")
+        p_big = float(big_probability[rec["id"]])
+        out.append({**rec, "route_big_probability": p_big, "route_small_field": field,
+                    "route_gain": expected_gain(p_big, float(rec[field]))})
+    return out
 
 
 def artifact_test_questions(probe, specs=None, *, seed: int = 0):

@@ -105,6 +105,14 @@ def eval_(
     answer_artifact: Annotated[Optional[Path], typer.Option(help="Also score confidence in each answer with this "
                                                             "answer-level artifact (`fit --answer-end`): one more "
                                                             "pass per question, no generation.")] = None,
+    route_to_artifact: Annotated[Optional[Path], typer.Option(help="The big model's prompt-only artifact to route "
+                                                              "to: each --predictions record also gets route_gain = "
+                                                              "P_big - P_small (P_small answer-level with "
+                                                              "--answer-artifact, else prompt-only), the score "
+                                                              "escalation orders by (higher first). Loads the big "
+                                                              "model after this one: a prefill per question, open "
+                                                              "answers generated unless --labels holds the big "
+                                                              "model's; cache <cache>/route-big.")] = None,
 ):
     """Score an artifact on labelled data: labels come from the model on the artifact's prompt format.
 
@@ -116,6 +124,9 @@ def eval_(
     from valueprobe.calibration.extract import load_labels
 
     probe = load_probe(artifact)
+    if route_to_artifact is not None and predictions is None:
+        fail("--route-to-artifact writes route_gain into the --predictions records: give --predictions")
+    route_probe = load_probe(route_to_artifact) if route_to_artifact is not None else None
     try:
         if data and not test_split_only:
             questions = [q for spec in data for q in load_data(spec, seed=seed)]
@@ -140,5 +151,43 @@ def eval_(
         typer.echo(format_table(answer_rows))
     if predictions:
         records = prediction_records(probe, fs, pred, answer_fs, answer_pred)
+        if route_probe is not None:
+            mdl = None  # let the small model go before the big one loads
+            records = _route_records(records, route_probe, questions, answer_level=answer_fs is not None,
+                                     specs=data or probe.eval_card.get("config", {}).get("extra", {}).get("data_specs"),
+                                     seed=seed, dtype=dtype, check_fingerprint=check_fingerprint, cache=cache,
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens, labels=labels)
         predictions.write_text("".join(json.dumps(rec) + "\n" for rec in records))
         typer.echo(f"wrote {predictions}")
+
+
+def _route_records(records, big_probe, questions, *, answer_level: bool, specs, seed: int, dtype: str,
+                   check_fingerprint: bool, cache: Path, batch_size: int, max_new_tokens: int, labels):
+    """``records`` with route_gain: the big model evaluated with its artifact on the same questions (its own cache
+    folder), then merged by id. Warns when some questions were fitted or calibrated on by the big artifact."""
+    import gc
+
+    from valueprobe.calibration.data import DataError
+    from valueprobe.calibration.evaluate import (add_route_gain, artifact_test_questions, evaluate_artifact,
+                                                 route_big_probabilities)
+    from valueprobe.calibration.extract import load_labels
+
+    try:
+        held_out = {q.id for q in artifact_test_questions(big_probe, specs, seed=seed)}
+        seen = sum(q.id not in held_out for q in questions)
+        if seen:
+            typer.secho(f"warning: {seen} of {len(questions)} questions are in the big artifact's train or calibration "
+                        "split: its P_big there is optimistic", fg=typer.colors.YELLOW, err=True)
+    except (DataError, ValueError) as exc:
+        typer.secho(f"warning: could not check the big artifact's split ({exc})", fg=typer.colors.YELLOW, err=True)
+    gc.collect()
+    big_probe, big_mdl, big_tok = probe_and_model(big_probe, None, dtype, check_fingerprint=check_fingerprint)
+    max_new = big_probe.eval_card.get("config", {}).get("extra", {}).get("max_new_tokens", max_new_tokens)
+    known = load_labels(labels, model_name=big_probe.model_name) if labels else None
+    _, big_fs, big_pred = evaluate_artifact(big_probe, big_mdl, big_tok, questions, cache_dir=cache / "route-big",
+                                            batch_size=batch_size, max_new_tokens=max_new, labels=known or None)
+    typer.echo(f"route: {big_probe.model_name} accuracy {big_fs.labels.mean():.3f} on the same questions")
+    try:
+        return add_route_gain(records, route_big_probabilities(big_fs, big_pred), answer_level=answer_level)
+    except ValueError as exc:
+        fail(str(exc), code=1)
