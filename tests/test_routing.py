@@ -300,3 +300,40 @@ def test_the_committed_records_give_the_committed_areas():
     for key in ("prompt-only score", "max-softmax", "answer-level score"):
         assert summary["curves"][key]["area"] == pytest.approx(committed[key]["area"], abs=1e-9)
     assert summary["n"] == 200 and len(SHARES) == 101
+
+
+def test_the_reader_takes_what_eval_writes(tmp_path):
+    """Records made by eval's own writer (prediction_records) go through the offline bench unchanged."""
+    from types import SimpleNamespace
+
+    from valueprobe.bench.cascade import questions_from_predictions
+    from valueprobe.calibration.evaluate import prediction_records
+
+    n = 12
+    rng = np.random.default_rng(0)
+
+    def model_records(answers: bool):
+        rows = [{"id": f"q{i}", "dataset": "a" if i < 6 else "b", "kind": "choice" if i % 2 else "open",
+                 "label": int(rng.random() < 0.5), "prediction": "C" if i % 2 else "Paris, France",
+                 "max_softmax": float(rng.random()), "answer_logprob": -1.0, "option_entropy": 0.5,
+                 "question_tokens": 30 + i, "seq_logprob": None} for i in range(n)]
+        pred = {"probability": rng.random(n), "value_raw": rng.normal(size=n), "value_probability": rng.random(n)}
+        fs = SimpleNamespace(rows=rows)
+        probe = SimpleNamespace(served_score="stacked")
+        if not answers:
+            return prediction_records(probe, fs, pred)
+        arows = [{**r, "answer": r["prediction"], "answer_tokens": 1 if r["kind"] == "choice" else 4,
+                  "answer_mean_logprob": -0.5, "answer_sum_logprob": -1.0, "answer_min_logprob": -2.0,
+                  "prompt_probability": 0.4} for r in rows]
+        apred = {"probability": rng.random(n), "value_raw": rng.normal(size=n)}
+        return prediction_records(probe, fs, pred, SimpleNamespace(rows=arows), apred)
+
+    small, big = model_records(True), model_records(False)
+    rows, notes = questions_from_predictions(small, big)
+    assert [r["big_prompt_tokens"] for r in rows] == [30 + i for i in range(n)]
+    assert [r["small_completion_tokens"] for r in rows] == [1 if i % 2 else 4 for i in range(n)]
+    # the big model's open answers: 13 characters at the small model's 13/4 characters per token
+    assert [r["big_completion_tokens"] for r in rows] == [1 if i % 2 else 4 for i in range(n)]
+    assert rows[0]["p_small_answer"] == small[0]["answer_probability"] and rows[0]["ms_big"] == big[0]["max-softmax"]
+    summary = analyze(rows, boot=20, draws=20, notes=notes)
+    assert {"gain router", "gain cascade", "fitted router"} <= set(summary["curves"])
