@@ -312,7 +312,7 @@ def analyze(rows: list[dict], *, seed: int = 0, draws: int = 200, boot: int = 20
 
     def entry(key, curve, area):
         return {"label": LABELS[key], "accuracy": [float(x) for x in curve], "area": float(area),
-                "apgr": apgr(area, small_acc, big_acc), **_select(curve, big_acc)}
+                "apgr": _none_if_nan(apgr(area, small_acc, big_acc)), **_select(curve, big_acc)}
 
     curves = {"random": {**entry("random", np.asarray(band["curve_mean"]), band["area_mean"]),
                          "area_low": band["area_low"], "area_high": band["area_high"],
@@ -351,7 +351,7 @@ def per_source(rows, scores) -> dict:
         r = {"n": int(m.sum()), "small_accuracy": sa, "big_accuracy": ba}
         for key in ("gain router", "gain cascade", "big P alone", "prompt-only score", "oracle"):
             if key in scores:
-                r[key] = apgr(curve_area(escalation_curve(s_ok[m], b_ok[m], scores[key][m])), sa, ba)
+                r[key] = _none_if_nan(apgr(curve_area(escalation_curve(s_ok[m], b_ok[m], scores[key][m])), sa, ba))
         out[name] = r
     return out
 
@@ -381,6 +381,11 @@ def targets(summary: dict) -> dict:
                 "met": bool(summary["cost"]["decision_share_of_big_answer"] <= 0.10)},
         }
     return out
+
+
+def _none_if_nan(x: float) -> float | None:
+    """APGR is NaN where both models are equally accurate: ``None`` in the summary (JSON-ready, comparable)."""
+    return None if x != x else x
 
 
 def _finite(x) -> bool:
