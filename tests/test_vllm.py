@@ -11,6 +11,7 @@ import pytest
 import torch
 
 vllm = pytest.importorskip("vllm", reason="the [vllm] extra is not installed")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 from conftest import MIXED_PROMPTS, build_model, synthetic_featureset  # noqa: E402
 

@@ -48,6 +48,18 @@ def serve(
                                                                   "target's answer instead (whole responses).")] = None,
     escalate_after_rate: Annotated[Optional[float], typer.Option(help="Take --escalate-after-below from the answer "
                                                                  "artifact's threshold for this share of answers.")] = None,
+    escalate_gain_above: Annotated[Optional[float], typer.Option(help="Route by expected gain (--escalate-url a "
+                                                                 "valueprobe sidecar): escalate when P(target right) "
+                                                                 "- P(this model right) is above this.")] = None,
+    escalate_gain_rate: Annotated[Optional[float], typer.Option(help="Route by expected gain, escalating this share "
+                                                                "of the traffic (a rolling quantile of the gains "
+                                                                "seen here).")] = None,
+    escalate_gain_table: Annotated[Optional[str], typer.Option(help="Rate -> gain threshold JSON (`bench cascade` "
+                                                               "writes <out>.gain-rates.json) seeding "
+                                                               "--escalate-gain-rate.")] = None,
+    escalate_gain_moment: Annotated[Optional[str], typer.Option(help="before: decide on both prompt-only "
+                                                                "probabilities before decoding (router); after: on "
+                                                                "this model's answer-level probability (cascade).")] = None,
     recalibration: Annotated[Optional[str], typer.Option(help="Feedback refits a shadow calibrator per question kind: "
                                                          "'shadow' (default) promotes it on POST "
                                                          "/v1/admin/calibration/promote when it is better on held-out "
@@ -69,7 +81,7 @@ def serve(
     --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
     refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window,
     recalibration_window, recalibration_min_feedback, recalibration_every, recalibration_margin, drift_window, dtype,
-    device, check_fingerprint, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
+    device, check_fingerprint, escalate_confidence_url, escalate_confidence_timeout_s, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
     only; see server/settings.py.
     """
     from pydantic import ValidationError
@@ -86,7 +98,9 @@ def serve(
                                    artifact_sha256=artifact_sha256, artifact_dir=artifact_dir,
                                    search_artifact=search_artifact, answer_artifact=answer_artifact,
                                    flag_below=flag_below, escalate_after_below=escalate_after_below,
-                                   escalate_after_rate=escalate_after_rate, recalibration=recalibration,
+                                   escalate_after_rate=escalate_after_rate, escalate_gain_above=escalate_gain_above,
+                                   escalate_gain_rate=escalate_gain_rate, escalate_gain_table=escalate_gain_table,
+                                   escalate_gain_moment=escalate_gain_moment, recalibration=recalibration,
                                    calibration_dir=calibration_dir, host=host, port=port).items() if v is not None}
     try:
         settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
