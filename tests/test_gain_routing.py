@@ -189,3 +189,22 @@ def test_the_rate_threshold_follows_the_traffic_after_a_seed_from_the_fitted_tab
     assert np.mean(escalated[200:]) == pytest.approx(0.3, abs=0.05)  # the share asked for
     down = router.decide(0.5, (None, None, "refused"), moment="before")
     assert down.answered_by == "local" and down.reason == "target_unavailable"
+
+
+def test_the_live_route_check_reads_the_real_route(sidecars, tmp_path):
+    """bench route-check's two measurements against real sidecars: every decision matches the gain and threshold
+    it reports, the target's probability is the big sidecar's own, and the cost ratio is a ratio of real timings."""
+    from valueprobe.bench.route_live import decision_cost, routed_decisions, write
+    from valueprobe.calibration.data import Question
+
+    questions = [Question("q0", QUESTIONS[0], ["Paris"], None, "open"),
+                 Question("q1", CHOICE["prompt"], 1, CHOICE["choices"], "choice")]
+    big, small = sidecars["target"].url, sidecars["escalate_all"].url
+    cost = decision_cost(big, questions, max_tokens=3, reps=2)
+    assert cost["reps"] == 2 and len(cost["ratios"]) == 2 and all(r > 0 for r in cost["ratios"])
+    decisions = routed_decisions(small, big, questions, max_tokens=3, predictions={"q0": {"route_gain": 0.0}})
+    assert decisions["n"] == 2 and decisions["escalated"] == 2
+    assert decisions["decision_matches_gain_and_threshold"] == 2 and decisions["p_target_matches_big_sidecar"] == 2
+    assert decisions["offline_compared"] == 1 and decisions["offline_max_abs_difference"] < 1e-3
+    lines = write(tmp_path / "route-live", cost, decisions)
+    assert "ratio median" in lines[0] and (tmp_path / "route-live.json").exists()

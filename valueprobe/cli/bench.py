@@ -393,3 +393,55 @@ def bench_search(
             echo=typer.echo)
     except ValueError as exc:
         fail(str(exc))
+
+
+@bench_app.command("route-check")
+def bench_route_check(
+    small_artifact: Annotated[Path, typer.Option(help="The small model's artifact (its test split is the question set).")] =
+        Path("weights/qwen2.5-coder-0.5b-instruct.safetensors"),
+    big_artifact: Annotated[Optional[Path], typer.Option(help="The big model's artifact; default: the shipped default.")] = None,
+    per_kind: Annotated[int, typer.Option(help="Held-out questions per kind sent through the route.")] = 8,
+    cost_questions: Annotated[int, typer.Option(help="Questions the decision's cost is timed on (per round).")] = 6,
+    reps: Annotated[int, typer.Option(help="Interleaved rounds of the cost measurement.")] = 3,
+    gain_table: Annotated[Optional[Path], typer.Option(help="Rate -> gain threshold JSON (bench cascade's "
+                                                         "<out>.gain-rates.json).")] = Path("weights/cascade/routing.gain-rates.json"),
+    rate: Annotated[float, typer.Option(help="--escalate-gain-rate of the small sidecar.")] = 0.3,
+    predictions: Annotated[Optional[Path], typer.Option(help="eval --predictions records with route_gain, compared "
+                                                         "with the live gains.")] = None,
+    max_tokens: int = 16,
+    out: Annotated[Path, typer.Option(help="Writes <out>.md and <out>.json.")] = Path("weights/cascade/route-live"),
+):
+    """Gain routing through the real route with both real models: the big sidecar's /v1/confidence (the decision's
+    cost) timed against its whole answer, interleaved; then held-out questions sent through the small sidecar with
+    --escalate-gain-rate, each decision checked against the gain and threshold it reports and against the big
+    sidecar's own probability (and an offline route_gain where given)."""
+    import json
+    import random
+
+    from valueprobe.bench.route_live import decision_cost, routed_decisions, write
+    from valueprobe.bench.serve import spawn_sidecar, wait_ready
+    from valueprobe.calibration.evaluate import artifact_test_questions
+    from valueprobe.weights import default_artifact
+
+    held_out = artifact_test_questions(load_probe(small_artifact))
+    rng = random.Random(1)
+    questions = [q for kind in ("choice", "open") for q in rng.sample([q for q in held_out if q.kind == kind], per_kind)]
+    offline = {}
+    if predictions is not None:
+        records = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+        offline = {r["id"]: r for r in records}
+    procs = []
+    try:
+        big = wait_ready(*spawn_sidecar(None, big_artifact or default_artifact(), max_batch_size=8))
+        procs.append(big[0])
+        extra = {"escalate_gain_table": str(gain_table)} if gain_table and gain_table.exists() else {}
+        small = wait_ready(*spawn_sidecar(None, small_artifact, escalate_url=big[1] + "/v1", escalate_gain_rate=rate,
+                                          escalate_confidence_timeout_s=600, upstream_timeout_s=1800, **extra))
+        procs.append(small[0])
+        cost = decision_cost(big[1], questions[:cost_questions // 2] + questions[-(cost_questions - cost_questions // 2):],
+                             max_tokens=max_tokens, reps=reps)
+        decisions = routed_decisions(small[1], big[1], questions, max_tokens=max_tokens, predictions=offline)
+        typer.echo("\n".join(write(out, cost, decisions)))
+    finally:
+        for p in procs:
+            p.terminate()
