@@ -197,15 +197,10 @@ def _col(rows, key) -> np.ndarray | None:
     return None if any(v is None for v in vals) else np.asarray(vals, dtype=float)
 
 
-def _logit(p, eps: float = 1e-4) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
-    return np.log(p / (1 - p))
-
-
 def orderings(rows: list[dict]) -> dict[str, np.ndarray]:
     """Escalation scores ``[n]`` per ordering (higher escalates first; "lowest confidence first" as
     ``-confidence``), those the rows carry the inputs for. Random and oracle are added by :func:`analyze`."""
-    from valueprobe.calibration.routing import expected_gain, loso_router, router_features
+    from valueprobe.calibration.routing import clipped_logit, expected_gain, loso_router, router_features
 
     p_small, p_big = _col(rows, "p_small"), _col(rows, "p_big")
     p_ans, ms_small, ms_big = _col(rows, "p_small_answer"), _col(rows, "ms_small"), _col(rows, "ms_big")
@@ -228,7 +223,7 @@ def orderings(rows: list[dict]) -> dict[str, np.ndarray]:
         X = router_features(p_big, p_small, kinds, ms_big, ms_small)
         out["fitted router"] = loso_router(X, target, sources)
         if p_ans is not None:
-            Xa = router_features(p_big, p_ans, kinds, ms_big, ms_small, extra=[_logit(p_small)])
+            Xa = router_features(p_big, p_ans, kinds, ms_big, ms_small, extra=[clipped_logit(p_small)])
             out["fitted cascade"] = loso_router(Xa, target, sources)
     return out
 

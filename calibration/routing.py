@@ -249,7 +249,8 @@ def gain_rates(gains, rates=GAIN_RATES) -> dict[str, float]:
 
 # --- a fitted router --------------------------------------------------------------------------------------------
 
-def _logit(p, eps: float = 1e-4) -> np.ndarray:
+def clipped_logit(p, eps: float = 1e-4) -> np.ndarray:
+    """``log(p / (1 - p))`` with ``p`` clipped to ``[eps, 1 - eps]`` (router features; finite for 0 and 1)."""
     p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
     return np.log(p / (1 - p))
 
@@ -262,7 +263,7 @@ def router_features(p_big, p_small, kinds, max_softmax_big=None, max_softmax_sma
     if b.ndim != 1 or len(b) == 0:
         raise ValueError(f"p_big must be a non-empty 1-D array, got shape {b.shape}")
     n = len(b)
-    cols = [_logit(b), _logit(_vector(_probabilities(p_small, "p_small"), n, "p_small"))]
+    cols = [clipped_logit(b), clipped_logit(_vector(_probabilities(p_small, "p_small"), n, "p_small"))]
     for name, v in (("max_softmax_big", max_softmax_big), ("max_softmax_small", max_softmax_small)):
         if v is not None:
             cols.append(_vector(v, n, name))

@@ -115,12 +115,11 @@ class GainRouter:
             p, artifact = self._cache[key]
             return p, artifact, None
         if key not in self._inflight:
-            self._inflight[key] = asyncio.ensure_future(self._ask(key, source))
-        try:
-            return await asyncio.shield(self._inflight[key])
-        finally:
-            if self._inflight.get(key) is not None and self._inflight[key].done():
-                self._inflight.pop(key, None)
+            task = asyncio.ensure_future(self._ask(key, source))
+            # gone once answered, whoever still waits: a caller that went away leaves nothing behind
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            self._inflight[key] = task
+        return await asyncio.shield(self._inflight[key])
 
     async def _ask(self, key: str, source: dict) -> tuple[float | None, str | None, str | None]:
         started = time.perf_counter()
