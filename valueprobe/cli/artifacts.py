@@ -111,8 +111,11 @@ def eval_(
                                                               "--answer-artifact, else prompt-only), the score "
                                                               "escalation orders by (higher first). Loads the big "
                                                               "model after this one: a prefill per question, open "
-                                                              "answers generated unless --labels holds the big "
-                                                              "model's; cache <cache>/route-big.")] = None,
+                                                              "answers generated unless --route-labels holds the "
+                                                              "big model's; cache <cache>/route-big.")] = None,
+    route_labels: Annotated[Optional[Path], typer.Option(help="Labels JSONL of the big model's answers (see "
+                                                         "`extract`) for --route-to-artifact: its open questions "
+                                                         "then need a prefill only.")] = None,
 ):
     """Score an artifact on labelled data: labels come from the model on the artifact's prompt format.
 
@@ -156,7 +159,7 @@ def eval_(
             records = _route_records(records, route_probe, questions, answer_level=answer_fs is not None,
                                      specs=data or probe.eval_card.get("config", {}).get("extra", {}).get("data_specs"),
                                      seed=seed, dtype=dtype, check_fingerprint=check_fingerprint, cache=cache,
-                                     batch_size=batch_size, max_new_tokens=max_new_tokens, labels=labels)
+                                     batch_size=batch_size, max_new_tokens=max_new_tokens, labels=route_labels or labels)
         predictions.write_text("".join(json.dumps(rec) + "\n" for rec in records))
         typer.echo(f"wrote {predictions}")
 
