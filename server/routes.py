@@ -210,7 +210,9 @@ class _ChatSerialiser(_Serialiser):
         return self._chunk({"content": piece} if piece else {})
 
     def final(self, o):
-        return {**self._chunk({}, o.finish_reason), "confidence": self.confidence(o)}
+        chunk = self._chunk({}, o.finish_reason)
+        chunk["choices"][0]["logprobs"] = _chat_logprobs(o)  # every token's, in the last chunk
+        return {**chunk, "confidence": self.confidence(o)}
 
     def response(self, o):
         body = p.ChatCompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
@@ -241,7 +243,9 @@ class _CompletionSerialiser(_Serialiser):
         return self._chunk(piece or "")
 
     def final(self, o):
-        return {**self._chunk("", o.finish_reason), "confidence": self.confidence(o)}
+        chunk = self._chunk("", o.finish_reason)
+        chunk["choices"][0]["logprobs"] = _completion_logprobs(o, self.logprobs)  # every token's, in the last chunk
+        return {**chunk, "confidence": self.confidence(o)}
 
     def response(self, o):
         return p.CompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
@@ -351,6 +355,9 @@ def _tgi_query(sidecar: Sidecar, served, req: p.TGIRequest, stream: bool) -> Que
     # unless top_n_tokens asks for them explicitly, which is then refused with the reason.
     logprobs = None
     if prm.top_n_tokens:
+        if stream:
+            raise ClientError("top_n_tokens is not served in TGI streams (their token events are text pieces, not "
+                              "tokens); ask /generate for the whole response")
         logprobs = prm.top_n_tokens
     elif prm.details and not stream and sidecar.serves_logprobs:
         logprobs = 0

@@ -22,8 +22,8 @@ from valueprobe.plugin import ArtifactError, PromptError, ProbeResult, ValueProb
 from valueprobe.plugin.artifact import TOKEN_POSITION
 from valueprobe.plugin.nexttoken import prompt_kind
 
-from .engines.base import EngineClient, Prompt
-from .errors import ClientError, ConflictError, NotFoundError, UpstreamError
+from .engines.base import EngineClient, Finished, Piece, Prompt, final_generation
+from .errors import ClientError, ConflictError, NotFoundError, ProbeFailedError, UpstreamError
 from .metrics import SidecarMetrics
 from .routing import GainRouter, RouteInfo, confidence_url, load_gain_table
 from .recalibration import (DriftMonitor, ShadowCalibrator, calibration_folder, card_reference, fitted_logit,
@@ -394,7 +394,7 @@ class Sidecar:
         if temperature is not None and temperature < SAMPLING_EPS:
             temperature = None  # greedy, as vLLM does: dividing logits by a subnormal temperature overflows them
         if logprobs is not None:
-            self._check_logprobs(stream, search)
+            self._check_logprobs(search)
         return Query(user, rendered, self._tokenized(served, rendered, kind, n_new), served, n_new, temperature, top_p,
                      seed, list(stop or []), search, logprobs, source)
 
@@ -403,16 +403,15 @@ class Sidecar:
         """Whether whole responses can carry token log-probabilities (embedded mode, an engine that gives them)."""
         return self.settings.mode == "embedded" and self.engine.supports_logprobs
 
-    def _check_logprobs(self, stream: bool, search) -> None:
-        """Token log-probabilities are served where this sidecar computes the answer in one generate call; every
-        other combination is refused with the reason (never answered with an empty field)."""
+    def _check_logprobs(self, search) -> None:
+        """Token log-probabilities are served where this sidecar generates the answer, whole or streamed (a stream
+        carries them in its final chunk); every other combination is refused with the reason (never answered with
+        an empty field)."""
         where = None
         if self.settings.mode != "embedded":
             where = "in gateway mode (the upstream generates: ask it)"
         elif not self.engine.supports_logprobs:
             where = f"by the {self.settings.engine} engine"
-        elif stream:
-            where = "in streams yet (ask for a whole response)"
         elif search is not None:
             where = "with search"
         if where:
@@ -520,9 +519,8 @@ class Sidecar:
         """The one answer flow, for every protocol, streamed or not: :class:`Head` (the decision, taken at the
         prefill before any decoding), then :class:`Text` pieces or search :class:`StepEvent` s, then
         :class:`Final` (text, usage, routing). A local generation is stopped right after the prefill when the
-        policy does not answer locally; ``stream`` asks the engine for pieces as they are decoded (a streamed
-        generation runs alone) instead of one batched generation. Closing the iterator (a client that went away)
-        stops the local generation.
+        policy does not answer locally; ``stream`` asks the engine stream for pieces as they are decoded (batched with
+        the others all the same). Closing the iterator (a client that went away) stops the local generation.
 
         With gain routing (:mod:`.routing`) the escalation target's probability is asked for beside the local
         prefill: ``before`` decides on it with a prompt-only prefill here (the local generation starts only for a
@@ -530,55 +528,42 @@ class Sidecar:
         served = query.served
         request_id = f"vp-{uuid.uuid4().hex[:24]}"
         self._check_search(query)
-        taken: dict[str, str] = {}  # the decision, taken once, by the engine at the prefill
-
-        def answers_locally(result: ProbeResult) -> bool:
-            taken["decision"] = served.policy.decide(result.probability)
-            return taken["decision"] == "answer"
-
         router = self.gain_router if query.search is None else None
         target = asyncio.ensure_future(self._target_probability(query)) if router is not None else None
-        route = None
-        gen = pieces = stop_flag = done = None
+        route, decision, generation = None, None, None
         try:
-            embedded_generation = self.settings.mode == "embedded" and query.search is None
+            local = self.settings.mode == "embedded" and query.search is None
             if router is not None and router.moment == "before":
                 # the router: both prompt-only probabilities decide before any decoding here
                 confidence = (await self.engine.score([query.prompt], served.probe))[0]
-                taken["decision"] = served.policy.decide(confidence.probability)
-                if taken["decision"] == "answer":
+                decision = served.policy.decide(confidence.probability)
+                if decision == "answer":
                     prefill_target, waited = await target
                     route = router.decide(confidence.probability, prefill_target, moment="before", waited=waited)
                     if route.answered_by == "escalation":
-                        taken["decision"] = "escalate"
+                        decision = "escalate"
                 else:
                     route = self._abstained_route(router, confidence, "before")
-                embedded_generation = embedded_generation and taken["decision"] == "answer"
-                answers_locally = None
-            if embedded_generation:
+                local = local and decision == "answer"
+            if local:
                 args = dict(max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
-                            seed=query.seed, stop=query.stop, answer_probe=self.answer_probe)
-                if query.logprobs is not None:  # refused with streams (see _check_logprobs)
-                    args["logprobs"] = query.logprobs
-                if stream:
-                    generated_confidence, pieces, stop_flag, done = await self.engine.generate_stream(
-                        query.prompt, served.probe, decide=answers_locally, **args)
-                else:
-                    gen = await self.engine.generate(query.prompt, served.probe, on_confidence=answers_locally, **args)
-                    generated_confidence = gen.confidence
-                if route is None:  # decided by the generation's own prefill
-                    confidence = generated_confidence
-            elif route is None:  # search, or gateway mode: a prompt-only prefill decides
+                            seed=query.seed, stop=query.stop, answer_probe=self.answer_probe, logprobs=query.logprobs,
+                            stream=stream)
+                # the engine takes the policy's decision at the prefill (already taken above by the router)
+                generation = self.engine.generate(query.prompt, served.probe,
+                                                  policy=served.policy if decision is None else None, **args)
+                prefilled = await anext(generation)
+                if decision is None:
+                    confidence, decision = prefilled.confidence, prefilled.decision
+            elif decision is None:  # search, or gateway mode: a prompt-only prefill decides
                 confidence = (await self.engine.score([query.prompt], served.probe))[0]
-            head = self._decided(query, request_id, confidence, taken.get("decision"), route)
+            head = self._decided(query, request_id, confidence, decision, route)
             if router is not None and router.moment == "after" and head.decision != "answer":
                 head = replace(head, route=self._abstained_route(router, confidence, "after"))
-            answered_here = query.search is not None or gen is not None or pieces is not None
-            if head.decision != "answer" or not answered_here:  # abstain, escalate, or the gateway's upstream
-                if pieces is not None:
-                    async for _ in pieces:  # drain the generation the prefill decision already stopped
-                        pass
-                    await done
+            if head.decision != "answer" or (generation is None and query.search is None):
+                # abstain, escalate, or the gateway's upstream: the engine stopped the local row at its prefill
+                if generation is not None:
+                    await generation.aclose()
                 full = await self._finish_non_local(query, head)
                 yield Head(replace(full, text=""))
                 if full.text:
@@ -589,24 +574,28 @@ class Sidecar:
             if query.search is not None:
                 async for event in self._search_events(query, head):
                     yield event
-            elif pieces is not None:
-                async for piece in pieces:
-                    yield Text(piece)
-                gen = await done
-            if gen is not None:
-                if not stream:
-                    yield Text(gen.text)
-                final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
-                                finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen))
-                if router is not None and router.moment == "after":
-                    final = await self._routed_after(query, final, target, stream)
-                elif (not stream and self.escalate_after is not None and final.answer is not None
-                        and final.answer.probability < self.escalate_after):
-                    final = await self._escalated_after(query, final)
-                yield Final(final)
+                return
+            gen = None
+            async for event in generation:
+                if isinstance(event, Piece):
+                    yield Text(event.text)
+                elif isinstance(event, Finished):
+                    gen = event.generation
+            if gen is None:
+                raise ProbeFailedError("the generation ended without a result")
+            if not stream:
+                yield Text(gen.text)
+            final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
+                            finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen))
+            if router is not None and router.moment == "after":
+                final = await self._routed_after(query, final, target, stream)
+            elif (not stream and self.escalate_after is not None and final.answer is not None
+                    and final.answer.probability < self.escalate_after):
+                final = await self._escalated_after(query, final)
+            yield Final(final)
         finally:
-            if stop_flag is not None:
-                stop_flag.event.set()  # a client that disconnected mid-stream stops the generation here
+            if generation is not None:
+                await generation.aclose()  # a client that disconnected mid-stream stops the generation here
             if target is not None and not target.done():
                 target.cancel()
 
@@ -679,9 +668,9 @@ class Sidecar:
                 upstream_error = str(exc) if upstream_error is None else f"{upstream_error}; {exc}"
         elif self.settings.mode == "embedded" and o.decision == "escalate":
             # Escalation failed in embedded mode: answer locally rather than not at all.
-            gen = await self.engine.generate(query.prompt, query.served.probe, max_new_tokens=query.max_new_tokens,
-                                             temperature=query.temperature, top_p=query.top_p, seed=query.seed,
-                                             stop=query.stop)
+            gen = await final_generation(self.engine.generate(
+                query.prompt, query.served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
+                top_p=query.top_p, seed=query.seed, stop=query.stop))
             route = o.route if o.route is None else replace(o.route, answered_by="local", reason="target_unavailable",
                                                               target_error=upstream_error)
             return replace(o, text=gen.text, upstream_error=upstream_error, completion_tokens=gen.completion_tokens,

@@ -16,7 +16,7 @@ from valueprobe.plugin.artifact import ArtifactData
 from valueprobe.plugin.hooks import capture
 from valueprobe.plugin.nexttoken import prompt_kind, summarize_logits
 from valueprobe.plugin.probe import answer_end_column
-from valueprobe.server.engines.base import Prompt
+from valueprobe.server.engines.base import Prompt, final_generation
 from valueprobe.server.engines.transformers_engine import TransformersEngine
 
 
@@ -60,9 +60,9 @@ def test_generation_reads_the_answer_end_state_a_prefill_of_prompt_plus_answer_g
             engine.eos_ids = set(engine.eos_ids) | {eos}
         await engine.start()
         try:
-            return await asyncio.gather(*(engine.generate(p, probe, max_new_tokens=n, temperature=0, stop=stop,
-                                                          answer_probe=answer_probe)
-                                          for p, n in zip(prompts, limits)))
+            return await asyncio.gather(*(final_generation(engine.generate(
+                p, probe, max_new_tokens=n, temperature=0, stop=stop, answer_probe=answer_probe))
+                for p, n in zip(prompts, limits)))
         finally:
             await engine.stop()
 

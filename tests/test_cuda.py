@@ -143,7 +143,7 @@ def test_sidecar_engine_on_cuda_equals_the_cpu_engine(fitted, tokenizer):
     from types import SimpleNamespace
 
     from valueprobe.plugin.nexttoken import prompt_kind
-    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.base import Prompt, final_generation
     from valueprobe.server.engines.transformers_engine import TransformersEngine
 
     model, probe = fitted
@@ -155,7 +155,7 @@ def test_sidecar_engine_on_cuda_equals_the_cpu_engine(fitted, tokenizer):
         await engine.start()
         try:
             scores = await engine.score(prompts, probe)
-            generated = await engine.generate(prompts[0], probe, max_new_tokens=8, temperature=0)
+            generated = await final_generation(engine.generate(prompts[0], probe, max_new_tokens=8, temperature=0))
             searched = await asyncio.gather(*(engine.search(p, probe, spec, temperature=0.8) for p in prompts[:2]))
             return scores, generated, searched
         finally:
@@ -190,7 +190,7 @@ def test_a_prompt_that_overflows_on_a_float16_gpu_fails_alone(fitted, tokenizer)
     from conftest import poisoned
 
     from valueprobe.plugin.nexttoken import prompt_kind
-    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.base import Prompt, final_generation
     from valueprobe.server.engines.transformers_engine import TransformersEngine
     from valueprobe.server.errors import ProbeFailedError
 
@@ -205,7 +205,8 @@ def test_a_prompt_that_overflows_on_a_float16_gpu_fails_alone(fitted, tokenizer)
         await engine.start()
         try:
             scored = await asyncio.gather(*(engine.score([p], probe) for p in prompts), return_exceptions=True)
-            generated = await asyncio.gather(*(engine.generate(p, probe, max_new_tokens=4, temperature=0.9)
+            generated = await asyncio.gather(*(final_generation(engine.generate(p, probe, max_new_tokens=4,
+                                                                                temperature=0.9))
                                                for p in prompts), return_exceptions=True)
             searched = await asyncio.gather(*(engine.search(p, probe, spec, temperature=0.8) for p in prompts),
                                             return_exceptions=True)

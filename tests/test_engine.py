@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from valueprobe.plugin import ValueProbe
 from valueprobe.plugin.nexttoken import prompt_kind
-from valueprobe.server.engines.base import Prompt
+from valueprobe.server.engines.base import Prompt, final_generation
 from valueprobe.server.engines.transformers_engine import TransformersEngine
 from valueprobe.server.metrics import SidecarMetrics
 
@@ -44,19 +44,27 @@ def test_concurrent_generations_share_a_batch_and_each_gets_its_own_answer(qwen_
         engine = TransformersEngine(qwen_model, tokenizer, probe, max_batch_size=8, metrics=metrics)
         await engine.start()
         try:
-            alone = [await engine.generate(p, probe, max_new_tokens=n, temperature=0) for p, n in zip(prompts, limits)]
+            alone = [await final_generation(engine.generate(p, probe, max_new_tokens=n, temperature=0))
+                     for p, n in zip(prompts, limits)]
             solo = _batch_sizes(metrics)
             refused = []
 
-            def policy(i):  # the third prompt is "not answered": its row stops at prefill, the others go on
-                def decide(result):
-                    refused.append(i) if i == 2 else None
-                    return i != 2
-                return decide
+            class Policy:  # the third prompt is "not answered": its row stops at prefill, the others go on
+                def __init__(self, i):
+                    self.i = i
 
-            together = await asyncio.gather(*(
-                engine.generate(p, probe, max_new_tokens=n, temperature=0, on_confidence=policy(i))
-                for i, (p, n) in enumerate(zip(prompts, limits))))
+                def decide(self, p):
+                    refused.append(self.i) if self.i == 2 else None
+                    return "abstain" if self.i == 2 else "answer"
+
+            async def whole(i, p, n):  # the stream folded, as the sidecar folds a whole answer
+                events = engine.generate(p, probe, max_new_tokens=n, temperature=0, policy=Policy(i))
+                head = await anext(events)
+                return head.decision, await final_generation(events)
+
+            decided = await asyncio.gather(*(whole(i, p, n) for i, (p, n) in enumerate(zip(prompts, limits))))
+            together = [g for _, g in decided]
+            assert [d for d, _ in decided] == ["abstain" if i == 2 else "answer" for i in range(len(prompts))]
             return alone, solo, together, refused
         finally:
             await engine.stop()
@@ -88,10 +96,10 @@ def test_a_seeded_sample_runs_alone_and_repeats(qwen_model, tokenizer, probe):
         try:
             runs = []
             for _ in range(2):
-                runs.append(await asyncio.gather(*(
-                    engine.generate(p, probe, max_new_tokens=6, temperature=1.0, seed=7) for p in prompts)))
-            unseeded = await asyncio.gather(*(engine.generate(p, probe, max_new_tokens=6, temperature=1.0)
-                                              for p in prompts))
+                runs.append(await asyncio.gather(*(final_generation(
+                    engine.generate(p, probe, max_new_tokens=6, temperature=1.0, seed=7)) for p in prompts)))
+            unseeded = await asyncio.gather(*(final_generation(engine.generate(p, probe, max_new_tokens=6,
+                                                                               temperature=1.0)) for p in prompts))
             return runs, unseeded
         finally:
             await engine.stop()
@@ -143,7 +151,8 @@ def test_both_engines_implement_the_declared_engine_contract():
 
     members = {n for n in vars(EngineClient) if not n.startswith("_")} | {"supports_search", "supports_answer_confidence",
                                                                         "supports_answer_scoring", "supports_logprobs"}
-    assert {"score", "generate", "generate_stream", "search", "attach", "context_length"} <= members
+    assert {"score", "generate", "search", "attach", "context_length", "tokenize_answer"} <= members
+    assert "generate_stream" not in members  # one engine stream for whole and streamed answers
     for cls in (TransformersEngine, VllmEngine):
         assert not [m for m in members if not hasattr(cls, m)], cls
     assert TransformersEngine.supports_search and not VllmEngine.supports_search
@@ -162,3 +171,40 @@ def test_admission_refuses_beyond_the_limit_and_frees_its_slot_on_error():
         with admission.slot():
             raise RuntimeError("a failed request")
     assert admission.in_flight == 0
+
+
+def test_streamed_generations_share_a_batch_and_their_pieces_are_the_answer(qwen_model, tokenizer, probe):
+    """One engine stream for whole and streamed answers: streams wait together and run as one batch (they ran one
+    at a time before), each stream's pieces join to its own final text, whole answers in the same batch agree."""
+    from valueprobe.server.engines.base import Finished, Piece, Prefilled
+
+    prompts = _prompts(tokenizer, probe)
+    metrics = SidecarMetrics(CollectorRegistry())
+
+    async def main():
+        engine = TransformersEngine(qwen_model, tokenizer, probe, max_batch_size=8, metrics=metrics)
+        await engine.start()
+        try:
+            async def read(p, stream):
+                events = [e async for e in engine.generate(p, probe, max_new_tokens=6, temperature=0, stream=stream)]
+                return events
+
+            alone = [await final_generation(engine.generate(p, probe, max_new_tokens=6, temperature=0)) for p in prompts]
+            mixed = await asyncio.gather(*(read(p, i % 2 == 0) for i, p in enumerate(prompts)))
+            return alone, mixed
+        finally:
+            await engine.stop()
+
+    alone, mixed = asyncio.run(main())
+    sizes = _batch_sizes(metrics)
+    assert sizes["valueprobe_generation_batch_size_count"] - len(prompts) < len(prompts) / 2  # batched together
+    for i, (a, events) in enumerate(zip(alone, mixed)):
+        assert isinstance(events[0], Prefilled) and events[0].decision == "answer"
+        assert isinstance(events[-1], Finished)
+        gen = events[-1].generation
+        assert (gen.text, gen.completion_tokens) == (a.text, a.completion_tokens)
+        pieces = [e.text for e in events if isinstance(e, Piece)]
+        if i % 2 == 0:
+            assert "".join(pieces) == gen.text
+        else:
+            assert pieces == []  # a whole answer gets no pieces

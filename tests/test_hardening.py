@@ -13,6 +13,7 @@ from conftest import build_tokenizer
 
 from valueprobe.plugin import ArtifactError, FingerprintMismatchError, ValueProbe, load_artifact, save_artifact
 from valueprobe.plugin.artifact import ArtifactData, _content_sha256
+from valueprobe.server.engines.base import final_generation
 from valueprobe.server.settings import Settings
 
 
@@ -128,8 +129,8 @@ def test_abstain_decides_before_decoding(artifact_file, qwen_model, tokenizer):
         sidecar = app.state.sidecar
         served = sidecar.served
         query = sidecar.prepare(served, question="Capital of France?", max_new_tokens=64)
-        gen = await sidecar.engine.generate(query.prompt, served.probe, max_new_tokens=64,
-                                            on_confidence=lambda r: served.policy.decide(r.probability) == "answer")
+        gen = await final_generation(sidecar.engine.generate(query.prompt, served.probe, max_new_tokens=64,
+                                                             policy=served.policy))
         outcome = await sidecar.answer(query)
         return gen, outcome
 

@@ -269,8 +269,21 @@ def test_token_logprobs_are_served_in_every_answer_shape_and_refused_where_they_
 
     sync = OpenAI(base_url=url + "/v1", api_key="unused")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    with pytest.raises(openai.BadRequestError, match="streams"):
-        list(sync.chat.completions.create(model="x", messages=messages, max_tokens=2, logprobs=True, stream=True))
+    # streams serve them too (one engine stream for both shapes): every token's in the final chunk, the same as
+    # the whole response's for the same greedy request
+    whole = sync.chat.completions.create(model="x", messages=messages, max_tokens=3, logprobs=True, top_logprobs=2)
+    chunks = list(sync.chat.completions.create(model="x", messages=messages, max_tokens=3, logprobs=True,
+                                               top_logprobs=2, stream=True))
+    streamed = chunks[-1].choices[0].logprobs.content
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [
+        (t.token, round(t.logprob, 4)) for t in whole.choices[0].logprobs.content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    comp_chunks = list(sync.completions.create(model="x", prompt=messages[0]["content"], max_tokens=3, logprobs=1,
+                                               stream=True))
+    assert len(comp_chunks[-1].choices[0].logprobs.tokens) == whole.usage.completion_tokens
+    r = httpx.post(url + "/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2,
+                                                                                "top_n_tokens": 2}})
+    assert r.status_code == 400 and "TGI streams" in r.json()["error"]
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         sync.chat.completions.create(model="x", messages=messages, max_tokens=2, top_logprobs=2)
     gateway = OpenAI(base_url=servers["gateway"].url + "/v1", api_key="unused")

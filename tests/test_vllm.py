@@ -306,7 +306,7 @@ def test_reload_releases_the_old_artifact_when_its_last_request_ends(tmp_path, t
     its readout), is detached in the worker when it ends, and is hooked again for a late request still holding it."""
     import asyncio
 
-    from valueprobe.server.engines.base import Prompt
+    from valueprobe.server.engines.base import Finished, Prompt
     from valueprobe.server.engines.vllm_engine import VllmEngine
 
     model = build_model("qwen2", len(tokenizer), **VLLM_DIMS)
@@ -327,14 +327,14 @@ def test_reload_releases_the_old_artifact_when_its_last_request_ends(tmp_path, t
 
         try:
             # long enough to be still running after the swap (a tiny model decodes ~100 tokens/s here)
-            result, pieces, _, done = await engine.generate_stream(prompt, old, max_new_tokens=200, temperature=0)
+            events = engine.generate(prompt, old, max_new_tokens=200, temperature=0, stream=True)
+            result = (await anext(events)).confidence
             await engine.attach(new)  # what a reload does: attach, swap, release
             engine.probe = new
-            assert not done.done(), "the request ended before the reload: the test needs a longer one"
             during = (await engine.release_unused(), engine.attached, await hooked())
-            async for _ in pieces:
-                pass
-            await done
+            # the open stream holds the request's snapshot (its artifact stays attached) until it is read to the end
+            rest = [event async for event in events]
+            assert isinstance(rest[-1], Finished) and rest[-1].generation.completion_tokens > 0
             after = (engine.attached, await hooked())
             late = await engine.score([prompt], old)  # a request that took its snapshot before the reload
             return result, during, after, late[0], (engine.attached, await hooked())

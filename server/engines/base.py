@@ -13,7 +13,7 @@ import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -21,7 +21,8 @@ from valueprobe.plugin import ProbeResult, ValueProbe
 
 from ..errors import OverloadedError, ProbeFailedError
 
-__all__ = ["Admission", "EngineClient", "Generation", "Prompt", "StopFlag", "TokenizerAccess", "not_finite_error"]
+__all__ = ["Admission", "EngineClient", "EngineEvent", "Finished", "Generation", "Piece", "Prefilled", "Prompt",
+           "StopFlag", "TokenizerAccess", "final_generation", "not_finite_error"]
 
 
 def not_finite_error(result: ProbeResult, probe: ValueProbe) -> ProbeFailedError | None:
@@ -69,6 +70,45 @@ class Generation:
     token_ids: list[int] | None = None
     #: each answer token with its log-probability (and top alternatives), when the request asked for them
     logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """The first event of every generation: the prompt's confidence, read at the prefill, and the policy's decision
+    on it, taken once by the engine before the first decode step (a request not answered here stops there;
+    ``"answer"`` when no policy was given)."""
+
+    confidence: ProbeResult
+    decision: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text decoded since the last piece (streamed generations only)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event: the whole generation (text cut at a stop string, usage, token log-probabilities, the
+    answer-level readout)."""
+
+    generation: Generation
+
+
+EngineEvent = Union[Prefilled, Piece, Finished]
+
+
+async def final_generation(events: AsyncIterator[EngineEvent]) -> Generation:
+    """The :class:`Generation` an engine stream ends with (a whole answer is a fold over the same stream)."""
+    try:
+        async for event in events:
+            if isinstance(event, Finished):
+                return event.generation
+    finally:
+        await events.aclose()
+    raise ProbeFailedError("the generation ended without a result")
 
 
 class StopFlag:
@@ -143,9 +183,10 @@ class EngineClient(Protocol):
     """The engine contract the sidecar relies on (the shape of vLLM's ``EngineClient``).
 
     Every call carries the probe it must use (the request's snapshot), so a hot reload never mixes two artifacts
-    inside one request. ``generate_stream`` returns ``(confidence, pieces, stop_flag, done)``: the confidence is
-    known at the prefill, ``pieces`` yields text, setting ``stop_flag.event`` ends the generation early and
-    ``done`` resolves to the :class:`Generation`."""
+    inside one request. ``generate`` is one async stream of :data:`EngineEvent` for whole and streamed answers
+    alike: :class:`Prefilled` (confidence and ``policy.decide``'s decision, before any decoding), then
+    :class:`Piece` s when ``stream``, then :class:`Finished`; closing the stream stops the generation. Generations
+    that wait together run batched, streamed or not."""
 
     #: whether :meth:`search` (value-guided step search) is served
     supports_search: ClassVar[bool]
@@ -171,6 +212,8 @@ class EngineClient(Protocol):
 
     def tokenize(self, text: str, probe: ValueProbe) -> tuple[int, ...]: ...
 
+    def tokenize_answer(self, text: str) -> tuple[int, ...]: ...
+
     def decode(self, ids) -> str: ...
 
     async def score(self, prompts: list[Prompt], probe: ValueProbe) -> list[ProbeResult]: ...
@@ -180,13 +223,8 @@ class EngineClient(Protocol):
 
     async def attach_answer(self, answer_probe: ValueProbe, strict: bool = True) -> None: ...
 
-    async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence: Callable | None = None,
-                       answer_probe: ValueProbe | None = None, logprobs: int | None = None) -> Generation: ...
-
-    async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
-                              top_p=None, seed=None, stop=None, decide: Callable | None = None,
-                              answer_probe: ValueProbe | None = None
-                              ) -> tuple[ProbeResult, AsyncIterator[str], StopFlag, Any]: ...
+    def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
+                 seed=None, stop=None, policy=None, answer_probe: ValueProbe | None = None,
+                 logprobs: int | None = None, stream: bool = False) -> AsyncIterator[EngineEvent]: ...
 
     async def search(self, prompt: Prompt, probe: ValueProbe, spec, *, temperature=None, seed=None, on_step=None): ...

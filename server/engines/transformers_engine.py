@@ -4,7 +4,7 @@ generation with the probe's hook reading the prefill of the same forward pass.
 Threads: scoring batches run on one worker thread and generations on another, so a long generation does not
 hold up prompt-only scoring. Generations that wait for the generation thread run together as one batched
 ``generate`` when they can share it (greedy ones; sampled ones with the same temperature and top-p and no seed),
-as searches do; a streamed generation runs alone. The probe hooks are registered per call with
+as searches do, streamed or not. The probe hooks are registered per call with
 ``thread_only=True``: each thread's forward passes are read only by its own hooks. Every call carries the probe it must use (the request's
 snapshot), so a hot reload never mixes two artifacts inside one request.
 
@@ -35,7 +35,8 @@ from valueprobe.plugin.nexttoken import summarize_logits
 from valueprobe.plugin.prompting import pad_left, pad_token_id
 
 from ..errors import OverloadedError, ProbeFailedError
-from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, TokenLogprob, not_finite_error
+from .base import (Admission, Finished, Generation, Piece, Prefilled, Prompt, StopFlag, TokenizerAccess, TokenLogprob,
+                   not_finite_error)
 
 __all__ = ["TransformersEngine"]
 
@@ -72,11 +73,20 @@ class _GenerateJob:
     top_p: float | None
     seed: int | None
     stop: list[str]
-    on_confidence: Callable | None = None
+    policy: object | None = None  # its decide(p) is taken at the prefill; a row it does not answer stops there
     stop_flag: StopFlag = field(default_factory=StopFlag)
     future: asyncio.Future | None = None
     answer_probe: ValueProbe | None = None  # an answer_end artifact: confidence in the answer given
     logprobs: int | None = None  # None: not asked; n >= 0: each token's log-probability and its n top alternatives
+    stream: bool = False  # Piece events as the tokens come
+    events: asyncio.Queue | None = None  # Prefilled and Piece events, put from the generation thread
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, event) -> None:
+        """Hand an event to the request's stream (called on the generation thread; a job run directly, with no
+        stream, as `bench answer` runs one, keeps none)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     @property
     def sampled(self) -> bool:
@@ -316,13 +326,14 @@ class TransformersEngine(TokenizerAccess):
         return kwargs
 
     @torch.inference_mode()
-    def _generate_batch(self, jobs: list[_GenerateJob], streamer=None) -> list[Generation | ProbeFailedError]:
+    def _generate_batch(self, jobs: list[_GenerateJob]) -> list[Generation | ProbeFailedError]:
         """Generate for ``jobs`` (which share a key) in one left-padded batch, with the probe reading the prefill.
-        Each job's ``on_confidence(result)`` runs as soon as the prefill is scored, before the first decode step;
-        it returns ``False`` to stop that row (the policy decided not to answer), so no tokens are spent on an
-        answer that will not be used. A row also stops at its own ``max_new_tokens``; the batch runs until every
-        row has stopped. ``streamer`` (one job only) receives the tokens as they come. A row whose readout is not
-        finite stops at prefill and gets its :func:`not_finite_error` in place of a generation."""
+        As soon as the prefill is scored, before the first decode step, each job's policy decides and the job's
+        stream gets :class:`Prefilled`; a row the policy does not answer stops there, so no tokens are spent on
+        an answer that will not be used. A row also stops at its own ``max_new_tokens``; the batch runs until every
+        row has stopped. Jobs that stream get :class:`Piece` s as their tokens come (:class:`_RowStreamer`). A row
+        whose readout is not finite stops at prefill and gets its :func:`not_finite_error` in place of a
+        generation."""
         from transformers import StoppingCriteriaList
 
         first = jobs[0]
@@ -341,8 +352,11 @@ class TransformersEngine(TokenizerAccess):
                 if failure is not None:  # answered with its failure below; its row stops now
                     not_finite[i] = failure
                     j.stop_flag.event.set()
-                elif j.on_confidence is not None and j.on_confidence(result) is False:
+                    continue
+                decision = "answer" if j.policy is None else j.policy.decide(result.probability)
+                if decision != "answer":
                     j.stop_flag.event.set()
+                j.emit(Prefilled(result, decision))
 
         def on_error(exc):  # the readout failed: every row stops, the batch is answered with the failure
             failures.append(exc)
@@ -359,8 +373,8 @@ class TransformersEngine(TokenizerAccess):
                                       dtype=torch.float32) if answer_probe is not None else contextlib.nullcontext())
         with handle, recorder:
             extra = {"stopping_criteria": StoppingCriteriaList([rows])}
-            if streamer is not None:
-                extra["streamer"] = streamer
+            if any(j.stream for j in jobs):
+                extra["streamer"] = _RowStreamer(self, jobs)
             want_logits = answer_probe is not None or any(j.logprobs is not None for j in jobs)
             if want_logits:  # the answer's token log-probabilities: the stack's free signal, and what clients ask
                 extra.update(output_logits=True, return_dict_in_generate=True)
@@ -532,89 +546,79 @@ class TransformersEngine(TokenizerAccess):
                     j.future.set_result(r)
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence=None, answer_probe: ValueProbe | None = None,
-                       logprobs: int | None = None) -> Generation:
-        """Generate with ``probe`` reading the prefill (see :meth:`_generate_batch`), batched with the generations
-        that wait beside it. Batched greedy decoding can differ from one-prompt decoding where two tokens' logits
-        are within rounding of each other (padding changes the arithmetic), as in any batching server."""
+                       seed=None, stop=None, policy=None, answer_probe: ValueProbe | None = None,
+                       logprobs: int | None = None, stream: bool = False):
+        """The engine stream of one request (see :class:`~valueprobe.server.engines.base.EngineClient`): generated
+        with ``probe`` reading the prefill (see :meth:`_generate_batch`), batched with the generations that wait
+        beside it, streamed or not. Closing the stream stops the request's row. Batched greedy decoding can differ
+        from one-prompt decoding where two tokens' logits are within rounding of each other (padding changes the
+        arithmetic), as in any batching server."""
         with self.admission.slot():
-            job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []),
-                               on_confidence, future=asyncio.get_running_loop().create_future(),
-                               answer_probe=answer_probe, logprobs=logprobs)
+            loop = asyncio.get_running_loop()
+            job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), policy,
+                               future=loop.create_future(), answer_probe=answer_probe, logprobs=logprobs,
+                               stream=stream, events=asyncio.Queue(), loop=loop)
             self._waiting_generations.append(job)
             if self._generation_drain is None or self._generation_drain.done():
                 self._generation_drain = asyncio.ensure_future(self._drain(
                     self._waiting_generations, self._generate_batch,
                     self.metrics.generation_batch_size if self.metrics else None))
-            return await job.future
-
-    async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
-                              top_p=None, seed=None, stop=None, decide=None, answer_probe: ValueProbe | None = None):
-        """Start a streamed generation. Returns ``(confidence, pieces, stop_flag, done)``: the confidence is
-        awaited (it is known at prefill, before the first token), ``pieces`` is an async iterator of text,
-        setting ``stop_flag.event`` ends generation early, ``done`` resolves to the :class:`Generation`.
-        ``decide(result) -> bool`` runs on the prefill; ``False`` stops the generation before decoding."""
-
-        held = contextlib.ExitStack()  # the slot outlives this call: released when the streamed generation ends
-        held.enter_context(self.admission.slot())
-        loop = asyncio.get_running_loop()
-        confidence = loop.create_future()
-        streamer = _LockedStreamer(self, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        stop_flag = StopFlag()
-
-        def on_confidence(result):
-            keep = True if decide is None else decide(result)
-            loop.call_soon_threadsafe(lambda: confidence.done() or confidence.set_result(result))
-            return keep
-
-        job = _GenerateJob(prompt, probe, max_new_tokens, temperature, top_p, seed, list(stop or []), on_confidence,
-                           stop_flag, answer_probe=answer_probe)
-
-        def run_alone():
-            out = self._generate_batch([job], streamer)[0]
-            if isinstance(out, Exception):  # this row's own failure (see _generate_batch)
-                raise out
-            return out
-
-        done = loop.run_in_executor(self.generate_executor, run_alone)
-
-        def _finished(fut):
-            held.close()
-            if fut.cancelled() or fut.exception() is not None:
-                exc = None if fut.cancelled() else fut.exception()
-                if not confidence.done():
-                    confidence.set_exception(exc or ProbeFailedError("generation was cancelled"))
-                streamer.end()
-
-        done.add_done_callback(_finished)
-
-        async def pieces():
-            iterator = iter(streamer)
-            while True:
-                piece = await loop.run_in_executor(None, next, iterator, None)
-                if piece is None:
+            try:
+                while True:
+                    getter = asyncio.ensure_future(job.events.get())
+                    await asyncio.wait({getter, job.future}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        yield getter.result()
+                        continue
+                    getter.cancel()
+                    while not job.events.empty():  # what the thread handed over before the batch ended
+                        yield job.events.get_nowait()
+                    yield Finished(job.future.result())  # raises this request's failure
                     return
-                if piece:
-                    yield piece
+            finally:
+                job.stop_flag.event.set()  # closed early (not answered here, or the client went away): the row stops
+                if not job.future.done():
+                    job.future.cancel()  # nobody waits for it: the batch leaves it unanswered
 
-        result = await confidence
-        return result, pieces(), stop_flag, done
 
+class _RowStreamer:
+    """A ``generate`` streamer for a batch: each streaming job's new tokens decoded as they come (the decoded text
+    grows; a piece is what it grew by, held back while it ends in an incomplete character), up to the row's end
+    of answer, token limit or stop. Runs on the generation thread; pieces reach each request's stream through
+    :meth:`_GenerateJob.emit`."""
 
-class _LockedStreamer:
-    """``TextIteratorStreamer`` whose decoding takes the engine's tokenizer lock (it runs on the generation
-    thread while the event loop may be tokenizing)."""
+    def __init__(self, engine: TransformersEngine, jobs: list[_GenerateJob]):
+        self.engine, self.jobs = engine, jobs
+        self.tokens: list[list[int]] = [[] for _ in jobs]
+        self.sent = [0] * len(jobs)  # characters of each row's text already emitted
+        self.ended = [not j.stream for j in jobs]
+        self.prompt_seen = False
 
-    def __new__(cls, engine: TransformersEngine, **kwargs):
-        from transformers import TextIteratorStreamer
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate puts the prompt ids first
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            job = self.jobs[i]
+            if self.ended[i]:
+                continue
+            if job.stop_flag.event.is_set() or token in self.engine.eos_ids or len(self.tokens[i]) >= job.max_new_tokens:
+                self._finish(i)
+                continue
+            self.tokens[i].append(token)
+            self._send(i, final=False)
 
-        class Streamer(TextIteratorStreamer):
-            def put(self, value):
-                with engine._tokenizer_lock:
-                    return super().put(value)
+    def end(self) -> None:
+        for i in range(len(self.jobs)):
+            if not self.ended[i]:
+                self._finish(i)
 
-            def end(self):
-                with engine._tokenizer_lock:
-                    return super().end()
+    def _finish(self, i: int) -> None:
+        self._send(i, final=True)  # what was held back (an incomplete character the answer ends in)
+        self.ended[i] = True
 
-        return Streamer(engine.tokenizer, **kwargs)
+    def _send(self, i: int, *, final: bool) -> None:
+        text = self.engine.decode(self.tokens[i])
+        if len(text) > self.sent[i] and (final or not text.endswith("\ufffd")):
+            self.jobs[i].emit(Piece(text[self.sent[i]:]))
+            self.sent[i] = len(text)

@@ -30,7 +30,8 @@ from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
 
 from ..errors import ClientError, ProbeFailedError
-from .base import Admission, Generation, Prompt, StopFlag, TokenizerAccess, TokenLogprob, not_finite_error
+from .base import (Admission, Finished, Generation, Piece, Prefilled, Prompt, TokenizerAccess, TokenLogprob,
+                   not_finite_error)
 
 __all__ = ["VllmEngine", "engine_args"]
 
@@ -318,37 +319,37 @@ class VllmEngine(TokenizerAccess):
             async with self._using(probe):
                 return list(await asyncio.gather(*(self._prefill_only(p, probe) for p in prompts)))
 
-    async def _run(self, prompt: Prompt, probe: ValueProbe, params, on_confidence, on_text=None, stop_event=None,
-                   answer_probe: ValueProbe | None = None, asked_logprobs: int | None = None):
-        """Drive one request; the policy runs on the first output (right after the prefill). With
-        ``answer_probe`` the finished answer gets its answer-level readout (``params`` then ask vLLM for the
-        sampled tokens' log-probabilities)."""
+    async def _events(self, prompt: Prompt, probe: ValueProbe, params, policy, stream: bool,
+                      answer_probe: ValueProbe | None = None, asked_logprobs: int | None = None):
+        """Drive one request as an engine stream: the policy decides on the first output (right after the prefill)
+        and a request it does not answer is aborted there. With ``answer_probe`` the finished answer gets its
+        answer-level readout (``params`` then ask vLLM for the sampled tokens' log-probabilities). Closing the
+        stream aborts the request."""
         rid = self._next_id()
         confidence = None
         text, n_tokens, finish = "", 0, "length"
-        aborted = False
-        async for out in self.llm.generate({"prompt_token_ids": list(prompt.input_ids)}, params, rid):
-            completion = out.outputs[0]
-            if confidence is None:
-                try:
+        running = True
+        completion = None
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": list(prompt.input_ids)}, params, rid):
+                completion = out.outputs[0]
+                if confidence is None:  # no answer without its confidence: a failure here aborts the request
                     confidence = await self._confidence(rid, prompt, probe)
-                except ProbeFailedError:
-                    await self.llm.abort(rid)  # no answer without its confidence: stop spending tokens on it
-                    raise
-                if on_confidence is not None and on_confidence(confidence) is False:
-                    await self.llm.abort(rid)
-                    aborted = True
-            piece = completion.text[len(text):]
-            text, n_tokens = completion.text, len(completion.token_ids)
-            if piece and on_text is not None and not aborted:
-                await on_text(piece)
-            if aborted or (stop_event is not None and stop_event.is_set()):
-                if not aborted:
-                    await self.llm.abort(rid)
-                finish = "aborted"
-                break
-            if out.finished:
-                finish = completion.finish_reason or "stop"
+                    decision = "answer" if policy is None else policy.decide(confidence.probability)
+                    yield Prefilled(confidence, decision)
+                    if decision != "answer":
+                        finish = "aborted"
+                        break
+                piece = completion.text[len(text):]
+                text, n_tokens = completion.text, len(completion.token_ids)
+                if piece and stream:
+                    yield Piece(piece)
+                if out.finished:
+                    finish = completion.finish_reason or "stop"
+                    running = False
+        finally:
+            if running:  # stopped early: not answered here, failed, or the stream was closed
+                await self.llm.abort(rid)
         if confidence is None:
             raise ProbeFailedError("the request produced no output")
         records = None
@@ -361,11 +362,11 @@ class VllmEngine(TokenizerAccess):
                 # vLLM never feeds back the token it samples last: an answer stopped at the token limit is read
                 # at the state before its last token (the transformers engine runs that one more step)
                 answer.components["read_at"] = "last_token" if finish != "length" else "before_last_token"
-        return Generation(text, len(prompt.input_ids), n_tokens, finish if finish in ("stop", "length", "aborted")
-                          else "stop", confidence, answer=answer,
-                          token_logprobs=None if records is None else [t.logprob for t in records],
-                          token_ids=None if records is None else [t.id for t in records],
-                          logprobs=records if asked_logprobs is not None else None)
+        yield Finished(Generation(text, len(prompt.input_ids), n_tokens,
+                                  finish if finish in ("stop", "length", "aborted") else "stop", confidence, answer=answer,
+                                  token_logprobs=None if records is None else [t.logprob for t in records],
+                                  token_ids=None if records is None else [t.id for t in records],
+                                  logprobs=records if asked_logprobs is not None else None))
 
     def _token_logprobs(self, completion, top: int) -> list[TokenLogprob]:
         """Each returned token with its log-probability and its ``top`` alternatives (by rank), from vLLM's
@@ -386,63 +387,21 @@ class VllmEngine(TokenizerAccess):
         return records
 
     async def generate(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None, top_p=None,
-                       seed=None, stop=None, on_confidence=None, answer_probe=None, logprobs=None) -> Generation:
+                       seed=None, stop=None, policy=None, answer_probe=None, logprobs=None, stream: bool = False):
+        """The engine stream of one request (see :class:`~valueprobe.server.engines.base.EngineClient`); vLLM
+        batches the requests in flight, streamed or not."""
         with self.admission.slot():
             async with self._using(probe):
                 wanted = logprobs if logprobs is not None else (0 if answer_probe is not None else None)
-                return await self._run(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop,
-                                                                   wanted), on_confidence, answer_probe=answer_probe,
-                                       asked_logprobs=logprobs)
+                events = self._events(prompt, probe, self._params(max_new_tokens, temperature, top_p, seed, stop,
+                                                                  wanted), policy, stream, answer_probe=answer_probe,
+                                      asked_logprobs=logprobs)
+                try:
+                    async for event in events:
+                        yield event
+                finally:
+                    await events.aclose()
 
     async def score_answers(self, prompts, answers, answer_probe):
         """Not served by this engine (``supports_answer_scoring`` is false: the sidecar refuses first)."""
         raise ProbeFailedError("the vLLM engine does not score given answers yet; use the transformers engine")
-
-    async def generate_stream(self, prompt: Prompt, probe: ValueProbe, *, max_new_tokens: int, temperature=None,
-                              top_p=None, seed=None, stop=None, decide=None, answer_probe=None):
-        """See :class:`~valueprobe.server.engines.base.EngineClient`: ``(confidence, pieces, stop_flag, done)``."""
-        held = contextlib.ExitStack()  # the slot outlives this call: released when the streamed generation ends
-        held.enter_context(self.admission.slot())
-        loop = asyncio.get_running_loop()
-        confidence: asyncio.Future = loop.create_future()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop_flag = StopFlag()
-
-        def on_confidence(result):
-            keep = True if decide is None else decide(result)
-            if not confidence.done():
-                confidence.set_result(result)
-            return keep
-
-        async def on_text(piece):
-            await queue.put(piece)
-
-        async def run():
-            try:
-                async with self._using(probe):
-                    return await self._run(prompt, probe,
-                                           self._params(max_new_tokens, temperature, top_p, seed, stop,
-                                                        0 if answer_probe is not None else None),
-                                           on_confidence, on_text, stop_flag.event, answer_probe=answer_probe)
-            finally:
-                held.close()
-                await queue.put(None)
-
-        done = asyncio.ensure_future(run())
-
-        def _finished(fut):
-            if not confidence.done():
-                exc = None if fut.cancelled() else fut.exception()
-                confidence.set_exception(exc or ProbeFailedError("generation was cancelled"))
-
-        done.add_done_callback(_finished)
-
-        async def pieces():
-            while True:
-                piece = await queue.get()
-                if piece is None:
-                    return
-                yield piece
-
-        result = await confidence
-        return result, pieces(), stop_flag, done
