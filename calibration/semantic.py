@@ -102,8 +102,11 @@ def sample_answers(model, tokenizer, questions: list[Question], fmt: PromptForma
     done = load_samples(out)
     todo = [q for q in questions if q.id not in done]
 
-    def seed_of(batch, start):  # from the run seed and the batch's first question: a resumed run draws the same
-        return seed * 1_000_003 + sum(map(ord, batch[0].id)) * 7919 + start
+    def seed_of(batch, start):
+        # From the run seed and the batch's first question only: results are appended a whole batch at a time, so a
+        # resumed run's batches start at the same questions and draw the same samples. (The batch's offset in the
+        # to-do list, part of this seed before, shrinks on resume and changed every later draw.)
+        return seed * 1_000_003 + sum(map(ord, batch[0].id)) * 7919
 
     with out.open("a") as fh:
         for b in sampling_batches(model, tokenizer, fmt, len(questions), todo, n_samples=n_samples,

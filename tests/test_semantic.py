@@ -44,3 +44,16 @@ def test_sampling_is_resumable_and_records_each_sample(qwen_model, tokenizer, tm
     assert all(lp <= 0 for lp in rec["logprobs"]) and rec["temperature"] == 1.0
     with pytest.raises(ValueError):
         sample_answers(qwen_model, tokenizer, qs, PromptFormat(), tmp_path / "x.jsonl", model_name="t", n_samples=1)
+
+
+def test_a_resumed_run_draws_the_same_samples_as_an_uninterrupted_one(qwen_model, tokenizer, tmp_path):
+    """Batches are appended whole, so a run stopped after its first batch resumes at the next batch's first question;
+    seeded by that question (not by its offset in the shrinking to-do list), it draws what one run would have."""
+    from valueprobe.plugin.prompting import PromptFormat
+
+    qs = [Question(f"q{i}", f"capital {i}?", ["x"], None, "open", "toy") for i in range(4)]
+    args = dict(model_name="tiny", n_samples=3, max_new_tokens=4, rows_per_batch=6, progress=False)
+    whole = sample_answers(qwen_model, tokenizer, qs, PromptFormat(), tmp_path / "whole.jsonl", **args)
+    sample_answers(qwen_model, tokenizer, qs[:2], PromptFormat(), tmp_path / "resumed.jsonl", **args)  # one batch
+    resumed = sample_answers(qwen_model, tokenizer, qs, PromptFormat(), tmp_path / "resumed.jsonl", **args)
+    assert {q: r["answers"] for q, r in resumed.items()} == {q: r["answers"] for q, r in whole.items()}
