@@ -44,6 +44,14 @@ class ServerError(ValueprobeError):
     pass
 
 
+class StorageError(ServerError):
+    """Writing or reading the sidecar's own files failed (a promoted calibration that could not be saved): the
+    server's fault, never the client's."""
+
+    status_code = 500
+    type = "storage_error"
+
+
 class UpstreamError(ServerError):
     status_code = 502
     type = "upstream_error"
@@ -66,3 +74,13 @@ class OverloadedError(ServerError):
     type = "overloaded"
     tgi_type = "overloaded"
     headers = {"Retry-After": "1"}
+
+
+def error_types() -> tuple[str, ...]:
+    """Every ``type`` an error response can carry (the bounded label set of ``valueprobe_errors_total``)."""
+    seen, todo = {ValueprobeError.type}, [ValueprobeError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            seen.add(sub.type)
+            todo.append(sub)
+    return tuple(sorted(seen))

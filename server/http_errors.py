@@ -24,13 +24,27 @@ def _is_tgi(request: Request) -> bool:
     return request.url.path in ("/",) + TGI_PATHS
 
 
-def error_response(request: Request, status: int, type_: str, message: str, tgi_type: str, headers=None, metrics=None):
+def error_body(status: int, type_: str, message: str, tgi_type: str, *, tgi: bool, metrics=None) -> dict:
+    """The one error body of every route, counted: TGI's ``{"error", "error_type"}`` or ``{"error": {type,
+    message, code}}``. Response handlers and a stream's in-band error event both use it."""
     if metrics is not None:
         metrics.errors.labels(type=type_).inc()
-    if _is_tgi(request):
-        body = {"error": message, "error_type": tgi_type}
-    else:
-        body = {"error": {"type": type_, "message": message}}
+    if tgi:
+        return {"error": message, "error_type": tgi_type}
+    return {"error": {"type": type_, "message": message, "code": status}}
+
+
+def exception_body(exc: Exception, *, tgi: bool, metrics=None) -> tuple[int, dict]:
+    """``(status, body)`` for an exception: a domain error as its class says, anything else a logged 500 whose
+    message reveals nothing."""
+    if isinstance(exc, ValueprobeError):
+        return exc.status_code, error_body(exc.status_code, exc.type, str(exc), exc.tgi_type, tgi=tgi, metrics=metrics)
+    return 500, error_body(500, "server_error", "internal error (logged on the server)", "generation", tgi=tgi,
+                           metrics=metrics)
+
+
+def error_response(request: Request, status: int, type_: str, message: str, tgi_type: str, headers=None, metrics=None):
+    body = error_body(status, type_, message, tgi_type, tgi=_is_tgi(request), metrics=metrics)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -40,7 +54,8 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueprobeError)
     async def _valueprobe(request: Request, exc: ValueprobeError):
-        return error_response(request, exc.status_code, exc.type, str(exc), exc.tgi_type, exc.headers, metrics())
+        status, body = exception_body(exc, tgi=_is_tgi(request), metrics=metrics())
+        return JSONResponse(body, status_code=status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -59,5 +74,5 @@ def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error on %s", request.url.path)
-        return error_response(request, 500, "server_error", "internal error (logged on the server)", "generation",
-                              metrics=metrics())
+        status, body = exception_body(exc, tgi=_is_tgi(request), metrics=metrics())
+        return JSONResponse(body, status_code=status)

@@ -20,12 +20,13 @@ from collections import deque
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from .errors import error_types
+
 CONFIDENCE_BUCKETS = tuple(round(x, 2) for x in np.linspace(0.05, 1.0, 20))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 READOUT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
 DECISIONS = ("answer", "abstain", "escalate")
-ERROR_TYPES = ("invalid_request_error", "authentication_error", "not_found_error", "upstream_error", "not_ready",
-               "overloaded", "server_error", "permission_error", "probe_error", "conflict_error")
+ERROR_TYPES = error_types()  # from server/errors.py, so a new error type starts at zero too
 N_BINS = 10
 
 
@@ -49,6 +50,9 @@ class SidecarMetrics:
             "valueprobe_answer_confidence", "Answer-level P(correct) of each locally generated answer (answer_end "
             "artifact, read at the answer's last token).", ["model", "artifact", "flagged"], buckets=CONFIDENCE_BUCKETS,
             registry=r)
+        self.answer_readout_failures = Counter("valueprobe_answer_readout_failures_total", "Locally generated "
+                                               "answers whose answer-level readout failed (served without "
+                                               "confidence.answer).", registry=r)
         self.decisions = Counter("valueprobe_decisions_total", "Policy decisions.", ["decision"], registry=r)
         self.escalations = Counter("valueprobe_escalations_total", "Escalations by result.", ["result"], registry=r)
         self.probe_latency = Histogram("valueprobe_probe_latency_seconds", "Readout: k neurons to probability, per batch.",

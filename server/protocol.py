@@ -90,6 +90,8 @@ class Confidence(_Scored):
     upstream_error: Optional[str] = Field(None, description="Set when an upstream failed; the answer is a fallback.")
     request_id: str
     route: Optional[Route] = Field(None, description="Gain routing's decision, when the sidecar routes by gain.")
+    answer_error: Optional[str] = Field(None, description="Why 'answer' is missing although the sidecar serves an "
+                                        "answer-level artifact (its readout failed for this answer).")
 
 
 class _GenerationParams(BaseModel):

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import protocol as p
 from .errors import AuthError, ClientError, ForbiddenError, ProbeNotLoadedError
+from .http_errors import exception_body
 from .service import Outcome, Query, Sidecar, StepEvent, Text, now
 from .settings import Settings
 
@@ -76,7 +77,7 @@ def _confidence(o: Outcome, served, answer_probe=None) -> p.Confidence:
     return p.Confidence(**_scored(o.confidence, served), answer=_answer_confidence(o.answer, o.answer_flagged, answer_probe, o.local_text),
                         decision=o.decision, artifact_id=o.artifact_id, routed=o.routed,
                         upstream_error=o.upstream_error, request_id=o.request_id,
-                        route=None if o.route is None else p.Route(**o.route.to_dict()))
+                        route=None if o.route is None else p.Route(**o.route.to_dict()), answer_error=o.answer_error)
 
 
 def _headers(o: Outcome) -> dict:
@@ -158,13 +159,6 @@ class _Alt:
         self.id, self.text, self.logprob = id, text, logprob
 
 
-def _error_event(exc: Exception) -> dict:
-    status = getattr(exc, "status_code", 500)
-    kind = getattr(exc, "type", "server_error")
-    message = str(exc) if hasattr(exc, "status_code") else "internal error (logged on the server)"
-    return {"error": {"type": kind, "message": message, "code": status}}
-
-
 class _Serialiser:
     """One protocol's rendering of the answer events (:meth:`Sidecar.events`): SSE chunks for a stream, or the
     whole response (a fold over the same events). ``None`` from a chunk method sends nothing for that event."""
@@ -189,7 +183,8 @@ class _Serialiser:
     def final(self, o: Outcome) -> dict | None: ...
 
     def error(self, exc: Exception) -> dict:
-        return _error_event(exc)
+        """The in-band error event of a stream whose status line is already sent (counted like any error)."""
+        return exception_body(exc, tgi=False, metrics=self.sidecar.metrics)[1]
 
     def response(self, o: Outcome): ...
 
@@ -283,7 +278,7 @@ class _TGISerialiser(_Serialiser):
                 "confidence": self.confidence(o)}
 
     def error(self, exc):
-        return {"error": _error_event(exc)["error"]["message"], "error_type": "generation"}
+        return exception_body(exc, tgi=True, metrics=self.sidecar.metrics)[1]  # its own error_type, as TGI's
 
     def response(self, o):
         text = (self.req.inputs + o.text) if self.req.parameters.return_full_text else o.text

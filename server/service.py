@@ -23,7 +23,7 @@ from valueprobe.plugin.artifact import TOKEN_POSITION
 from valueprobe.plugin.nexttoken import prompt_kind
 
 from .engines.base import EngineClient, Finished, Piece, Prompt, final_generation
-from .errors import ClientError, ConflictError, NotFoundError, ProbeFailedError, UpstreamError
+from .errors import ClientError, ConflictError, NotFoundError, ProbeFailedError, StorageError, UpstreamError
 from .metrics import SidecarMetrics
 from .routing import GainRouter, RouteInfo, confidence_url, load_gain_table
 from .recalibration import (DriftMonitor, ShadowCalibrator, calibration_folder, card_reference, fitted_logit,
@@ -137,6 +137,7 @@ class Outcome:
     local_text: str | None = None  # the local answer an answer-level escalation replaced
     logprobs: list | None = None  # TokenLogprob per answer token, when asked for and answered here
     route: RouteInfo | None = None  # gain routing's decision (--escalate-gain-above / --escalate-gain-rate)
+    answer_error: str | None = None  # an answer-level artifact is served but its readout failed for this answer
 
 
 @dataclass(frozen=True)
@@ -725,8 +726,11 @@ class Sidecar:
     def _answer_fields(self, gen) -> dict:
         """``answer`` and ``answer_flagged`` of an outcome from the local generation that answered it (observed in
         the answer-confidence histogram)."""
-        if gen.answer is None or self.answer_probe is None:
+        if self.answer_probe is None:
             return {}
+        if gen.answer is None:  # the engine logged why; the answer stands without its confidence, said so
+            self.metrics.answer_readout_failures.inc()
+            return {"answer_error": "the answer-level readout failed for this answer (logged on the server)"}
         p = gen.answer.probability
         flag = self.settings.flag_below
         flagged = None if flag is None else bool(p < flag)
@@ -819,8 +823,11 @@ class Sidecar:
                 probe = await asyncio.to_thread(ValueProbe.load, str(path))
                 served = self._make_served(probe)
                 await self.engine.attach(probe, strict=self.settings.check_fingerprint)
-            except (ArtifactError, ValueError, OSError) as exc:
+            except (ArtifactError, ValueError) as exc:
                 raise ConflictError(f"promotion failed, still serving {old.artifact_id}: {exc}") from None
+            except OSError as exc:  # the disk, not the request: a server error
+                raise StorageError(f"promotion failed writing the new calibration, still serving "
+                                   f"{old.artifact_id}: {exc}") from None
             await self._swap(served)
             self.metrics.promotions.labels(trigger=trigger).inc()
             return {"previous": old.artifact_id, "artifact_id": probe.artifact_id,

@@ -202,3 +202,29 @@ def test_the_generation_detector_scores_the_generated_text_where_an_answer_artif
                      json={"prompt": QUESTIONS[0], "generated_text": "Paris", "detector_params": {"threshold": 1.0}}).json()
     assert got[0]["score"] == pytest.approx(1 - want["answer"]["probability"], abs=1e-5)
     assert want["answer"]["probability"] != pytest.approx(want["probability"], abs=1e-6)  # not the prompt's number
+
+
+def test_a_failed_answer_readout_is_said_and_counted_not_hidden(artifact_file, answer_artifact_file, qwen_model,
+                                                                tokenizer, monkeypatch):
+    """With an answer-level artifact served, an answer whose readout failed carries answer_error (not a bare null,
+    which reads as "no answer artifact") and counts in valueprobe_answer_readout_failures_total."""
+    from conftest import run_app
+
+    from valueprobe.plugin import ValueProbe
+    from valueprobe.server.settings import Settings
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("readout exploded")
+
+    monkeypatch.setattr(ValueProbe, "readout_answer", broken)
+    settings = Settings(artifact=str(artifact_file), answer_artifact=str(answer_artifact_file))
+
+    async def scenario(client, app):
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a?"}],
+                                                            "max_tokens": 3})
+        return r, (await client.get("/metrics", follow_redirects=True)).text
+
+    r, text = run_app(settings, qwen_model, tokenizer, scenario)
+    conf = r.json()["confidence"]
+    assert r.status_code == 200 and conf["answer"] is None and "readout failed" in conf["answer_error"]
+    assert "valueprobe_answer_readout_failures_total 1.0" in text

@@ -263,13 +263,19 @@ def test_error_after_a_stream_started_ends_it_with_an_error_event(artifact_file,
         monkeypatch.setattr(engine, "decode", broken_decode)
         r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a?"}],
                                                             "max_tokens": 3, "stream": True})
-        return r
+        tgi = await client.post("/generate_stream", json={"inputs": "a?", "parameters": {"max_new_tokens": 3}})
+        counted = (await client.get("/metrics", follow_redirects=True)).text
+        return r, tgi, counted
 
-    r = run_app(settings, qwen_model, tokenizer, scenario)
+    r, tgi, counted = run_app(settings, qwen_model, tokenizer, scenario)
     events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
     assert r.status_code == 200 and events[-1] == "[DONE]"
     error = json.loads(events[-2])
     assert error["error"]["type"] == "server_error" and "confidence" in json.loads(events[0])
+    # TGI's in-band error carries the error's own TGI type, and both in-band errors are counted like any other
+    tgi_events = [json.loads(line.removeprefix("data:")) for line in tgi.text.splitlines() if line.startswith("data:")]
+    assert tgi_events[-1]["error_type"] == "generation" and "internal error" in tgi_events[-1]["error"]
+    assert 'valueprobe_errors_total{type="server_error"} 2.0' in counted
 
 
 def test_a_long_generation_does_not_hold_up_prompt_only_scoring(artifact_file, qwen_model, tokenizer):

@@ -230,3 +230,36 @@ def test_feedback_on_answers_not_the_local_models_does_not_recalibrate(stacked_f
         assert refused.status_code == 409 and "one outcome only" in refused.json()["error"]["message"]
 
     run_app(settings, qwen_model, tokenizer, scenario)
+
+
+def test_a_promotion_that_fails_on_disk_is_a_server_error_and_keeps_serving(stacked_file, qwen_model, tokenizer,
+                                                                            tmp_path):
+    """A calibration folder that cannot be written is the server's fault (500 storage_error, counted), not a
+    409 as if the request were at odds with the state; the old calibration keeps serving."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    settings = Settings(artifact=str(stacked_file), admin_token="t", recalibration="shadow",
+                        recalibration_min_feedback=20, calibration_dir=str(blocker / "calibrations"),
+                        default_max_new_tokens=2)
+    auth = {"Authorization": "Bearer t"}
+
+    async def scenario(client, app):
+        asked = await asyncio.gather(*(client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": f"Question {i}?"}], "max_tokens": 2}) for i in range(40)))
+        first = [r.json()["confidence"] for r in asked]
+        rank = np.argsort(np.argsort([c["probability"] for c in first], kind="stable"))
+        labels = [bool(r >= 8) for r in rank]  # right far more often than the live calibration says
+        low, high = int(np.flatnonzero(rank == 0)[0]), int(np.flatnonzero(rank == 39)[0])
+        labels[low], labels[high] = True, False
+        await asyncio.gather(*(client.post("/v1/feedback", headers=auth, json={"request_id": c["request_id"],
+                                                                                "correct": y})
+                               for c, y in zip(first, labels)))
+        promote = await client.post("/v1/admin/calibration/promote", headers=auth)
+        served = (await client.get("/v1/artifact")).json()
+        return promote, served, (await client.get("/metrics")).text, first[0]["artifact_id"]
+
+    promote, served, text, before = run_app(settings, qwen_model, tokenizer, scenario)
+    assert promote.status_code == 500, promote.text
+    assert promote.json()["error"]["type"] == "storage_error" and "still serving" in promote.json()["error"]["message"]
+    assert served["artifact_id"] == before and served["calibration_version"] == 0
+    assert metric(text, "valueprobe_errors_total", type="storage_error") == 1
