@@ -302,7 +302,8 @@ class ValueProbe:
 
     def readout_answer(self, values: torch.Tensor, token_logprobs: Sequence[Sequence[float]],
                        next_token: torch.Tensor | None, kinds: Sequence[tuple[str, int]] | None = None, *,
-                       prompt_signals: tuple[Sequence[float], Sequence[float]] | None = None) -> list[ProbeResult]:
+                       prompt_signals: tuple[Sequence[float], Sequence[float]] | None = None,
+                       read_at: Sequence[str] | None = None) -> list[ProbeResult]:
         """Confidence in given answers (an ``answer_end`` artifact): ``[n, k]`` neuron values read at each answer's
         last token, each answer's token log-probabilities and the ``[n, 2 + letters]`` next-token summary at the
         prompt's end (:func:`~valueprobe.plugin.nexttoken.summarize_logits`), all from the same generation (the
@@ -310,7 +311,10 @@ class ValueProbe:
         ``value_raw``, ``value_probability``, ``max_softmax``, ``entropy``, ``mean_token_logprob``,
         ``min_token_logprob`` and ``answer_tokens``. ``kinds``: each prompt's ``(kind, n_choices)``. In place of
         the summary, ``prompt_signals`` may give each prompt's ``(max_softmax, entropy)`` as a prompt-level
-        readout's components hold them."""
+        readout's components hold them. ``read_at`` (one per answer, recorded in ``components["read_at"]``) says
+        where the values were read: ``"last_token"`` (the state the answer's last token computes, as fitting reads
+        it) or ``"before_last_token"`` (an engine that never feeds back its last sampled token, at the token limit);
+        default ``"last_token"``."""
         self.require_position(ANSWER_END)
         n = int(torch.as_tensor(values).shape[0])
         kinds = list(kinds) if kinds is not None else [("open", 0)] * n
@@ -329,7 +333,8 @@ class ValueProbe:
             comps = {"value_raw": float(pred["value_raw"][i]), "value_probability": float(pred["value_probability"][i]),
                      "max_softmax": float(ms[i]), "entropy": float(ent[i]),
                      "mean_token_logprob": float(np.mean(lp)) if lp else None,
-                     "min_token_logprob": min(lp) if lp else None, "answer_tokens": len(lp)}
+                     "min_token_logprob": min(lp) if lp else None, "answer_tokens": len(lp),
+                     "read_at": read_at[i] if read_at is not None else "last_token"}
             dist = pred.get("ood_distance")
             out.append(ProbeResult(float(pred["value_raw"][i]), float(pred["probability"][i]), kinds[i][0], comps,
                                    None if dist is None else float(dist[i]),

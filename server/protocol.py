@@ -48,6 +48,10 @@ class AnswerComponents(Components):
     mean_token_logprob: Optional[float] = Field(None, description="Mean log-probability of the answer's tokens.")
     min_token_logprob: Optional[float] = Field(None, description="Lowest log-probability among the answer's tokens.")
     answer_tokens: int = Field(description="Tokens in the answer scored.")
+    read_at: Optional[Literal["last_token", "before_last_token"]] = Field(
+        None, description="Where the values were read: at the answer's last token (as fitting reads them), or, where "
+        "an engine never feeds back the last token it samples (vLLM, an answer stopped at max tokens), the token "
+        "before it.")
 
 
 class AnswerConfidence(BaseModel):

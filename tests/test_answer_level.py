@@ -85,6 +85,7 @@ def test_generation_reads_the_answer_end_state_a_prefill_of_prompt_plus_answer_g
             assert g.answer.raw == pytest.approx(expected.raw, abs=1e-4)
             assert g.answer.probability == pytest.approx(expected.probability, abs=1e-4)
             assert g.answer.components["answer_tokens"] == len(answer_ids)
+            assert g.answer.components["read_at"] == "last_token"  # at the limit too: one more step was run
             checked += 1
     assert checked == 3 * len(prompts)
 

@@ -466,7 +466,9 @@ class TransformersEngine(TokenizerAccess):
         # the prompt's next-token distribution: generate's first logits, the prefill's last position
         first = summarize_logits(out.logits[0][rows], self.letter_ids(answer_probe, always=True))
         try:
-            results = answer_probe.readout_answer(torch.stack(values), logprobs, first, kinds)
+            # read at each answer's last token: a row stopped at the token limit had one more step run for it
+            results = answer_probe.readout_answer(torch.stack(values), logprobs, first, kinds,
+                                                  read_at=["last_token"] * len(values))
         except Exception:  # noqa: BLE001 - the answer's confidence fails alone; the answer stands without it
             logger.exception("answer-level readout failed (artifact %s)", answer_probe.artifact_id)
             results = [None] * len(pending)

@@ -263,7 +263,7 @@ class VllmEngine(TokenizerAccess):
                 "answer_end"))
 
     async def _answer_readout(self, request_id: str, prompt: Prompt, answer_probe: ValueProbe, confidence: ProbeResult,
-                              token_logprobs: list[float]) -> ProbeResult | None:
+                              token_logprobs: list[float], read_at: str) -> ProbeResult | None:
         """The answer-level readout of a finished request: the worker's latest values for it (the state at the last
         token it was fed), the answer's token log-probabilities and the prompt's next-token signal (the prompt-level
         readout's components). ``None`` (logged) when a part is missing."""
@@ -283,7 +283,8 @@ class VllmEngine(TokenizerAccess):
             return None
         try:
             return answer_probe.readout_answer(torch.tensor([values], dtype=torch.float32), [token_logprobs], None,
-                                               [prompt.kind], prompt_signals=([comps["max_softmax"]], [comps["entropy"]]))[0]
+                                               [prompt.kind], prompt_signals=([comps["max_softmax"]], [comps["entropy"]]),
+                                               read_at=[read_at])[0]
         except Exception:  # noqa: BLE001 - the answer's confidence fails alone; the answer stands without it
             logger.exception("answer-level readout failed (artifact %s)", answer_probe.artifact_id)
             return None
@@ -357,11 +358,10 @@ class VllmEngine(TokenizerAccess):
             records = self._token_logprobs(completion, params.logprobs)
         answer = None
         if answer_probe is not None and records is not None:
-            answer = await self._answer_readout(rid, prompt, answer_probe, confidence, [t.logprob for t in records])
-            if answer is not None:
-                # vLLM never feeds back the token it samples last: an answer stopped at the token limit is read
-                # at the state before its last token (the transformers engine runs that one more step)
-                answer.components["read_at"] = "last_token" if finish != "length" else "before_last_token"
+            # vLLM never feeds back the token it samples last: an answer stopped at the token limit is read at the
+            # state before its last token (the transformers engine runs that one more step), and says so
+            answer = await self._answer_readout(rid, prompt, answer_probe, confidence, [t.logprob for t in records],
+                                                "last_token" if finish != "length" else "before_last_token")
         yield Finished(Generation(text, len(prompt.input_ids), n_tokens,
                                   finish if finish in ("stop", "length", "aborted") else "stop", confidence, answer=answer,
                                   token_logprobs=None if records is None else [t.logprob for t in records],
