@@ -103,6 +103,7 @@ def test_an_answer_artifact_is_refused_where_a_prompt_confidence_is_needed_and_i
         save_artifact(ArtifactData(dict(data.tensors), md), answer_artifact_file.parent / "bad.safetensors")
 
 
+@pytest.mark.slow  # a wall-clock bench run end to end (its output is checked, not its timings)
 def test_the_overhead_bench_times_each_variant_interleaved(qwen_model, tokenizer, probe, answer_probe):
     from valueprobe.bench.answer import measure_overhead
 

@@ -111,11 +111,13 @@ def test_confidence_in_an_answer_generated_elsewhere_is_the_prefill_readout(serv
 
     async def main():
         async with httpx.AsyncClient(base_url=sidecar.url, timeout=120) as client:
-            generated = await asyncio.gather(*(client.post("/v1/completions", json={"prompt": q, "max_tokens": 4})
-                                               for q in QUESTIONS))
+            # one-token answers too: a single token's text re-tokenizes to itself, so some rows always compare below
+            generated = await asyncio.gather(*(client.post("/v1/completions", json={"prompt": q, "max_tokens": n})
+                                               for n in (4, 1) for q in QUESTIONS))
             texts = [g.json()["choices"][0]["text"] for g in generated]
             served = [g.json()["confidence"]["answer"] for g in generated]
-            batch = await client.post("/v1/confidence", json=[{"prompt": q, "answer": t} for q, t in zip(QUESTIONS, texts)])
+            batch = await client.post("/v1/confidence", json=[{"prompt": q, "answer": t}
+                                                              for q, t in zip(QUESTIONS * 2, texts)])
             bad = await client.post("/v1/confidence", json={"prompt": "x", "answer": "y" * 20000})
             mine = await client.post("/v1/confidence", json=[{"prompt": q, "answer": a} for q, a in zip(QUESTIONS, given)])
             return texts, served, batch, bad, mine
@@ -129,11 +131,15 @@ def test_confidence_in_an_answer_generated_elsewhere_is_the_prefill_readout(serv
         assert r["answer"]["probability"] == pytest.approx(expected.probability, abs=1e-4)
         assert r["answer"]["components"]["mean_token_logprob"] == pytest.approx(sum(lps) / len(lps), abs=1e-4)
     results = batch.json()["results"]
+    assert len(results) == len(texts) == 2 * len(QUESTIONS)
+    compared = 0
     for text, s, r in zip(texts, served, results):
         assert r["answer"]["artifact_id"] == artifact_id and 0 <= r["probability"] <= 1
         if r["answer"]["components"]["answer_tokens"] != s["components"]["answer_tokens"]:
             continue  # the text does not re-tokenize to the generated tokens (the tiny model's byte soup)
         assert r["answer"]["probability"] == pytest.approx(s["probability"], abs=1e-4)
+        compared += 1
+    assert compared >= 1, "no served answer re-tokenized to its own tokens: nothing was compared"
     assert bad.status_code == 400 and "answer is 20000 characters" in bad.text
 
 

@@ -162,6 +162,7 @@ def test_ablate_runs_and_hook_changes_outputs(model_dir, data_file, tmp_path):
     assert len(set(picks.tolist())) == 3 and not set(picks.tolist()) & {0, 1, 2}
 
 
+@pytest.mark.slow  # a wall-clock bench run end to end (its output is checked, not its timings)
 def test_bench_perf_and_quality_smoke(model_dir, data_file, tmp_path):
     """The benchmark commands run end to end (numbers from a tiny random model mean nothing)."""
     out = tmp_path / "b.safetensors"
@@ -182,6 +183,7 @@ def test_bench_perf_and_quality_smoke(model_dir, data_file, tmp_path):
     assert (tmp_path / "q" / "quality.md").exists()
 
 
+@pytest.mark.slow  # a wall-clock bench run end to end (its output is checked, not its timings)
 def test_bench_soak_smoke(model_dir, data_file, second_source, tmp_path):
     """The soak benchmark runs end to end against a real sidecar process (tiny model, a few seconds)."""
     out = tmp_path / "s.safetensors"

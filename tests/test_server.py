@@ -171,6 +171,7 @@ def test_confidence_feedback_metrics_and_auth(servers):
     assert httpx.get(url + "/v1/models").json()["data"][0]["artifact_id"] == single["artifact_id"]
 
 
+@pytest.mark.slow  # a wall-clock bench run end to end (its output is checked, not its timings)
 def test_bench_serve_interleaves_repeated_runs_and_reports_each_ratio(assets):
     """`valueprobe bench serve` on two real sidecars: every repetition of each arm answers, and the printed ratio
     is the median of the per-run ratios it lists."""
