@@ -139,6 +139,17 @@ class SidecarMetrics:
             self.feedback_confidence.labels(bin=confidence_bin((i + 0.5) / N_BINS))
         self._window: deque = deque()
 
+    def publish_artifact(self, probe, model_name: str) -> None:
+        """The served artifact's info and calibration version, and its confidence series started at zero."""
+        for decision in DECISIONS:
+            self.confidence.labels(model=model_name, artifact=probe.artifact_id, decision=decision)
+        self.info.info({"artifact_id": probe.artifact_id, "model": model_name, "layer": str(probe.layer),
+                        "k": str(probe.k), "served_score": probe.served_score,
+                        "model_fingerprint": probe.model_fingerprint.get("layer_weights_sha256", "")[:16],
+                        "calibration_version": str(probe.calibration_version),
+                        "calibration_origin": probe.calibration_origin[:12]})
+        self.calibration_version.set(probe.calibration_version)
+
     def set_window(self, size: int) -> None:
         self._window = deque(self._window, maxlen=size)
 

@@ -101,6 +101,19 @@ class GainRouter:
         self._cache_size = cache_size
         self._inflight: dict[str, asyncio.Future] = {}
 
+    @classmethod
+    def from_settings(cls, settings, answer_probe, metrics) -> GainRouter | None:
+        """The router ``escalate_gain_above`` / ``escalate_gain_rate`` ask for, or ``None`` when neither is set."""
+        if settings.escalate_gain_above is None and settings.escalate_gain_rate is None:
+            return None
+        if settings.escalate_gain_moment == "after" and answer_probe is None:
+            raise ValueError("escalate_gain_moment 'after' decides on the local answer's answer-level probability: "
+                             "it needs an answer-level artifact (--answer-artifact)")
+        return cls(settings.escalate_confidence_url or confidence_url(settings.escalate_url),
+                   moment=settings.escalate_gain_moment, above=settings.escalate_gain_above,
+                   rate=settings.escalate_gain_rate, table=load_gain_table(settings.escalate_gain_table),
+                   timeout=settings.escalate_confidence_timeout_s, api_key=settings.upstream_api_key, metrics=metrics)
+
     async def aclose(self) -> None:
         await self.client.aclose()
 
@@ -142,6 +155,12 @@ class GainRouter:
             self._cache.popitem(last=False)
         return p, artifact, None
 
+    async def timed_probability(self, source: dict) -> tuple[tuple, float]:
+        """:meth:`target_probability` and the seconds spent waiting for it."""
+        started = time.perf_counter()
+        target = await self.target_probability(source)
+        return target, time.perf_counter() - started
+
     # -- the decision -------------------------------------------------------------------------------------------
     def threshold(self) -> float:
         """The gain above which a question is escalated now."""
@@ -167,6 +186,12 @@ class GainRouter:
             escalate = gain > threshold
             info = RouteInfo(moment, "escalation" if escalate else "local", "gain_above" if escalate else "gain_below",
                              p_local, p_target, gain, threshold, artifact, None, waited)
+        self.count(info)
+        return info
+
+    def abstained(self, p_local: float, moment: str) -> RouteInfo:
+        """The route of a question the policy abstains on (the gain is not asked for), counted."""
+        info = RouteInfo(moment, "local", "abstained", p_local, None, None, None)
         self.count(info)
         return info
 

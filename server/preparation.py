@@ -1,0 +1,120 @@
+"""Any protocol's request turned into one :class:`~valueprobe.server.outcome.Query`: size limits, rendering with
+the artifact's prompt format (or the chat template), tokenizing once, the context check, greedy below
+:data:`SAMPLING_EPS`, and which token log-probabilities can be served. Routes and consumers reach it only through
+:meth:`~valueprobe.server.service.Sidecar.prepare`."""
+
+from __future__ import annotations
+
+from valueprobe.plugin import PromptError
+from valueprobe.plugin.nexttoken import prompt_kind
+
+from .engines.base import Prompt
+from .errors import ClientError
+from .outcome import Query
+from .policy import Served
+
+__all__ = ["Preparation", "SAMPLING_EPS"]
+
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): every route and both engines go through
+# Preparation.prepare, so this is the one place that decides it.
+SAMPLING_EPS = 1e-5
+
+
+class Preparation:
+    def __init__(self, settings, engine):
+        self.settings, self.engine = settings, engine
+
+    def check_size(self, text: str, what: str = "prompt"):
+        if len(text) > self.settings.max_prompt_chars:
+            raise ClientError(f"{what} is {len(text)} characters; the limit is {self.settings.max_prompt_chars}")
+
+    def _render_question(self, served: Served, question: str, choices=None) -> tuple[list[dict], str, tuple[str, int]]:
+        self.check_size(question)
+        prompt = {"question": question, "choices": choices} if choices else question
+        fmt = served.probe.prompt_format
+        try:
+            rendered = fmt.render(self.engine.tokenizer, prompt)
+            user = fmt.user_text(prompt)
+        except PromptError as exc:
+            raise ClientError(str(exc)) from None
+        return [{"role": "user", "content": user}], rendered, prompt_kind(prompt)
+
+    def _render_messages(self, served: Served, messages: list[dict]) -> tuple[list[dict], str, tuple[str, int]]:
+        """A single user message is a question and gets the artifact's format (what the probe was fitted on);
+        longer conversations are rendered by the chat template as given."""
+        for m in messages:
+            self.check_size(m["content"])
+        if len(messages) == 1 and messages[0]["role"] == "user":
+            return self._render_question(served, messages[0]["content"])
+        try:
+            return messages, served.probe.prompt_format.render(self.engine.tokenizer, messages), ("open", 0)
+        except PromptError as exc:
+            raise ClientError(str(exc)) from None
+
+    def max_new_tokens(self, requested: int | None) -> int:
+        n = requested or self.settings.default_max_new_tokens
+        if n > self.settings.max_new_tokens_limit:
+            raise ClientError(f"max tokens {n} exceeds the limit {self.settings.max_new_tokens_limit}")
+        return n
+
+    def _tokenized(self, served: Served, rendered: str, kind=("open", 0), max_new_tokens: int = 0) -> Prompt:
+        """Tokenize once, and refuse a prompt that cannot fit the model's context before any model work."""
+        ids = self.engine.tokenize(rendered, served.probe)
+        if not ids:
+            raise ClientError("the prompt is empty after tokenization")
+        context = self.engine.context_length
+        if context and len(ids) + max_new_tokens > context:
+            raise ClientError(f"prompt ({len(ids)} tokens) plus max tokens ({max_new_tokens}) exceeds the model's "
+                              f"context of {context}")
+        return Prompt(ids, kind)
+
+    def prepare(self, served: Served, *, question: str | None = None, choices=None,
+                messages: list[dict] | None = None, raw: str | None = None, max_new_tokens: int | None = None,
+                temperature: float | None = None, top_p: float | None = None, seed: int | None = None, stop=None,
+                search=None, logprobs: int | None = None, stream: bool = False, scoring_only: bool = False) -> Query:
+        """Any protocol's request as one :class:`Query`, the only way routes and consumers build one.
+
+        Exactly one of ``question`` (with ``choices`` for multiple choice; rendered with the artifact's format),
+        ``messages`` (a single user message is a question; longer chats go through the chat template as given) or
+        ``raw`` (TGI's ``inputs``: the model's text as is). ``scoring_only``: a prompt to score, nothing to
+        generate (``/v1/confidence``, ``/classify``, the detectors). Greedy below a temperature of
+        :data:`SAMPLING_EPS`; the prompt is tokenized once and refused if it cannot fit the context."""
+        if sum(x is not None for x in (question, messages, raw)) != 1:
+            raise ClientError("a request needs exactly one of a question, messages or raw text")
+        if question is not None:
+            user, rendered, kind = self._render_question(served, question, choices)
+            source = {"prompt": question, **({"choices": list(choices)} if choices else {})}
+        elif messages is not None:
+            user, rendered, kind = self._render_messages(served, messages)
+            source = {"messages": [dict(m) for m in messages]}
+        else:
+            self.check_size(raw)
+            # TGI semantics: ``raw`` is the model's text; OpenAI upstreams get it as one user message
+            user, rendered, kind = [{"role": "user", "content": raw}], raw, ("open", 0)
+            source = {"messages": user}
+        n_new = 0 if scoring_only else self.max_new_tokens(max_new_tokens)
+        if temperature is not None and temperature < SAMPLING_EPS:
+            temperature = None  # greedy, as vLLM does: dividing logits by a subnormal temperature overflows them
+        if logprobs is not None:
+            self._check_logprobs(search)
+        return Query(user, rendered, self._tokenized(served, rendered, kind, n_new), served, n_new, temperature, top_p,
+                     seed, list(stop or []), search, logprobs, source)
+
+    @property
+    def serves_logprobs(self) -> bool:
+        """Whether whole responses can carry token log-probabilities (embedded mode, an engine that gives them)."""
+        return self.settings.mode == "embedded" and self.engine.supports_logprobs
+
+    def _check_logprobs(self, search) -> None:
+        """Token log-probabilities are served where this sidecar generates the answer, whole or streamed (a stream
+        carries them in its final chunk); every other combination is refused with the reason (never answered with
+        an empty field)."""
+        where = None
+        if self.settings.mode != "embedded":
+            where = "in gateway mode (the upstream generates: ask it)"
+        elif not self.engine.supports_logprobs:
+            where = f"by the {self.settings.engine} engine"
+        elif search is not None:
+            where = "with search"
+        if where:
+            raise ClientError(f"token log-probabilities are not served {where}")
