@@ -39,6 +39,19 @@ def cascade_curve(small_ok, big_ok, score, shares=SHARES) -> np.ndarray:
     return escalation_curve(small_ok, big_ok, -np.asarray(score, dtype=float), shares)
 
 
+def held_out_per_kind(questions, per_kind: int, *, seed: int) -> list:
+    """A seeded sample of ``per_kind`` questions of each kind (multiple choice first, then open), the whole kind
+    where it has fewer."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for kind in ("choice", "open"):
+        pool = [q for q in questions if q.kind == kind]
+        out += rng.sample(pool, min(per_kind, len(pool)))
+    return out
+
+
 def grade(question, text: str, letters: str = "ABCDEFGHIJ") -> bool:
     from valueprobe.calibration.data import grade_numeric, grade_open
 

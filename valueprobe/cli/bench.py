@@ -251,21 +251,14 @@ def bench_cascade(
         typer.echo(f"wrote {out}.md, {out}.json, {out}.png, {out}.gain-rates.json")
         return
     out = out or Path("weights/cascade/qwen2.5-coder-0.5b-to-1.5b")
-    import random
-
-    from valueprobe.bench.cascade import check_escalation_route, load_records, run
+    from valueprobe.bench.cascade import check_escalation_route, held_out_per_kind, load_records, run
     from valueprobe.bench.serve import spawn_sidecar, wait_ready
     from valueprobe.calibration.evaluate import artifact_test_questions
     from valueprobe.weights import default_artifact
 
     small_probe = load_probe(small_artifact)
     big_artifact = big_artifact or default_artifact()
-    held_out = artifact_test_questions(small_probe)
-    rng = random.Random(0)
-    questions = []
-    for kind in ("choice", "open"):
-        pool = [q for q in held_out if q.kind == kind]
-        questions += rng.sample(pool, min(per_kind, len(pool)))
+    questions = held_out_per_kind(artifact_test_questions(small_probe), per_kind, seed=0)
     procs = []
     try:
         spawned = {}
@@ -416,16 +409,14 @@ def bench_route_check(
     --escalate-gain-rate, each decision checked against the gain and threshold it reports and against the big
     sidecar's own probability (and an offline route_gain where given)."""
     import json
-    import random
 
+    from valueprobe.bench.cascade import held_out_per_kind
     from valueprobe.bench.route_live import decision_cost, routed_decisions, write
     from valueprobe.bench.serve import spawn_sidecar, wait_ready
     from valueprobe.calibration.evaluate import artifact_test_questions
     from valueprobe.weights import default_artifact
 
-    held_out = artifact_test_questions(load_probe(small_artifact))
-    rng = random.Random(1)
-    questions = [q for kind in ("choice", "open") for q in rng.sample([q for q in held_out if q.kind == kind], per_kind)]
+    questions = held_out_per_kind(artifact_test_questions(load_probe(small_artifact)), per_kind, seed=1)
     offline = {}
     if predictions is not None:
         records = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
