@@ -179,33 +179,46 @@ def print_table(console, title: str, results: dict) -> None:
 
 
 def run_engines(model=None, artifact=None, engines=("transformers", "vllm"), clients=(1, 4, 16), seconds=60.0,
-                max_tokens=32, overhead_reps=5):
-    """Each engine's sidecar driven with completions at each client count (one server per engine, started once),
-    then the in-engine probe overhead: one vLLM engine, the same batch of requests with the probe attached and
-    detached, interleaved ``overhead_reps`` times."""
+                max_tokens=32, overhead_reps=5, answer_artifact=("on", "off"), answers="long"):
+    """Each engine's sidecar, with its answer-level artifact on and off, driven with completions at each client
+    count (one server per arm, started once; arms run one after another, since two 1.5B engines at once do not
+    fit a small machine), then vLLM over transformers per client count and answer setting, side by side in one
+    run; then the in-engine probe overhead: one vLLM engine, the same batch of requests with the probe attached
+    and detached, interleaved ``overhead_reps`` times. ``answers``: ``long`` (explanations that run to
+    ``max_tokens``: decode-bound) or ``short`` (trivia, a few tokens: prefill-bound)."""
     from rich.console import Console
 
     console = Console()
+    questions = {"short": QUESTIONS, "long": LONG_QUESTIONS}[answers]
     results: dict[str, dict] = {}
-    for engine in engines if clients else ():
-        started = time.perf_counter()
-        proc, server = start_sidecar(model, artifact, engine=engine, max_queue=1024, max_new_tokens_limit=max_tokens)
-        console.print(f"{engine} sidecar ready in {time.perf_counter() - started:.0f} s")
-        try:
-            asyncio.run(drive(server, 2, 5.0, "completions", 4))  # warm-up
-            for n in clients:
-                results[f"{engine}, {n} clients"] = asyncio.run(drive(server, n, seconds, "completions", max_tokens))
-                console.print(f"  {engine} {n} clients: {results[f'{engine}, {n} clients']}")
-        finally:
-            proc.terminate()
-            proc.wait(60)
+    for setting in answer_artifact if clients else ():
+        for engine in engines:
+            started = time.perf_counter()
+            extra = {} if setting == "on" else {"answer_artifact": "none"}
+            proc, server = start_sidecar(model, artifact, engine=engine, max_queue=1024,
+                                         max_new_tokens_limit=max_tokens, **extra)
+            console.print(f"{engine} sidecar (answer artifact {setting}) ready in {time.perf_counter() - started:.0f} s")
+            try:
+                asyncio.run(drive(server, 2, 5.0, "completions", 4, questions))  # warm-up
+                for n in clients:
+                    key = f"{engine}, answer artifact {setting}, {n} clients"
+                    results[key] = asyncio.run(drive(server, n, seconds, "completions", max_tokens, questions))
+                    console.print(f"  {key}: {results[key]['tokens_per_s']:.2f} tokens/s")
+            finally:
+                proc.terminate()
+                proc.wait(60)
     if results:
-        print_table(console, f"completions, {max_tokens} new tokens, {seconds:.0f} s per row", results)
-    for n in clients:
-        a, b = results.get(f"vllm, {n} clients"), results.get(f"transformers, {n} clients")
-        if a and b:
-            console.print(f"{n} clients: vllm / transformers tokens/s = "
-                          f"{a['tokens_per_s'] / max(b['tokens_per_s'], 1e-9):.2f}x")
+        print_table(console, f"completions, {answers} answers, {max_tokens} new tokens at most, {seconds:.0f} s per row",
+                    results)
+    results["ratios"] = {}
+    for setting in answer_artifact:
+        for n in clients:
+            a = results.get(f"vllm, answer artifact {setting}, {n} clients")
+            b = results.get(f"transformers, answer artifact {setting}, {n} clients")
+            if a and b:
+                ratio = a["tokens_per_s"] / max(b["tokens_per_s"], 1e-9)
+                results["ratios"][f"answer artifact {setting}, {n} clients"] = ratio
+                console.print(f"answer artifact {setting}, {n} clients: vllm / transformers tokens/s = {ratio:.2f}x")
     if "vllm" in engines and overhead_reps:
         results["overhead"] = asyncio.run(probe_overhead(model, artifact, reps=overhead_reps, max_tokens=max_tokens,
                                                          requests=max(clients, default=16)))

@@ -208,3 +208,15 @@ def test_streamed_generations_share_a_batch_and_their_pieces_are_the_answer(qwen
             assert "".join(pieces) == gen.text
         else:
             assert pieces == []  # a whole answer gets no pieces
+
+
+def test_vllm_cpu_threads_are_bound_to_every_core_of_a_small_machine_unless_set():
+    """vLLM's auto binding reserves a core for its scheduler: on 2 cores the model ran on one (half the speed)."""
+    from valueprobe.server.engines.vllm_engine import SMALL_MACHINE_CORES, cpu_threads_bind
+
+    env = {}
+    assert cpu_threads_bind(env, [0, 1]) == "0,1"
+    assert env == {"VLLM_CPU_OMP_THREADS_BIND": "0,1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_threads_bind({}, list(range(SMALL_MACHINE_CORES + 1))) is None  # a large machine keeps vLLM's auto
+    chosen = {"VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    assert cpu_threads_bind(chosen, [0, 1]) is None and chosen == {"VLLM_CPU_OMP_THREADS_BIND": "auto"}

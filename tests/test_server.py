@@ -297,3 +297,17 @@ def test_token_logprobs_are_served_in_every_answer_shape_and_refused_where_they_
     r = httpx.post(servers["gateway"].url + "/generate", timeout=60,
                    json={"inputs": "Hi", "parameters": {"max_new_tokens": 2, "details": True}})
     assert r.status_code == 200 and r.json()["details"]["tokens"] == []  # the stock client's default, in gateway mode
+
+
+@pytest.mark.slow  # two sidecars started and driven in turn
+def test_bench_serve_engines_runs_each_answer_setting(assets):
+    """`bench serve --engine`: an arm per engine and answer-artifact setting, each answering under load."""
+    from valueprobe.bench.serve import run_engines
+
+    results = run_engines(str(assets / "model"), str(assets / "probe.safetensors"), engines=("transformers",),
+                          clients=(2,), seconds=2.0, max_tokens=4, overhead_reps=0, answer_artifact=("on", "off"),
+                          answers="short")
+    for setting in ("on", "off"):
+        row = results[f"transformers, answer artifact {setting}, 2 clients"]
+        assert row["requests"] > 0 and row["errors"] == 0
+    assert results["ratios"] == {}  # one engine: nothing to compare it with

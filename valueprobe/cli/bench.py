@@ -68,17 +68,31 @@ def bench_serve(
                                                              "in-engine probe overhead.")] = None,
     clients_list: Annotated[str, typer.Option(help="Client counts for --engine runs.")] = "1,4,16",
     overhead_reps: Annotated[int, typer.Option(help="Interleaved with/without-probe repetitions (vllm).")] = 5,
+    answer_artifact: Annotated[str, typer.Option(help="--engine runs: the answer-level artifact on, off or "
+                                                      "'on,off' (both, each engine).")] = "on,off",
+    out: Annotated[Optional[Path], typer.Option(help="--engine runs: write the results as JSON here.")] = None,
 ):
     """Load-test the sidecar: throughput, p50/p99, errors; batched vs one-at-a-time ratio, measured side by side.
-    With --engine: each engine at 1, 4 and 16 clients (requests/s, tokens/s, p50/p95) and the vLLM probe overhead."""
+    With --engine: each engine with the answer artifact on and off at 1, 4 and 16 clients (requests/s, tokens/s,
+    p50/p95; --answers long is decode-bound, short prefill-bound), vLLM / transformers per row, and the vLLM probe
+    overhead."""
     from valueprobe.bench.serve import run, run_engines
 
     if engine:
         bad = set(engine) - {"transformers", "vllm"}
         if bad:
             fail(f"unknown engine(s) {sorted(bad)}; expected transformers or vllm")
-        run_engines(model, artifact, tuple(engine), tuple(int(c) for c in clients_list.split(",") if c.strip()), seconds,
-                    max_tokens, overhead_reps)
+        settings = tuple(x.strip() for x in answer_artifact.split(",") if x.strip())
+        if not settings or set(settings) - {"on", "off"}:
+            fail(f"--answer-artifact takes on, off or 'on,off', not {answer_artifact!r}")
+        if answers not in ("short", "long"):
+            fail(f"--answers must be short or long, not {answers!r}")
+        results = run_engines(model, artifact, tuple(engine), tuple(int(c) for c in clients_list.split(",") if c.strip()),
+                              seconds, max_tokens, overhead_reps, settings, answers)
+        if out:
+            import json
+
+            out.write_text(json.dumps(results, indent=2))
         return
     if answers not in ("short", "long"):
         fail(f"--answers must be short or long, not {answers!r}")
