@@ -34,11 +34,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.fingerprint import model_fingerprint, tokenizer_fingerprint
-from valueprobe.plugin.hooks import capture, find_decoder_layers
+from valueprobe.plugin.hooks import capture, find_decoder_layers, position_ids
 from valueprobe.plugin.kvcache import cache_from_layers, cache_layers
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.nexttoken import next_token_features, summarize_logits
-from valueprobe.plugin.prompting import PromptFormat
+from valueprobe.plugin.prompting import PromptFormat, pad_token_id
 from transformers import DynamicCache
 
 from .data import Question, grade_numeric, grade_open
@@ -199,7 +199,7 @@ def sampling_batches(model, tokenizer, fmt: PromptFormat, total: int, todo: list
     model.eval()
     device = next(model.parameters()).device
     eos = sorted(eos_token_ids(model, tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad_id = pad_token_id(tokenizer)
     prefix = SharedPrefix(model, tokenizer, fmt, device) if todo else None
     per_batch = max(1, rows_per_batch // n_samples)
     with tqdm(total=total, initial=total - len(todo), desc=desc, unit=unit, disable=not progress) as bar:
@@ -218,7 +218,7 @@ def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token
     prompt's end) and, for unlabelled open questions, greedy generation stopped at the answer's end.
     Returns ``(features [n, L, H], summaries [n, 2+letters], generated token lists or None)``."""
     p_len = len(prefix) if prefix is not None else 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     input_ids, mask = _batch_inputs(token_lists, p_len, pad_id, device)
     cache = prefix.cache(len(batch)) if p_len else None
     with capture(model, layers, prefill_cache_length=p_len) as cap:
@@ -233,7 +233,7 @@ def _run_batch(model, tokenizer, fmt: PromptFormat, batch: list[Question], token
                                    for j, x in enumerate(gen.logits)], dim=1)
             extra = list(zip(tokens.tolist(), step_lp.tolist()))
         else:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_len:]
+            positions = position_ids(mask)[:, p_len:]
             out = model(input_ids=input_ids[:, p_len:], attention_mask=mask, position_ids=positions,
                         past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
             first_logits = out.logits[:, -1]
@@ -254,11 +254,11 @@ def _run_answer_batch(model, tokenizer, batch: list[Question], token_lists, answ
     Returns ``(prompt features [n, L, H], answer features [n, L, H], summaries [n, 2+letters], answer token
     lists, answer statistics)``; see :func:`_answer_stats`."""
     p_len = len(prefix) if prefix is not None else 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     input_ids, mask = _batch_inputs(token_lists, p_len, pad_id, device)
     cache = prefix.cache(len(batch)) if p_len else DynamicCache()
     with capture(model, layers, prefill_cache_length=p_len) as cap:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, p_len:]
+        positions = position_ids(mask)[:, p_len:]
         out = model(input_ids=input_ids[:, p_len:], attention_mask=mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
     prompt_feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
@@ -279,7 +279,7 @@ def _run_answer_batch(model, tokenizer, batch: list[Question], token_lists, answ
         answer_input[i, :len(a)] = torch.tensor(a, dtype=torch.long)
         answer_mask[i, :len(a)] = 1
     full_mask = torch.cat([mask, answer_mask.to(device)], dim=1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1]:]
+    positions = position_ids(full_mask)[:, mask.shape[1]:]
     with capture(model, layers, prefill_cache_length=mask.shape[1]) as cap:
         cont = model(input_ids=answer_input.to(device), attention_mask=full_mask, position_ids=positions,
                      past_key_values=out.past_key_values, use_cache=True)

@@ -27,6 +27,7 @@ from torch import nn
 from .kvcache import cache_length
 
 __all__ = [
+    "position_ids",
     "LayerNotFoundError",
     "StopForward",
     "DecoderLayers",
@@ -389,6 +390,12 @@ class _Capture:
         return {layer: torch.cat([b[layer] for b in self.batches]) for layer in self.batches[0]}
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` positions counting real tokens only (a left-padded row's first real token is at 0; padding
+    at 0 too): what ``generate`` computes, and what a plain forward pass needs for the same numbers."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def with_position_ids(encoding: dict) -> dict:
     """Add ``position_ids`` counting real tokens only, so left padding does not shift absolute positions.
 
@@ -399,7 +406,7 @@ def with_position_ids(encoding: dict) -> dict:
     if mask is None or "position_ids" in encoding:
         return encoding
     out = dict(encoding)
-    out["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out["position_ids"] = position_ids(mask)
     return out
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .hooks import StepStateRecorder
+from .hooks import StepStateRecorder, position_ids
 from .kvcache import cache_from_layers, cache_layers
 from .models import eos_token_ids
 from .prompting import pad_left, pad_token_id
@@ -136,7 +136,7 @@ def _prefill(model, prompts: list[list[int]], reader: StepStateRecorder, pad_id:
     mask = enc["attention_mask"]
     # logits of the last position only: all positions' would be rows x length x vocabulary floats
     out = model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=True, logits_to_keep=1)
+                position_ids=position_ids(mask).to(device), use_cache=True, logits_to_keep=1)
     kv = cache_layers(out.past_key_values)
     state = reader.take_last(reader.layers[0])
     logits = out.logits[:, -1, :].float().clone()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from valueprobe.plugin import ProbeHandle, ProbeResult, ValueProbe
-from valueprobe.plugin.hooks import StepStateRecorder
+from valueprobe.plugin.hooks import StepStateRecorder, position_ids
 from valueprobe.plugin.probe import answer_end_column
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.nexttoken import summarize_logits
@@ -297,7 +297,7 @@ class TransformersEngine(TokenizerAccess):
         enc = pad_left(rows, self.pad_id).to(self.device)
         keep = 1 + max(len(a) for a in answers)
         with capture(self.model, [answer_probe.layer], answer_probe.neuron_indices, thread_only=True) as cap:
-            logits = self.model(**enc, position_ids=(enc["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+            logits = self.model(**enc, position_ids=position_ids(enc["attention_mask"]),
                                 logits_to_keep=keep).logits
         logprobs = []
         for i, a in enumerate(answers):
