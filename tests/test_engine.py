@@ -155,6 +155,23 @@ def test_both_engines_implement_the_declared_engine_contract():
     assert "generate_stream" not in members  # one engine stream for whole and streamed answers
     for cls in (TransformersEngine, VllmEngine):
         assert not [m for m in members if not hasattr(cls, m)], cls
+    # the whole contract, not the names only: each method's parameters (names, order, kinds) and what it is
+    # (a coroutine, an async stream, a plain call) as EngineClient declares them
+    import inspect
+
+    def shape(fn):
+        kind = ("stream" if inspect.isasyncgenfunction(fn) else "coroutine" if inspect.iscoroutinefunction(fn)
+                else "call")
+        return kind, [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+
+    declared = {n: m for n, m in vars(EngineClient).items() if not n.startswith("_") and inspect.isfunction(m)}
+    assert declared["generate"] and shape(TransformersEngine.generate)[0] == "stream"
+    for cls in (TransformersEngine, VllmEngine):
+        for name, member in declared.items():
+            want, got = shape(member), shape(getattr(cls, name))
+            if want[0] == "call" and name == "generate":  # the Protocol declares the stream as a plain def
+                want = ("stream", want[1])
+            assert got == want, (cls.__name__, name, got, want)
     assert TransformersEngine.supports_search and not VllmEngine.supports_search
 
 
