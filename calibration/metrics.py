@@ -13,6 +13,7 @@ from sklearn.metrics import average_precision_score
 
 __all__ = [
     "mcnemar_p",
+    "bin_index",
     "auroc_score",
     "auprc_score",
     "brier_loss",
@@ -72,6 +73,11 @@ def brier_loss(y_true, y_prob) -> float:
     """Mean squared error between the probability and the outcome."""
     y_true, y_prob = _check(y_true, y_prob, probabilities=True)
     return float(np.mean((y_prob - y_true) ** 2))
+
+
+def bin_index(y_prob, n_bins: int) -> np.ndarray:
+    """Each probability's equal-width bin of [0, 1] (``0 .. n_bins - 1``; 1.0 falls in the last bin)."""
+    return np.minimum((np.asarray(y_prob, dtype=np.float64) * n_bins).astype(int), n_bins - 1)
 
 
 def _bin_edges(y_prob: np.ndarray, n_bins: int, strategy: str) -> np.ndarray:

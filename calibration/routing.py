@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from valueprobe.plugin.readout import clipped_logit as _clipped_logit
+
 __all__ = ["SHARES", "GAIN_RATES", "expected_gain", "escalation_order", "escalation_curve", "curve_area", "apgr",
            "accuracy_at", "share_to_reach", "random_band", "oracle_score", "paired_bootstrap",
            "gain_threshold_for_rate", "gain_rates", "router_features", "loso_router"]
@@ -250,9 +252,8 @@ def gain_rates(gains, rates=GAIN_RATES) -> dict[str, float]:
 # --- a fitted router --------------------------------------------------------------------------------------------
 
 def clipped_logit(p, eps: float = 1e-4) -> np.ndarray:
-    """``log(p / (1 - p))`` with ``p`` clipped to ``[eps, 1 - eps]`` (router features; finite for 0 and 1)."""
-    p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
-    return np.log(p / (1 - p))
+    """The router features' logit (:func:`valueprobe.plugin.readout.clipped_logit` clipped at ``eps``)."""
+    return _clipped_logit(p, eps)
 
 
 def router_features(p_big, p_small, kinds, max_softmax_big=None, max_softmax_small=None, extra=None) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch
 from scipy.special import expit, logit
 
 __all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS", "STACK_FEATURES",
-           "STACK_PARAMS", "ANSWER_STACK_FEATURES", "answer_signals", "stack_features", "stack_logit", "stack_proba",
+           "STACK_PARAMS", "ANSWER_STACK_FEATURES", "answer_signals", "clipped_logit", "stack_features", "stack_logit", "stack_proba",
            "mahalanobis"]
 
 HEADS = ("linear", "mlp")
@@ -97,15 +97,17 @@ def floored_signals(sum_logprob: float, min_logprob: float) -> tuple[float, floa
     return float(max(sum_logprob, 10 * LOGPROB_FLOOR)), float(max(min_logprob, LOGPROB_FLOOR))
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    return logit(np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6))
+def clipped_logit(p, eps: float = 1e-6) -> np.ndarray:
+    """``logit(p)`` with ``p`` clipped to ``[eps, 1 - eps]`` (finite for 0 and 1): the one clipped logit of the
+    stack's inputs, feedback's fitted logit and the router's features."""
+    return logit(np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps))
 
 
 def stack_features(value_raw, max_softmax, entropy, extra=None) -> np.ndarray:
     """``[n, 3 + m]`` stacking inputs: :data:`STACK_FEATURES` order (the max-softmax enters as a logit), then the
     ``m`` columns of ``extra`` (at the answer's end: :func:`answer_signals` per row; see
     :data:`ANSWER_STACK_FEATURES`)."""
-    cols = np.c_[np.asarray(value_raw, dtype=np.float64), _logit(max_softmax), np.asarray(entropy, dtype=np.float64)]
+    cols = np.c_[np.asarray(value_raw, dtype=np.float64), clipped_logit(max_softmax), np.asarray(entropy, dtype=np.float64)]
     if extra is not None:
         cols = np.c_[cols, np.asarray(extra, dtype=np.float64).reshape(len(cols), -1)]
     return cols

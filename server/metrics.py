@@ -20,14 +20,16 @@ from collections import deque
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from valueprobe.calibration.metrics import bin_index
+
 from .errors import error_types
+from .recalibration import N_BINS  # the feedback metrics' bins are the drift window's and the eval card's
 
 CONFIDENCE_BUCKETS = tuple(round(x, 2) for x in np.linspace(0.05, 1.0, 20))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 READOUT_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.01)
 DECISIONS = ("answer", "abstain", "escalate")
 ERROR_TYPES = error_types()  # from server/errors.py, so a new error type starts at zero too
-N_BINS = 10
 
 
 #: why gain routing kept or escalated a question (valueprobe.server.routing.RouteInfo.reason)
@@ -36,7 +38,7 @@ ROUTE_REASONS = ("gain_above", "gain_below", "target_unavailable", "abstained", 
 
 def confidence_bin(p: float) -> str:
     """Label of the equal-width bin holding ``p`` (``"0.0-0.1"`` … ``"0.9-1.0"``)."""
-    i = min(int(p * N_BINS), N_BINS - 1)
+    i = int(bin_index(p, N_BINS))
     return f"{i / N_BINS:.1f}-{(i + 1) / N_BINS:.1f}"
 
 

@@ -23,17 +23,18 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.special import expit, logit
+from scipy.special import expit
 
 from valueprobe.calibration.calibrators import PlattCalibrator
-from valueprobe.calibration.metrics import brier_loss, expected_calibration_error
+from valueprobe.calibration.metrics import bin_index, brier_loss, expected_calibration_error
+from valueprobe.plugin.readout import clipped_logit
 
 N_BINS = 10  # the feedback metrics' and the eval card's bins
 P_CLIP = 1e-6
 
 
 def to_logit(p) -> np.ndarray:
-    return logit(np.clip(np.asarray(p, dtype=np.float64), P_CLIP, 1 - P_CLIP))
+    return clipped_logit(p, P_CLIP)
 
 
 def fitted_logit(probability: float, origin_map: tuple[float, float] = (1.0, 0.0)) -> float:
@@ -58,8 +59,7 @@ def population_stability_index(expected_counts, actual_counts, eps: float = 1e-4
 
 def histogram(p, n_bins: int = N_BINS) -> np.ndarray:
     """Counts of ``p`` in ``n_bins`` equal-width bins of [0, 1] (the last bin closed)."""
-    idx = np.minimum((np.asarray(p, dtype=np.float64) * n_bins).astype(int), n_bins - 1)
-    return np.bincount(idx, minlength=n_bins)
+    return np.bincount(bin_index(p, n_bins), minlength=n_bins)
 
 
 def card_reference(eval_card: dict, n_bins: int = N_BINS) -> dict[str, np.ndarray]:
