@@ -47,7 +47,7 @@ from .fingerprint import (
 from .hooks import Hooks, LastTokenReader, capture, find_decoder_layers, with_position_ids
 from .nexttoken import next_token_features, prompt_kind
 from .prompting import Prompt, PromptFormat
-from .readout import answer_signals, calibrate, head_logit, mahalanobis, stack_features, stack_proba
+from .readout import answer_signals, calibrate, compose_maps, head_logit, mahalanobis, stack_features, stack_proba
 
 __all__ = ["ValueProbe", "ProbeResult", "ProbeHandle", "answer_end_column"]
 
@@ -471,12 +471,11 @@ class ValueProbe:
                 names = ("calibrator.a", "calibrator.b")
             else:
                 raise ValueError(f"unknown calibration slot {slot!r}; this artifact has {sorted(self._stack) + ['value']}")
-            a_old, b_old = (float(tensors[n].reshape(-1)[0]) for n in names)
+            a_new, b_new = compose_maps((a, b), tuple(float(tensors[n].reshape(-1)[0]) for n in names))
             dtype = tensors[names[0]].dtype
-            tensors[names[0]] = torch.tensor([a * a_old], dtype=dtype)
-            tensors[names[1]] = torch.tensor([a * b_old + b], dtype=dtype)
-            a0, b0 = origin.get(slot, (1.0, 0.0))
-            origin[slot] = (a * a0, a * b0 + b)
+            tensors[names[0]] = torch.tensor([a_new], dtype=dtype)
+            tensors[names[1]] = torch.tensor([b_new], dtype=dtype)
+            origin[slot] = compose_maps((a, b), origin.get(slot, (1.0, 0.0)))
         metadata.update(calibration_version=str(self.calibration_version + 1),
                         recalibrated_from=self.data.metadata["content_sha256"],
                         calibration_origin=self.calibration_origin,

@@ -12,7 +12,7 @@ import torch
 from scipy.special import expit, logit
 
 __all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS", "STACK_FEATURES",
-           "STACK_PARAMS", "ANSWER_STACK_FEATURES", "answer_signals", "clipped_logit", "stack_features", "stack_logit", "stack_proba",
+           "STACK_PARAMS", "ANSWER_STACK_FEATURES", "answer_signals", "clipped_logit", "compose_maps", "map_between", "stack_features", "stack_logit", "stack_proba",
            "mahalanobis"]
 
 HEADS = ("linear", "mlp")
@@ -95,6 +95,19 @@ def floored_signals(sum_logprob: float, min_logprob: float) -> tuple[float, floa
     """An answer's ``(sum, min)`` token log-probability floored as :func:`answer_signals` floors them (for rows
     that carry the two numbers rather than the list)."""
     return float(max(sum_logprob, 10 * LOGPROB_FLOOR)), float(max(min_logprob, LOGPROB_FLOOR))
+
+
+def compose_maps(outer: tuple[float, float], inner: tuple[float, float]) -> tuple[float, float]:
+    """The logit map ``z -> a * z + b`` that applies ``inner`` then ``outer``: ``(a_o * a_i, a_o * b_i + b_o)``."""
+    (a_o, b_o), (a_i, b_i) = outer, inner
+    return a_o * a_i, a_o * b_i + b_o
+
+
+def map_between(inner: tuple[float, float], target: tuple[float, float]) -> tuple[float, float]:
+    """The logit map that, composed after ``inner``, gives ``target`` (``compose_maps(result, inner) == target``)."""
+    (a_i, b_i), (a_t, b_t) = inner, target
+    a = a_t / a_i
+    return a, b_t - a * b_i
 
 
 def clipped_logit(p, eps: float = 1e-6) -> np.ndarray:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from scipy.special import expit
 
 from valueprobe.plugin import ProbeResult, ValueProbe
+from valueprobe.plugin.readout import map_between
 
 from .errors import ConflictError, NotFoundError
 from .recalibration import DriftMonitor, ShadowCalibrator, card_reference, fitted_logit
@@ -159,11 +160,8 @@ class FeedbackLoop:
             reasons = "; ".join(f"{slot}: {rep.reason}" for slot, rep in report.items()) or "no feedback yet"
             raise ConflictError(f"nothing to promote, still serving {probe.artifact_id} (calibration "
                                 f"{probe.calibration_version}): {reasons}")
-        maps = {}
-        for slot, rep in chosen.items():  # from the live map to the shadow's: logit' = a * logit + b
-            a_live, b_live = live.get(slot, (1.0, 0.0))
-            a = rep.a / a_live
-            maps[slot] = (a, rep.b - a * b_live)
+        # from the live map to the shadow's: logit' = a * logit + b
+        maps = {slot: map_between(live.get(slot, (1.0, 0.0)), (rep.a, rep.b)) for slot, rep in chosen.items()}
         record = {"trigger": trigger, "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "evidence": {slot: rep.to_dict() for slot, rep in chosen.items()},
                   "thresholds": "carried over from the fitted artifact (probabilities, not re-fitted)"}

@@ -263,3 +263,14 @@ def test_a_promotion_that_fails_on_disk_is_a_server_error_and_keeps_serving(stac
     assert promote.json()["error"]["type"] == "storage_error" and "still serving" in promote.json()["error"]["message"]
     assert served["artifact_id"] == before and served["calibration_version"] == 0
     assert metric(text, "valueprobe_errors_total", type="storage_error") == 1
+
+
+def test_logit_maps_compose_and_the_map_between_two_undoes_the_first():
+    from valueprobe.plugin.readout import compose_maps, map_between
+
+    inner, outer = (1.7, -0.3), (0.6, 0.9)
+    a, b = compose_maps(outer, inner)
+    z = np.linspace(-4, 4, 9)
+    np.testing.assert_allclose(a * z + b, outer[0] * (inner[0] * z + inner[1]) + outer[1])
+    np.testing.assert_allclose(compose_maps(map_between(inner, (a, b)), inner), (a, b))
+    np.testing.assert_allclose(map_between(inner, (a, b)), outer)
