@@ -43,10 +43,16 @@ from .fingerprint import config_fingerprint, params_sha256
 from .hooks import LogitsHandOff, find_decoder_layers
 from .nexttoken import prompt_kind
 
-__all__ = ["WORKER_EXTENSION", "ProbeWorkerExtension", "VllmProbe", "CompiledModelError", "checkpoint_layer_sha256",
-           "internal_request_id"]
+__all__ = ["WORKER_EXTENSION", "ProbeWorkerExtension", "VllmProbe", "CompiledModelError", "attach_args",
+           "checkpoint_layer_sha256", "internal_request_id"]
 
 WORKER_EXTENSION = "valueprobe.plugin.vllm.ProbeWorkerExtension"
+
+
+def attach_args(probe, letter_ids, *, key: str | None = None, position: str = "last_prompt_token") -> tuple:
+    """The arguments of the worker's ``valueprobe_attach`` RPC for ``probe`` (under ``key``, default its artifact
+    id): the one place every caller (``VllmProbe``, the sidecar's vLLM engine) builds them."""
+    return (key or probe.artifact_id, probe.layer, probe.neuron_indices.tolist(), letter_ids, position)
 
 
 class CompiledModelError(RuntimeError):
@@ -246,8 +252,7 @@ class VllmProbe:
         fields = llm.collective_rpc("valueprobe_fingerprint", args=(probe.layer,))[0]
         cls.check_compatible(probe, fields, tokenizer, strict=check_fingerprint)
         letters = probe.letter_ids(tokenizer) if probe.needs_next_token else None
-        llm.collective_rpc("valueprobe_attach",
-                           args=(probe.artifact_id, probe.layer, probe.neuron_indices.tolist(), letters))
+        llm.collective_rpc("valueprobe_attach", args=attach_args(probe, letters))
         return cls(probe, llm, letters)
 
     @classmethod
@@ -262,8 +267,7 @@ class VllmProbe:
         fields = (await engine.collective_rpc("valueprobe_fingerprint", args=(probe.layer,)))[0]
         cls.check_compatible(probe, fields, tokenizer, strict=check_fingerprint)
         letters = probe.letter_ids(tokenizer) if probe.needs_next_token else None
-        await engine.collective_rpc("valueprobe_attach",
-                                    args=(probe.artifact_id, probe.layer, probe.neuron_indices.tolist(), letters))
+        await engine.collective_rpc("valueprobe_attach", args=attach_args(probe, letters))
         return cls(probe, engine, letters)
 
     async def take_async(self, request_ids: Sequence[str], prompts=None) -> dict:

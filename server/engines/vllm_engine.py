@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 from valueprobe.plugin import ProbeResult, ValueProbe
 from valueprobe.plugin.models import eos_token_ids
-from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, internal_request_id
+from valueprobe.plugin.vllm import WORKER_EXTENSION, VllmProbe, attach_args, internal_request_id
 
 from ..errors import ClientError, ProbeFailedError
 from .base import (Admission, Finished, Generation, Piece, Prefilled, Prompt, TokenizerAccess, TokenLogprob,
@@ -175,8 +175,7 @@ class VllmEngine(TokenizerAccess):
             if key in self._attached:
                 return
             letters = self.letter_ids(probe)
-            await self.llm.collective_rpc("valueprobe_attach",
-                                          args=(key, probe.layer, probe.neuron_indices.tolist(), letters))
+            await self.llm.collective_rpc("valueprobe_attach", args=attach_args(probe, letters, key=key))
             self._attached[key] = VllmProbe(probe, self.llm, letters)
 
     async def detach(self, probe: ValueProbe) -> None:
@@ -284,9 +283,8 @@ class VllmEngine(TokenizerAccess):
         every request's latest ``k`` values at that layer, read when the request finishes."""
         await self.check_compatible(answer_probe, strict)
         async with self._attach_lock:
-            await self.llm.collective_rpc("valueprobe_attach", args=(
-                answer_probe.artifact_id + ANSWER_KEY, answer_probe.layer, answer_probe.neuron_indices.tolist(), None,
-                "answer_end"))
+            await self.llm.collective_rpc("valueprobe_attach", args=attach_args(
+                answer_probe, None, key=answer_probe.artifact_id + ANSWER_KEY, position="answer_end"))
 
     async def _answer_readout(self, request_id: str, prompt: Prompt, answer_probe: ValueProbe, confidence: ProbeResult,
                               token_logprobs: list[float], read_at: str) -> ProbeResult | None:
