@@ -571,6 +571,60 @@ class ValueProbe:
         return self.prompt_format.tokenize(tokenizer, [self.prompt_format.render(tokenizer, p) for p in prompts])
 
     @torch.inference_mode()
+    def read_answers(self, model, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
+                     kinds: Sequence[tuple[str, int]], *, letter_ids: Sequence[int], pad_id: int,
+                     thread_only: bool = False) -> list[ProbeResult]:
+        """Confidence in given answers (an ``answer_end`` artifact) from token ids: one prefill of each prompt +
+        answer, left-padded in one batch, the artifact's layer read at each answer's last token, the answer's token
+        log-probabilities and the prompt's next-token distribution (the column that predicts the answer's first
+        token) from the same pass -> :meth:`readout_answer`. The one prefill readout of answers: the sidecar's
+        transformers engine scores answers generated elsewhere with it, and :meth:`score_answers` wraps it."""
+        from .hooks import position_ids
+        from .nexttoken import summarize_logits
+        from .prompting import pad_left
+
+        self.require_position(ANSWER_END)
+        if not answer_ids:
+            raise ValueError("no answers to read")
+        device = next(model.parameters()).device
+        enc = pad_left([list(p) + list(a) for p, a in zip(prompt_ids, answer_ids)], pad_id).to(device)
+        keep = 1 + max(len(a) for a in answer_ids)
+        with capture(model, [self.layer], self.neuron_indices, thread_only=thread_only) as cap:
+            logits = model(**enc, position_ids=position_ids(enc["attention_mask"]), logits_to_keep=keep).logits
+        logprobs = []
+        for i, a in enumerate(answer_ids):
+            # left padding: every row's answer is its last len(a) tokens; column -1 - len(a) + j predicts token j
+            lp = torch.log_softmax(logits[i, keep - 1 - len(a) : keep - 1].float(), dim=-1)
+            logprobs.append([float(lp[j, t]) for j, t in enumerate(a)])
+        first = summarize_logits(torch.stack([logits[i, keep - 1 - len(a)] for i, a in enumerate(answer_ids)]),
+                                 letter_ids)
+        return self.readout_answer(cap.batches[0][self.layer], logprobs, first, list(kinds))
+
+    def score_answers(self, model, tokenizer, prompts: Sequence[Prompt], answers: Sequence[str], *,
+                      batch_size: int = 8, check_fingerprint: bool = True) -> list[ProbeResult]:
+        """Confidence in answers given to ``prompts`` (an ``answer_end`` artifact; the answers generated anywhere):
+        each prompt rendered with the artifact's format, the answer's text tokenized as the model would have
+        generated it, then :meth:`read_answers`. One result per answer, in order."""
+        from .prompting import pad_token_id
+
+        self.require_position(ANSWER_END)
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts and {len(answers)} answers")
+        self.check_compatible(model, tokenizer, strict=check_fingerprint)
+        adds = self.prompt_format.adds_special_tokens(tokenizer)
+        letters = self.letter_ids(tokenizer)
+        results: list[ProbeResult] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            ids = [tokenizer(self.prompt_format.render(tokenizer, p), add_special_tokens=adds)["input_ids"]
+                   for p in chunk]
+            answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"]
+                          for a in answers[start : start + batch_size]]
+            results.extend(self.read_answers(model, ids, answer_ids, [prompt_kind(p) for p in chunk],
+                                             letter_ids=letters, pad_id=pad_token_id(tokenizer)))
+        return results
+
+    @torch.inference_mode()
     def score(
         self,
         model,

@@ -113,3 +113,20 @@ def test_the_overhead_bench_times_each_variant_interleaved(qwen_model, tokenizer
     assert len(lines) == 4 and "both heads vs bare generate" in lines[-1]
     assert set(result["seconds"]) == {"bare generate", "engine, prompt-only probe", "engine, both heads"}
     assert all(v["min"] > 0 for v in result["seconds"].values()) and result["both_heads_over_bare"]["median"] > 0
+
+
+def test_plugin_users_score_answers_as_one_prefill_reads_them(qwen_model, tokenizer, probe, answer_probe):
+    """ValueProbe.score_answers (the plugin's answer-level API, the same readout the sidecar serves answers
+    generated elsewhere with) equals the reference: one unpadded forward over prompt + answer per answer."""
+    answers = ["Paris", "Jupiter, the largest", "eight legs", "fox", "Rome"]
+    got = answer_probe.score_answers(qwen_model, tokenizer, MIXED_PROMPTS, answers, batch_size=3)
+    assert len(got) == len(answers)
+    for p, a, r in zip(MIXED_PROMPTS, answers, got):
+        prompt_ids = answer_probe.encode(tokenizer, [p])["input_ids"][0].tolist()
+        expected, lps = _prefill_readout(qwen_model, answer_probe, prompt_ids,
+                                         tokenizer(a, add_special_tokens=False)["input_ids"], prompt_kind(p), tokenizer)
+        assert r.probability == pytest.approx(expected.probability, abs=1e-4)
+        assert r.components["mean_token_logprob"] == pytest.approx(sum(lps) / len(lps), abs=1e-4)
+        assert r.components["read_at"] == "last_token"
+    with pytest.raises(ArtifactError, match="token_position"):
+        probe.score_answers(qwen_model, tokenizer, MIXED_PROMPTS[:1], answers[:1])  # a prompt-only artifact

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from valueprobe.plugin import ProbeHandle, ProbeResult, ValueProbe
-from valueprobe.plugin.hooks import StepStateRecorder, position_ids
+from valueprobe.plugin.hooks import StepStateRecorder
 from valueprobe.plugin.probe import answer_end_column
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.nexttoken import summarize_logits
@@ -289,26 +289,10 @@ class TransformersEngine(TokenizerAccess):
                 answers[start : start + self.max_batch_size], answer_probe))
         return results
 
-    @torch.inference_mode()
     def _score_answer_batch(self, prompts, answers, answer_probe: ValueProbe) -> list[ProbeResult]:
-        from valueprobe.plugin.hooks import capture
-
-        rows = [list(p.input_ids) + list(a) for p, a in zip(prompts, answers)]
-        enc = pad_left(rows, self.pad_id).to(self.device)
-        keep = 1 + max(len(a) for a in answers)
-        with capture(self.model, [answer_probe.layer], answer_probe.neuron_indices, thread_only=True) as cap:
-            logits = self.model(**enc, position_ids=position_ids(enc["attention_mask"]),
-                                logits_to_keep=keep).logits
-        logprobs = []
-        for i, a in enumerate(answers):
-            # left padding: every row's answer is its last len(a) tokens; column -1 - len(a) + j predicts token j
-            lp = torch.log_softmax(logits[i, keep - 1 - len(a) : keep - 1].float(), dim=-1)
-            logprobs.append([float(lp[j, t]) for j, t in enumerate(a)])
-        # the prompt's next-token distribution: the column that predicts each answer's first token
-        first = summarize_logits(torch.stack([logits[i, keep - 1 - len(a)] for i, a in enumerate(answers)]),
-                                 self.letter_ids(answer_probe, always=True))
-        return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], logprobs, first,
-                                           [p.kind for p in prompts])
+        return answer_probe.read_answers(self.model, [p.input_ids for p in prompts], answers, [p.kind for p in prompts],
+                                         letter_ids=self.letter_ids(answer_probe, always=True), pad_id=self.pad_id,
+                                         thread_only=True)
 
     # -- embedded generation --------------------------------------------------------------------------------------
     def _gen_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None, seed: int | None):
