@@ -52,10 +52,13 @@ class Policy:
 
 @dataclass(frozen=True)
 class Served:
-    """What serves a request: the probe, the policy resolved from its thresholds, and its id. Swapped whole."""
+    """What serves a request: the probe, the policy resolved from its thresholds, the answer-level and step-value
+    artifacts beside it, and its id. Swapped whole (a reload, a promotion), so a request never mixes two."""
 
     probe: ValueProbe
     policy: Policy
+    answer_probe: ValueProbe | None = None  # confidence.answer on every generated answer
+    search_probe: ValueProbe | None = None  # values steps in `search`; else the probe's own head
 
     @property
     def artifact_id(self) -> str:

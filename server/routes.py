@@ -169,7 +169,7 @@ class _Serialiser:
         self.sidecar, self.served = sidecar, served
 
     def confidence(self, o: Outcome) -> dict:
-        return _confidence(o, self.served, self.sidecar.answer_probe).model_dump()
+        return _confidence(o, self.served, self.served.answer_probe).model_dump()
 
     def head(self, o: Outcome) -> dict | None: ...
 
@@ -213,7 +213,7 @@ class _ChatSerialiser(_Serialiser):
         body = p.ChatCompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
                                         choices=[p.ChatChoice(message=p.Message(role="assistant", content=o.text),
                                                               finish_reason=o.finish_reason, logprobs=_chat_logprobs(o))],
-                                        confidence=_confidence(o, self.served, self.sidecar.answer_probe),
+                                        confidence=_confidence(o, self.served, self.served.answer_probe),
                                         search=p.SearchInfo(**o.search) if o.search else None)
         payload = body.model_dump()
         if payload["search"] is None:
@@ -246,7 +246,7 @@ class _CompletionSerialiser(_Serialiser):
         return p.CompletionResponse(id=self.id, created=now(), model=self.sidecar.model_name, usage=_usage(o),
                                     choices=[p.CompletionChoice(text=o.text, finish_reason=o.finish_reason,
                                                 logprobs=_completion_logprobs(o, self.logprobs))],
-                                    confidence=_confidence(o, self.served, self.sidecar.answer_probe)).model_dump()
+                                    confidence=_confidence(o, self.served, self.served.answer_probe)).model_dump()
 
 
 class _TGISerialiser(_Serialiser):

@@ -41,8 +41,8 @@ class Sidecar:
     def __init__(self, settings: Settings, engine: EngineClient, metrics: SidecarMetrics, model_name: str, *,
                  search_probe: ValueProbe | None = None, answer_probe: ValueProbe | None = None):
         self.settings, self.engine, self.metrics, self.model_name = settings, engine, metrics, model_name
-        self.search_probe = search_probe  # a step-value artifact for `search`; else the served probe's head
-        self.answer_probe = answer_probe  # an answer_end artifact: confidence.answer on every generated answer
+        # the answer-level and step-value artifacts ride in every served snapshot (a reload keeps them)
+        self._beside = {"answer_probe": answer_probe, "search_probe": search_probe}
         self.upstream = None
         if settings.mode == "gateway":
             self.upstream = make_upstream(settings.upstream_kind, settings.upstream_url, timeout=settings.upstream_timeout_s,
@@ -70,9 +70,13 @@ class Sidecar:
     def policy(self) -> Policy:
         return self.served.policy
 
+    @property
+    def answer_probe(self) -> ValueProbe | None:
+        return self.served.answer_probe
+
     def _make_served(self, probe: ValueProbe) -> Served:
         abstain, escalate = resolve_thresholds(self.settings, probe.thresholds or {})
-        return Served(probe, Policy(abstain, escalate, self.escalation is not None))
+        return Served(probe, Policy(abstain, escalate, self.escalation is not None), **self._beside)
 
     def allowed_artifact_path(self, requested: str) -> Path:
         """Reload only takes ``.safetensors`` files inside the artifact folder (``artifact_dir``, default: the
@@ -181,7 +185,7 @@ class Sidecar:
     async def _searched(self, query: Query, head: Outcome, on_step=None) -> Outcome:
         """The answer by value-guided step search, once the prompt's own confidence said to answer."""
         spec = query.search
-        valued_by = self.search_probe or query.served.probe
+        valued_by = query.served.search_probe or query.served.probe
         result = await self.engine.search(query.prompt, valued_by, spec, temperature=query.temperature,
                                           seed=query.seed, on_step=on_step)
         self.metrics.searches.labels(strategy=spec.strategy).inc()
@@ -232,7 +236,7 @@ class Sidecar:
                 local = local and decision == "answer"
             if local:
                 args = dict(max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
-                            seed=query.seed, stop=query.stop, answer_probe=self.answer_probe, logprobs=query.logprobs,
+                            seed=query.seed, stop=query.stop, answer_probe=served.answer_probe, logprobs=query.logprobs,
                             stream=stream)
                 # the engine takes the policy's decision at the prefill (already taken above by the router)
                 generation = self.engine.generate(query.prompt, served.probe,
@@ -271,7 +275,7 @@ class Sidecar:
             if not stream:
                 yield Text(gen.text)
             final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
-                            finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen))
+                            finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen, served.answer_probe))
             if router is not None and router.moment == "after":
                 final = await self._routed_after(query, final, target, stream)
             elif (not stream and self.escalate_after is not None and final.answer is not None
@@ -381,10 +385,10 @@ class Sidecar:
         return replace(final, text=answer.text, routed=True, local_text=final.text, logprobs=None,
                        completion_tokens=answer.completion_tokens or 0, finish_reason=answer.finish_reason)
 
-    def _answer_fields(self, gen) -> dict:
-        """``answer`` and ``answer_flagged`` of an outcome from the local generation that answered it (observed in
-        the answer-confidence histogram)."""
-        if self.answer_probe is None:
+    def _answer_fields(self, gen, answer_probe: ValueProbe | None) -> dict:
+        """``answer`` and ``answer_flagged`` of an outcome from the local generation that answered it, read by the
+        request's ``answer_probe`` (observed in the answer-confidence histogram)."""
+        if answer_probe is None:
             return {}
         if gen.answer is None:  # the engine logged why; the answer stands without its confidence, said so
             self.metrics.answer_readout_failures.inc()
@@ -392,7 +396,7 @@ class Sidecar:
         p = gen.answer.probability
         flag = self.settings.flag_below
         flagged = None if flag is None else bool(p < flag)
-        self.metrics.answer_confidence.labels(model=self.model_name, artifact=self.answer_probe.artifact_id,
+        self.metrics.answer_confidence.labels(model=self.model_name, artifact=answer_probe.artifact_id,
                                               flagged=str(bool(flagged)).lower()).observe(p)
         return {"answer": gen.answer, "answer_flagged": flagged}
 
