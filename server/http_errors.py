@@ -69,7 +69,9 @@ def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(request, exc.status_code, kind, str(exc.detail), "validation", metrics=metrics())
+        # the framework's own headers stay (a 405 names the methods the route takes in Allow, as HTTP requires)
+        return error_response(request, exc.status_code, kind, str(exc.detail), "validation",
+                              headers=getattr(exc, "headers", None), metrics=metrics())
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

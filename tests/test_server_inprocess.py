@@ -173,3 +173,16 @@ def test_a_prompt_whose_state_is_not_finite_fails_alone_and_cleanly(artifact_fil
     assert errors["probe_error"] >= 5
     sizes = {s.name: s.value for s in families["valueprobe_generation_batch_size"].samples}
     assert sizes["valueprobe_generation_batch_size_sum"] > sizes["valueprobe_generation_batch_size_count"]  # batched
+
+
+def test_a_wrong_method_is_a_405_that_names_the_allowed_ones(artifact_file, qwen_model, tokenizer):
+    """RFC 9110 (15.5.6): a 405 carries Allow. The error handler used to drop the framework's headers."""
+    from conftest import run_app
+
+    async def scenario(client, app):
+        return await client.get("/v1/chat/completions"), await client.delete("/v1/confidence")
+
+    chat, confidence = run_app(Settings(artifact=str(artifact_file)), qwen_model, tokenizer, scenario)
+    for r in (chat, confidence):
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json()["error"]["type"] == "invalid_request_error"
