@@ -62,10 +62,14 @@ class FeatureSet:
     ``features``: ``[n, n_layers, hidden]`` float32 (layer ``l`` at index ``l - 1``).
     ``rows``: per-question dicts with ``id``, ``dataset``, ``kind``, ``label`` (1 = model correct), the model's
     ``prediction`` and the baseline scores.
+    ``pooled`` (answer-end sets only): more reads of the answer's tokens, each ``[n, n_layers, hidden]``:
+    ``answer_mean`` (every layer's state averaged over the answer's tokens) and ``answer_min_token`` (the state
+    at the answer token the model found least likely).
     """
 
     features: torch.Tensor
     rows: list[dict]
+    pooled: dict[str, torch.Tensor] | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -76,7 +80,9 @@ class FeatureSet:
 
     def subset(self, index) -> FeatureSet:
         index = np.asarray(index)
-        return FeatureSet(self.features[torch.as_tensor(index)], [self.rows[i] for i in index])
+        at = torch.as_tensor(index)
+        pooled = None if self.pooled is None else {k: v[at] for k, v in self.pooled.items()}
+        return FeatureSet(self.features[at], [self.rows[i] for i in index], pooled)
 
 
 def _cache_key(model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int) -> str:
@@ -88,23 +94,31 @@ def _cache_key(model, tokenizer, prompt_format: PromptFormat, max_new_tokens: in
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_shards(folder: Path) -> dict[str, tuple[torch.Tensor, dict]]:
-    done: dict[str, tuple[torch.Tensor, dict]] = {}
+POOLS = ("answer_mean", "answer_min_token")
+
+
+def _load_shards(folder: Path, *, pooled: bool = False) -> dict[str, tuple[torch.Tensor, dict, dict]]:
+    """``id -> (features, row, pooled reads)``. With ``pooled`` a shard written without the pooled reads (by an
+    older version) does not count as done, so a rerun reads its questions again."""
+    done: dict[str, tuple[torch.Tensor, dict, dict]] = {}
     for meta_path in sorted(folder.glob("shard-*.json")):
         tensor_path = meta_path.with_suffix(".safetensors")
         if not tensor_path.exists():
             continue  # a shard whose tensors never landed: redo it
         rows = json.loads(meta_path.read_text())
-        feats = load_file(str(tensor_path))["features"]
+        tensors = load_file(str(tensor_path))
+        if pooled and not all(k in tensors for k in POOLS):
+            continue
         for i, row in enumerate(rows):
-            done[row["id"]] = (feats[i], row)
+            done[row["id"]] = (tensors["features"][i], row, {k: tensors[k][i] for k in POOLS if k in tensors})
     return done
 
 
-def _write_shard(folder: Path, index: int, feats: torch.Tensor, rows: list[dict]) -> None:
+def _write_shard(folder: Path, index: int, feats: torch.Tensor, rows: list[dict],
+                 pooled: dict[str, torch.Tensor] | None = None) -> None:
     base = folder / f"shard-{index:05d}"
     tmp = base.with_suffix(".safetensors.tmp")
-    save_file({"features": feats.contiguous()}, str(tmp))
+    save_file({"features": feats.contiguous(), **{k: v.contiguous() for k, v in (pooled or {}).items()}}, str(tmp))
     os.replace(tmp, base.with_suffix(".safetensors"))
     # JSON last: a shard counts as done only when both files exist.
     base.with_suffix(".json.tmp").write_text(json.dumps(rows))
@@ -280,14 +294,56 @@ def _run_answer_batch(model, tokenizer, batch: list[Question], token_lists, answ
         answer_mask[i, :len(a)] = 1
     full_mask = torch.cat([mask, answer_mask.to(device)], dim=1)
     positions = position_ids(full_mask)[:, mask.shape[1]:]
-    with capture(model, layers, prefill_cache_length=mask.shape[1]) as cap:
+    with capture(model, layers, prefill_cache_length=mask.shape[1]) as cap, _every_position(model, layers) as states:
         cont = model(input_ids=answer_input.to(device), attention_mask=full_mask, position_ids=positions,
                      past_key_values=out.past_key_values, use_cache=True)
     answer_feats = torch.stack([cap.batches[0][layer] for layer in layers], dim=1)
     stats = [_answer_stats(torch.cat([first_logits[i:i + 1], cont.logits[i, :len(a)]]),
                            torch.tensor(a, dtype=torch.long, device=device), eos)
              for i, a in enumerate(answers)]
-    return prompt_feats, answer_feats, summaries, answers, stats
+    pooled = _pool_answer_states(torch.stack([states[layer] for layer in layers], dim=2), answer_mask, stats,
+                                 prompt_feats)
+    return prompt_feats, answer_feats, summaries, answers, stats, pooled
+
+
+@contextlib.contextmanager
+def _every_position(model, layers):
+    """``{layer: [batch, seq, hidden]}``: every position's output of the given decoder layers (1-based) in the
+    forward pass run inside; the same tensors the last-token reader takes its one position from."""
+    states: dict[int, torch.Tensor] = {}
+    decoder = find_decoder_layers(model)
+
+    def reader(layer: int):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            states[layer] = hidden.detach().float().cpu()
+        return hook
+
+    handles = [decoder.block(layer).register_forward_hook(reader(layer)) for layer in layers]
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _pool_answer_states(states: torch.Tensor, answer_mask: torch.Tensor, stats: list[dict],
+                        prompt_feats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The answer's tokens pooled, per layer: ``states`` ``[n, width, L, H]`` from feeding the answer on the
+    prompt's cache. ``answer_mean`` averages a row's real answer positions (the running mean a decoding hook keeps);
+    ``answer_min_token`` is the state at the position that read the answer's least likely token (``stats`` gives
+    each token's log-probability). An empty answer has no positions: both are its prompt's last-token state."""
+    n = states.shape[0]
+    mean = torch.empty_like(prompt_feats)
+    low = torch.empty_like(prompt_feats)
+    for i in range(n):
+        length = int(answer_mask[i].sum())
+        if length == 0:
+            mean[i] = low[i] = prompt_feats[i]
+            continue
+        mean[i] = states[i, :length].mean(dim=0)
+        low[i] = states[i, int(np.argmin(stats[i]["token_logprobs"]))]
+    return {"answer_mean": mean, "answer_min_token": low}
 
 
 def _answer_stats(logits: torch.Tensor, answer: torch.Tensor, eos: set[int]) -> dict:
@@ -298,7 +354,8 @@ def _answer_stats(logits: torch.Tensor, answer: torch.Tensor, eos: set[int]) -> 
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp[:-1].gather(1, answer.view(-1, 1))[:, 0] if answer.numel() else logp[:0, 0]
     end = torch.logsumexp(logp[-1, sorted(eos)], dim=0) if eos else torch.tensor(float("nan"))
-    return {"answer_mean_logprob": float(chosen.mean()) if chosen.numel() else None,
+    return {"token_logprobs": [float(x) for x in chosen],
+            "answer_mean_logprob": float(chosen.mean()) if chosen.numel() else None,
             "answer_min_logprob": float(chosen.min()) if chosen.numel() else None,
             "answer_sum_logprob": float(chosen.sum()),
             "answer_tokens": int(answer.numel()),
@@ -382,8 +439,8 @@ def extract_features(
     device = next(model.parameters()).device
     layers = list(range(1, len(find_decoder_layers(model)) + 1))
     folder = prompt_folder = None
-    done: dict[str, tuple[torch.Tensor, dict]] = {}
-    prompt_done: dict[str, tuple[torch.Tensor, dict]] = {}
+    done: dict[str, tuple[torch.Tensor, dict, dict]] = {}
+    prompt_done: dict[str, tuple[torch.Tensor, dict, dict]] = {}
     if answers is not None:
         missing = [q.id for q in questions if q.kind != "choice" and (q.id not in answers or q.id not in labels)]
         if missing:
@@ -393,7 +450,7 @@ def extract_features(
         prompt_folder = Path(cache_dir) / key
         folder = prompt_folder if answers is None else Path(cache_dir) / f"{key}-answer_end"
         folder.mkdir(parents=True, exist_ok=True)
-        done = _load_shards(folder)
+        done = _load_shards(folder, pooled=answers is not None)
         if answers is not None:
             prompt_folder.mkdir(parents=True, exist_ok=True)
             prompt_done = _load_shards(prompt_folder)
@@ -461,19 +518,22 @@ def _extract_todo(model, tokenizer, questions, prompt_format, todo, done, prompt
 
     shards = {f: len(list(f.glob("shard-*.json"))) for f in {folder, prompt_folder} if f is not None}
 
-    def flush(target: Path | None, feats: list, rows: list, into: dict) -> None:
+    def flush(target: Path | None, feats: list, rows: list, into: dict, pools: list | None = None) -> None:
         if not rows:
             return
         feats_all = torch.cat(feats)
+        pooled = {k: torch.cat([p[k] for p in pools]) for k in POOLS} if pools else None
         if target is not None:
-            _write_shard(target, shards[target], feats_all, rows)
+            _write_shard(target, shards[target], feats_all, rows, pooled)
             shards[target] += 1
         for i, row in enumerate(rows):
-            into[row["id"]] = (feats_all[i], row)
+            into[row["id"]] = (feats_all[i], row, {k: v[i] for k, v in (pooled or {}).items()})
         feats.clear()
         rows.clear()
+        if pools is not None:
+            pools.clear()
 
-    pending_feats, pending_rows = [], []
+    pending_feats, pending_rows, pending_pools = [], [], []
     prompt_feats_pending, prompt_rows_pending = [], []
     with tqdm(total=len(questions), initial=len(questions) - len(todo), desc="extract", disable=not progress,
               unit="q") as bar:
@@ -486,7 +546,7 @@ def _extract_todo(model, tokenizer, questions, prompt_format, todo, done, prompt
                     model, tokenizer, prompt_format, batch, token_lists, layers, device, prefix=use_prefix,
                     generate=gen_flag, max_new_tokens=max_new_tokens, letter_ids=letter_ids)
             else:
-                prompt_feats, feats, summaries, read, stats = _run_answer_batch(
+                prompt_feats, feats, summaries, read, stats, pools = _run_answer_batch(
                     model, tokenizer, batch, token_lists, answer_ids, layers, device, prefix=use_prefix,
                     letter_ids=letter_ids, eos=eos)
             seconds = (time.perf_counter() - started) / len(batch)
@@ -505,6 +565,8 @@ def _extract_todo(model, tokenizer, questions, prompt_format, todo, done, prompt
                     raise ValueError(f"{q.id}: the answer to read at is {answer!r} but the model chose "
                                      f"{prompt_row['prediction']!r} on this prompt: answers from another model or format?")
                 pending_rows.append({**prompt_row, **stats[i], "answer": answer})
+                if i == 0:
+                    pending_pools.append(pools)
                 if q.id not in prompt_done:
                     prompt_feats_pending.append(prompt_feats[i:i + 1])
                     prompt_rows_pending.append(prompt_row)
@@ -512,14 +574,15 @@ def _extract_todo(model, tokenizer, questions, prompt_format, todo, done, prompt
             bar.update(len(batch))
             last = number == len(groups) - 1
             if len(pending_rows) >= shard_size or last:
-                flush(folder, pending_feats, pending_rows, done)
+                flush(folder, pending_feats, pending_rows, done, pending_pools if answers is not None else None)
                 if answers is not None:
                     flush(prompt_folder, prompt_feats_pending, prompt_rows_pending, prompt_done)
     features = torch.stack([done[q.id][0] for q in questions])
     rows = [dict(done[q.id][1]) for q in questions]
     if not all(math.isfinite(float(v)) for v in features.reshape(-1)[:1000]):
         raise ValueError("non-finite features: check the model dtype")
-    return FeatureSet(features, rows)
+    pooled = {k: torch.stack([done[q.id][2][k] for q in questions]) for k in POOLS} if answers is not None else None
+    return FeatureSet(features, rows, pooled)
 
 
 def extract_answer_end(model, tokenizer, questions: list[Question], prompt_format: PromptFormat, *,

@@ -108,6 +108,16 @@ def test_answer_end_reads_the_state_and_log_probabilities_of_prompt_plus_answer(
         assert row["answer_min_logprob"] == pytest.approx(float(chosen.min()), abs=1e-4)
         assert row["label"] == labels[q.id]["label"] and row["question_tokens"] == len(prompt)
         assert row["max_softmax"] == pytest.approx(labels[q.id]["max_softmax"], abs=1e-4)  # still at the prompt's end
+        # pooled reads of the answer's tokens (issue 31): the mean over the answer's positions and the state at the
+        # position that read its least likely token, in the same pass
+        states = torch.stack([h[0, len(prompt):] for h in out.hidden_states[1:-1]], dim=1)  # [answer, L-1, H]
+        pooled = runs[1].pooled
+        torch.testing.assert_close(pooled["answer_mean"][i, :-1], states.mean(0), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pooled["answer_min_token"][i, :-1], states[int(chosen.argmin())],
+                                   atol=1e-4, rtol=1e-4)
+        if len(answer) == 1:
+            torch.testing.assert_close(pooled["answer_mean"][i], runs[1].features[i])
+    assert len(set(len(r["token_logprobs"]) for r in runs[1].rows)) > 1  # a test with only one-token answers proves little
 
 
 def test_answer_end_refuses_a_letter_the_model_did_not_choose(qwen_model, tokenizer):
@@ -139,6 +149,8 @@ def test_one_answer_pass_fills_both_caches(qwen_model, tokenizer, tmp_path):
         handle.remove()
     assert calls == []
     torch.testing.assert_close(again[1].features, answer.features)
+    for name, value in answer.pooled.items():  # the pooled reads come back from the cache too
+        torch.testing.assert_close(again[1].pooled[name], value)
 
 
 def test_a_second_writer_to_one_cache_is_refused_and_a_reader_is_not(qwen_model, tokenizer, tmp_path):
