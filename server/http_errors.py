@@ -1,12 +1,22 @@
 """The one mapping from errors to HTTP responses. Route handlers only raise.
 
-OpenAI-style routes answer ``{"error": {"type", "message"}}``; TGI routes answer TGI's ``{"error", "error_type"}``
-so that the stock ``text_generation`` client raises its own typed errors.
+Each route family answers errors in the shape its peers' clients parse:
+
+* OpenAI-style routes: ``{"error": {"type", "message", "code"}}``;
+* TGI routes: TGI's ``{"error", "error_type"}``, so that the stock ``text_generation`` client raises its own typed
+  errors;
+* TEI's shape (``/classify``, ``/predict``): TEI's ``ErrorResponse`` ``{"error", "error_type"}`` with TEI's types
+  (``validation``, ``overloaded``, ``unhealthy``, ``backend``: text-embeddings-inference ``router/src/lib.rs``), the
+  ``error`` string ``huggingface_hub`` shows as the message;
+* the FMS detector API (``/api/v1/text/...``): its ``Error`` ``{"code", "message"}``, what the orchestrator's
+  detector client deserializes from every non-200 answer (fms-guardrails-orchestrator ``src/clients/detector.rs``,
+  ``DetectorError``; anything else reaches its users as an empty message).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,33 +28,53 @@ from .errors import ValueprobeError
 logger = logging.getLogger(__name__)
 
 TGI_PATHS = ("/generate", "/generate_stream")
+TEI_PATHS = ("/classify", "/predict")
+FMS_PREFIX = "/api/v1/text/"
+
+Shape = Literal["openai", "tgi", "tei", "fms"]
+# our error types as TEI names them (TEI's ErrorType); any other 4xx is "validation", any other 5xx "backend"
+TEI_TYPES = {"not_ready": "unhealthy", "overloaded": "overloaded"}
 
 
-def _is_tgi(request: Request) -> bool:
-    return request.url.path in ("/",) + TGI_PATHS
+def shape_of(request: Request) -> Shape:
+    path = request.url.path
+    if path in ("/",) + TGI_PATHS:
+        return "tgi"
+    if path in TEI_PATHS:
+        return "tei"
+    if path.startswith(FMS_PREFIX):
+        return "fms"
+    return "openai"
 
 
-def error_body(status: int, type_: str, message: str, tgi_type: str, *, tgi: bool, metrics=None) -> dict:
-    """The one error body of every route, counted: TGI's ``{"error", "error_type"}`` or ``{"error": {type,
-    message, code}}``. Response handlers and a stream's in-band error event both use it."""
+def error_body(status: int, type_: str, message: str, tgi_type: str, *, tgi: bool = False, shape: Shape | None = None,
+               metrics=None) -> dict:
+    """The one error body of every route, counted: in the ``shape`` of the route's peers (``tgi=True`` is the TGI
+    shape). Response handlers and a stream's in-band error event both use it."""
     if metrics is not None:
         metrics.errors.labels(type=type_).inc()
-    if tgi:
+    shape = shape or ("tgi" if tgi else "openai")
+    if shape == "tgi":
         return {"error": message, "error_type": tgi_type}
+    if shape == "tei":
+        return {"error": message, "error_type": TEI_TYPES.get(type_, "validation" if status < 500 else "backend")}
+    if shape == "fms":
+        return {"code": status, "message": message}
     return {"error": {"type": type_, "message": message, "code": status}}
 
 
-def exception_body(exc: Exception, *, tgi: bool, metrics=None) -> tuple[int, dict]:
+def exception_body(exc: Exception, *, tgi: bool = False, shape: Shape | None = None, metrics=None) -> tuple[int, dict]:
     """``(status, body)`` for an exception: a domain error as its class says, anything else a logged 500 whose
     message reveals nothing."""
     if isinstance(exc, ValueprobeError):
-        return exc.status_code, error_body(exc.status_code, exc.type, str(exc), exc.tgi_type, tgi=tgi, metrics=metrics)
+        return exc.status_code, error_body(exc.status_code, exc.type, str(exc), exc.tgi_type, tgi=tgi, shape=shape,
+                                           metrics=metrics)
     return 500, error_body(500, "server_error", "internal error (logged on the server)", "generation", tgi=tgi,
-                           metrics=metrics)
+                           shape=shape, metrics=metrics)
 
 
 def error_response(request: Request, status: int, type_: str, message: str, tgi_type: str, headers=None, metrics=None):
-    body = error_body(status, type_, message, tgi_type, tgi=_is_tgi(request), metrics=metrics)
+    body = error_body(status, type_, message, tgi_type, shape=shape_of(request), metrics=metrics)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -54,7 +84,7 @@ def register_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ValueprobeError)
     async def _valueprobe(request: Request, exc: ValueprobeError):
-        status, body = exception_body(exc, tgi=_is_tgi(request), metrics=metrics())
+        status, body = exception_body(exc, shape=shape_of(request), metrics=metrics())
         return JSONResponse(body, status_code=status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -76,5 +106,5 @@ def register_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         logger.exception("unhandled error on %s", request.url.path)
-        status, body = exception_body(exc, tgi=_is_tgi(request), metrics=metrics())
+        status, body = exception_body(exc, shape=shape_of(request), metrics=metrics())
         return JSONResponse(body, status_code=status)

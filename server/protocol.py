@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Message(BaseModel):
@@ -258,12 +258,61 @@ class ReloadRequest(BaseModel):
 
 
 # -- the shapes routers and guardrails call (server/consumers.py) ---------------------------------------------------
+class ClassifyParameters(BaseModel):
+    """The Hugging Face Inference API's text-classification ``parameters`` (what ``huggingface_hub``'s
+    ``InferenceClient.text_classification`` sends): applied to the two-class logits ``[logit P, 0]``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    function_to_apply: Optional[Literal["softmax", "sigmoid", "none"]] = Field(
+        None, description="softmax (default): P and 1 - P; sigmoid: P and 0.5; none: the logits logit(P) and 0.")
+    top_k: Optional[int] = Field(None, ge=1, description="Only the k highest labels.")
+
+
 class ClassifyRequest(BaseModel):
-    """Hugging Face text-classification (TEI ``/predict``, vLLM Semantic Router's HTTP classifier)."""
+    """TEI's ``/predict`` request (``PredictRequest`` in text-embeddings-inference ``router/src/http/types.rs``): a
+    text, a list of one text, a pair ``[question, answer]``, or a batch ``[[text], [question, answer], ...]``; and
+    the Inference API's ``parameters`` (its presence asks for the Inference API's nested answer)."""
 
-    model_config = ConfigDict(extra="allow")  # truncate, raw_scores, ...: accepted, not needed
+    model_config = ConfigDict(extra="ignore")
 
-    inputs: Union[str, list[str]] = Field(description="A question, or a list of them.")
+    inputs: Union[str, list[str], list[list[str]]] = Field(
+        description="A question; [question]; a pair [question, answer] (confidence in that answer); or a batch "
+        "[[question], [question, answer], ...].")
+    truncate: Optional[bool] = Field(None, description="Cut a question that is too long to fit instead of refusing it.")
+    truncation_direction: Optional[Literal["left", "right", "Left", "Right"]] = Field(
+        None, description="Which end of the question is cut: left by default (the question's end, where the probe "
+        "reads, is kept); TEI's default is right.")
+    raw_scores: bool = Field(False, description="The two-class logits logit(P) and 0 instead of P and 1 - P.")
+    parameters: Optional[ClassifyParameters] = Field(
+        None, description="Hugging Face Inference API parameters; when present the answer is nested as that API's "
+        "([[labels]] for one text).")
+
+    @model_validator(mode="after")
+    def _sequences(self):
+        self.sequences  # noqa: B018 - raises on a shape TEI refuses
+        return self
+
+    @property
+    def batch(self) -> bool:
+        return bool(self.inputs) and isinstance(self.inputs, list) and isinstance(self.inputs[0], list)
+
+    @property
+    def sequences(self) -> list[tuple[str, ...]]:
+        """The inputs as TEI reads them (``PredictInput``'s visitor): each a ``(question,)`` or ``(question, answer)``."""
+        if isinstance(self.inputs, str):
+            return [(self.inputs,)]
+        if not self.inputs:
+            raise ValueError("inputs is empty")
+        if not self.batch:
+            if len(self.inputs) > 2:
+                raise ValueError(f"a list of {len(self.inputs)} strings: a list of strings is one input, [text] or a "
+                                 "pair [question, answer]; a batch is [[text], [question, answer], ...] (as in TEI)")
+            return [tuple(self.inputs)]
+        for i, item in enumerate(self.inputs):
+            if len(item) not in (1, 2):
+                raise ValueError(f"inputs[{i}] has {len(item)} strings: each is [text] or [question, answer]")
+        return [tuple(item) for item in self.inputs]
 
 
 class ClassLabel(BaseModel):
@@ -271,17 +320,24 @@ class ClassLabel(BaseModel):
     score: float = Field(description="P(label): the calibrated P(correct) for 'confident', its complement otherwise.")
 
 
-class DetectorParams(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    threshold: Optional[float] = Field(None, ge=0, le=1, description="P(correct) below which content is detected.")
+class DetectionMetadata(BaseModel):
+    probability: float = Field(description="Calibrated P(correct); the detection's score is 1 - this.")
+    scored: Literal["prompt", "answer"] = Field(description="prompt: the question's end (prompt-only); answer: the "
+                                                "generated text after the prompt (answer-level artifact).")
+    confident: bool = Field(description="probability at or above the sidecar's own cut (--confident-above, else "
+                            "where chat would not answer locally); informative: the orchestrator filters on score.")
+    truncated: bool = Field(description="The text was too long and was cut from the left before scoring.")
+    artifact_id: str
 
 
 class ContentsRequest(BaseModel):
-    """FMS guardrails detector API, text contents (``POST /api/v1/text/contents``, header ``detector-id``)."""
+    """FMS guardrails detector API, text contents (``POST /api/v1/text/contents``, header ``detector-id``):
+    ``ContentAnalysisHttpRequest`` of the orchestrator's ``docs/api/openapi_detector_api.yaml``."""
 
-    contents: list[str] = Field(min_length=1)
-    detector_params: DetectorParams = Field(default_factory=DetectorParams)
+    contents: list[str] = Field(description="Texts to score, each a question; the answer keeps their order.")
+    detector_params: dict[str, Any] = Field(default_factory=dict, description="Free-form; a numeric 'threshold' "
+                                            "keeps the detections whose score is at or above it (the orchestrator's "
+                                            "rule; the orchestrator itself removes it before calling).")
 
 
 class ContentsDetection(BaseModel):
@@ -290,19 +346,34 @@ class ContentsDetection(BaseModel):
     text: str
     detection: str
     detection_type: str
-    score: float = Field(description="1 - P(correct): how sure the detector is that this content is low-confidence.")
+    score: float = Field(description="1 - P(correct): how likely the model is to answer this content wrongly.")
+    metadata: DetectionMetadata
 
 
 class GenerationRequest(BaseModel):
-    """FMS guardrails detector API, generation (``POST /api/v1/text/generation``)."""
+    """FMS guardrails detector API, generation (``POST /api/v1/text/generation``): ``GenerationAnalysisHttpRequest``."""
 
-    prompt: str = Field(min_length=1)
+    prompt: str
     generated_text: str
-    detector_params: DetectorParams = Field(default_factory=DetectorParams)
+    detector_params: dict[str, Any] = Field(default_factory=dict)
 
 
 class GenerationDetection(BaseModel):
     detection: str
     detection_type: str
-    score: float
-    evidence: list = Field(default_factory=list)
+    score: float = Field(description="1 - P(correct) of the generated text (or of the prompt, see metadata.scored).")
+    metadata: DetectionMetadata
+
+
+class DetectorError(BaseModel):
+    """The detector API's ``Error``: what the orchestrator parses from any non-200 answer."""
+
+    code: int
+    message: str
+
+
+class Health(BaseModel):
+    """The orchestrator's optional health body (``OptionalHealthCheckResponseBody``)."""
+
+    status: Literal["HEALTHY", "UNHEALTHY"]
+    reason: Optional[str] = None

@@ -205,8 +205,9 @@ def test_the_generation_detector_scores_the_generated_text_where_an_answer_artif
     body = {"prompt": QUESTIONS[0], "answer": "Paris"}
     want = httpx.post(sidecar.url + "/v1/confidence", json=body, timeout=60).json()
     got = httpx.post(sidecar.url + "/api/v1/text/generation", headers={"detector-id": "valueprobe"}, timeout=60,
-                     json={"prompt": QUESTIONS[0], "generated_text": "Paris", "detector_params": {"threshold": 1.0}}).json()
+                     json={"prompt": QUESTIONS[0], "generated_text": "Paris"}).json()
     assert got[0]["score"] == pytest.approx(1 - want["answer"]["probability"], abs=1e-5)
+    assert got[0]["metadata"]["scored"] == "answer"
     assert want["answer"]["probability"] != pytest.approx(want["probability"], abs=1e-6)  # not the prompt's number
 
 

@@ -46,11 +46,12 @@ def test_classify_answers_the_text_classification_shape_with_the_served_probabil
 
 
 def test_classify_batches_keep_order_and_concurrent_clients_get_their_own(sidecar):
+    """TEI's batch form ``[[text], [text], ...]`` (a flat list of two strings is one pair in TEI)."""
     want = [served_probability(sidecar, q) for q in QUESTIONS]
 
     async def one(client, i):
         inputs = QUESTIONS[i % len(QUESTIONS):] + QUESTIONS[: i % len(QUESTIONS)]  # a rotation per client
-        r = await client.post("/classify", json={"inputs": inputs})
+        r = await client.post("/classify", json={"inputs": [[q] for q in inputs]})
         assert r.status_code == 200, r.text
         return inputs, r.json()
 
@@ -65,40 +66,40 @@ def test_classify_batches_keep_order_and_concurrent_clients_get_their_own(sideca
             assert score == pytest.approx(want[QUESTIONS.index(question)], abs=1e-5)
 
 
-@pytest.mark.parametrize("body,status", [({"inputs": []}, 400), ({"inputs": "  "}, 400), ({}, 422),
-                                         ({"inputs": ["x?"] * 257}, 400), ({"inputs": 3}, 422)])
-def test_classify_refuses_bad_input_with_a_reason(sidecar, body, status):
+@pytest.mark.parametrize("body", [{"inputs": []}, {"inputs": "  "}, {}, {"inputs": [["x?"]] * 257}, {"inputs": 3},
+                                  {"inputs": ["a?", "b?", "c?"]}, {"inputs": [["a?", "b?", "c?"]]}])
+def test_classify_refuses_bad_input_with_a_reason_in_teis_error_shape(sidecar, body):
     r = httpx.post(sidecar.url + "/classify", json=body, timeout=60)
-    assert r.status_code == status and r.json()["error"]["message"], r.text
+    assert r.status_code == 422 and r.json()["error_type"] == "validation" and r.json()["error"], r.text
 
 
 def test_fms_detector_contents_and_generation(sidecar):
-    """Detections where P(correct) is below the request's threshold (score = 1 - P), none where it is above; the
-    orchestrator's detector-id header is accepted."""
+    """Every content gets its detection (score = 1 - P) whatever its P: the orchestrator cuts by its own threshold;
+    a threshold sent directly keeps the detections scored at or above it, as the orchestrator would."""
     want = [served_probability(sidecar, q) for q in QUESTIONS]
     headers = {"detector-id": "valueprobe-confidence"}
     everything = httpx.post(sidecar.url + "/api/v1/text/contents", headers=headers, timeout=60,
-                            json={"contents": QUESTIONS, "detector_params": {"threshold": 1.0}}).json()
+                            json={"contents": QUESTIONS}).json()
     assert len(everything) == len(QUESTIONS)
     for text, detections, p in zip(QUESTIONS, everything, want):
         (d,) = detections
         assert (d["start"], d["end"], d["text"]) == (0, len(text), text)
         assert d["detection_type"] == "confidence" and d["detection"] == "low_confidence"
-        assert d["score"] == pytest.approx(1 - p, abs=1e-5)
-    cut = sorted(want)[1] + 1e-9  # exactly the two least confident are detected
+        assert d["score"] == pytest.approx(1 - p, abs=1e-5) and d["metadata"]["probability"] == pytest.approx(p, abs=1e-5)
+    cut = sorted(1 - p for p in want)[2] - 1e-9  # exactly the two least confident are kept
     some = httpx.post(sidecar.url + "/api/v1/text/contents", headers=headers, timeout=60,
                       json={"contents": QUESTIONS, "detector_params": {"threshold": cut}}).json()
-    assert [bool(d) for d in some] == [p < cut for p in want]
+    assert [bool(d) for d in some] == [1 - p >= cut for p in want] and sum(map(bool, some)) == 2
     generation = httpx.post(sidecar.url + "/api/v1/text/generation", headers=headers, timeout=60,
-                            json={"prompt": QUESTIONS[0], "generated_text": "Paris",
-                                  "detector_params": {"threshold": 1.0}}).json()
+                            json={"prompt": QUESTIONS[0], "generated_text": "Paris"}).json()
     assert [g["detection"] for g in generation] == ["low_confidence"]
     assert generation[0]["score"] == pytest.approx(1 - want[0], abs=1e-5)
-    assert httpx.post(sidecar.url + "/api/v1/text/generation", timeout=60,
+    assert generation[0]["metadata"]["scored"] == "prompt"  # this sidecar has no answer-level artifact
+    assert httpx.post(sidecar.url + "/api/v1/text/generation", headers=headers, timeout=60,
                       json={"prompt": QUESTIONS[0], "generated_text": "Paris",
-                            "detector_params": {"threshold": 0.0}}).json() == []
-    bad = httpx.post(sidecar.url + "/api/v1/text/contents", json={"contents": []}, timeout=60)
-    assert bad.status_code == 422
+                            "detector_params": {"threshold": 1.01}}).json() == []
+    assert httpx.post(sidecar.url + "/api/v1/text/contents", json={"contents": []}, headers=headers,
+                      timeout=60).json() == []
 
 
 def test_nemo_guardrails_action_from_the_docs_calls_the_sidecar(sidecar):
