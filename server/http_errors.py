@@ -6,8 +6,9 @@ Each route family answers errors in the shape its peers' clients parse:
 * TGI routes: TGI's ``{"error", "error_type"}``, so that the stock ``text_generation`` client raises its own typed
   errors;
 * TEI's shape (``/classify``, ``/predict``): TEI's ``ErrorResponse`` ``{"error", "error_type"}`` with TEI's types
-  (``validation``, ``overloaded``, ``unhealthy``, ``backend``: text-embeddings-inference ``router/src/lib.rs``), the
-  ``error`` string ``huggingface_hub`` shows as the message;
+  as TEI serializes them (``Validation``, ``Overloaded``, ``Unhealthy``, ``Backend``: ``ErrorType`` in
+  text-embeddings-inference ``router/src/lib.rs``, no serde rename), the ``error`` string ``huggingface_hub`` shows as
+  the message;
 * the FMS detector API (``/api/v1/text/...``): its ``Error`` ``{"code", "message"}``, what the orchestrator's
   detector client deserializes from every non-200 answer (fms-guardrails-orchestrator ``src/clients/detector.rs``,
   ``DetectorError``; anything else reaches its users as an empty message).
@@ -32,8 +33,8 @@ TEI_PATHS = ("/classify", "/predict")
 FMS_PREFIX = "/api/v1/text/"
 
 Shape = Literal["openai", "tgi", "tei", "fms"]
-# our error types as TEI names them (TEI's ErrorType); any other 4xx is "validation", any other 5xx "backend"
-TEI_TYPES = {"not_ready": "unhealthy", "overloaded": "overloaded"}
+# our error types as TEI names them (TEI's ErrorType); any other 4xx is "Validation", any other 5xx "Backend"
+TEI_TYPES = {"not_ready": "Unhealthy", "overloaded": "Overloaded"}
 
 
 def shape_of(request: Request) -> Shape:
@@ -47,6 +48,12 @@ def shape_of(request: Request) -> Shape:
     return "openai"
 
 
+def status_for(shape: Shape, status: int) -> int:
+    """The status a route family answers: the detector API documents only 404 and 422 (``Validation Error``), so
+    there a malformed request (a body that does not parse, a refused value) is a 422 rather than a 400."""
+    return 422 if shape == "fms" and status == 400 else status
+
+
 def error_body(status: int, type_: str, message: str, tgi_type: str, *, tgi: bool = False, shape: Shape | None = None,
                metrics=None) -> dict:
     """The one error body of every route, counted: in the ``shape`` of the route's peers (``tgi=True`` is the TGI
@@ -57,7 +64,7 @@ def error_body(status: int, type_: str, message: str, tgi_type: str, *, tgi: boo
     if shape == "tgi":
         return {"error": message, "error_type": tgi_type}
     if shape == "tei":
-        return {"error": message, "error_type": TEI_TYPES.get(type_, "validation" if status < 500 else "backend")}
+        return {"error": message, "error_type": TEI_TYPES.get(type_, "Validation" if status < 500 else "Backend")}
     if shape == "fms":
         return {"code": status, "message": message}
     return {"error": {"type": type_, "message": message, "code": status}}
@@ -67,14 +74,16 @@ def exception_body(exc: Exception, *, tgi: bool = False, shape: Shape | None = N
     """``(status, body)`` for an exception: a domain error as its class says, anything else a logged 500 whose
     message reveals nothing."""
     if isinstance(exc, ValueprobeError):
-        return exc.status_code, error_body(exc.status_code, exc.type, str(exc), exc.tgi_type, tgi=tgi, shape=shape,
-                                           metrics=metrics)
+        status = status_for(shape, exc.status_code)
+        return status, error_body(status, exc.type, str(exc), exc.tgi_type, tgi=tgi, shape=shape, metrics=metrics)
     return 500, error_body(500, "server_error", "internal error (logged on the server)", "generation", tgi=tgi,
                            shape=shape, metrics=metrics)
 
 
 def error_response(request: Request, status: int, type_: str, message: str, tgi_type: str, headers=None, metrics=None):
-    body = error_body(status, type_, message, tgi_type, shape=shape_of(request), metrics=metrics)
+    shape = shape_of(request)
+    status = status_for(shape, status)
+    body = error_body(status, type_, message, tgi_type, shape=shape, metrics=metrics)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

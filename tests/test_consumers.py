@@ -70,7 +70,7 @@ def test_classify_batches_keep_order_and_concurrent_clients_get_their_own(sideca
                                   {"inputs": ["a?", "b?", "c?"]}, {"inputs": [["a?", "b?", "c?"]]}])
 def test_classify_refuses_bad_input_with_a_reason_in_teis_error_shape(sidecar, body):
     r = httpx.post(sidecar.url + "/classify", json=body, timeout=60)
-    assert r.status_code == 422 and r.json()["error_type"] == "validation" and r.json()["error"], r.text
+    assert r.status_code == 422 and r.json()["error_type"] == "Validation" and r.json()["error"], r.text
 
 
 def test_fms_detector_contents_and_generation(sidecar):
