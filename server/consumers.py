@@ -261,7 +261,7 @@ async def detect_generation(req: p.GenerationRequest, sidecar: SidecarDep, detec
                                   metadata=_metadata(sidecar, served, s))]
 
 
-@router.get("/health", tags=["consumers"], response_model=p.Health,
+@router.get("/health", tags=["consumers"], response_model=p.Health, response_model_exclude_none=True,
             responses={503: {"model": p.Health, "description": "Loading, or loading failed"}})
 async def health(request: Request):
     """The detector API's health check (what the orchestrator's health client reads): HEALTHY once the model and
@@ -270,4 +270,4 @@ async def health(request: Request):
         return p.Health(status="HEALTHY")
     error = getattr(request.app.state, "load_error", None)
     reason = f"model and artifact failed to load: {error}" if error else "model and artifact are still loading"
-    return JSONResponse(p.Health(status="UNHEALTHY", reason=reason).model_dump(), status_code=503)
+    return JSONResponse(p.Health(status="UNHEALTHY", reason=reason).model_dump(exclude_none=True), status_code=503)

@@ -588,3 +588,48 @@ def test_every_peer_at_once_gets_its_own_answers(sidecar):
             await asyncio.gather(*(one(client, i) for i in range(48)))
 
     asyncio.run(main())
+
+
+# -- NeMo Guardrails' custom action (docs/nemo_guardrails_action.py) -------------------------------------------------
+async def nemo_runs_action(fn, action_params: dict, context: dict):
+    """How NeMo Guardrails (NVIDIA/NeMo-Guardrails, Colang 1.0) calls a registered action, from its code:
+    ``Runtime._process_start_action`` (nemoguardrails/colang/v1_0/runtime/runtime.py @ 0491460) takes the Colang
+    call's keyword arguments, replaces a ``"$name"`` string by that context variable, and adds ``context`` when the
+    function's signature has that parameter; ``ActionDispatcher.execute_action`` (nemoguardrails/actions/
+    action_dispatcher.py @ 01b78b2) calls ``fn(**params)``, awaits a coroutine, and turns an exception into the
+    status "failed" (the bot then says an internal error occurred)."""
+    import inspect
+
+    kwargs = {k: context.get(v[1:], v) if isinstance(v, str) and v.startswith("$") else v for k, v in action_params.items()}
+    if "context" in inspect.signature(fn).parameters:
+        kwargs["context"] = context
+    try:
+        result = fn(**kwargs)
+        if inspect.iscoroutine(result):
+            result = await result
+        return result, "success"
+    except Exception:  # noqa: BLE001 - what NeMo does
+        return None, "failed"
+
+
+def test_nemo_runs_the_documented_action_as_its_runtime_calls_it(sidecar, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "docs" / "nemo_guardrails_action.py"
+    spec = importlib.util.spec_from_file_location("nemo_guardrails_action", path)
+    action = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(action)
+    want = {q: prompt_p(sidecar, q) for q in QUESTIONS}
+
+    async def main():
+        calls = []
+        for i in range(20):  # the Colang flow's `execute check_confidence(threshold=..., url=$sidecar)`, many at once
+            q = QUESTIONS[i % len(QUESTIONS)]
+            threshold = want[q] + (1e-6 if i % 2 else -1e-6)
+            calls.append(nemo_runs_action(action.check_confidence, {"threshold": threshold, "url": "$sidecar"},
+                                          {"user_message": q, "sidecar": sidecar.url}))
+        return await asyncio.gather(*calls)
+
+    for i, (result, status) in enumerate(asyncio.run(main())):
+        assert status == "success" and result is (i % 2 == 0)  # confident exactly when P >= threshold
