@@ -22,10 +22,10 @@ from .settings import Settings
 logger = logging.getLogger("valueprobe.server")
 
 
-def _load(settings: Settings, model=None, tokenizer=None):
+def _load(settings: Settings, store, model=None, tokenizer=None):
     from valueprobe.plugin import load_model
 
-    probe = _probe_for(settings)
+    probe = _probe_for(settings, store)
     name = settings.model or probe.model_name
     if model is None:
         model, tokenizer = load_model(name, dtype=settings.dtype, device=settings.device)
@@ -33,7 +33,7 @@ def _load(settings: Settings, model=None, tokenizer=None):
     return model, tokenizer, probe, name
 
 
-def _probe_for(settings: Settings):
+def _probe_for(settings: Settings, store):
     from valueprobe.plugin import ValueProbe
     from valueprobe.plugin.artifact import TOKEN_POSITION
 
@@ -42,13 +42,16 @@ def _probe_for(settings: Settings):
     probe = ValueProbe.load(settings.artifact_path())
     probe.require_position(TOKEN_POSITION)
     check_pin(probe, settings.artifact_sha256)
-    if settings.recalibration != "off":  # a calibration promoted from feedback before a restart is served again
-        from .recalibration import calibration_folder, latest_promoted
+    if settings.recalibration != "off":  # the newest calibration promoted from feedback (by any replica) is served
+        from .service import materialize_promotion
 
-        newer = latest_promoted(probe, calibration_folder(settings.calibration_dir, probe.calibration_origin))
-        if newer is not None:
-            logger.info("serving calibration %d of %s (promoted from feedback): %s", newer.calibration_version,
-                        probe.artifact_id, newer.data.path)
+        row = store.latest_promotion(probe.calibration_origin, probe.calibration_version)
+        if row is not None:
+            newer = materialize_promotion(row, settings.calibration_dir)
+            newer.require_position(TOKEN_POSITION)
+            check_pin(newer, settings.artifact_sha256)
+            logger.info("serving calibration %d of %s (promoted from feedback by %s)", newer.calibration_version,
+                        probe.artifact_id, row["replica"])
             probe = newer
     return probe
 
@@ -90,13 +93,13 @@ def _answer_probe_for(settings: Settings, engine, probe):
     return answer
 
 
-async def _load_vllm(settings: Settings, metrics):
+async def _load_vllm(settings: Settings, metrics, store):
     """vLLM engine in this process, loading the model's Hugging Face folder (a known model is converted once)."""
     from valueprobe.plugin.models import resolve_model_dir
 
     from .engines.vllm_engine import VllmEngine
 
-    probe = await asyncio.to_thread(_probe_for, settings)
+    probe = await asyncio.to_thread(_probe_for, settings, store)
     name = settings.model or probe.model_name
     folder = await asyncio.to_thread(resolve_model_dir, name)
     engine = await VllmEngine.create(folder, probe, check_fingerprint=settings.check_fingerprint,
@@ -129,14 +132,19 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from .engines.transformers_engine import TransformersEngine
-        from .service import Sidecar
+        from .service import Sidecar, open_store
+
+        store = None
 
         async def load():
+            nonlocal store
             try:
+                # the store first: the newest promoted calibration is what this replica serves
+                store = await asyncio.to_thread(open_store, settings, metrics)
                 if settings.engine == "vllm":
-                    engine, probe, name = await _load_vllm(settings, metrics)
+                    engine, probe, name = await _load_vllm(settings, metrics, store)
                 else:
-                    m, t, probe, name = await asyncio.to_thread(_load, settings, model, tokenizer)
+                    m, t, probe, name = await asyncio.to_thread(_load, settings, store, model, tokenizer)
                     engine = TransformersEngine(m, t, probe, max_batch_size=settings.max_batch_size,
                                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
                 search_probe = await asyncio.to_thread(_search_probe_for, settings, engine)
@@ -144,8 +152,11 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                 if answer_probe is not None:  # checked against the served model (and hooked, on vLLM)
                     await engine.attach_answer(answer_probe, strict=settings.check_fingerprint)
                 await engine.start()
-                app.state.sidecar = Sidecar(settings, engine, metrics, name, search_probe=search_probe,
-                                            answer_probe=answer_probe)
+                sidecar = Sidecar(settings, engine, metrics, name, search_probe=search_probe,
+                                  answer_probe=answer_probe, store=store)
+                await sidecar.restore()
+                app.state.follow_store = asyncio.create_task(sidecar.follow_store())
+                app.state.sidecar = sidecar
                 logger.info("valueprobe ready: model %s, artifact %s%s%s", name, probe.artifact_id,
                             f", search values by {search_probe.artifact_id}" if search_probe else "",
                             f", answers scored by {answer_probe.artifact_id}" if answer_probe else "")
@@ -160,16 +171,22 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
             yield
         finally:
             task.cancel()
+            follow = getattr(app.state, "follow_store", None)
+            if follow is not None:
+                follow.cancel()
             sidecar = getattr(app.state, "sidecar", None)
             if sidecar is not None:
-                await sidecar.aclose()
+                await sidecar.aclose()  # closes the store: what is queued is written first
                 await sidecar.engine.stop()
+            elif store is not None:
+                await asyncio.to_thread(store.close)
 
     app = FastAPI(title="valueprobe sidecar", version=library_versions().get("valueprobe", "unknown"), lifespan=lifespan,
                   description="Answers plus calibrated confidence from value neurons; abstain / escalate; metrics.")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.sidecar = None
+    app.state.follow_store = None
     app.state.load_error = None
     register_error_handlers(app)
 

@@ -52,6 +52,15 @@ class StorageError(ServerError):
     type = "storage_error"
 
 
+class StoreUnavailableError(ServerError):
+    """The request and feedback store does not answer: a label cannot be kept, so it is not acknowledged (the
+    client retries; answers go on meanwhile)."""
+
+    status_code = 503
+    type = "store_unavailable"
+    headers = {"Retry-After": "5"}
+
+
 class UpstreamError(ServerError):
     status_code = 502
     type = "upstream_error"

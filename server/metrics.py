@@ -97,9 +97,9 @@ class SidecarMetrics:
                                            "(with valueprobe_feedback_total gives ECE in PromQL).", ["bin"], registry=r)
         self.feedback_brier = Histogram("valueprobe_feedback_brier", "Squared error (p - outcome)^2 of each feedback.",
                                         buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r)
-        self.window_ece = Gauge("valueprobe_feedback_window_ece", "ECE over the last feedback window (this replica).",
+        self.window_ece = Gauge("valueprobe_feedback_window_ece", "ECE over the last feedback window (every replica's labels in the store).",
                                 registry=r)
-        self.window_brier = Gauge("valueprobe_feedback_window_brier", "Brier over the last feedback window (this replica).",
+        self.window_brier = Gauge("valueprobe_feedback_window_brier", "Brier over the last feedback window (every replica's labels in the store).",
                                   registry=r)
         # Calibration that follows the traffic (server/recalibration.py): the version served, the shadow against the
         # live calibration on held-out feedback, promotions, and the drift of the served score.
@@ -109,8 +109,9 @@ class SidecarMetrics:
                                        "the shadow calibration, per calibration slot.", ["slot", "calibrator"], registry=r)
         self.calibration_ece = Gauge("valueprobe_calibration_ece", "ECE on held-out feedback of the live and the "
                                      "shadow calibration, per calibration slot.", ["slot", "calibrator"], registry=r)
-        self.calibration_feedback = Gauge("valueprobe_calibration_feedback", "Labelled feedback in the shadow "
-                                          "calibrator's window, per calibration slot.", ["slot"], registry=r)
+        self.calibration_feedback = Gauge("valueprobe_calibration_feedback", "Labels in the store that refit "
+                                          "the shadow calibration, per calibration slot (every replica's, all time).",
+                                          ["slot"], registry=r)
         self.promotions = Counter("valueprobe_calibration_promotions_total", "Shadow calibrations promoted to live.",
                                   ["trigger"], registry=r)
         self.score_psi = Gauge("valueprobe_score_psi", "Population stability index of the fitted artifact's "
@@ -118,6 +119,32 @@ class SidecarMetrics:
                                ["kind"], registry=r)
         self.ood_rate = Gauge("valueprobe_ood_rate", "Share of the drift window's prompts flagged out of "
                               "distribution.", ["kind"], registry=r)
+        self.drift_window_prompts = Gauge("valueprobe_drift_window_prompts", "Prompts in the drift window per kind "
+                                          "(PSI and OOD rate are reported from drift_min_prompts on).", ["kind"],
+                                          registry=r)
+        # Label-free accuracy: the mean calibrated confidence of locally answered requests in the drift window, with
+        # its interval, beside the accuracy of labelled feedback; an alarm when the intervals do not overlap.
+        self.expected_accuracy = Gauge("valueprobe_expected_accuracy", "Label-free accuracy estimate: mean served "
+                                       "P(correct) over the drift window (bound: estimate, low, high; 95%).",
+                                       ["bound"], registry=r)
+        self.feedback_accuracy = Gauge("valueprobe_feedback_accuracy", "Accuracy of the labelled feedback window "
+                                       "(bound: estimate, low, high; Wilson 95%).", ["bound"], registry=r)
+        self.accuracy_disagreement = Gauge("valueprobe_accuracy_disagreement", "1 when the label-free and the "
+                                           "labelled accuracy intervals do not overlap (calibration no longer holds).",
+                                           registry=r)
+        # The request and feedback store (server/store.py)
+        self.store_up = Gauge("valueprobe_store_up", "1 when the last write to the store went through.", registry=r)
+        self.store_writes = Counter("valueprobe_store_writes_total", "Rows written to the store by this replica.",
+                                    ["table"], registry=r)
+        self.store_lost = Counter("valueprobe_store_write_failures_total", "Scored requests this replica could not "
+                                  "write to the store (queue full while the store was down).", registry=r)
+        self.store_pending = Gauge("valueprobe_store_pending", "Scored requests waiting to be written.", registry=r)
+        self.store_rows = Gauge("valueprobe_store_rows", "Rows in the store per table.", ["table"], registry=r)
+        self.store_bytes = Gauge("valueprobe_store_bytes", "Size of the store on disk.", registry=r)
+        self.label_conflicts = Counter("valueprobe_label_conflicts_total", "Labels that contradicted the first label "
+                                       "of their request (kept apart; the first is used).", registry=r)
+        for table in ("requests", "labels", "promotions"):
+            self.store_writes.labels(table=table)
         for trigger in ("admin", "auto"):
             self.promotions.labels(trigger=trigger)
         # Start every bounded series at zero so rates exist before the first event.
@@ -155,12 +182,24 @@ class SidecarMetrics:
     def set_window(self, size: int) -> None:
         self._window = deque(self._window, maxlen=size)
 
-    def record_feedback(self, probability: float, correct: bool) -> dict:
+    def record_feedback(self, probability: float, correct: bool, window: list[tuple[float, int]] | None = None) -> dict:
+        """Count one new label; ``window`` (the store's latest labels, every replica's) replaces the feedback
+        window, else the label is appended to this process's."""
         self.feedback.labels(bin=confidence_bin(probability), outcome="correct" if correct else "incorrect").inc()
         self.feedback_confidence.labels(bin=confidence_bin(probability)).inc(probability)
         self.feedback_brier.observe((probability - float(correct)) ** 2)
-        self._window.append((probability, int(correct)))
+        if window is None:
+            self._window.append((probability, int(correct)))
+        else:
+            self.replace_window(window)
         return self.window_stats()
+
+    def window_labels(self) -> list[int]:
+        return [y for _, y in self._window]
+
+    def replace_window(self, window: list[tuple[float, int]]) -> None:
+        self._window.clear()
+        self._window.extend(window)
 
     def window_stats(self) -> dict:
         from valueprobe.calibration.metrics import brier_loss, expected_calibration_error

@@ -174,6 +174,7 @@ class DriftMonitor:
 
     reference: dict[str, np.ndarray] = field(default_factory=dict)
     window: int = 1000
+    min_prompts: int = 200  # PSI and OOD rate of a kind only from this many prompts in its window
     recent_: dict[str, deque] = field(default_factory=dict)
     ood_: dict[str, deque] = field(default_factory=dict)
 
@@ -186,13 +187,40 @@ class DriftMonitor:
             self.reference[kind] = histogram(recent)
 
     def stats(self) -> dict[str, dict]:
+        """Per kind: ``n`` (prompts in the window), ``psi`` and ``ood_rate`` (``None`` below ``min_prompts``: a
+        PSI of a few prompts is noise), ``min_prompts``."""
         out = {}
         for kind, recent in self.recent_.items():
+            enough = len(recent) >= self.min_prompts
             ref = self.reference.get(kind)
-            psi = population_stability_index(ref, histogram(recent)) if ref is not None and recent else None
+            psi = population_stability_index(ref, histogram(recent)) if ref is not None and enough else None
             ood = self.ood_.get(kind)
-            out[kind] = {"n": len(recent), "psi": psi, "ood_rate": float(np.mean(ood)) if ood else None}
+            out[kind] = {"n": len(recent), "min_prompts": self.min_prompts, "psi": psi,
+                         "ood_rate": float(np.mean(ood)) if ood and enough else None}
         return out
+
+
+def accuracy_agreement(served: list[float], labels: list[int], z: float = 1.96) -> dict:
+    """Does the served confidence still mean what it says? The label-free accuracy estimate (mean served
+    probability of ``served``, interval from the Bernoulli variances: ``sqrt(sum p(1-p)) / n``) beside the accuracy
+    of ``labels`` (Wilson interval); ``disagree`` when the intervals do not overlap. ``None`` parts where a side is
+    empty."""
+    out: dict = {"expected": None, "observed": None, "disagree": None}
+    if served:
+        p = np.asarray(served, dtype=np.float64)
+        mean, half = float(p.mean()), z * float(np.sqrt(np.sum(p * (1 - p)))) / len(p)
+        out["expected"] = {"n": len(p), "estimate": mean, "low": max(0.0, mean - half), "high": min(1.0, mean + half)}
+    if labels:
+        n, k = len(labels), int(np.sum(labels))
+        phat = k / n
+        centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        out["observed"] = {"n": n, "estimate": phat, "low": float(max(0.0, centre - half)),
+                           "high": float(min(1.0, centre + half))}
+    if out["expected"] and out["observed"]:
+        e, o = out["expected"], out["observed"]
+        out["disagree"] = bool(e["high"] < o["low"] or o["high"] < e["low"])
+    return out
 
 
 def calibration_folder(configured: str | None, origin_sha256: str):
@@ -202,25 +230,6 @@ def calibration_folder(configured: str | None, origin_sha256: str):
     from valueprobe.plugin.models import cache_dir
 
     return Path(configured) if configured else cache_dir() / "calibrations" / origin_sha256[:12]
-
-
-def latest_promoted(probe, folder):
-    """The newest artifact in ``folder`` recalibrated from the same fitted artifact as ``probe`` and newer than
-    it, loaded and validated (``None`` when there is none). Files that are unreadable or descend from another
-    fitted artifact are skipped."""
-    from valueprobe.plugin import ArtifactError, ValueProbe
-    from valueprobe.plugin.artifact import read_metadata
-
-    best, best_version = None, probe.calibration_version
-    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        try:
-            md = read_metadata(path)
-        except ArtifactError:
-            continue
-        version = md.get("calibration_version", "0")
-        if md.get("calibration_origin") == probe.calibration_origin and version.isdigit() and int(version) > best_version:
-            best, best_version = path, int(version)
-    return None if best is None else ValueProbe.load(best)
 
 
 def next_artifact_path(folder, version: int):

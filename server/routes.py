@@ -484,4 +484,6 @@ async def healthz():
 
 @router.get("/readyz", tags=["ops"])
 async def readyz(sidecar: SidecarDep):
-    return {"status": "ready", "artifact_id": sidecar.probe.artifact_id}
+    # ready even when the store is down (answers go on; what could not be written is counted): said here
+    return {"status": "ready", "artifact_id": sidecar.probe.artifact_id,
+            "calibration_version": sidecar.probe.calibration_version, "store": sidecar.store.status()}

@@ -11,11 +11,14 @@ never leaves a request half on one artifact and half on another.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from valueprobe.plugin import ArtifactError, ProbeResult, ValueProbe
 from valueprobe.plugin.artifact import TOKEN_POSITION
@@ -30,7 +33,10 @@ from .policy import Policy, Served, check_pin, escalate_after_threshold, resolve
 from .recalibration import calibration_folder, next_artifact_path
 from .routing import GainRouter, RouteInfo
 from .settings import Settings
+from .store import Store
 from .upstream import make_upstream
+
+logger = logging.getLogger("valueprobe.server")
 
 # re-exported: what serves a request and what comes of it are imported from here by routes and tests
 __all__ = ["Event", "Final", "Head", "Outcome", "Policy", "Query", "SAMPLING_EPS", "Served", "Sidecar", "StepEvent",
@@ -39,7 +45,8 @@ __all__ = ["Event", "Final", "Head", "Outcome", "Policy", "Query", "SAMPLING_EPS
 
 class Sidecar:
     def __init__(self, settings: Settings, engine: EngineClient, metrics: SidecarMetrics, model_name: str, *,
-                 search_probe: ValueProbe | None = None, answer_probe: ValueProbe | None = None):
+                 search_probe: ValueProbe | None = None, answer_probe: ValueProbe | None = None,
+                 store: Store | None = None):
         self.settings, self.engine, self.metrics, self.model_name = settings, engine, metrics, model_name
         # the answer-level and step-value artifacts ride in every served snapshot (a reload keeps them)
         self._beside = {"answer_probe": answer_probe, "search_probe": search_probe}
@@ -56,7 +63,9 @@ class Sidecar:
         self.gain_router = GainRouter.from_settings(settings, answer_probe, metrics)
         self._reload_lock = asyncio.Lock()
         self.preparation = Preparation(settings, engine)
-        self.calibration = FeedbackLoop(settings, metrics, engine.probe)
+        # without a store given (an embedding app, a test): one in memory, this process only
+        self.store = store if store is not None else open_store(settings, metrics, url="sqlite://")
+        self.calibration = FeedbackLoop(settings, metrics, engine.probe, self.store)
         self.served = self._make_served(engine.probe)
         self.metrics.publish_artifact(self.served.probe, model_name)
         self.escalate_after = escalate_after_threshold(settings, answer_probe, self.escalation is not None)
@@ -112,8 +121,9 @@ class Sidecar:
         """Serve ``served`` (already attached to the engine) from the next request on: a reload or a promotion."""
         self.served = served
         self.engine.probe = served.probe
-        if served.probe.calibration_origin != self.calibration.origin:  # another fitted artifact: feedback afresh
+        if served.probe.calibration_origin != self.calibration.origin:  # another fitted artifact: its own feedback
             self.calibration.reset(served.probe)
+            await self.calibration.restore()
         self.metrics.publish_artifact(served.probe, self.model_name)
         await self.engine.release_unused()  # the old artifact goes once the requests using it end
 
@@ -121,6 +131,7 @@ class Sidecar:
         for client in (self.upstream, self.escalation, self.gain_router):
             if client is not None:
                 await client.aclose()
+        await asyncio.to_thread(self.store.close)  # what is still queued is written first
 
     # -- preparation (server/preparation.py) ----------------------------------------------------------------------
     def prepare(self, served: Served | None = None, **request) -> Query:
@@ -276,6 +287,8 @@ class Sidecar:
                 yield Text(gen.text)
             final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
                             finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen, served.answer_probe))
+            if final.answer is not None:
+                self.calibration.answer_read(final.request_id, final.answer.probability)
             if router is not None and router.moment == "after":
                 final = await self._routed_after(query, final, target, stream)
             elif (not stream and self.escalate_after is not None and final.answer is not None
@@ -405,7 +418,7 @@ class Sidecar:
                        kind: str | None = None) -> tuple[dict, dict]:
         """Record a label (:meth:`FeedbackLoop.label`); ``auto`` promotes when the shadow is due and better
         (``promoted``, or the reason it did not)."""
-        window, info = self.calibration.label(self.probe, request_id, correct, probability, kind)
+        window, info = await self.calibration.label(self.probe, request_id, correct, probability, kind)
         if info["used"] and self.calibration.promotion_due():
             try:
                 info["promoted"] = await self.promote(trigger="auto")
@@ -431,16 +444,119 @@ class Sidecar:
                 probe = await asyncio.to_thread(ValueProbe.load, str(path))
                 served = self._make_served(probe)
                 await self.engine.attach(probe, strict=self.settings.check_fingerprint)
+                # the store decides: one version per number, whichever replica records it first
+                recorded = await asyncio.to_thread(
+                    self.store.record_promotion, origin=old.probe.calibration_origin, version=probe.calibration_version,
+                    artifact_id=probe.artifact_id, artifact=path.read_bytes(), trigger=trigger,
+                    evidence={slot: rep.to_dict() for slot, rep in chosen.items()})
             except (ArtifactError, ValueError) as exc:
                 raise ConflictError(f"promotion failed, still serving {old.artifact_id}: {exc}") from None
             except OSError as exc:  # the disk, not the request: a server error
                 raise StorageError(f"promotion failed writing the new calibration, still serving "
                                    f"{old.artifact_id}: {exc}") from None
+            except SQLAlchemyError as exc:
+                raise StorageError(f"promotion failed recording the new calibration in the store, still serving "
+                                   f"{old.artifact_id}: {exc.__class__.__name__}") from None
+            if recorded:
+                self.metrics.store_writes.labels(table="promotions").inc()
+                await self._swap(served)
+                self.metrics.promotions.labels(trigger=trigger).inc()
+                return {"previous": old.artifact_id, "artifact_id": probe.artifact_id,
+                        "calibration_version": probe.calibration_version, "path": str(path),
+                        "slots": {slot: {"a": a, "b": b, **chosen[slot].to_dict()} for slot, (a, b) in maps.items()}}
+            path.unlink(missing_ok=True)
+        # another replica recorded this version first: serve theirs (outside the lock: following takes it)
+        adopted = await self._follow_promotions()
+        raise ConflictError(f"another replica promoted calibration {probe.calibration_version} first; serving "
+                            f"{adopted or self.served.artifact_id} (its version) instead of promoting again")
+
+
+    # -- the store every replica shares (server/store.py) -----------------------------------------------------------
+    async def restore(self) -> None:
+        """At start: the drift and feedback windows and label counts from the store (see :meth:`FeedbackLoop.restore`)."""
+        await self.calibration.restore()
+
+    async def follow_store(self) -> None:
+        """Runs for the sidecar's life: every ``store_sync_s`` serve the newest calibration another replica promoted
+        (so replicas agree on ``calibration_version`` within that time); every few minutes apply retention and
+        publish the store's size. A failing store is reported (metrics, /readyz), never raised."""
+        every = self.settings.store_sync_s
+        upkeep_every = max(1, int(300 / every))
+        tick = 0
+        while True:
+            try:
+                if self.settings.recalibration != "off":  # off serves the fitted calibration as it is
+                    await self._follow_promotions()
+                await self.calibration.refresh_counts()  # labels other replicas received count here too
+                if tick % upkeep_every == 0:
+                    await asyncio.to_thread(self._upkeep)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the store is down or a file is bad: keep serving, say so
+                logger.warning("store upkeep failed: %s: %s", exc.__class__.__name__, exc)
+            self.metrics.store_up.set(int(self.store.up))
+            self.metrics.store_pending.set(self.store.pending)
+            tick += 1
+            await asyncio.sleep(every)
+
+    async def _follow_promotions(self) -> str | None:
+        """Serve the store's newest promoted calibration of the served fitted artifact when it is newer than the
+        one served (written beside the others in ``calibration_dir``, loaded and checked as a reload is). Returns
+        the artifact id now served when it changed."""
+        current = self.served.probe
+        row = await asyncio.to_thread(self.store.latest_promotion, current.calibration_origin,
+                                      current.calibration_version)
+        if row is None:
+            return None
+        async with self._reload_lock:
+            current = self.served.probe
+            if row["version"] <= current.calibration_version:
+                return None
+            probe = await asyncio.to_thread(materialize_promotion, row, self.settings.calibration_dir)
+            probe.require_position(TOKEN_POSITION)
+            check_pin(probe, self.settings.artifact_sha256)
+            served = self._make_served(probe)
+            await self.engine.attach(probe, strict=self.settings.check_fingerprint)
             await self._swap(served)
-            self.metrics.promotions.labels(trigger=trigger).inc()
-            return {"previous": old.artifact_id, "artifact_id": probe.artifact_id,
-                    "calibration_version": probe.calibration_version, "path": str(path),
-                    "slots": {slot: {"a": a, "b": b, **chosen[slot].to_dict()} for slot, (a, b) in maps.items()}}
+            logger.info("serving calibration %d of %s, promoted by %s", probe.calibration_version,
+                        probe.calibration_origin[:12], row["replica"])
+            return probe.artifact_id
+
+    def _upkeep(self) -> None:
+        s = self.settings
+        if s.store_retention_days is not None or s.store_retention_rows is not None:
+            self.store.prune(max_age_days=s.store_retention_days, max_rows=s.store_retention_rows)
+        size = self.store.size()
+        for table, n in size["rows"].items():
+            self.metrics.store_rows.labels(table=table.removeprefix("vp_")).set(n)
+        self.metrics.store_bytes.set(size["bytes"])
+
+
+def open_store(settings: Settings, metrics: SidecarMetrics, *, url: str | None = None) -> Store:
+    """The store these settings name, its writes and losses counted in ``metrics``."""
+    return Store(url or settings.store_url(), replica=settings.replica_name(), queue_size=settings.store_queue,
+                 on_written=lambda table, n: metrics.store_writes.labels(table=table).inc(n),
+                 on_lost=lambda n: metrics.store_lost.inc(n))
+
+
+def materialize_promotion(row: dict, calibration_dir: str | None) -> ValueProbe:
+    """A promoted calibration from the store as a loaded artifact: its bytes written (once) to
+    ``calibration_dir`` under the name of their content hash, then loaded and validated."""
+    import hashlib
+
+    folder = calibration_folder(calibration_dir, row["origin"])
+    folder.mkdir(parents=True, exist_ok=True)
+    data = bytes(row["artifact"])
+    path = folder / f"v{row['version']}.{hashlib.sha256(data).hexdigest()[:12]}.safetensors"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    probe = ValueProbe.load(str(path))
+    if probe.calibration_origin != row["origin"] or probe.calibration_version != row["version"]:
+        raise ArtifactError(f"the store's calibration {row['version']} of {row['origin'][:12]} is another artifact "
+                            f"({probe.calibration_origin[:12]} version {probe.calibration_version})")
+    return probe
 
 
 def now() -> int:

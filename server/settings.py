@@ -70,8 +70,26 @@ class Settings(BaseSettings):
     recalibration_margin: float = Field(0.0, ge=0, description="Promote only when the shadow's held-out Brier is lower by more than this.")
     calibration_dir: Optional[str] = Field(None, description="Where promoted calibrations are written (new artifact files; the old ones kept); default: $VALUEPROBE_CACHE/calibrations/<fitted artifact id>.")
     drift_window: int = Field(1000, ge=50, description="Scored prompts per kind in the drift window (score PSI, OOD rate).")
+    drift_min_prompts: int = Field(200, ge=10, description="Score PSI and OOD rate are reported for a kind only once its drift window holds this many prompts.")
+    store: Optional[str] = Field(None, description="Where scored requests, labels and promoted calibrations are kept (a restart loses none; replicas sharing one store learn from every label and serve one calibration): sqlite:///path (replicas on one host may share the file), postgresql://user:pass@host/db (replicas on several hosts), or sqlite:// (in memory: this process only). Default: sqlite:///$VALUEPROBE_CACHE/feedback.sqlite.")
+    store_queue: int = Field(10_000, ge=10, description="Scored requests waiting to be written before new ones are counted as lost (writes never hold a response).")
+    store_sync_s: float = Field(5.0, gt=0, le=30, description="How often this replica looks in the store for a calibration another replica promoted (it serves it within this time).")
+    store_retention_days: Optional[float] = Field(30.0, gt=0, description="Forget scored requests (and their labels) older than this; promotions are kept.")
+    store_retention_rows: Optional[int] = Field(None, ge=1000, description="Keep at most this many scored requests (the newest).")
+    replica: Optional[str] = Field(None, description="This replica's name in the store; default: host:port.")
     host: str = "127.0.0.1"
     port: int = 8000
+
+    def store_url(self) -> str:
+        """The store these settings name (``store``, else the SQLite file in the model cache)."""
+        from .store import default_store_url
+
+        return self.store or default_store_url()
+
+    def replica_name(self) -> str:
+        import socket
+
+        return self.replica or f"{socket.gethostname()}:{self.port}"
 
     def artifact_path(self) -> str:
         """The artifact these settings name (``artifact``, else the shipped default), before any recalibration."""

@@ -102,6 +102,15 @@ def as_served(tok, folder, family: str = "qwen2"):
     return AutoTokenizer.from_pretrained(folder)
 
 
+
+@pytest.fixture(autouse=True)
+def _own_store(tmp_path_factory, monkeypatch):
+    """Every test's sidecars keep requests, labels and promotions in a store of the test's own (the default, one
+    SQLite file in the model cache, would let one test's promoted calibration be served in the next)."""
+    if "VALUEPROBE_STORE" not in os.environ or os.environ["VALUEPROBE_STORE"].startswith("sqlite:///" + str(tmp_path_factory.getbasetemp())):
+        folder = tmp_path_factory.mktemp("store")
+        monkeypatch.setenv("VALUEPROBE_STORE", f"sqlite:///{folder / 'feedback.sqlite'}")
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     return as_served(build_tokenizer(), tmp_path_factory.mktemp("tokenizer"))
@@ -231,6 +240,8 @@ class Server:
         env = {**os.environ, "VALUEPROBE_MODEL": str(assets / "model"), "VALUEPROBE_ARTIFACT": str(assets / "probe.safetensors"),
                "VALUEPROBE_PORT": str(self.port), "VALUEPROBE_DEFAULT_MAX_NEW_TOKENS": "8", "TOKENIZERS_PARALLELISM": "false",
                "OMP_NUM_THREADS": "1"}
+        # each server its own store unless it is given one (replicas share a store by passing the same `store`)
+        env["VALUEPROBE_STORE"] = f"sqlite:///{assets / f'store-{self.port}.sqlite'}"
         env.update({f"VALUEPROBE_{k.upper()}": str(v) for k, v in settings.items()})
         self.log = open(assets / f"server-{self.port}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "valueprobe.cli", "serve", "--log-level", "warning"], env=env,

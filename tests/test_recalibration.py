@@ -125,10 +125,12 @@ def test_psi_and_the_drift_window():
     assert population_stability_index(ref, histogram(rng.beta(5, 2, 1000))) > 0.25
     card = {"reliability": {"open": {"confidence": [0.05, 0.31, 0.97], "count": [10, 5, 1]}}}
     np.testing.assert_array_equal(card_reference(card)["open"], [10, 0, 0, 5, 0, 0, 0, 0, 0, 1])
-    drift = DriftMonitor(card_reference(card), window=100)
-    for p in rng.beta(5, 2, 100):
+    drift = DriftMonitor(card_reference(card), window=100, min_prompts=60)
+    for i, p in enumerate(rng.beta(5, 2, 100)):
         drift.observe("open", p, ood=bool(p > 0.9))
         drift.observe("choice", p, ood=None)
+        if i == 58:  # below the minimum a PSI is noise: not reported, the window size is
+            assert drift.stats()["open"] == {"n": 59, "min_prompts": 60, "psi": None, "ood_rate": None}
     stats = drift.stats()
     assert stats["open"]["psi"] > 0.25 and 0 < stats["open"]["ood_rate"] < 1
     assert stats["choice"]["psi"] == pytest.approx(0.0)  # no card reference: its first full window is the reference
@@ -220,9 +222,19 @@ def test_feedback_on_answers_not_the_local_models_does_not_recalibrate(stacked_f
         other = (await client.post("/v1/feedback", headers=auth,
                                    json={"request_id": "elsewhere", "correct": False, "probability": 0.7})).json()
         assert not other["recalibration"]["used"] and "'kind'" in other["recalibration"]["reason"]
-        kinded = (await client.post("/v1/feedback", headers=auth, json={"request_id": "elsewhere", "correct": False,
+        kinded = (await client.post("/v1/feedback", headers=auth, json={"request_id": "elsewhere-2", "correct": False,
                                                                         "probability": 0.7, "kind": "open"})).json()
-        assert kinded["recalibration"] == {"used": True, "slot": "open"}
+        assert kinded["recalibration"] == {"used": True, "label": "new", "slot": "open"}
+        # a label counts once: the same again changes nothing, the other outcome is kept apart and reported
+        again = (await client.post("/v1/feedback", headers=auth, json={"request_id": "elsewhere-2", "correct": False,
+                                                                       "probability": 0.7, "kind": "open"})).json()
+        assert again["recalibration"]["label"] == "repeat" and not again["recalibration"]["used"]
+        flipped = (await client.post("/v1/feedback", headers=auth, json={"request_id": "elsewhere-2", "correct": True,
+                                                                         "probability": 0.7, "kind": "open"})).json()
+        assert flipped["recalibration"]["label"] == "conflict" and not flipped["recalibration"]["used"]
+        text = (await client.get("/metrics")).text
+        assert metric(text, "valueprobe_label_conflicts_total") == 1
+        assert metric(text, "valueprobe_calibration_feedback", slot="open") == 1
         bad = await client.post("/v1/feedback", headers=auth, json={"request_id": "x", "correct": True, "kind": "code",
                                                                     "probability": 0.5})
         assert bad.status_code in (400, 422)
