@@ -250,6 +250,19 @@ def test_a_too_long_content_is_cut_from_the_left_not_refused(sidecar):
     assert refused.status_code == 400 and "context" in refused.json()["error"]["message"]  # it did not fit whole
 
 
+def test_a_document_of_more_contents_than_one_admission_is_scored_whole(sidecar):
+    """The orchestrator sends every chunk of a document in one request (client.rs:109-119): more than the 256 prompts
+    one admission takes are scored in several, in order; past 4096 the request is refused as a validation error."""
+    want = {q: 1 - prompt_p(sidecar, q) for q in QUESTIONS}
+    contents = [QUESTIONS[i % len(QUESTIONS)] if i % 7 else "" for i in range(600)]
+    r = httpx.post(sidecar.url + CONTENTS, headers={"detector-id": "x"}, json={"contents": contents}, timeout=300)
+    assert r.status_code == 200 and len(r.json()) == len(contents), r.text[:300]
+    for text, detections in zip(contents, r.json()):
+        assert [d["score"] for d in detections] == (pytest.approx([want[text]], abs=1e-5) if text else [])
+    over = httpx.post(sidecar.url + CONTENTS, headers={"detector-id": "x"}, json={"contents": ["a?"] * 4097}, timeout=60)
+    assert (over.status_code, read_error(over).code) == (422, 422) and "4096" in read_error(over).message
+
+
 @pytest.mark.parametrize("request_kwargs,status,says", [
     (dict(json={"contents": ["a?"]}), 422, "detector-id"),  # the spec: header required
     (dict(content=b'{"contents": ["a?"', headers={"detector-id": "x", "content-type": "application/json"}), 422, "JSON"),
