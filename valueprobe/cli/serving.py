@@ -28,9 +28,10 @@ def serve(
     escalate_below: Annotated[Optional[float], typer.Option(help="Escalate when P(correct) is below this.")] = None,
     escalate_rate: Annotated[Optional[float], typer.Option(help="Use the artifact's threshold escalating this share (0.1, 0.2, 0.3).")] = None,
     risk_alpha: Annotated[Optional[float], typer.Option(help="Abstain below the artifact's risk-controlled threshold at this error rate.")] = None,
-    confident_above: Annotated[Optional[float], typer.Option(help="/classify and the guardrails detector routes: "
+    confident_above: Annotated[Optional[float], typer.Option(help="The guardrails detector routes' metadata.confident: "
                                                              "P(correct) at or above this is 'confident' (default: "
-                                                             "the policy's threshold, else 0.5).")] = None,
+                                                             "the policy's threshold, else 0.5); it filters nothing "
+                                                             "(the orchestrator cuts on the score).")] = None,
     admin_token: Annotated[Optional[str], typer.Option(help="Bearer token for /v1/feedback and /v1/admin/* "
                                                        "(unset: those routes answer 403).")] = None,
     artifact_sha256: Annotated[Optional[str], typer.Option(help="Pin: refuse an artifact whose content hash does "
