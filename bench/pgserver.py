@@ -1,6 +1,6 @@
-"""A throwaway PostgreSQL server for the store's tests: Debian's ``postgresql`` package (the server teams run in
-production; installed by ``scripts/install-postgres.sh``, which ``.ci/run`` calls), a fresh cluster in a temporary
-folder, listening on loopback only, stopped at the end. Run as the ``postgres`` user when the tests run as root
+"""A throwaway PostgreSQL server for the store's tests and ``valueprobe bench store``: Debian's ``postgresql``
+package (the server teams run in production; installed by ``scripts/install-postgres.sh``, which ``.ci/run``
+calls), a fresh cluster in a temporary folder, listening on loopback only, stopped at the end. Run as the ``postgres`` user when the tests run as root
 (the server refuses root)."""
 
 from __future__ import annotations

@@ -48,17 +48,26 @@ async def _report(url: str, auth: dict) -> dict:
     return r.json()
 
 
-async def _replay(url: str, windows, *, admin_token: str, max_tokens: int, concurrency: int, progress, echo,
-                  grader=grade) -> tuple[list, list]:
+async def _replay(urls: list[str], windows, *, admin_token: str, max_tokens: int, concurrency: int, progress, echo,
+                  grader=grade, done: int = 0, on_window=None) -> tuple[list, list]:
+    """Windows ``done`` on (the earlier ones were replayed by an interrupted run); the questions go round-robin over
+    ``urls`` (replicas sharing one store) and each label to the *next* replica, as a load balancer would send it."""
     auth = {"Authorization": f"Bearer {admin_token}"}
     gate = asyncio.Semaphore(concurrency)
     maps: dict[int, dict] = {0: {}}  # calibration version -> from_origin maps
+    url = urls[0]
     slot_of_kind = (await _report(url, auth))["slot_of_kind"]
     records, rows = [], []
+    turn = {"n": 0}
+
+    def next_url() -> str:
+        turn["n"] += 1
+        return urls[turn["n"] % len(urls)]
 
     async def ask(client, q):
+        served_by = next_url()
         async with gate:
-            r = await client.post("/v1/completions", json=_request(q, max_tokens))
+            r = await client.post(f"{served_by}/v1/completions", json=_request(q, max_tokens))
         r.raise_for_status()
         body = r.json()
         conf = body["confidence"]
@@ -66,32 +75,37 @@ async def _replay(url: str, windows, *, admin_token: str, max_tokens: int, concu
         progress()
         return {"id": q.id, "dataset": q.dataset, "kind": conf["kind"], "text": text, "correct": bool(grader(q, text)),
                 "probability": conf["probability"], "calibration_version": conf["calibration_version"],
-                "decision": conf["decision"], "request_id": conf["request_id"]}
+                "decision": conf["decision"], "request_id": conf["request_id"], "served_by": urls.index(served_by)}
 
     async def label(client, rec):
+        labelled_by = urls[(rec["served_by"] + 1) % len(urls)]  # another replica than the one that answered
         async with gate:
-            r = await client.post("/v1/feedback", headers=auth, json={"request_id": rec["request_id"],
-                                                                       "correct": rec["correct"]})
+            r = await client.post(f"{labelled_by}/v1/feedback", headers=auth, json={"request_id": rec["request_id"],
+                                                                                    "correct": rec["correct"]})
         r.raise_for_status()
         return r.json()["recalibration"]
 
-    async with httpx.AsyncClient(base_url=url, timeout=1800) as client:
+    async with httpx.AsyncClient(timeout=1800) as client:
         for w, questions in enumerate(windows):
+            if w < done:
+                continue
             answered = await asyncio.gather(*(ask(client, q) for q in questions))
             for rec in answered:  # the versions that served this window are known before its labels are sent
                 version = rec["calibration_version"]
                 if version not in maps:
-                    report = (await client.get("/v1/admin/calibration", headers=auth)).json()
+                    report = (await client.get(f"{url}/v1/admin/calibration", headers=auth)).json()
                     maps[report["calibration_version"]] = (report.get("recalibration") or {}).get("from_origin", {})
                 rec["p0"] = fitted_probability(rec["probability"], slot_of_kind[rec["kind"]], maps.get(version, {}))
                 rec["window"] = w
             outcomes = await asyncio.gather(*(label(client, rec) for rec in answered))
             promoted = [o["promoted"] for o in outcomes if "promoted" in o]
-            report = (await client.get("/v1/admin/calibration", headers=auth)).json()
+            report = (await client.get(f"{url}/v1/admin/calibration", headers=auth)).json()
             maps[report["calibration_version"]] = (report.get("recalibration") or {}).get("from_origin", {})
             records.extend(answered)
             rows.append(window_row(w, answered, promoted, report))
             echo(format_row(rows[-1]))
+            if on_window is not None:  # kept as soon as a window is done: an interrupted run resumes after it
+                on_window(answered, rows[-1])
     return records, rows
 
 
@@ -181,26 +195,49 @@ def plot(summary: dict, path: str) -> str:
     return path
 
 
-def run(questions, *, url: str, admin_token: str, out: Path, window: int = 100, max_tokens: int = 16,
-        concurrency: int = 16, sources: list[str], echo=print, grader=grade) -> dict:
-    """Replay ``questions`` (already interleaved across sources) through the sidecar at ``url`` in windows, then
-    write ``<out>.jsonl`` (every answer), ``.json``, ``.md`` and ``.png``. ``grader(question, text)`` grades an
-    answer (default: letter for multiple choice, alias or final number otherwise)."""
+def run(questions, *, url: str | list[str], admin_token: str, out: Path, window: int = 100, max_tokens: int = 16,
+        concurrency: int = 16, sources: list[str], echo=print, grader=grade, resume: bool = False) -> dict:
+    """Replay ``questions`` (already interleaved across sources) through the sidecar(s) at ``url`` (several:
+    replicas sharing one store, asked in turn, each label sent to another one) in windows, then write
+    ``<out>.jsonl`` (every answer), ``.json``, ``.md`` and ``.png``. ``grader(question, text)`` grades an answer
+    (default: letter for multiple choice, alias or final number otherwise).
+
+    Every finished window is appended to ``<out>.jsonl`` and ``<out>.windows.jsonl`` at once; with ``resume`` the
+    windows found there are not replayed (the sidecars must keep their state in the same store as before)."""
     from tqdm.auto import tqdm
 
+    urls = [url] if isinstance(url, str) else list(url)
     windows = [questions[i:i + window] for i in range(0, len(questions), window)]
     out.parent.mkdir(parents=True, exist_ok=True)
+    answers_path, windows_path = Path(f"{out}.jsonl"), Path(f"{out}.windows.jsonl")
+    done_records, done_rows = [], []
+    if resume and windows_path.exists():
+        done_rows = [json.loads(x) for x in windows_path.read_text().splitlines() if x.strip()]
+        done_records = [r for r in (json.loads(x) for x in answers_path.read_text().splitlines() if x.strip())
+                        if r["window"] < len(done_rows)]
+        echo(f"resuming after {len(done_rows)} windows ({len(done_records)} answers) kept in {answers_path}")
+    else:
+        answers_path.write_text("")
+        windows_path.write_text("")
+
+    def keep(answered, row):
+        with open(answers_path, "a") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in answered))
+        with open(windows_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
     started = time.perf_counter()
     echo("\n".join(HEADER))
-    with tqdm(total=len(questions), desc="replay", unit="answer") as bar:
-        records, rows = asyncio.run(_replay(url, windows, admin_token=admin_token, max_tokens=max_tokens,
+    with tqdm(total=len(questions), initial=len(done_records), desc="replay", unit="answer") as bar:
+        records, rows = asyncio.run(_replay(urls, windows, admin_token=admin_token, max_tokens=max_tokens,
                                             concurrency=concurrency, progress=lambda: bar.update(1), echo=echo,
-                                            grader=grader))
+                                            grader=grader, done=len(done_rows), on_window=keep))
+    records, rows = done_records + records, done_rows + rows
     summary = summarize(records, rows)
+    summary["replicas"] = len(urls)
     summary["seconds"] = time.perf_counter() - started
     lines = report_lines(summary, sources)
     echo("\n".join(lines[-8:]))
-    Path(f"{out}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     Path(f"{out}.json").write_text(json.dumps(summary, indent=2))
     Path(f"{out}.md").write_text("## Recalibration from feedback, replayed\n\n" + "\n".join(lines) + "\n")
     plot(summary, f"{out}.png")

@@ -163,6 +163,10 @@ class Store:
     def __init__(self, url: str, *, replica: str, queue_size: int = 10_000, batch_size: int = 500,
                  flush_interval_s: float = 0.05, on_written: Callable[[str, int], None] | None = None,
                  on_lost: Callable[[int], None] | None = None):
+        # "none": nothing kept beyond this process and no scored request written (labels need probability and
+        # kind); the baseline `valueprobe bench store` compares with
+        self.keep_requests = url != "none"
+        url = "sqlite://" if url == "none" else url
         self.url, self.replica = url, replica
         self.engine = _engine(url)
         self.dialect = self.engine.dialect.name
@@ -215,6 +219,8 @@ class Store:
     def record_request(self, record: RequestRecord | RequestUpdate) -> bool:
         """Queue one scored request (or a later fact about one) for the writer; ``False`` (and counted as lost) when
         the queue is full."""
+        if not self.keep_requests:
+            return True
         try:
             self._queue.put_nowait(record)
             self._idle.clear()

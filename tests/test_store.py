@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from postgres_server import PostgresServer, new_database, postgres_bindir, postgres_server
+from valueprobe.bench.pgserver import PostgresServer, new_database, postgres_bindir, postgres_server
 from valueprobe.server.store import (SCHEMA_VERSION, RequestRecord, RequestUpdate, Store, StoreError, labels_t,
                                      promotions_t, schema)
 

@@ -101,6 +101,31 @@ def bench_serve(
     run(model, artifact, url, clients, seconds, batch, endpoint, max_tokens, answers, repeats)
 
 
+@bench_app.command("store")
+def bench_store(
+    model: Annotated[Optional[str], typer.Option(help="Model for the two sidecars; default: the artifact's.")] = None,
+    artifact: Annotated[Optional[str], typer.Option(help="Artifact; default: the shipped default.")] = None,
+    clients: Annotated[int, typer.Option(help="Concurrent writers and clients.")] = 16,
+    requests: Annotated[int, typer.Option(help="Scored requests written per throughput run.")] = 5000,
+    labels: Annotated[int, typer.Option(help="Labels written per throughput run.")] = 1000,
+    repeats: Annotated[int, typer.Option(help="Runs per store and per sidecar (ABBA order).")] = 3,
+    seconds: Annotated[float, typer.Option(help="Seconds of load per sidecar run.")] = 20.0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per completion in the latency runs.")] = 4,
+    postgres_url: Annotated[Optional[str], typer.Option(help="A PostgreSQL server to write to (admin URL; a "
+                                                          "database is created per run); default: a throwaway "
+                                                          "one from the local binaries, if any.")] = None,
+    latency: Annotated[bool, typer.Option(help="Also measure the latency a store adds to a sidecar's requests.")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+):
+    """What the request and feedback store costs: write throughput of SQLite and PostgreSQL at --clients concurrent
+    writers (scored requests through the background writer, labels as /v1/feedback writes them), and the latency a
+    store adds to a sidecar's requests, side by side with a sidecar without one (p50, p99; target under 2%)."""
+    from valueprobe.bench.store import run
+
+    run(model=model, artifact=artifact, clients=clients, requests=requests, labels=labels, repeats=repeats,
+        seconds=seconds, max_tokens=max_tokens, postgres_url=postgres_url, latency=latency, out=out)
+
+
 @bench_app.command("perf")
 def bench_perf(
     artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
@@ -319,8 +344,15 @@ def bench_recalibrate(
     data: Annotated[Optional[list[str]], typer.Option(help="Data specs the artifact was never fitted on "
                                                            "(repeatable), mixed and shuffled.")] = None,
     artifact: Annotated[Optional[Path], typer.Option(help="Artifact; default: the shipped default.")] = None,
-    url: Annotated[Optional[str], typer.Option(help="A running sidecar (started with --recalibration auto and "
-                                                    "--admin-token) instead of starting one.")] = None,
+    url: Annotated[Optional[list[str]], typer.Option(help="Running sidecars (started with --recalibration auto and "
+                                                          "--admin-token; several: replicas sharing one store) "
+                                                          "instead of starting them.")] = None,
+    replicas: Annotated[int, typer.Option(help="Sidecars to start, sharing one store (asked in turn; each label "
+                                               "goes to another replica than the one that answered).")] = 1,
+    store: Annotated[Optional[str], typer.Option(help="The started sidecars' store; default: <out>.store.sqlite "
+                                                      "(kept, so an interrupted run resumes).")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip the windows already in <out>.jsonl (an interrupted run; the "
+                                              "sidecars must use the same store).")] = True,
     admin_token: Annotated[str, typer.Option(help="Its admin token.")] = "recalibrate-bench",
     window: Annotated[int, typer.Option(help="Answers per window (scored before their labels are sent).")] = 100,
     min_feedback: Annotated[int, typer.Option(help="Labels a kind needs before its shadow can be promoted.")] = 100,
@@ -330,10 +362,12 @@ def bench_recalibrate(
     out: Annotated[Path, typer.Option(help="Writes <out>.jsonl (every answer), .json, .md, .png.")] =
         Path("weights/recalibrate/qwen2.5-coder-1.5b-instruct"),
 ):
-    """Replay sources the artifact never saw through a sidecar with --recalibration auto, sending each graded
-    answer's label to /v1/feedback: ECE and Brier of the fitted and of the served calibration, window by window
-    (each window answered before its labels are sent), and the promotions made. Starts over on every run (a
-    fresh calibration folder; the sidecar's shadow lives in its memory)."""
+    """Replay sources the artifact never saw through sidecars with --recalibration auto, sending each graded
+    answer's label to /v1/feedback (of another replica than the one that answered, with --replicas 2): ECE and
+    Brier of the fitted and of the served calibration, window by window (each window answered before its labels
+    are sent), and the promotions made. Resumable: finished windows are kept in <out>.jsonl and the sidecars'
+    labels and promotions in their store (<out>.store.sqlite), so a rerun goes on where it stopped (--no-resume
+    starts over, with a new store)."""
     import tempfile
 
     from valueprobe.bench.recalibrate import run, sample_sources
@@ -342,19 +376,29 @@ def bench_recalibrate(
 
     specs = data or ["arithmetic:400", "socialiqa:400"]
     questions = sample_sources(specs)
-    proc = None
+    procs = []
     try:
-        if url is None:
+        if not url:
+            if replicas < 1:
+                fail("--replicas must be at least 1")
+            store_path = Path(f"{out}.store.sqlite")
+            if not resume and store is None:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{store_path}{suffix}").unlink(missing_ok=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            store = store or f"sqlite:///{store_path.resolve()}"
             folder = tempfile.mkdtemp(prefix="valueprobe-calibrations-")
-            proc, url = wait_ready(*spawn_sidecar(None, artifact or default_artifact(), max_batch_size=concurrency,
-                                                  admin_token=admin_token, recalibration="auto",
-                                                  recalibration_min_feedback=min_feedback, recalibration_every=every,
-                                                  calibration_dir=folder))
-            typer.echo(f"sidecar ready at {url}; promoted calibrations go to {folder}")
+            spawned = [spawn_sidecar(None, artifact or default_artifact(), max_batch_size=concurrency,
+                                     admin_token=admin_token, recalibration="auto", store=store, replica=f"bench-{i}",
+                                     recalibration_min_feedback=min_feedback, recalibration_every=every,
+                                     calibration_dir=folder, store_sync_s=1) for i in range(replicas)]
+            procs = [p for p, _ in spawned]
+            url = [wait_ready(*s)[1] for s in spawned]
+            typer.echo(f"{replicas} sidecar(s) ready at {', '.join(url)}, store {store}")
         run(questions, url=url, admin_token=admin_token, out=out, window=window, max_tokens=max_tokens,
-            concurrency=concurrency, sources=specs, echo=typer.echo)
+            concurrency=concurrency, sources=specs, echo=typer.echo, resume=resume)
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
 
 
