@@ -66,8 +66,13 @@ def serve(
                                                          "/v1/admin/calibration/promote when it is better on held-out "
                                                          "feedback, 'auto' also by itself, 'off' neither.")] = None,
     calibration_dir: Annotated[Optional[str], typer.Option(help="Where promoted calibrations are written as new "
-                                                           "artifacts (and found again at a restart); default: "
+                                                           "artifacts (promotions themselves live in the store); default: "
                                                            "$VALUEPROBE_CACHE/calibrations/<artifact id>.")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Where scored requests, labels and promoted calibrations are "
+                                                 "kept, shared by replicas: sqlite:///path, postgresql://user@host/db, "
+                                                 "sqlite:// (memory) or none; default: "
+                                                 "sqlite:///$VALUEPROBE_CACHE/feedback.sqlite.")] = None,
+    replica: Annotated[Optional[str], typer.Option(help="This replica's name in the store (default host:port).")] = None,
     host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Settings file (KEY=value lines, VALUEPROBE_ prefix).")] = None,
@@ -81,7 +86,8 @@ def serve(
     Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
     --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
     refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window,
-    recalibration_window, recalibration_min_feedback, recalibration_every, recalibration_margin, drift_window, dtype,
+    recalibration_window, recalibration_min_feedback, recalibration_every, recalibration_margin, drift_window,
+    drift_min_prompts, store_queue, store_sync_s, store_retention_days, store_retention_rows, dtype,
     device, check_fingerprint, escalate_confidence_url, escalate_confidence_timeout_s, vllm_max_model_len, vllm_max_num_seqs, vllm_max_num_batched_tokens) are environment/config
     only; see server/settings.py.
     """
@@ -102,7 +108,8 @@ def serve(
                                    escalate_after_rate=escalate_after_rate, escalate_gain_above=escalate_gain_above,
                                    escalate_gain_rate=escalate_gain_rate, escalate_gain_table=escalate_gain_table,
                                    escalate_gain_moment=escalate_gain_moment, recalibration=recalibration,
-                                   calibration_dir=calibration_dir, host=host, port=port).items() if v is not None}
+                                   calibration_dir=calibration_dir, store=store, replica=replica, host=host,
+                                   port=port).items() if v is not None}
     try:
         settings = Settings(_env_file=str(config), **given) if config else Settings(**given)
     except ValidationError as exc:
