@@ -6,17 +6,22 @@ One small interface over SQLAlchemy Core, so the same code runs on an embedded S
 (``postgresql://...``: replicas on several hosts). Four tables:
 
 - ``vp_requests``: each scored request once (id, time, fitted artifact, calibration version, kind, calibration slot,
-  served probability, the fitted artifact's logit ``z0``, local or not, OOD flag, answer-level probability, replica).
+  served probability, the fitted artifact's logit ``z0``, local or not, OOD flag, answer-level probability, replica;
+  since schema 2 also the answer-level artifact's fitted artifact, slot and logit ``answer_z0`` beside the answer's
+  probability, so a label refits the answer-level calibration too).
   Written by a background thread from a bounded queue, in batches: the response path never waits for the store.
   When the store is down the rows wait in the queue (retried); when the queue is full the newest are counted as
   lost (``valueprobe_store_write_failures_total``) and the sidecar keeps answering.
 - ``vp_labels``: each label once, written before the feedback is acknowledged (an acknowledged label survives a
   ``kill -9``). A retry with the same label changes nothing; a conflicting one is kept in ``vp_label_conflicts``
-  and reported, the first label stays the one used.
+  and reported, the first label stays the one used. A label carries what refits the prompt-level shadow
+  (``origin``, ``slot``, ``z0``, ``used``) and, for a local answer whose answer-level probability was read, the
+  answer-level artifact's (``answer_origin``, ``answer_slot``, ``answer_z0``, ``answer_used``).
 - ``vp_promotions``: each promoted calibration (the new artifact's bytes, its evidence, who promoted), one row per
   (fitted artifact, version): two replicas promoting at once make one version, not two.
 - ``vp_schema``: the schema version; :data:`MIGRATIONS` brings an older store up to date at start (under a lock,
-  so replicas starting together migrate once).
+  so replicas starting together migrate once). A migration that adds columns lists them in :data:`ADDED_COLUMNS`
+  (version 1 creates the tables without any of them, so a new store and a migrated one are the same).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sqlalchemy import (Boolean, Column, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text,
-                        create_engine, delete, event, func, insert, select, text, update)
+                        create_engine, delete, event, false, func, insert, select, text, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -42,7 +47,7 @@ __all__ = ["LabelWrite", "RequestRecord", "RequestUpdate", "Store", "StoreError"
 
 logger = logging.getLogger("valueprobe.server.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -63,6 +68,10 @@ requests_t = Table(
     Column("ood", Boolean, nullable=True),
     Column("answer_probability", Float, nullable=True),
     Column("replica", String(200), nullable=False),
+    # schema 2: the answer-level artifact that read answer_probability (its fitted artifact), slot and fitted logit
+    Column("answer_origin", String(64), nullable=True),
+    Column("answer_slot", String(32), nullable=True),
+    Column("answer_z0", Float, nullable=True),
     Index("vp_requests_origin_kind_time", "origin", "kind", "created_at"),
     Index("vp_requests_time", "created_at"),
 )
@@ -78,7 +87,13 @@ labels_t = Table(
     Column("slot", String(32), nullable=True),  # null when the label cannot refit the shadow
     Column("z0", Float, nullable=True),
     Column("used", Boolean, nullable=False),  # refits the shadow calibration of its slot
+    # schema 2: the same for the answer-level artifact (a local answer whose answer-level probability was read)
+    Column("answer_origin", String(64), nullable=True),
+    Column("answer_slot", String(32), nullable=True),
+    Column("answer_z0", Float, nullable=True),
+    Column("answer_used", Boolean, nullable=False, server_default=false()),
     Index("vp_labels_origin_slot_time", "origin", "slot", "received_at"),
+    Index("vp_labels_answer_origin_slot_time", "answer_origin", "answer_slot", "received_at"),
 )
 
 conflicts_t = Table(
@@ -102,9 +117,45 @@ promotions_t = Table(
     Column("promoted_at", Float, nullable=False),
 )
 
+#: version -> (table -> columns and indexes that version added); the tables above are the newest version
+ADDED_COLUMNS: dict[int, dict[str, list[str]]] = {
+    2: {"vp_requests": ["answer_origin", "answer_slot", "answer_z0"],
+        "vp_labels": ["answer_origin", "answer_slot", "answer_z0", "answer_used"]},
+}
+ADDED_INDEXES: dict[int, list[str]] = {2: ["vp_labels_answer_origin_slot_time"]}
+
+
+def _create_v1(conn) -> None:
+    """The tables as schema version 1 made them: today's without what later versions added."""
+    later = {(table, col) for added in ADDED_COLUMNS.values() for table, cols in added.items() for col in cols}
+    later_indexes = {name for names in ADDED_INDEXES.values() for name in names}
+    v1 = MetaData()
+    for t in (requests_t, labels_t, conflicts_t, promotions_t):
+        Table(t.name, v1, *[c._copy() for c in t.columns if (t.name, c.name) not in later],
+              *[Index(i.name, *[c.name for c in i.columns]) for i in t.indexes if i.name not in later_indexes])
+    v1.create_all(conn)
+
+
+def _add_columns(version: int) -> Callable:
+    """The migration to ``version``: ``ALTER TABLE ... ADD COLUMN`` for each column it added (as each dialect
+    spells the column: SQLite and PostgreSQL both take it in a transaction), then its indexes."""
+    def migrate(conn) -> None:
+        ddl = conn.dialect.ddl_compiler(conn.dialect, None)
+        tables = {t.name: t for t in metadata.tables.values()}
+        for table, columns in ADDED_COLUMNS.get(version, {}).items():
+            for name in columns:
+                spec = ddl.get_column_specification(tables[table].c[name])
+                conn.execute(text(f"ALTER TABLE {conn.dialect.identifier_preparer.format_table(tables[table])} "
+                                  f"ADD COLUMN {spec}"))
+        for name in ADDED_INDEXES.get(version, []):
+            next(i for t in tables.values() for i in t.indexes if i.name == name).create(conn)
+    return migrate
+
+
 #: version -> what brings a store from the version before to it (run in one transaction, under the migration lock)
 MIGRATIONS: dict[int, Callable] = {
-    1: lambda conn: metadata.create_all(conn, tables=[requests_t, labels_t, conflicts_t, promotions_t]),
+    1: _create_v1,
+    2: _add_columns(2),  # the answer-level artifact's slot and fitted logit beside its probability and labels
 }
 
 
@@ -135,16 +186,23 @@ class RequestRecord:
     replica: str
     ood: bool | None = None
     answer_probability: float | None = None
+    answer_origin: str | None = None  # the answer-level artifact's fitted artifact (calibration_origin)
+    answer_slot: str | None = None
+    answer_z0: float | None = None  # the logit its fitted artifact would have given the answer
 
 
 @dataclass
 class RequestUpdate:
     """A later fact about a scored request: its answer was not the local model's (escalated or replaced), or its
-    answer-level probability once the answer exists. Queued behind the request's own row, so it applies to it."""
+    answer-level probability once the answer exists (with the answer-level artifact's origin, slot and fitted logit
+    behind it). Queued behind the request's own row, so it applies to it. ``None`` fields change nothing."""
 
     request_id: str
     local: bool | None = None
     answer_probability: float | None = None
+    answer_origin: str | None = None
+    answer_slot: str | None = None
+    answer_z0: float | None = None
 
 
 @dataclass
@@ -154,6 +212,7 @@ class LabelWrite:
 
     status: str
     used: bool  # the stored label refits the shadow (for a repeat or conflict: the first label's)
+    answer_used: bool = False  # ... and the answer-level artifact's shadow
 
 
 class Store:
@@ -282,8 +341,7 @@ class Store:
                 conn.execute(self._insert_ignoring_duplicates(requests_t, ["request_id"]), rows)
             for item in batch:
                 if isinstance(item, RequestUpdate):
-                    values = {k: v for k, v in (("local", item.local), ("answer_probability", item.answer_probability))
-                              if v is not None}
+                    values = {k: v for k, v in asdict(item).items() if k != "request_id" and v is not None}
                     conn.execute(update(requests_t).where(requests_t.c.request_id == item.request_id).values(**values))
 
     def _insert_ignoring_duplicates(self, table: Table, keys: list[str]):
@@ -306,43 +364,56 @@ class Store:
         return None if row is None else RequestRecord(**row)
 
     def add_label(self, *, request_id: str, correct: bool, origin: str, probability: float, slot: str | None,
-                  z0: float | None, used: bool) -> LabelWrite:
-        """Write one label before it is acknowledged (see :class:`LabelWrite`)."""
+                  z0: float | None, used: bool, answer_origin: str | None = None, answer_slot: str | None = None,
+                  answer_z0: float | None = None, answer_used: bool = False) -> LabelWrite:
+        """Write one label before it is acknowledged (see :class:`LabelWrite`); the ``answer_*`` fields say what it
+        refits of the answer-level artifact's calibration (``answer_origin``'s slot ``answer_slot``)."""
         now = time.time()
         with self._writing() as conn:
             inserted = conn.execute(self._insert_ignoring_duplicates(labels_t, ["request_id"]).values(
                 request_id=request_id, correct=bool(correct), received_at=now, replica=self.replica, origin=origin,
-                probability=float(probability), slot=slot, z0=z0, used=bool(used)).returning(labels_t.c.request_id)).first()
+                probability=float(probability), slot=slot, z0=z0, used=bool(used), answer_origin=answer_origin,
+                answer_slot=answer_slot, answer_z0=None if answer_z0 is None else float(answer_z0),
+                answer_used=bool(answer_used)).returning(labels_t.c.request_id)).first()
             if inserted is not None:  # (RETURNING: a rowcount is not reliable for ON CONFLICT DO NOTHING on every driver)
-                return LabelWrite("new", bool(used))
-            first = conn.execute(select(labels_t.c.correct, labels_t.c.used)
+                return LabelWrite("new", bool(used), bool(answer_used))
+            first = conn.execute(select(labels_t.c.correct, labels_t.c.used, labels_t.c.answer_used)
                                  .where(labels_t.c.request_id == request_id)).first()
             if bool(first.correct) == bool(correct):
-                return LabelWrite("repeat", bool(first.used))
+                return LabelWrite("repeat", bool(first.used), bool(first.answer_used))
             conn.execute(insert(conflicts_t).values(request_id=request_id, correct=bool(correct), received_at=now,
                                                     replica=self.replica))
-            return LabelWrite("conflict", bool(first.used))
+            return LabelWrite("conflict", bool(first.used), bool(first.answer_used))
 
-    def labelled(self, origin: str, window: int) -> dict[str, list[tuple[float, int]]]:
-        """Per slot, the latest ``window`` labels that refit the shadow of ``origin`` (oldest first): ``(z0, y)``."""
+    @staticmethod
+    def _side(answer: bool):
+        """The label columns of the prompt-level artifact's shadow, or (``answer``) of the answer-level one's:
+        ``(origin, slot, z0, used)``."""
+        c = labels_t.c
+        return (c.answer_origin, c.answer_slot, c.answer_z0, c.answer_used) if answer else (c.origin, c.slot, c.z0, c.used)
+
+    def labelled(self, origin: str, window: int, *, answer: bool = False) -> dict[str, list[tuple[float, int]]]:
+        """Per slot, the latest ``window`` labels that refit the shadow of ``origin`` (oldest first): ``(z0, y)``.
+        ``answer``: ``origin`` is an answer-level artifact's, read from the labels' ``answer_*`` fields."""
+        origin_c, slot_c, z0_c, used_c = self._side(answer)
         out: dict[str, list[tuple[float, int]]] = {}
         with self.engine.connect() as conn:
-            slots = conn.execute(select(labels_t.c.slot).distinct()
-                                 .where(labels_t.c.origin == origin, labels_t.c.used)).scalars().all()
+            slots = conn.execute(select(slot_c).distinct().where(origin_c == origin, used_c)).scalars().all()
             for slot in slots:
-                rows = conn.execute(select(labels_t.c.z0, labels_t.c.correct)
-                                    .where(labels_t.c.origin == origin, labels_t.c.slot == slot, labels_t.c.used)
+                rows = conn.execute(select(z0_c, labels_t.c.correct)
+                                    .where(origin_c == origin, slot_c == slot, used_c)
                                     .order_by(labels_t.c.received_at.desc(), labels_t.c.request_id.desc())
                                     .limit(window)).all()
                 out[slot] = [(float(z0), int(y)) for z0, y in reversed(rows)]
         return out
 
-    def label_counts(self, origin: str) -> dict[str, int]:
-        """Labels that refit the shadow of ``origin``, per slot (all of them, not only the window)."""
+    def label_counts(self, origin: str, *, answer: bool = False) -> dict[str, int]:
+        """Labels that refit the shadow of ``origin`` (an answer-level artifact's with ``answer``), per slot (all
+        of them, not only the window)."""
+        origin_c, slot_c, _, used_c = self._side(answer)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(labels_t.c.slot, func.count()).where(labels_t.c.origin == origin,
-                                                                          labels_t.c.used)
-                                .group_by(labels_t.c.slot)).all()
+            rows = conn.execute(select(slot_c, func.count()).where(origin_c == origin, used_c)
+                                .group_by(slot_c)).all()
         return {slot: int(n) for slot, n in rows}
 
     def recent_labels(self, limit: int) -> list[tuple[float, int]]:

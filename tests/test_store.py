@@ -17,8 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from valueprobe.bench.pgserver import PostgresServer, new_database, postgres_bindir, postgres_server
-from valueprobe.server.store import (SCHEMA_VERSION, RequestRecord, RequestUpdate, Store, StoreError, labels_t,
-                                     promotions_t, schema)
+from sqlalchemy import create_engine, inspect, text
+
+from valueprobe.server.store import (MIGRATIONS, SCHEMA_VERSION, RequestRecord, RequestUpdate, Store, StoreError,
+                                     labels_t, promotions_t, schema)
 
 from conftest import Server
 
@@ -104,12 +106,62 @@ def test_migrations_run_once_and_a_newer_schema_is_refused(store_url):
         t.join()
     assert len(stores) == 3 and all(s.schema_version() == SCHEMA_VERSION for s in stores)
     with stores[0].engine.begin() as conn:
-        assert conn.execute(schema.select()).all()[0].version == 1 and len(conn.execute(schema.select()).all()) == 1
+        assert [r.version for r in conn.execute(schema.select()).all()] == list(range(1, SCHEMA_VERSION + 1))
         conn.execute(schema.insert().values(version=SCHEMA_VERSION + 1, applied_at=0.0))
     for s in stores:
         s.close()
-    with pytest.raises(StoreError, match="schema version 2"):
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
         Store(store_url, replica="r")
+
+
+def test_a_version_1_store_with_rows_is_migrated_in_place(store_url):
+    """A store written by schema 1 (before the answer-level artifact recalibrated: no answer_* columns) is brought
+    to the current schema at start by ALTER TABLE, its rows kept: an old request and label read back, and the new
+    columns take answer-level labels."""
+    engine = create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:  # what a valueprobe of schema 1 left behind
+        schema.create(conn)
+        MIGRATIONS[1](conn)
+        conn.execute(schema.insert().values(version=1, applied_at=0.0))
+        conn.execute(text("INSERT INTO vp_requests (request_id, created_at, origin, artifact_id, calibration_version, "
+                          "kind, slot, probability, z0, local, replica, answer_probability) VALUES ('old', 1.0, 'o', "
+                          "'a', 0, 'open', 'open', 0.4, -0.4, true, 'r0', 0.3)"))
+        conn.execute(text("INSERT INTO vp_labels (request_id, correct, received_at, replica, origin, probability, "
+                          "slot, z0, used) VALUES ('old', true, 2.0, 'r0', 'o', 0.4, 'open', -0.4, true)"))
+    assert "answer_z0" not in {c["name"] for c in inspect(engine).get_columns("vp_labels")}
+    engine.dispose()
+    store = Store(store_url, replica="r1")
+    try:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        columns = {t: {c["name"] for c in inspect(store.engine).get_columns(t)} for t in ("vp_requests", "vp_labels")}
+        assert {"answer_origin", "answer_slot", "answer_z0"} <= columns["vp_requests"]
+        assert {"answer_origin", "answer_slot", "answer_z0", "answer_used"} <= columns["vp_labels"]
+        old = store.request("old")
+        assert old.probability == 0.4 and old.answer_probability == 0.3 and old.answer_z0 is None
+        assert store.label_counts("o") == {"open": 1} and store.label_counts("o", answer=True) == {}
+        # the old label reads as one that refits no answer-level shadow (answer_used defaults to false)
+        assert store.add_label(request_id="old", correct=True, origin="o", probability=0.4, slot="open", z0=-0.4,
+                               used=True).answer_used is False
+        store.record_request(record("new"))
+        store.record_request(RequestUpdate("new", answer_probability=0.7, answer_origin="ans", answer_slot="value",
+                                           answer_z0=0.85))
+        assert store.flush()
+        new = store.request("new")
+        assert (new.answer_origin, new.answer_slot, new.answer_z0) == ("ans", "value", 0.85)
+        write = store.add_label(request_id="new", correct=False, origin="o", probability=0.4, slot="open", z0=-0.4,
+                                used=True, answer_origin="ans", answer_slot="value", answer_z0=0.85, answer_used=True)
+        assert write.status == "new" and write.answer_used
+        assert store.labelled("ans", 10, answer=True) == {"value": [(0.85, 0)]}
+        assert store.label_counts("o") == {"open": 2} and store.label_counts("ans", answer=True) == {"value": 1}
+    finally:
+        store.close()
+    again = Store(store_url, replica="r2")  # migrated once: a second start changes nothing
+    try:
+        with again.engine.connect() as conn:
+            assert [r.version for r in conn.execute(schema.select()).all()] == [1, 2]
+        assert again.request("old").probability == 0.4
+    finally:
+        again.close()
 
 
 def test_writes_never_block_and_a_store_that_is_down_is_counted(tmp_path):
