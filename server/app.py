@@ -42,18 +42,29 @@ def _probe_for(settings: Settings, store):
     probe = ValueProbe.load(settings.artifact_path())
     probe.require_position(TOKEN_POSITION)
     check_pin(probe, settings.artifact_sha256)
-    if settings.recalibration != "off":  # the newest calibration promoted from feedback (by any replica) is served
-        from .service import materialize_promotion
-
-        row = store.latest_promotion(probe.calibration_origin, probe.calibration_version)
-        if row is not None:
-            newer = materialize_promotion(row, settings.calibration_dir)
-            newer.require_position(TOKEN_POSITION)
-            check_pin(newer, settings.artifact_sha256)
-            logger.info("serving calibration %d of %s (promoted from feedback by %s)", newer.calibration_version,
-                        probe.artifact_id, row["replica"])
-            probe = newer
+    newer = _newest_promoted(settings, store, probe)
+    if newer is not None:
+        newer.require_position(TOKEN_POSITION)
+        check_pin(newer, settings.artifact_sha256)
+        probe = newer
     return probe
+
+
+def _newest_promoted(settings: Settings, store, probe):
+    """The newest calibration of ``probe``'s fitted artifact promoted from feedback (by any replica sharing the
+    store) when it is newer than ``probe``, loaded; ``None`` otherwise or with recalibration off (which serves the
+    fitted calibration as it is)."""
+    if settings.recalibration == "off" or store is None:
+        return None
+    from .service import materialize_promotion
+
+    row = store.latest_promotion(probe.calibration_origin, probe.calibration_version)
+    if row is None:
+        return None
+    newer = materialize_promotion(row, settings.calibration_dir)
+    logger.info("serving calibration %d of %s (promoted from feedback by %s)", newer.calibration_version,
+                probe.artifact_id, row["replica"])
+    return newer
 
 
 def _search_probe_for(settings: Settings, engine):
@@ -70,9 +81,10 @@ def _search_probe_for(settings: Settings, engine):
     return probe
 
 
-def _answer_probe_for(settings: Settings, engine, probe):
-    """The answer-level artifact (``--answer-artifact``; by default the one beside the served artifact), checked
-    against the served model; ``None`` when there is none or the engine cannot read it."""
+def _answer_probe_for(settings: Settings, engine, probe, store=None):
+    """The answer-level artifact (``--answer-artifact``; by default the one beside the served artifact), or the
+    newest calibration of it promoted from feedback (in ``store``, by any replica), checked against the served model
+    by the caller; ``None`` when there is none or the engine cannot read it."""
     from valueprobe.plugin import ValueProbe
     from valueprobe.plugin.artifact import ANSWER_END
     from valueprobe.weights import answer_artifact_beside
@@ -90,6 +102,10 @@ def _answer_probe_for(settings: Settings, engine, probe):
         return None
     answer = ValueProbe.load(path)
     answer.require_position(ANSWER_END)
+    newer = _newest_promoted(settings, store, answer)
+    if newer is not None:
+        newer.require_position(ANSWER_END)
+        answer = newer
     return answer
 
 
@@ -148,7 +164,7 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
                     engine = TransformersEngine(m, t, probe, max_batch_size=settings.max_batch_size,
                                     max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue, metrics=metrics)
                 search_probe = await asyncio.to_thread(_search_probe_for, settings, engine)
-                answer_probe = await asyncio.to_thread(_answer_probe_for, settings, engine, probe)
+                answer_probe = await asyncio.to_thread(_answer_probe_for, settings, engine, probe, store)
                 if answer_probe is not None:  # checked against the served model (and hooked, on vLLM)
                     await engine.attach_answer(answer_probe, strict=settings.check_fingerprint)
                 await engine.start()

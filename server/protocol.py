@@ -63,6 +63,8 @@ class AnswerConfidence(BaseModel):
     components: AnswerComponents
     flagged: Optional[bool] = Field(None, description="probability below the sidecar's --flag-below (null: no flag set).")
     artifact_id: str = Field(description="Id of the answer-level artifact that scored it.")
+    calibration_version: int = Field(0, description="The answer-level artifact's calibration: 0 as fitted; +1 per "
+                                     "recalibration from feedback promoted since.")
     ood: Optional[OOD] = None
     local_text: Optional[str] = Field(None, description="Set when this low-confidence local answer was replaced by "
                                       "the escalation target's (--escalate-after-below; confidence.routed is true).")

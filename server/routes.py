@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query as QueryParam, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import protocol as p
@@ -70,7 +70,8 @@ def _answer_confidence(a, flagged: bool | None, answer_probe, local_text: str | 
         return None
     ood = None if a.ood is None else p.OOD(flagged=a.ood, distance=a.ood_distance, threshold=answer_probe.ood_threshold)
     return p.AnswerConfidence(probability=a.probability, raw=a.raw, kind=a.kind, components=p.AnswerComponents(**a.components),
-                              flagged=flagged, artifact_id=answer_probe.artifact_id, ood=ood, local_text=local_text)
+                              flagged=flagged, artifact_id=answer_probe.artifact_id,
+                              calibration_version=answer_probe.calibration_version, ood=ood, local_text=local_text)
 
 
 def _confidence(o: Outcome, served, answer_probe=None) -> p.Confidence:
@@ -422,8 +423,9 @@ async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidec
     given = [i for i, item in enumerate(items) if item.answer is not None]
     answers = {}
     if given:
-        scored_answers = await sidecar.answer_confidence([prompts[i] for i in given], [items[i].answer for i in given])
-        answers = {i: _answer_confidence(r, flagged, sidecar.answer_probe) for i, (r, flagged) in zip(given, scored_answers)}
+        scored_answers = await sidecar.answer_confidence([prompts[i] for i in given], [items[i].answer for i in given],
+                                                         served)
+        answers = {i: _answer_confidence(r, flagged, served.answer_probe) for i, (r, flagged) in zip(given, scored_answers)}
     scored = await sidecar.confidence(served, prompts)
     results = [p.ConfidenceResult(**_scored(r, served), decision=d, artifact_id=served.artifact_id, answer=answers.get(i))
                for i, (r, d) in enumerate(scored)]
@@ -440,16 +442,21 @@ async def feedback(req: p.FeedbackRequest, sidecar: SidecarDep):
 
 @router.get("/v1/admin/calibration", tags=["valueprobe"], dependencies=[AdminDep])
 async def calibration(sidecar: SidecarDep):
-    """Live against shadow calibration per slot on held-out feedback (Brier, ECE, promotable and why), the
-    calibration version served and the drift window (score PSI, OOD rate per kind)."""
+    """Live against shadow calibration per slot on held-out feedback (Brier, ECE, promotable and why): the
+    prompt-level artifact's under ``slots``, the answer-level artifact's under ``answer`` (described in
+    ``answer_artifact``, null without one); the calibration version served and the drift window (score PSI, OOD
+    rate per kind)."""
     return await sidecar.calibration_report()
 
 
 @router.post("/v1/admin/calibration/promote", tags=["valueprobe"], dependencies=[AdminDep])
-async def promote_calibration(sidecar: SidecarDep):
-    """Serve the shadow calibration of every slot where it beats the live one on held-out feedback, written as a
-    new artifact (409 when none does, with each slot's reason)."""
-    return await sidecar.promote(trigger="admin")
+async def promote_calibration(sidecar: SidecarDep, artifact: Annotated[Literal["prompt", "answer"], QueryParam(
+        description="Which artifact's calibration: the prompt-level one (confidence.probability) or the "
+                    "answer-level one (confidence.answer.probability).")] = "prompt"):
+    """Serve the shadow calibration of every slot of ``artifact`` where it beats the live one on held-out
+    feedback, written as a new artifact and recorded in the store for every replica (409 when none does, with each
+    slot's reason, or when another replica promoted that version first)."""
+    return await sidecar.promote(trigger="admin", artifact=artifact)
 
 
 @router.post("/v1/admin/reload", tags=["valueprobe"], dependencies=[AdminDep])
@@ -474,7 +481,11 @@ async def artifact(sidecar: SidecarDep):
             "prompt_format": json.loads(probe.prompt_format.to_json()), "thresholds": probe.thresholds,
             "policy": {"abstain_below": policy.abstain_below, "escalate_below": policy.escalate_below,
                        "escalation_configured": policy.can_escalate},
-            "eval_card": probe.eval_card}
+            "eval_card": probe.eval_card,
+            "answer_artifact": None if served.answer_probe is None else {
+                "artifact_id": served.answer_probe.artifact_id,
+                "calibration_version": served.answer_probe.calibration_version,
+                "calibration_origin": served.answer_probe.calibration_origin[:12]}}
 
 
 @router.get("/healthz", tags=["ops"])

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from valueprobe.plugin import ArtifactError, ProbeResult, ValueProbe
-from valueprobe.plugin.artifact import TOKEN_POSITION
+from valueprobe.plugin.artifact import ANSWER_END, TOKEN_POSITION
 
 from .engines.base import EngineClient, Finished, Piece, Prompt, final_generation
 from .errors import ClientError, ConflictError, ProbeFailedError, StorageError, UpstreamError
@@ -39,8 +39,12 @@ from .upstream import make_upstream
 logger = logging.getLogger("valueprobe.server")
 
 # re-exported: what serves a request and what comes of it are imported from here by routes and tests
-__all__ = ["Event", "Final", "Head", "Outcome", "Policy", "Query", "SAMPLING_EPS", "Served", "Sidecar", "StepEvent",
-           "Text", "check_pin", "now", "resolve_thresholds"]
+__all__ = ["ARTIFACTS", "Event", "Final", "Head", "Outcome", "Policy", "Query", "SAMPLING_EPS", "Served", "Sidecar",
+           "StepEvent", "Text", "check_pin", "now", "resolve_thresholds"]
+
+#: the artifacts that recalibrate from feedback: the prompt-level one (Served.probe) and the answer-level one
+#: (Served.answer_probe)
+ARTIFACTS = ("prompt", "answer")
 
 
 class Sidecar:
@@ -65,7 +69,7 @@ class Sidecar:
         self.preparation = Preparation(settings, engine)
         # without a store given (an embedding app, a test): one in memory, this process only
         self.store = store if store is not None else open_store(settings, metrics, url="sqlite://")
-        self.calibration = FeedbackLoop(settings, metrics, engine.probe, self.store)
+        self.calibration = FeedbackLoop(settings, metrics, engine.probe, self.store, answer_probe)
         self.served = self._make_served(engine.probe)
         self.metrics.publish_artifact(self.served.probe, model_name)
         self.escalate_after = escalate_after_threshold(settings, answer_probe, self.escalation is not None)
@@ -118,8 +122,11 @@ class Sidecar:
             return old.artifact_id, served.artifact_id
 
     async def _swap(self, served: Served) -> None:
-        """Serve ``served`` (already attached to the engine) from the next request on: a reload or a promotion."""
+        """Serve ``served`` (already attached to the engine) from the next request on: a reload or a promotion of
+        either artifact. Under the reload lock. The answer-level artifact it holds is kept for later snapshots (a
+        reload of the prompt-level artifact keeps a promoted answer-level one, and the other way round)."""
         self.served = served
+        self._beside["answer_probe"] = served.answer_probe
         self.engine.probe = served.probe
         if served.probe.calibration_origin != self.calibration.origin:  # another fitted artifact: its own feedback
             self.calibration.reset(served.probe)
@@ -288,7 +295,7 @@ class Sidecar:
             final = replace(head, text=gen.text, completion_tokens=gen.completion_tokens,
                             finish_reason=gen.finish_reason, logprobs=gen.logprobs, **self._answer_fields(gen, served.answer_probe))
             if final.answer is not None:
-                self.calibration.answer_read(final.request_id, final.answer.probability)
+                self.calibration.answer_read(final.request_id, served.answer_probe, final.answer)
             if router is not None and router.moment == "after":
                 final = await self._routed_after(query, final, target, stream)
             elif (not stream and self.escalate_after is not None and final.answer is not None
@@ -367,10 +374,13 @@ class Sidecar:
                            finish_reason=gen.finish_reason, route=route)
         return replace(o, text=self.settings.refusal_text, upstream_error=upstream_error)
 
-    async def answer_confidence(self, prompts: list[Prompt], answers: list[str]) -> list[tuple[ProbeResult, bool | None]]:
+    async def answer_confidence(self, prompts: list[Prompt], answers: list[str],
+                                served: Served | None = None) -> list[tuple[ProbeResult, bool | None]]:
         """Confidence in answers generated elsewhere: one prefill of prompt + answer each, read at the answer's
-        last token (the state the decode step that ends it computes). ``(result, flagged)`` per answer."""
-        if self.answer_probe is None:
+        last token (the state the decode step that ends it computes), by the answer-level artifact of ``served``
+        (default: the served snapshot). ``(result, flagged)`` per answer."""
+        answer_probe = (served or self.served).answer_probe
+        if answer_probe is None:
             raise ClientError("'answer' needs an answer-level artifact (--answer-artifact, `valueprobe fit "
                               "--answer-end`); this sidecar has none")
         for a in answers:
@@ -379,11 +389,11 @@ class Sidecar:
             raise ClientError(f"'answer': the {self.settings.engine} engine does not score answers generated "
                               "elsewhere; use the transformers engine")
         ids = [self.engine.tokenize_answer(a) for a in answers]
-        results = await self.engine.score_answers(prompts, ids, self.answer_probe)
+        results = await self.engine.score_answers(prompts, ids, answer_probe)
         out = []
         for r in results:
             flagged = None if self.settings.flag_below is None else bool(r.probability < self.settings.flag_below)
-            self.metrics.answer_confidence.labels(model=self.model_name, artifact=self.answer_probe.artifact_id,
+            self.metrics.answer_confidence.labels(model=self.model_name, artifact=answer_probe.artifact_id,
                                                   flagged=str(bool(flagged)).lower()).observe(r.probability)
             out.append((r, flagged))
         return out
@@ -416,60 +426,92 @@ class Sidecar:
     # -- feedback and the calibration that follows it (server/feedback.py) ------------------------------------------
     async def feedback(self, request_id: str, correct: bool, probability: float | None,
                        kind: str | None = None) -> tuple[dict, dict]:
-        """Record a label (:meth:`FeedbackLoop.label`); ``auto`` promotes when the shadow is due and better
-        (``promoted``, or the reason it did not)."""
+        """Record a label (:meth:`FeedbackLoop.label`); ``auto`` promotes either artifact's shadow when it is due
+        and better (``promoted``, or the reason it did not; the answer-level artifact's under ``answer``)."""
         window, info = await self.calibration.label(self.probe, request_id, correct, probability, kind)
         if info["used"] and self.calibration.promotion_due():
             try:
                 info["promoted"] = await self.promote(trigger="auto")
             except ConflictError as exc:
                 info["reason"] = f"not promoted: {exc}"
+        answer = info.get("answer")
+        if answer is not None and answer["used"] and self.calibration.promotion_due(answer=True):
+            try:
+                answer["promoted"] = await self.promote(trigger="auto", artifact="answer")
+            except (ConflictError, ClientError) as exc:
+                answer["reason"] = f"not promoted: {exc}"
         return window, info
 
     async def calibration_report(self) -> dict:
-        return await self.calibration.report(self.probe)
+        served = self.served
+        return await self.calibration.report(served.probe, served.answer_probe)
 
-    async def promote(self, *, trigger: str = "admin") -> dict:
-        """Promote the shadow calibration of every slot where it is better on held-out feedback: compose it into a
-        new artifact (``calibration_version`` + 1), write it to ``calibration_dir`` (the old one kept), load it
-        back (validated) and serve it, as a reload does. :class:`ConflictError` (409) when no slot qualifies."""
+    async def promote(self, *, trigger: str = "admin", artifact: str = "prompt") -> dict:
+        """Promote the shadow calibration of every slot of ``artifact`` (``prompt``: the prompt-level artifact;
+        ``answer``: the answer-level one) where it is better on held-out feedback: compose it into a new artifact
+        (``calibration_version`` + 1), write it to ``calibration_dir`` (the old one kept), load it back
+        (validated), record it in the store under its fitted artifact (one version per number, whichever replica
+        records it first) and serve it, as a reload does. :class:`ConflictError` (409) when no slot qualifies or
+        another replica promoted that version first (its version is then served); :class:`ClientError` (400) for
+        the answer-level artifact on a sidecar without one."""
+        if artifact not in ARTIFACTS:
+            raise ClientError(f"artifact must be one of {', '.join(ARTIFACTS)}, not {artifact!r}")
+        answer = artifact == "answer"
         async with self._reload_lock:
             old = self.served
-            chosen, maps, record = await self.calibration.promotion(old.probe, trigger)
+            current = old.answer_probe if answer else old.probe
+            if current is None:
+                raise ClientError("this sidecar serves no answer-level artifact (--answer-artifact): there is no "
+                                  "answer-level calibration to promote")
+            chosen, maps, record = await self.calibration.promotion(current, trigger, answer=answer)
             try:
-                probe = old.probe.recalibrated(maps, record)
-                folder = calibration_folder(self.settings.calibration_dir, old.probe.calibration_origin)
+                probe = current.recalibrated(maps, record)
+                folder = calibration_folder(self.settings.calibration_dir, current.calibration_origin)
                 path = next_artifact_path(folder, probe.calibration_version)
                 await asyncio.to_thread(probe.save, path)
                 probe = await asyncio.to_thread(ValueProbe.load, str(path))
-                served = self._make_served(probe)
-                await self.engine.attach(probe, strict=self.settings.check_fingerprint)
+                served = await self._serving(probe, answer)
                 # the store decides: one version per number, whichever replica records it first
                 recorded = await asyncio.to_thread(
-                    self.store.record_promotion, origin=old.probe.calibration_origin, version=probe.calibration_version,
+                    self.store.record_promotion, origin=current.calibration_origin, version=probe.calibration_version,
                     artifact_id=probe.artifact_id, artifact=path.read_bytes(), trigger=trigger,
                     evidence={slot: rep.to_dict() for slot, rep in chosen.items()})
             except (ArtifactError, ValueError) as exc:
-                raise ConflictError(f"promotion failed, still serving {old.artifact_id}: {exc}") from None
+                raise ConflictError(f"promotion failed, still serving {current.artifact_id}: {exc}") from None
             except OSError as exc:  # the disk, not the request: a server error
                 raise StorageError(f"promotion failed writing the new calibration, still serving "
-                                   f"{old.artifact_id}: {exc}") from None
+                                   f"{current.artifact_id}: {exc}") from None
             except SQLAlchemyError as exc:
                 raise StorageError(f"promotion failed recording the new calibration in the store, still serving "
-                                   f"{old.artifact_id}: {exc.__class__.__name__}") from None
+                                   f"{current.artifact_id}: {exc.__class__.__name__}") from None
             if recorded:
                 self.metrics.store_writes.labels(table="promotions").inc()
                 await self._swap(served)
                 self.metrics.promotions.labels(trigger=trigger).inc()
-                return {"previous": old.artifact_id, "artifact_id": probe.artifact_id,
+                return {"artifact": artifact, "previous": current.artifact_id, "artifact_id": probe.artifact_id,
                         "calibration_version": probe.calibration_version, "path": str(path),
                         "slots": {slot: {"a": a, "b": b, **chosen[slot].to_dict()} for slot, (a, b) in maps.items()}}
             path.unlink(missing_ok=True)
-        # another replica recorded this version first: serve theirs (outside the lock: following takes it)
-        adopted = await self._follow_promotions()
+        # another replica recorded this version first: serve theirs (outside the lock: following takes it, and an
+        # asyncio.Lock is not reentrant)
+        adopted = await self._follow(answer)
+        now_serving = self.served.answer_probe if answer else self.served.probe
         raise ConflictError(f"another replica promoted calibration {probe.calibration_version} first; serving "
-                            f"{adopted or self.served.artifact_id} (its version) instead of promoting again")
+                            f"{adopted or now_serving.artifact_id} (its version) instead of promoting again")
 
+    async def _serving(self, probe: ValueProbe, answer: bool) -> Served:
+        """The served snapshot with ``probe`` in place of the prompt-level artifact (its policy resolved again), or
+        with ``answer`` of the answer-level one, checked and attached to the engine; not yet served. Under the
+        reload lock."""
+        if answer:
+            probe.require_position(ANSWER_END)
+            await self.engine.attach_answer(probe, strict=self.settings.check_fingerprint)
+            return replace(self.served, answer_probe=probe)
+        probe.require_position(TOKEN_POSITION)
+        check_pin(probe, self.settings.artifact_sha256)
+        served = self._make_served(probe)
+        await self.engine.attach(probe, strict=self.settings.check_fingerprint)
+        return served
 
     # -- the store every replica shares (server/store.py) -----------------------------------------------------------
     async def restore(self) -> None:
@@ -478,8 +520,8 @@ class Sidecar:
 
     async def follow_store(self) -> None:
         """Runs for the sidecar's life: every ``store_sync_s`` serve the newest calibration another replica promoted
-        (so replicas agree on ``calibration_version`` within that time); every few minutes apply retention and
-        publish the store's size. A failing store is reported (metrics, /readyz), never raised."""
+        of either artifact (so replicas agree on ``calibration_version`` within that time); every few minutes apply
+        retention and publish the store's size. A failing store is reported (metrics, /readyz), never raised."""
         every = self.settings.store_sync_s
         upkeep_every = max(1, int(300 / every))
         tick = 0
@@ -500,26 +542,35 @@ class Sidecar:
             await asyncio.sleep(every)
 
     async def _follow_promotions(self) -> str | None:
-        """Serve the store's newest promoted calibration of the served fitted artifact when it is newer than the
-        one served (written beside the others in ``calibration_dir``, loaded and checked as a reload is). Returns
-        the artifact id now served when it changed."""
-        current = self.served.probe
-        row = await asyncio.to_thread(self.store.latest_promotion, current.calibration_origin,
-                                      current.calibration_version)
+        """Serve the store's newest promoted calibrations of both artifacts (:meth:`_follow`). Returns the
+        prompt-level artifact id now served when it changed."""
+        changed = await self._follow(answer=False)
+        await self._follow(answer=True)
+        return changed
+
+    async def _follow(self, answer: bool = False) -> str | None:
+        """Serve the store's newest promoted calibration of the served prompt-level artifact's fitted artifact (or,
+        ``answer``, the answer-level one's) when it is newer than the one served (written beside the others in
+        ``calibration_dir``, loaded and checked as a reload is). Returns the artifact id now served when it
+        changed."""
+        def current() -> ValueProbe | None:
+            return self.served.answer_probe if answer else self.served.probe
+
+        if current() is None:
+            return None
+        row = await asyncio.to_thread(self.store.latest_promotion, current().calibration_origin,
+                                      current().calibration_version)
         if row is None:
             return None
         async with self._reload_lock:
-            current = self.served.probe
-            if row["version"] <= current.calibration_version:
+            served_now = current()
+            if (served_now is None or row["origin"] != served_now.calibration_origin
+                    or row["version"] <= served_now.calibration_version):
                 return None
             probe = await asyncio.to_thread(materialize_promotion, row, self.settings.calibration_dir)
-            probe.require_position(TOKEN_POSITION)
-            check_pin(probe, self.settings.artifact_sha256)
-            served = self._make_served(probe)
-            await self.engine.attach(probe, strict=self.settings.check_fingerprint)
-            await self._swap(served)
-            logger.info("serving calibration %d of %s, promoted by %s", probe.calibration_version,
-                        probe.calibration_origin[:12], row["replica"])
+            await self._swap(await self._serving(probe, answer))
+            logger.info("serving %scalibration %d of %s, promoted by %s", "answer-level " if answer else "",
+                        probe.calibration_version, probe.calibration_origin[:12], row["replica"])
             return probe.artifact_id
 
     def _upkeep(self) -> None:

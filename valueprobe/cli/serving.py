@@ -61,10 +61,12 @@ def serve(
     escalate_gain_moment: Annotated[Optional[str], typer.Option(help="before: decide on both prompt-only "
                                                                 "probabilities before decoding (router); after: on "
                                                                 "this model's answer-level probability (cascade).")] = None,
-    recalibration: Annotated[Optional[str], typer.Option(help="Feedback refits a shadow calibrator per question kind: "
+    recalibration: Annotated[Optional[str], typer.Option(help="Feedback refits a shadow calibrator per question kind, "
+                                                         "of the prompt-level and of the answer-level artifact: "
                                                          "'shadow' (default) promotes it on POST "
-                                                         "/v1/admin/calibration/promote when it is better on held-out "
-                                                         "feedback, 'auto' also by itself, 'off' neither.")] = None,
+                                                         "/v1/admin/calibration/promote[?artifact=answer] when it is "
+                                                         "better on held-out feedback, 'auto' also by itself, 'off' "
+                                                         "neither.")] = None,
     calibration_dir: Annotated[Optional[str], typer.Option(help="Where promoted calibrations are written as new "
                                                            "artifacts (promotions themselves live in the store); default: "
                                                            "$VALUEPROBE_CACHE/calibrations/<artifact id>.")] = None,
