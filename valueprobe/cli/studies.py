@@ -1,4 +1,4 @@
-"""Research commands: `sample-answers`, `traces`, `dopamine`, `ablate`, `ablate-dopamine`."""
+"""Research commands: `sample-answers`, `traces`, `dopamine`, `ablate`, `ablate-dopamine`, `answer-study`."""
 
 from __future__ import annotations
 
@@ -204,3 +204,41 @@ def ablate_dopamine(
     typer.echo(f"({r['n_traces']} held-out traces, layer {r['layer']}, k={r['k']})")
     if out:
         out.write_text(json.dumps(r, indent=2))
+
+
+@app.command("answer-study")
+def answer_study(
+    cache: Annotated[Path, typer.Option(help="An answer-end cache folder (<cache>/<key>-answer_end) written by "
+                                             "`extract --answer-end`.")],
+    out: Annotated[Path, typer.Option(help="Writes <out>.json and <out>.md.")] = Path("weights/answer-study/study"),
+    layer: Annotated[Optional[list[int]], typer.Option(help="Layers to compare (1-based); default 12, 18, 23.")] = None,
+    k: Annotated[int, typer.Option(help="Size of the sparse value-neuron set (and of the random sets).")] = 4,
+    random_draws: Annotated[int, typer.Option(help="Random sets per left-out source.")] = 20,
+):
+    """Which answer-level features transfer: a leave-one-source-out study over the answer-end cache (the last
+    answer token, the answer's tokens averaged, the state at its least likely token, several layers; the free
+    signals of the same pass; a stack monotone in the log-probabilities; the served score chosen by a nested
+    leave-one-source-out; ECE on left-out sources; the sparse value-neuron set against random ones)."""
+    from tqdm.auto import tqdm
+
+    from valueprobe.calibration.answer_study import load_answer_cache, report_markdown, study
+    from valueprobe.calibration.data import BUILTIN
+
+    layers = layer or [12, 18, 23]
+    choice_sources = {r["dataset"] for f in sorted(cache.glob("shard-*.json")) for r in json.loads(f.read_text())
+                      if r["kind"] == "choice" and r["dataset"] in BUILTIN}
+    options = {q.id: len(q.choices) for name in sorted(choice_sources) for q in BUILTIN[name]()}  # per question id
+    try:
+        data = load_answer_cache(cache, layers, n_options=options)
+    except ValueError as exc:
+        fail(str(exc))
+    reads = [(r, layer_) for layer_ in layers for r in ("last", "answer_mean", "answer_min_token", "last+mean")]
+    reads.append(("answer_mean", "middle"))
+    sources = len({r["dataset"] for r in data.rows})
+    with tqdm(total=sources * (len(reads) + 1), desc="answer study") as bar:
+        result = study(data, reads=reads, k_sparse=k, random_draws=random_draws, progress=lambda: bar.update(1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2))
+    text = report_markdown(result)
+    Path(f"{out}.md").write_text("## Answer-level features that transfer (leave-one-source-out)\n\n" + text)
+    typer.echo(text)
