@@ -110,7 +110,9 @@ class VllmEngine(TokenizerAccess):
         self.stop_token_ids = sorted(stop_token_ids)
         self.max_queue, self.metrics = max_queue, metrics
         self._attached: dict[str, VllmProbe] = {}
-        self._users: Counter[str] = Counter()  # requests in flight per artifact id
+        self._users: Counter[str] = Counter()  # requests in flight per artifact id (and answer-level hook key)
+        self._answer_hooks: set[str] = set()  # answer-level hooks in the worker
+        self.answer_key: str | None = None  # the served answer-level artifact's hook (the latest attached)
         self._attach_lock = asyncio.Lock()  # attach and detach RPCs one at a time
         self._ready: dict[str, dict[str, list[float]]] = {}  # vLLM request id -> {artifact id: readout}
         self._ready_at: dict[str, float] = {}  # when each entry arrived (entries nobody asks for expire)
@@ -197,7 +199,12 @@ class VllmEngine(TokenizerAccess):
             gone = [key for key in self._attached if key != self.probe.artifact_id and not self._users[key]]
             for key in gone:
                 await self._unhook(key)
-        return gone
+            # answer-level hooks replaced by a promotion or a reload go the same way once no request reads them
+            old_answers = [key for key in self._answer_hooks if key != self.answer_key and not self._users[key]]
+            for key in old_answers:
+                self._answer_hooks.discard(key)
+                await self.llm.collective_rpc("valueprobe_detach", args=(key,))
+        return gone + old_answers
 
     @property
     def attached(self) -> list[str]:
@@ -282,9 +289,13 @@ class VllmEngine(TokenizerAccess):
         """Check ``answer_probe`` (an answer_end artifact) against the worker's model and hook it: the worker keeps
         every request's latest ``k`` values at that layer, read when the request finishes."""
         await self.check_compatible(answer_probe, strict)
+        key = answer_probe.artifact_id + ANSWER_KEY
         async with self._attach_lock:
-            await self.llm.collective_rpc("valueprobe_attach", args=attach_args(
-                answer_probe, None, key=answer_probe.artifact_id + ANSWER_KEY, position="answer_end"))
+            if key not in self._answer_hooks:
+                await self.llm.collective_rpc("valueprobe_attach", args=attach_args(
+                    answer_probe, None, key=key, position="answer_end"))
+                self._answer_hooks.add(key)
+            self.answer_key = key  # the newest attached is the one served (release_unused detaches the others)
 
     async def _answer_readout(self, request_id: str, prompt: Prompt, answer_probe: ValueProbe, confidence: ProbeResult,
                               token_logprobs: list[float], read_at: str) -> ProbeResult | None:
@@ -346,6 +357,25 @@ class VllmEngine(TokenizerAccess):
 
     async def _events(self, prompt: Prompt, probe: ValueProbe, params, policy, stream: bool,
                       answer_probe: ValueProbe | None = None, asked_logprobs: int | None = None):
+        """:meth:`_request_events`, holding the answer-level hook it reads until the request ends (a promotion or
+        reload meanwhile detaches the old hook only after its last reader)."""
+        key = None if answer_probe is None else answer_probe.artifact_id + ANSWER_KEY
+        if key is not None:
+            self._users[key] += 1
+        try:
+            async for event in self._request_events(prompt, probe, params, policy, stream, answer_probe,
+                                                    asked_logprobs):
+                yield event
+        finally:
+            if key is not None:
+                self._users[key] -= 1
+                if not self._users[key]:
+                    del self._users[key]
+                    if key != self.answer_key:
+                        await self.release_unused()
+
+    async def _request_events(self, prompt: Prompt, probe: ValueProbe, params, policy, stream: bool,
+                              answer_probe: ValueProbe | None = None, asked_logprobs: int | None = None):
         """Drive one request as an engine stream: the policy decides on the first output (right after the prefill)
         and a request it does not answer is aborted there. With ``answer_probe`` the finished answer gets its
         answer-level readout (``params`` then ask vLLM for the sampled tokens' log-probabilities). Closing the
