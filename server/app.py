@@ -149,12 +149,16 @@ def create_app(settings: Settings | None = None, *, registry: CollectorRegistry 
     async def lifespan(app: FastAPI):
         from .engines.transformers_engine import TransformersEngine
         from .service import Sidecar, open_store
+        from .upstream import resolve_models
 
         store = None
 
         async def load():
             nonlocal store
             try:
+                # an OpenAI upstream's model before anything loads: a gateway that could only answer errors stops
+                for setting, served_model in (await resolve_models(settings)).items():
+                    setattr(settings, setting, served_model)
                 # the store first: the newest promoted calibration is what this replica serves
                 store = await asyncio.to_thread(open_store, settings, metrics)
                 if settings.engine == "vllm":

@@ -66,6 +66,20 @@ class UpstreamError(ServerError):
     type = "upstream_error"
 
 
+class UpstreamRejectedError(UpstreamError):
+    """The upstream refused the sidecar's request (a 4xx other than 408/429): a model name it does not serve, an API
+    key, a path — the configuration — or a request it cannot take (too long for its context). Never answered as a
+    refusal text: 400 when the upstream said the request was invalid (400/413/422, its message passed on), 502
+    otherwise (the gateway is misconfigured)."""
+
+    type = "upstream_rejected"
+
+    def __init__(self, message: str, *, upstream_status: int | None = None):
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.status_code = 400 if upstream_status in (400, 413, 422) else 502
+
+
 class ProbeNotLoadedError(ServerError):
     status_code = 503
     type = "not_ready"

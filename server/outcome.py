@@ -17,8 +17,10 @@ __all__ = ["Event", "Final", "Head", "Outcome", "Query", "StepEvent", "Text"]
 
 @dataclass
 class Query:
-    """One request after validation: what the model sees (``rendered``, tokenized once) and what an OpenAI
-    upstream gets (``messages``), with the snapshot that rendered it."""
+    """One request after validation: what the probe scores (``rendered`` in the artifact's format, tokenized once as
+    ``prompt``), and what whoever answers gets: an OpenAI-compatible upstream or escalation target ``messages``, the
+    request as the user sent it; a TGI one ``sent_text``, the same through the chat template; the local model
+    ``answer_prompt`` where it differs from ``prompt`` (``local_prompt: user``), else ``prompt`` itself."""
 
     messages: list[dict]
     rendered: str
@@ -34,6 +36,20 @@ class Query:
     #: the request as another valueprobe sidecar's ``/v1/confidence`` takes it (``prompt``/``choices`` or
     #: ``messages``, as the user sent them): how gain routing asks the escalation target for its probability
     source: dict = field(default_factory=dict)
+    #: the request as the user sent it, as model text (for TGI upstreams); None where nobody needs it
+    sent_text: str | None = None
+    #: what the local model answers when it is not ``prompt`` (``local_prompt: user``); None: ``prompt``
+    answer_prompt: Prompt | None = None
+
+    @property
+    def text_for_upstream(self) -> str:
+        """What a TGI upstream or escalation target gets: the request as sent, as model text."""
+        return self.sent_text if self.sent_text is not None else self.rendered
+
+    @property
+    def local_prompt(self) -> Prompt:
+        """What the local model answers from."""
+        return self.answer_prompt if self.answer_prompt is not None else self.prompt
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from valueprobe.plugin import ArtifactError, ProbeResult, ValueProbe
 from valueprobe.plugin.artifact import ANSWER_END, TOKEN_POSITION
 
 from .engines.base import EngineClient, Finished, Piece, Prompt, final_generation
-from .errors import ClientError, ConflictError, ProbeFailedError, StorageError, UpstreamError
+from .errors import ClientError, ConflictError, ProbeFailedError, StorageError, UpstreamError, UpstreamRejectedError
 from .feedback import FeedbackLoop
 from .metrics import SidecarMetrics
 from .outcome import Event, Final, Head, Outcome, Query, StepEvent, Text
@@ -181,10 +181,11 @@ class Sidecar:
 
     async def _escalate(self, query: Query):
         try:
-            # a gain-routing target is a valueprobe sidecar: it gets the request as the user sent it (a multiple-
-            # choice question stays one, through the completions 'choices' extension), rendered by its own format
+            # every target gets the request as the user sent it, never the artifact's rendering; a gain-routing
+            # target is a valueprobe sidecar: a multiple-choice question stays one there (the completions 'choices'
+            # extension), rendered by its own format
             source = query.source if self.gain_router is not None else None
-            answer = await self.escalation.answer(messages=query.messages, rendered=query.rendered,
+            answer = await self.escalation.answer(messages=query.messages, rendered=query.text_for_upstream,
                                                   max_new_tokens=query.max_new_tokens, temperature=query.temperature,
                                                   top_p=query.top_p, seed=query.seed, stop=query.stop, source=source)
             self.metrics.escalations.labels(result="ok").inc()
@@ -252,12 +253,18 @@ class Sidecar:
                 else:
                     route = router.abstained(confidence.probability, "before")
                 local = local and decision == "answer"
+            elif local and query.answer_prompt is not None:
+                # local_prompt=user: the probe scores the artifact's rendering, the model answers the request as
+                # sent (a second prefill)
+                confidence = (await self.engine.score([query.prompt], served.probe))[0]
+                decision = served.policy.decide(confidence.probability)
+                local = decision == "answer"
             if local:
                 args = dict(max_new_tokens=query.max_new_tokens, temperature=query.temperature, top_p=query.top_p,
                             seed=query.seed, stop=query.stop, answer_probe=served.answer_probe, logprobs=query.logprobs,
                             stream=stream)
                 # the engine takes the policy's decision at the prefill (already taken above by the router)
-                generation = self.engine.generate(query.prompt, served.probe,
+                generation = self.engine.generate(query.local_prompt, served.probe,
                                                   policy=served.policy if decision is None else None, **args)
                 prefilled = await anext(generation)
                 if decision is None:
@@ -356,17 +363,19 @@ class Sidecar:
                                finish_reason=answer.finish_reason)
         if self.upstream is not None:
             try:
-                answer = await self.upstream.answer(messages=query.messages, rendered=query.rendered,
+                answer = await self.upstream.answer(messages=query.messages, rendered=query.text_for_upstream,
                                                     max_new_tokens=query.max_new_tokens, temperature=query.temperature,
                                                     top_p=query.top_p, seed=query.seed, stop=query.stop)
                 return replace(o, text=answer.text, upstream_error=upstream_error,
                                completion_tokens=answer.completion_tokens or 0, finish_reason=answer.finish_reason)
+            except UpstreamRejectedError:
+                raise  # the configuration or the request, not an outage: an error, never the refusal text
             except UpstreamError as exc:
                 upstream_error = str(exc) if upstream_error is None else f"{upstream_error}; {exc}"
         elif self.settings.mode == "embedded" and o.decision == "escalate":
             # Escalation failed in embedded mode: answer locally rather than not at all.
             gen = await final_generation(self.engine.generate(
-                query.prompt, query.served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
+                query.local_prompt, query.served.probe, max_new_tokens=query.max_new_tokens, temperature=query.temperature,
                 top_p=query.top_p, seed=query.seed, stop=query.stop))
             route = o.route if o.route is None else replace(o.route, answered_by="local", reason="target_unavailable",
                                                               target_error=upstream_error)

@@ -27,11 +27,13 @@ class Settings(BaseSettings):
 
     upstream_url: Optional[str] = Field(None, description="Gateway mode: the serving stack that answers (TGI or OpenAI-compatible).")
     upstream_kind: Literal["tgi", "openai"] = "openai"
-    upstream_model: Optional[str] = Field(None, description="Model name sent to an OpenAI-compatible upstream.")
+    upstream_model: Optional[str] = Field(None, description="Model name sent to an OpenAI-compatible upstream; default: the one model its GET /v1/models lists, asked at start-up (several or none stops the start, naming them).")
     escalate_url: Optional[str] = Field(None, description="Bigger model that takes escalated questions (TGI or OpenAI-compatible).")
     escalate_kind: Literal["tgi", "openai"] = "openai"
-    escalate_model: Optional[str] = None
+    escalate_model: Optional[str] = Field(None, description="Model name sent to an OpenAI-compatible escalation target; default: the one model its GET /v1/models lists (asked at start-up, or at the first escalation if it is down then).")
     upstream_timeout_s: float = Field(30.0, gt=0, description="Timeout for upstream and escalation calls.")
+    upstream_start_timeout_s: float = Field(120.0, ge=0, description="Gateway mode without upstream_model: how long start-up waits for the OpenAI-compatible upstream to list its models (it may be loading as well) before it stops with the reason.")
+    local_prompt: Literal["artifact", "user"] = Field("artifact", description="What the local model answers when a question comes as a prompt or a single user message (the probe always scores it in the artifact's prompt format, which its calibration was fitted on; the upstream and the escalation target always get the request as the user sent it). artifact: the answer comes from that same prefill (no extra forward pass; the confidence is about the very prompt answered, as in fitting, where the labels are the model's answers to that format); user: the user's message through the chat template as sent, a second prefill, and the confidence is then about the artifact's rendering of the question, not the one answered.")
     upstream_api_key: Optional[str] = None
 
     abstain_below: Optional[float] = Field(None, ge=0, le=1, description="Abstain when P(correct) is below this.")

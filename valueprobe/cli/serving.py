@@ -20,10 +20,18 @@ def serve(
                                                       "in-process; the probe is read inside its forward pass).")] = None,
     upstream_url: Annotated[Optional[str], typer.Option(help="Gateway mode: TGI or OpenAI-compatible server that answers.")] = None,
     upstream_kind: Annotated[Optional[str], typer.Option(help="tgi or openai.")] = None,
-    upstream_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible upstream.")] = None,
+    upstream_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible upstream (default: "
+                                                        "the one its /v1/models lists; several or none stops the "
+                                                        "start).")] = None,
     escalate_url: Annotated[Optional[str], typer.Option(help="Bigger model for escalated questions.")] = None,
     escalate_kind: Annotated[Optional[str], typer.Option(help="tgi or openai.")] = None,
-    escalate_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible escalation target.")] = None,
+    escalate_model: Annotated[Optional[str], typer.Option(help="Model name for an OpenAI-compatible escalation target "
+                                                        "(default: the one its /v1/models lists).")] = None,
+    local_prompt: Annotated[Optional[str], typer.Option(help="What the local model answers for a prompt or a single "
+                                                      "user message: 'artifact' (default: the prompt the probe "
+                                                      "scored, in the artifact's format, one prefill) or 'user' (the "
+                                                      "message as sent, through the chat template: a second "
+                                                      "prefill). Upstreams always get the request as sent.")] = None,
     abstain_below: Annotated[Optional[float], typer.Option(help="Abstain when P(correct) is below this.")] = None,
     escalate_below: Annotated[Optional[float], typer.Option(help="Escalate when P(correct) is below this.")] = None,
     escalate_rate: Annotated[Optional[float], typer.Option(help="Use the artifact's threshold escalating this share (0.1, 0.2, 0.3).")] = None,
@@ -87,6 +95,7 @@ def serve(
 
     Every option can also come from the environment as VALUEPROBE_<OPTION> (e.g. VALUEPROBE_ESCALATE_URL) or from
     --config; flags win. Other settings (max_batch_size, max_wait_ms, max_queue, upstream_timeout_s,
+    upstream_start_timeout_s, upstream_api_key,
     refusal_text, max_prompt_chars, max_new_tokens_limit, default_max_new_tokens, feedback_window,
     recalibration_window, recalibration_min_feedback, recalibration_every, recalibration_margin, drift_window,
     drift_min_prompts, store_queue, store_sync_s, store_retention_days, store_retention_rows, dtype,
@@ -100,7 +109,7 @@ def serve(
 
     given = {k: v for k, v in dict(model=model, artifact=artifact, mode=mode, engine=engine, upstream_url=upstream_url,
                                    upstream_kind=upstream_kind, upstream_model=upstream_model, escalate_url=escalate_url,
-                                   escalate_kind=escalate_kind, escalate_model=escalate_model,
+                                   escalate_kind=escalate_kind, escalate_model=escalate_model, local_prompt=local_prompt,
                                    abstain_below=abstain_below, escalate_below=escalate_below,
                                    escalate_rate=escalate_rate, risk_alpha=risk_alpha, confident_above=confident_above,
                                    admin_token=admin_token,
@@ -119,4 +128,6 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failure = run_sidecar(settings, log_level=log_level)
     if failure is not None:
-        fail(f"the sidecar could not load its model or artifact, so it stopped: {failure}", code=1)
+        what = ("choose its upstream's model" if failure.startswith("UpstreamModelError")
+                else "load its model or artifact")
+        fail(f"the sidecar could not {what}, so it stopped: {failure}", code=1)

@@ -1,0 +1,245 @@
+"""What a platform engineer relies on when the sidecar sits in front of a serving stack (issue 29, "Deployers").
+
+A fake OpenAI-compatible and TGI upstream runs under uvicorn on loopback and records every request it receives, so
+the tests read what the upstream and the escalation target were actually sent: the request as the user sent it,
+never the artifact's prompt format. Gateway start-up asks the upstream's ``GET /v1/models`` for the model to send
+and stops with the reason when it cannot choose; an upstream's refusal is an error, never a refusal text with 200.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from conftest import Server, free_port, run_app
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from valueprobe.server.settings import Settings
+
+QUESTION = "What is the capital of France?"
+SUFFIX = "Answer the question briefly, with just the answer."  # the default artifact format's instruction
+MODELS = {"one": ["served-model"], "two": ["model-a", "model-b"], "none": []}
+
+
+class FakeUpstream:
+    """An OpenAI-compatible server (``/<variant>/v1/...``, listing ``MODELS[variant]`` and refusing any other model
+    name with vLLM's 404) and a TGI server (``POST /tgi``) in a uvicorn thread; ``received`` holds every request
+    body with its path."""
+
+    def __init__(self):
+        app = FastAPI()
+        self.received: list[tuple[str, dict]] = []
+
+        @app.get("/{variant}/v1/models")
+        async def models(variant: str):
+            if variant == "locked":
+                return JSONResponse({"error": {"message": "bad api key", "type": "auth"}}, status_code=401)
+            return {"object": "list", "data": [{"id": m, "object": "model"} for m in MODELS[variant]]}
+
+        async def openai(variant: str, request: Request, kind: str):
+            body = await request.json()
+            self.received.append((request.url.path, body))
+            if body.get("model") not in MODELS.get(variant, []):
+                # vLLM's answer to a model it does not serve (vllm/entrypoints/openai/serving_engine.py)
+                return JSONResponse({"object": "error", "message": f"The model `{body.get('model')}` does not exist.",
+                                     "type": "NotFoundError", "param": None, "code": 404}, status_code=404)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": "fake answer"}, "finish_reason": "stop"}
+                      if kind == "chat" else {"index": 0, "text": "fake answer", "finish_reason": "stop"})
+            return {"id": "x", "object": kind, "model": body["model"], "choices": [choice],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+
+        @app.post("/{variant}/v1/chat/completions")
+        async def chat(variant: str, request: Request):
+            return await openai(variant, request, "chat")
+
+        @app.post("/{variant}/v1/completions")
+        async def completions(variant: str, request: Request):
+            return await openai(variant, request, "text_completion")
+
+        @app.post("/tgi")
+        async def tgi(request: Request):
+            body = await request.json()
+            self.received.append((request.url.path, body))
+            return [{"generated_text": "fake tgi answer", "details": {
+                "finish_reason": "eos_token", "generated_tokens": 3, "seed": None, "prefill": [], "tokens": []}}]
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline:
+                raise TimeoutError("the fake upstream did not start")
+            time.sleep(0.05)
+
+    def last(self, path_end: str) -> dict:
+        """The body of the latest request whose path ends with ``path_end``."""
+        return next(body for path, body in reversed(self.received) if path.endswith(path_end))
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    upstream = FakeUpstream()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(assets, fake):
+    """A real sidecar in gateway mode in front of the fake OpenAI upstream, no --upstream-model given."""
+    server = Server(assets, mode="gateway", upstream_url=f"{fake.url}/one", upstream_kind="openai")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _chat(url: str, messages, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={"messages": messages, "max_tokens": 4, **extra})
+
+
+# -- 1. the upstream and the escalation target get the request as the user sent it ----------------------------------
+def test_the_gateway_upstream_gets_the_users_messages_and_the_served_model(gateway, fake):
+    """A single user message is scored in the artifact's format, but the upstream receives it exactly as sent, with
+    the one model its /v1/models lists (no --upstream-model)."""
+    messages = [{"role": "user", "content": QUESTION}]
+    r = _chat(gateway.url, messages)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "fake answer"
+    sent = fake.last("/one/v1/chat/completions")
+    assert sent["messages"] == messages and sent["model"] == "served-model"
+    assert SUFFIX not in str(sent)
+    # a completions prompt is a question: the upstream gets it as one user message, as asked
+    r = httpx.post(f"{gateway.url}/v1/completions", timeout=60, json={"prompt": QUESTION, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "fake answer"
+    assert fake.last("/one/v1/chat/completions")["messages"] == [{"role": "user", "content": QUESTION}]
+    # the probe still scored the artifact's rendering: the same probability /v1/confidence gives the question
+    scored = httpx.post(f"{gateway.url}/v1/confidence", json={"prompt": QUESTION}, timeout=60).json()
+    assert r.json()["confidence"]["probability"] == pytest.approx(scored["probability"], abs=1e-6)
+
+
+def test_escalation_targets_get_the_request_as_sent(artifact_file, qwen_model, tokenizer, fake):
+    """OpenAI-compatible and TGI escalation targets alike: the user's messages (TGI: through the chat template as
+    sent), not the artifact's rewritten question."""
+    from valueprobe.plugin import ValueProbe
+
+    fmt = ValueProbe.load(str(artifact_file)).prompt_format
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    for kind, url in (("openai", f"{fake.url}/one"), ("tgi", f"{fake.url}/tgi")):
+        settings = Settings(artifact=str(artifact_file), escalate_url=url, escalate_kind=kind, escalate_below=1.0,
+                            escalate_model="served-model" if kind == "openai" else None)
+
+        async def scenario(client, app, kind=kind):
+            for messages in ([{"role": "user", "content": QUESTION}], conversation):
+                r = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 4})
+                body = r.json()
+                assert r.status_code == 200 and body["confidence"]["routed"] is True, body
+                if kind == "openai":
+                    assert fake.last("/one/v1/chat/completions")["messages"] == messages
+                else:
+                    assert fake.last("/tgi")["inputs"] == fmt.render(tokenizer, messages)
+                    assert SUFFIX not in fake.last("/tgi")["inputs"]
+            # a multiple-choice question keeps its options: lettered as the artifact's format lists them
+            r = await client.post("/v1/completions", json={"prompt": "Which planet is largest?", "max_tokens": 2,
+                                                           "choices": ["Mars", "Jupiter"]})
+            assert r.status_code == 200
+            if kind == "openai":
+                content = fake.last("/one/v1/chat/completions")["messages"][0]["content"]
+                assert "A. Mars" in content and "B. Jupiter" in content
+
+        run_app(settings, qwen_model, tokenizer, scenario)
+
+
+def test_local_prompt_user_answers_the_message_as_sent_and_scores_the_artifacts_rendering(
+        artifact_file, qwen_model, tokenizer):
+    """local_prompt=user: the local model answers the user's message through the chat template (what the TGI route
+    answers for that exact text), while the confidence is the artifact format's (what the default serves)."""
+    messages = [{"role": "user", "content": QUESTION}]
+    as_sent = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    answers = {}
+    for local_prompt in ("artifact", "user"):
+        async def scenario(client, app):
+            engine, generated = app.state.sidecar.engine, []
+            generate = engine.generate
+
+            def spy(prompt, *args, **kwargs):  # what the local model is asked to answer
+                generated.append(list(prompt.input_ids))
+                return generate(prompt, *args, **kwargs)
+
+            engine.generate = spy
+            chat = (await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6})).json()
+            raw = (await client.post("/generate", json={"inputs": as_sent,
+                                                        "parameters": {"max_new_tokens": 6}})).json()
+            return chat, raw, generated
+
+        answers[local_prompt] = run_app(Settings(artifact=str(artifact_file), local_prompt=local_prompt), qwen_model,
+                                        tokenizer, scenario)
+    (chat_artifact, _, artifact_generated), (chat_user, raw_user, user_generated) = answers["artifact"], answers["user"]
+    sent_ids = tokenizer(as_sent, add_special_tokens=False)["input_ids"]
+    assert user_generated[0] == sent_ids and SUFFIX not in tokenizer.decode(user_generated[0])
+    assert artifact_generated[0] != sent_ids and SUFFIX in tokenizer.decode(artifact_generated[0])
+    assert chat_user["choices"][0]["message"]["content"] == raw_user["generated_text"]
+    assert chat_user["confidence"]["probability"] == pytest.approx(chat_artifact["confidence"]["probability"], abs=1e-6)
+    assert chat_user["confidence"]["decision"] == "answer"
+
+
+# -- 2. the upstream's model: discovered at start, or the start stops with the reason ------------------------------
+@pytest.mark.parametrize("variant, expected", [
+    ("two", "serves 2 models ('model-a', 'model-b'); choose one with --upstream-model"),
+    ("none", "lists no model at /v1/models; name one with --upstream-model"),
+    ("locked", "answered HTTP 401 (bad api key)"),
+    ("down", "could not list the upstream's models within 1 s"),
+])
+def test_a_gateway_whose_upstream_model_cannot_be_chosen_stops_at_start(assets, fake, variant, expected):
+    url = f"http://127.0.0.1:{free_port()}" if variant == "down" else f"{fake.url}/{variant}"
+    server = Server(assets, mode="gateway", upstream_url=url, upstream_kind="openai", upstream_start_timeout_s=1)
+    try:
+        code = server.proc.wait(timeout=120)
+    finally:
+        server.stop()
+    log = open(server.log.name).read()
+    assert code == 1, log[-2000:]
+    assert "could not choose its upstream's model, so it stopped" in log and expected in log, log[-2000:]
+
+
+def test_an_upstream_that_refuses_the_configured_model_is_an_error_not_a_refusal(artifact_file, qwen_model, tokenizer,
+                                                                                fake):
+    """vLLM answers 404 to a model it does not serve: the gateway answers 502 upstream_rejected with vLLM's message
+    (never the refusal text with 200); an escalation target that refuses leaves the local answer, flagged."""
+    gateway = Settings(artifact=str(artifact_file), mode="gateway", upstream_url=f"{fake.url}/one",
+                       upstream_model="default")
+    embedded = Settings(artifact=str(artifact_file), escalate_url=f"{fake.url}/one", escalate_model="default",
+                        escalate_below=1.0)
+
+    async def refused(client, app):
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}]})
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert error["type"] == "upstream_rejected" and "The model `default` does not exist." in error["message"]
+        r = await client.post("/generate", json={"inputs": QUESTION, "parameters": {"max_new_tokens": 3}})
+        assert r.status_code == 502 and r.json()["error_type"] == "generation"
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
+                                                            "stream": True})
+        assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_rejected"
+
+    async def flagged(client, app):
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}],
+                                                            "max_tokens": 3})
+        body = r.json()
+        assert r.status_code == 200 and body["confidence"]["routed"] is False
+        assert "does not exist" in body["confidence"]["upstream_error"]
+        assert body["choices"][0]["message"]["content"] != Settings().refusal_text  # the local model's answer
+
+    run_app(gateway, qwen_model, tokenizer, refused)
+    run_app(embedded, qwen_model, tokenizer, flagged)
+
