@@ -37,11 +37,12 @@ def _probe_for(settings: Settings, store):
     from valueprobe.plugin import ValueProbe
     from valueprobe.plugin.artifact import TOKEN_POSITION
 
-    from .service import check_pin
+    from .service import check_pin, resolve_thresholds
 
     probe = ValueProbe.load(settings.artifact_path())
     probe.require_position(TOKEN_POSITION)
     check_pin(probe, settings.artifact_sha256)
+    resolve_thresholds(settings, probe.thresholds or {})  # a rate the artifact was not fitted for: before the model
     newer = _newest_promoted(settings, store, probe)
     if newer is not None:
         newer.require_position(TOKEN_POSITION)

@@ -10,8 +10,8 @@ from valueprobe.plugin import ArtifactError, ValueProbe
 
 from .settings import Settings
 
-__all__ = ["Policy", "Served", "check_pin", "escalate_after_threshold", "fitted_escalation_threshold",
-           "resolve_thresholds"]
+__all__ = ["Policy", "Served", "check_pin", "escalate_after_threshold", "fitted_choices", "fitted_escalation_threshold",
+           "policy_summary", "resolve_thresholds"]
 
 
 @dataclass(frozen=True)
@@ -65,17 +65,57 @@ class Served:
         return self.probe.artifact_id
 
 
+def fitted_choices(artifact_thresholds: dict) -> list[str]:
+    """What each fitted value of ``--escalate-rate`` and ``--risk-alpha`` does, on the artifact's calibration split
+    (where the thresholds were fitted): one line each, for refusals, the start-up log and ``valueprobe inspect``."""
+    lines = []
+    for key, t in sorted(artifact_thresholds.get("escalation", {}).items(), key=lambda kv: float(kv[0])):
+        lines.append(f"--escalate-rate {key}: escalate below P {float(t):.3f} ({float(key):.0%} of the calibration "
+                     "split)")
+    for key, entry in sorted(artifact_thresholds.get("risk_controlled", {}).items(), key=lambda kv: float(kv[0])):
+        lines.append(f"--risk-alpha {key}: {_risk_text(entry)}")
+    return lines
+
+
+def _risk_text(entry: dict) -> str:
+    if entry.get("threshold") is None:
+        return "no share of the calibration split qualifies: abstains on every request"
+    cover = float(entry.get("coverage", 0.0))
+    text = f"abstain below P {float(entry['threshold']):.3f}: answers {cover:.1%} of the calibration split, abstains on {1 - cover:.1%}"
+    if entry.get("empirical_risk") is not None and entry.get("risk_upper_bound") is not None:
+        confidence = f" at {1 - float(entry['delta']):.0%} confidence" if entry.get("delta") is not None else ""
+        text += (f" (error among those answered {float(entry['empirical_risk']):.3f}, upper bound "
+                 f"{float(entry['risk_upper_bound']):.3f}{confidence})")
+    return text
+
+
+def _not_fitted(flag: str, value: str, artifact_thresholds: dict) -> ValueError:
+    """The refusal of a ``--escalate-rate`` / ``--risk-alpha`` the artifact has no threshold for: the values it has,
+    with what each does, and why none is interpolated."""
+    table = "escalation" if flag == "--escalate-rate" else "risk_controlled"
+    have = sorted(artifact_thresholds.get(table, {}), key=float)
+    what = "escalation threshold for rate" if table == "escalation" else "risk-controlled threshold for alpha"
+    why = ("a risk-controlled threshold holds its error bound only at the alpha it was tested at, so none is "
+           "interpolated; set --abstain-below P to choose a threshold yourself" if table == "risk_controlled" else
+           "the artifact keeps its calibration split's quantiles only at these shares, so none is interpolated; set "
+           "--escalate-below P to choose a threshold yourself, or --escalate-gain-rate to follow the traffic")
+    choices = "; ".join(line for line in fitted_choices(artifact_thresholds) if line.startswith(flag))
+    return ValueError(f"the artifact has no {what} {value}; {flag} takes {', '.join(have) or 'no value'} "
+                      f"({choices or 'none fitted'}): {why}")
+
+
 def fitted_escalation_threshold(artifact_thresholds: dict, rate: float) -> float:
     """The artifact's threshold (fitted on its calibration split) below which ``rate`` of the traffic falls."""
     table = artifact_thresholds.get("escalation", {})
     key = f"{rate:g}"
     if key not in table:
-        raise ValueError(f"the artifact has no escalation threshold for rate {key}; it has {sorted(table)}")
+        raise _not_fitted("--escalate-rate", key, artifact_thresholds)
     return float(table[key])
 
 
 def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[float | None, float | None]:
-    """Explicit thresholds win; otherwise ``escalate_rate`` / ``risk_alpha`` pick the artifact's fitted ones."""
+    """Explicit thresholds win; otherwise ``escalate_rate`` / ``risk_alpha`` pick the artifact's fitted ones (only
+    the values it was fitted for: :func:`fitted_choices`)."""
     abstain, escalate = settings.abstain_below, settings.escalate_below
     if escalate is None and settings.escalate_rate is not None:
         escalate = fitted_escalation_threshold(artifact_thresholds, settings.escalate_rate)
@@ -83,7 +123,7 @@ def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[f
         table = artifact_thresholds.get("risk_controlled", {})
         key = f"{settings.risk_alpha:g}"
         if key not in table:
-            raise ValueError(f"the artifact has no risk-controlled threshold for alpha {key}; it has {sorted(table)}")
+            raise _not_fitted("--risk-alpha", key, artifact_thresholds)
         t = table[key]["threshold"]
         abstain = 1.0 + 1e-9 if t is None else float(t)  # no qualifying coverage: abstain on everything
     if abstain is not None and escalate is not None and escalate <= abstain:
@@ -92,6 +132,20 @@ def resolve_thresholds(settings: Settings, artifact_thresholds: dict) -> tuple[f
                          "checked first, so nothing would ever be escalated; set escalate_below above abstain_below "
                          "(escalate between the two, abstain below both)")
     return abstain, escalate
+
+
+def policy_summary(settings: Settings, artifact_thresholds: dict) -> tuple[str, bool] | None:
+    """What the rate-based settings in force do on the artifact's calibration split, and whether it abstains on
+    most of it (worth a warning), for the start-up log; ``None`` when neither is set."""
+    parts, most = [], False
+    if settings.escalate_below is None and settings.escalate_rate is not None:
+        parts += [line for line in fitted_choices(artifact_thresholds)
+                  if line.startswith(f"--escalate-rate {settings.escalate_rate:g}:")]
+    if settings.abstain_below is None and settings.risk_alpha is not None:
+        entry = artifact_thresholds.get("risk_controlled", {}).get(f"{settings.risk_alpha:g}", {})
+        parts.append(f"--risk-alpha {settings.risk_alpha:g}: {_risk_text(entry)}")
+        most = entry.get("threshold") is None or float(entry.get("coverage", 0.0)) < 0.5
+    return ("; ".join(parts), most) if parts else None
 
 
 def check_pin(probe: ValueProbe, pin: str | None) -> None:

@@ -29,7 +29,7 @@ from .feedback import FeedbackLoop
 from .metrics import SidecarMetrics
 from .outcome import Event, Final, Head, Outcome, Query, StepEvent, Text
 from .preparation import SAMPLING_EPS, Preparation
-from .policy import Policy, Served, check_pin, escalate_after_threshold, resolve_thresholds
+from .policy import Policy, Served, check_pin, escalate_after_threshold, policy_summary, resolve_thresholds
 from .recalibration import calibration_folder, next_artifact_path
 from .routing import GainRouter, RouteInfo
 from .settings import Settings
@@ -72,6 +72,9 @@ class Sidecar:
         self.calibration = FeedbackLoop(settings, metrics, engine.probe, self.store, answer_probe)
         self.served = self._make_served(engine.probe)
         self.metrics.publish_artifact(self.served.probe, model_name)
+        summary = policy_summary(settings, self.served.probe.thresholds or {})
+        if summary is not None:  # what --escalate-rate / --risk-alpha do, said once (a warning if most abstain)
+            (logger.warning if summary[1] else logger.info)("policy from the artifact's fitted thresholds: %s", summary[0])
         self.escalate_after = escalate_after_threshold(settings, answer_probe, self.escalation is not None)
 
     # -- the served snapshot ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ and stops with the reason when it cannot choose; an upstream's refusal is an err
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -242,4 +243,53 @@ def test_an_upstream_that_refuses_the_configured_model_is_an_error_not_a_refusal
 
     run_app(gateway, qwen_model, tokenizer, refused)
     run_app(embedded, qwen_model, tokenizer, flagged)
+
+
+# -- 3. --escalate-rate / --risk-alpha: only the fitted values, each said with what it does -------------------------
+SHIPPED = "weights/qwen2.5-coder-1.5b-instruct.safetensors"
+
+
+def test_a_rate_the_artifact_was_not_fitted_for_is_refused_with_the_values_and_their_coverage():
+    """The shipped 1.5B artifact: --risk-alpha 0.1 answers 6.5% of its calibration split (abstains on 93.5%), as its
+    thresholds metadata records; another alpha or rate is refused with every fitted value and what it does."""
+    from pathlib import Path
+
+    from valueprobe.plugin import ValueProbe
+    from valueprobe.server.policy import fitted_choices, policy_summary, resolve_thresholds
+
+    thresholds = ValueProbe.load(str(Path(__file__).parents[1] / SHIPPED)).thresholds
+    risk = thresholds["risk_controlled"]
+    assert risk["0.1"]["coverage"] == pytest.approx(0.065, abs=5e-4)
+    lines = fitted_choices(thresholds)
+    assert "--risk-alpha 0.1: abstain below P 0.944: answers 6.5% of the calibration split, abstains on 93.5%" in lines[3]
+    assert len(lines) == 6 and lines[0].startswith("--escalate-rate 0.1: escalate below P 0.077")
+    with pytest.raises(ValueError) as refused:
+        resolve_thresholds(Settings(risk_alpha=0.15), thresholds)
+    message = str(refused.value)
+    assert "--risk-alpha takes 0.1, 0.2, 0.3" in message and "answers 20.3%" in message and "interpolated" in message
+    with pytest.raises(ValueError, match=r"no escalation threshold for rate 0.25; --escalate-rate takes 0.1, 0.2, 0.3"):
+        resolve_thresholds(Settings(escalate_rate=0.25), thresholds)
+    summary, most = policy_summary(Settings(risk_alpha=0.1), thresholds)
+    assert most and "abstains on 93.5%" in summary
+    assert policy_summary(Settings(risk_alpha=0.3, escalate_rate=0.2), thresholds)[0].startswith("--escalate-rate 0.2")
+
+
+def test_serve_refuses_an_unfitted_rate_before_loading_the_model(assets, tmp_path):
+    """The refusal comes at start, before the model is loaded (a model that does not exist is never reached)."""
+    server = Server(assets, risk_alpha=0.15, model=str(tmp_path / "never-loaded"))
+    try:
+        code = server.proc.wait(timeout=120)
+    finally:
+        server.stop()
+    log = open(server.log.name).read()
+    assert code == 1 and "--risk-alpha takes" in log and "never-loaded" not in log, log[-2000:]
+
+
+def test_inspect_says_what_each_fitted_value_does():
+    from typer.testing import CliRunner
+
+    from valueprobe.cli import app
+
+    out = CliRunner().invoke(app, ["inspect", SHIPPED]).output
+    assert "serve --risk-alpha 0.1: abstain below P 0.944: answers 6.5%" in out
 

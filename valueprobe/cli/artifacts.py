@@ -35,7 +35,11 @@ def inspect(
                                                        if probe.served_score == "stacked" else ""))
     typer.echo(f"prompt format {md['prompt_format']}")
     if probe.thresholds:
+        from valueprobe.server.policy import fitted_choices
+
         typer.echo(f"thresholds    {json.dumps(probe.thresholds, sort_keys=True)}")
+        for line in fitted_choices(probe.thresholds):  # what `serve` does with each fitted value
+            typer.echo(f"  serve {line}")
     if probe.eval_card:
         typer.echo("")
         if probe.token_position == "step_end":
