@@ -46,7 +46,7 @@ def _probe_for(settings: Settings, store):
     newer = _newest_promoted(settings, store, probe)
     if newer is not None:
         newer.require_position(TOKEN_POSITION)
-        check_pin(newer, settings.artifact_sha256)
+        check_pin(newer, settings.artifact_sha256, pinned=probe)  # a recalibration of the pinned bytes only
         probe = newer
     return probe
 

@@ -10,8 +10,8 @@ from valueprobe.plugin import ArtifactError, ValueProbe
 
 from .settings import Settings
 
-__all__ = ["Policy", "Served", "check_pin", "escalate_after_threshold", "fitted_choices", "fitted_escalation_threshold",
-           "policy_summary", "resolve_thresholds"]
+__all__ = ["Policy", "RECALIBRATION_METADATA", "Served", "check_pin", "escalate_after_threshold", "fitted_choices", "fitted_escalation_threshold",
+           "policy_summary", "recalibration_differences", "resolve_thresholds"]
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,72 @@ def policy_summary(settings: Settings, artifact_thresholds: dict) -> tuple[str, 
     return ("; ".join(parts), most) if parts else None
 
 
-def check_pin(probe: ValueProbe, pin: str | None) -> None:
-    """Refuse an artifact whose content hash differs from the deployment's pin (``--artifact-sha256``); a
-    recalibration of the pinned artifact from feedback (its ``calibration_origin``) passes."""
-    pinned = (probe.data.metadata["content_sha256"], probe.calibration_origin)
-    if pin and not any(h.startswith(pin.lower()) for h in pinned):
-        raise ArtifactError(f"artifact content_sha256 {probe.data.metadata['content_sha256'][:16]}… does not match "
-                            f"the pinned {pin[:16]}… (--artifact-sha256)")
+#: the metadata a recalibration from feedback writes or changes (:meth:`ValueProbe.recalibrated`); ``calibrator``
+#: only from temperature or identity to Platt
+RECALIBRATION_METADATA = frozenset({"calibration_version", "recalibrated_from", "calibration_origin", "recalibration",
+                                    "content_sha256", "calibrator"})
+
+
+def _calibration_tensor(name: str) -> bool:
+    """A tensor a recalibration may change: a Platt calibrator's parameters (value or per-kind stack), or the
+    temperature it replaces."""
+    return name in ("calibrator.a", "calibrator.b", "calibrator.temperature") or (
+        name.startswith("stack.") and name.split(".")[-2] == "calibrator")
+
+
+def recalibration_differences(pinned: ValueProbe, candidate: ValueProbe) -> list[str]:
+    """What makes ``candidate`` more than a recalibration of ``pinned``: empty when it has the same fitted origin, a
+    later calibration version, and every tensor and metadata field equal to ``pinned``'s except the calibrators'
+    Platt parameters and the fields that record the recalibration. Checked against ``pinned``'s own bytes, never
+    against what ``candidate`` says about itself."""
+    import torch
+
+    diffs = []
+    if candidate.calibration_origin != pinned.calibration_origin:
+        diffs.append(f"calibration_origin ({candidate.calibration_origin[:12]}…, not the pinned artifact's "
+                     f"{pinned.calibration_origin[:12]}…)")
+    if candidate.calibration_version <= pinned.calibration_version:
+        diffs.append(f"calibration_version ({candidate.calibration_version}, not above the pinned "
+                     f"{pinned.calibration_version})")
+    mp, mc = pinned.data.metadata, candidate.data.metadata
+    for key in sorted((set(mp) | set(mc)) - RECALIBRATION_METADATA):
+        if mp.get(key) != mc.get(key):
+            diffs.append(f"metadata {key!r}")
+    if mc.get("calibrator") != mp.get("calibrator") and not (
+            mc.get("calibrator") == "platt" and mp.get("calibrator") in ("temperature", "identity")):
+        diffs.append("metadata 'calibrator'")
+    tp, tc = pinned.data.tensors, candidate.data.tensors
+    for name in sorted(set(tp) | set(tc)):
+        if _calibration_tensor(name):
+            continue
+        if name not in tp or name not in tc or tp[name].shape != tc[name].shape or not torch.equal(tp[name], tc[name]):
+            diffs.append(f"tensor {name!r}")
+    return diffs
+
+
+def check_pin(probe: ValueProbe, pin: str | None, pinned: ValueProbe | None = None) -> None:
+    """Refuse an artifact that the deployment's pin (``--artifact-sha256``) does not vouch for: one whose content
+    hash does not start with the pin, unless it is a recalibration (from feedback) of ``pinned``, the pinned file's
+    own loaded bytes (the configured artifact; its content hash must match the pin): same fitted origin, and equal
+    to it but for the calibrators' Platt parameters (:func:`recalibration_differences`). What an artifact says about
+    its own origin is never enough: a crafted file can claim any."""
+    if not pin:
+        return
+    pin = pin.lower()
+    content = probe.data.metadata["content_sha256"]
+    if content.startswith(pin):
+        return
+    refused = f"artifact content_sha256 {content[:16]}… does not match the pinned {pin[:16]}… (--artifact-sha256)"
+    if pinned is None:
+        raise ArtifactError(refused)
+    if not pinned.data.metadata["content_sha256"].startswith(pin):
+        raise ArtifactError(f"{refused}, and the configured artifact ({pinned.artifact_id}) is not the pinned one "
+                            "either, so no recalibration can be checked against it: serve the pinned file as "
+                            "--artifact (its promoted calibrations are found in the store)")
+    diffs = recalibration_differences(pinned, probe)
+    if diffs:
+        raise ArtifactError(f"{refused} and it is not a recalibration of the pinned artifact: its "
+                            f"{', '.join(diffs)} differ from the pinned file's")
 
 
 def escalate_after_threshold(settings: Settings, answer_probe: ValueProbe | None, can_escalate: bool) -> float | None:

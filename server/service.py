@@ -66,6 +66,7 @@ class Sidecar:
                                             api_key=settings.upstream_api_key, name="escalation", metrics=metrics)
         self.gain_router = GainRouter.from_settings(settings, answer_probe, metrics)
         self._reload_lock = asyncio.Lock()
+        self._pinned_probe: ValueProbe | None = None  # the pinned artifact's own bytes, loaded when first needed
         self.preparation = Preparation(settings, engine)
         # without a store given (an embedding app, a test): one in memory, this process only
         self.store = store if store is not None else open_store(settings, metrics, url="sqlite://")
@@ -94,6 +95,15 @@ class Sidecar:
         abstain, escalate = resolve_thresholds(self.settings, probe.thresholds or {})
         return Served(probe, Policy(abstain, escalate, self.escalation is not None), **self._beside)
 
+    def _pinned(self) -> ValueProbe | None:
+        """With a pin (``--artifact-sha256``): the pinned bytes, the configured artifact file as loaded (once),
+        that a recalibration offered by a reload, a promotion or the store is checked against (:func:`check_pin`)."""
+        if not self.settings.artifact_sha256:
+            return None
+        if self._pinned_probe is None:
+            self._pinned_probe = ValueProbe.load(self.settings.artifact_path())
+        return self._pinned_probe
+
     def allowed_artifact_path(self, requested: str) -> Path:
         """Reload only takes ``.safetensors`` files inside the artifact folder (``artifact_dir``, default: the
         served artifact's folder). The same message for every refusal, so it reveals nothing about the disk."""
@@ -116,7 +126,7 @@ class Sidecar:
             try:
                 probe = await asyncio.to_thread(ValueProbe.load, str(path))
                 probe.require_position(TOKEN_POSITION)
-                check_pin(probe, self.settings.artifact_sha256)
+                check_pin(probe, self.settings.artifact_sha256, self._pinned())
                 served = self._make_served(probe)
                 await self.engine.attach(probe, strict=self.settings.check_fingerprint)
             except (ArtifactError, ValueError) as exc:
@@ -520,7 +530,7 @@ class Sidecar:
             await self.engine.attach_answer(probe, strict=self.settings.check_fingerprint)
             return replace(self.served, answer_probe=probe)
         probe.require_position(TOKEN_POSITION)
-        check_pin(probe, self.settings.artifact_sha256)
+        check_pin(probe, self.settings.artifact_sha256, self._pinned())
         served = self._make_served(probe)
         await self.engine.attach(probe, strict=self.settings.check_fingerprint)
         return served

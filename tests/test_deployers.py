@@ -293,3 +293,71 @@ def test_inspect_says_what_each_fitted_value_does():
     out = CliRunner().invoke(app, ["inspect", SHIPPED]).output
     assert "serve --risk-alpha 0.1: abstain below P 0.944: answers 6.5%" in out
 
+
+# -- 4. the pin checks a recalibration against the pinned bytes, not against what the file says ---------------------
+def _recalibration_and_forgery(artifact_file, folder):
+    """A genuine recalibration of ``artifact_file`` and a forgery: other head weights, claiming the same origin."""
+    import torch
+
+    from valueprobe.plugin import ValueProbe, save_artifact
+    from valueprobe.plugin.artifact import ArtifactData
+
+    pinned = ValueProbe.load(str(artifact_file))
+    genuine = pinned.recalibrated({pinned.calibration_slot("open"): (1.3, -0.2)})
+    genuine.save(folder / "genuine.safetensors")
+    genuine = ValueProbe.load(str(folder / "genuine.safetensors"))
+    tensors = dict(genuine.data.tensors)
+    head = next(name for name in tensors if name.startswith("head."))
+    tensors[head] = tensors[head] * 2 + 0.5
+    metadata = {k: v for k, v in genuine.data.metadata.items() if k != "content_sha256"}
+    save_artifact(ArtifactData(tensors, metadata), folder / "forged.safetensors")
+    forged = ValueProbe.load(str(folder / "forged.safetensors"))
+    assert forged.calibration_origin == pinned.data.metadata["content_sha256"]  # it claims the pinned origin
+    return pinned, genuine, forged, head
+
+
+def test_the_pin_accepts_a_recalibration_of_the_pinned_bytes_and_refuses_a_file_that_only_claims_it(
+        artifact_file, tmp_path):
+    from valueprobe.plugin import ArtifactError
+    from valueprobe.server.policy import check_pin
+
+    pinned, genuine, forged, head = _recalibration_and_forgery(artifact_file, tmp_path)
+    pin = pinned.data.metadata["content_sha256"][:16]
+    check_pin(pinned, pin)
+    check_pin(genuine, pin, pinned)
+    with pytest.raises(ArtifactError, match=f"not a recalibration of the pinned artifact: its tensor '{head}'"):
+        check_pin(forged, pin, pinned)
+    with pytest.raises(ArtifactError, match="does not match the pinned"):  # without the pinned bytes: refused
+        check_pin(genuine, pin)
+    with pytest.raises(ArtifactError, match="is not the pinned one either"):  # the bytes at hand are not the pin's
+        check_pin(forged, pin, genuine)
+
+
+def test_a_pinned_sidecar_reloads_a_recalibration_and_refuses_a_forgery(artifact_file, tmp_path, qwen_model, tokenizer):
+    import shutil
+
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    shutil.copy(artifact_file, folder / "probe.safetensors")
+    pinned, genuine, forged, head = _recalibration_and_forgery(folder / "probe.safetensors", folder)
+    pin = pinned.data.metadata["content_sha256"][:16]
+    auth = {"Authorization": "Bearer t"}
+
+    async def scenario(client, app):
+        r = await client.post("/v1/admin/reload", json={"artifact": "forged.safetensors"}, headers=auth)
+        assert r.status_code == 400 and head in r.json()["error"]["message"], r.text
+        r = await client.post("/v1/admin/reload", json={"artifact": "genuine.safetensors"}, headers=auth)
+        assert r.status_code == 200 and r.json()["artifact_id"] == genuine.artifact_id, r.text
+        assert (await client.get("/v1/artifact")).json()["calibration_version"] == 1
+
+    run_app(Settings(artifact=str(folder / "probe.safetensors"), artifact_sha256=pin, admin_token="t"), qwen_model,
+            tokenizer, scenario)
+
+    async def not_ready(client, app):
+        await asyncio.sleep(0.3)
+        return (await client.get("/readyz")).json()["error"]["message"]
+
+    # a recalibration served as --artifact cannot be checked without the pinned bytes: refused at start
+    message = run_app(Settings(artifact=str(folder / "genuine.safetensors"), artifact_sha256=pin), qwen_model,
+                      tokenizer, not_ready)
+    assert "does not match the pinned" in message
