@@ -377,3 +377,16 @@ def test_a_store_that_goes_down_costs_no_answer_and_is_said(assets, pg_admin):
         if server is not None:
             server.stop()
         pg.close()
+
+
+def test_a_store_unreachable_at_start_stops_the_sidecar_with_the_reason(assets):
+    """A store that cannot be opened at start stops the sidecar (exit 1, the reason printed, the password not)."""
+    server = Server(assets, store="postgresql://vp:s3cret@127.0.0.1:1/nowhere")
+    try:
+        with pytest.raises(RuntimeError, match="server exited with 1") as failure:
+            server.wait_ready(timeout=120)
+        message = str(failure.value)
+        assert "cannot open the store postgresql://vp:***@127.0.0.1:1/nowhere" in message
+        assert "s3cret" not in message
+    finally:
+        server.stop()
