@@ -233,6 +233,8 @@ class ConfidenceResult(_Scored):
     decision: Literal["answer", "abstain", "escalate"]
     artifact_id: str
     answer: Optional[AnswerConfidence] = None
+    request_id: str = Field(description="This scored prompt's id: send it to /v1/feedback with the label of the "
+                            "answer given to it (generated elsewhere, by the model the artifact was fitted for).")
 
 
 class ConfidenceBatch(BaseModel):

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from . import protocol as p
 from .errors import AuthError, ClientError, ForbiddenError, ProbeNotLoadedError
 from .http_errors import exception_body
-from .service import Outcome, Query, Sidecar, StepEvent, Text, now
+from .service import Outcome, Query, Sidecar, StepEvent, Text, new_request_id, now
 from .settings import Settings
 
 logger = logging.getLogger("valueprobe.server")
@@ -406,7 +406,8 @@ async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidec
     """Prompt-only confidence, no generation: ``{"prompt": ...}`` (with ``choices`` for multiple choice),
     ``{"messages": [...]}`` or a list of up to 256 of them (admitted as one request). An item with ``answer``
     (generated elsewhere: gateway mode) also gets ``answer``, the confidence in that answer from one prefill of
-    prompt + answer (needs an answer-level artifact; 400 otherwise)."""
+    prompt + answer (needs an answer-level artifact; 400 otherwise). Every result carries a ``request_id`` for
+    ``/v1/feedback``."""
     items = req if isinstance(req, list) else [req]
     if not items:
         raise ClientError("empty list")
@@ -426,9 +427,10 @@ async def confidence(req: Union[p.ConfidenceItem, list[p.ConfidenceItem]], sidec
         scored_answers = await sidecar.answer_confidence([prompts[i] for i in given], [items[i].answer for i in given],
                                                          served)
         answers = {i: _answer_confidence(r, flagged, served.answer_probe) for i, (r, flagged) in zip(given, scored_answers)}
-    scored = await sidecar.confidence(served, prompts)
-    results = [p.ConfidenceResult(**_scored(r, served), decision=d, artifact_id=served.artifact_id, answer=answers.get(i))
-               for i, (r, d) in enumerate(scored)]
+    ids = [new_request_id() for _ in items]  # each scored prompt can be labelled (/v1/feedback)
+    scored = await sidecar.confidence(served, prompts, ids)
+    results = [p.ConfidenceResult(**_scored(r, served), decision=d, artifact_id=served.artifact_id, answer=answers.get(i),
+                                  request_id=ids[i]) for i, (r, d) in enumerate(scored)]
     return results[0] if not isinstance(req, list) else p.ConfidenceBatch(results=results)
 
 

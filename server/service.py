@@ -40,7 +40,7 @@ logger = logging.getLogger("valueprobe.server")
 
 # re-exported: what serves a request and what comes of it are imported from here by routes and tests
 __all__ = ["ARTIFACTS", "Event", "Final", "Head", "Outcome", "Policy", "Query", "SAMPLING_EPS", "Served", "Sidecar",
-           "StepEvent", "Text", "check_pin", "now", "resolve_thresholds"]
+           "StepEvent", "Text", "check_pin", "new_request_id", "now", "resolve_thresholds"]
 
 #: the artifacts that recalibrate from feedback: the prompt-level one (Served.probe) and the answer-level one
 #: (Served.answer_probe)
@@ -174,11 +174,14 @@ class Sidecar:
             self.metrics.ood.labels(kind=result.kind, flagged=str(result.ood).lower()).inc()
         self.calibration.observe(served.probe, result, decision, request_id)
 
-    async def confidence(self, served: Served, prompts: list[Prompt]) -> list[tuple[ProbeResult, str]]:
+    async def confidence(self, served: Served, prompts: list[Prompt],
+                         request_ids: list[str] | None = None) -> list[tuple[ProbeResult, str]]:
+        """Prompt-only scores and the policy's decisions; with ``request_ids`` (one per prompt) each is remembered
+        and stored under its id, so that a label sent to ``/v1/feedback`` for it counts."""
         results = await self.engine.score(prompts, served.probe)
         scored = [(r, served.policy.decide(r.probability)) for r in results]
-        for result, decision in scored:
-            self.observe(served, result, decision)
+        for i, (result, decision) in enumerate(scored):
+            self.observe(served, result, decision, None if request_ids is None else request_ids[i])
         return scored
 
     # -- answering ----------------------------------------------------------------------------------------------
@@ -247,7 +250,7 @@ class Sidecar:
         prefill: ``before`` decides on it with a prompt-only prefill here (the local generation starts only for a
         question kept here), ``after`` on the local answer's answer-level probability."""
         served = query.served
-        request_id = f"vp-{uuid.uuid4().hex[:24]}"
+        request_id = new_request_id()
         self._check_search(query)
         router = self.gain_router if query.search is None else None
         target = asyncio.ensure_future(router.timed_probability(query.source)) if router is not None else None
@@ -634,3 +637,8 @@ def materialize_promotion(row: dict, calibration_dir: str | None) -> ValueProbe:
 
 def now() -> int:
     return int(time.time())
+
+
+def new_request_id() -> str:
+    """The id of a served request (a generation or a scored prompt), for its label."""
+    return f"vp-{uuid.uuid4().hex[:24]}"

@@ -361,3 +361,25 @@ def test_a_pinned_sidecar_reloads_a_recalibration_and_refuses_a_forgery(artifact
     message = run_app(Settings(artifact=str(folder / "genuine.safetensors"), artifact_sha256=pin), qwen_model,
                       tokenizer, not_ready)
     assert "does not match the pinned" in message
+
+
+# -- 5. /v1/confidence gives each scored prompt a request_id that /v1/feedback takes ---------------------------------
+def test_confidence_results_carry_a_request_id_that_feedback_accepts(artifact_file, qwen_model, tokenizer):
+    """The README's promise: score with /v1/confidence (the answer generated elsewhere), then label it by its id, with
+    no probability or kind sent along (the store kept them); an unknown id is a 404."""
+    auth = {"Authorization": "Bearer t"}
+
+    async def scenario(client, app):
+        one = (await client.post("/v1/confidence", json={"prompt": QUESTION})).json()
+        batch = (await client.post("/v1/confidence", json=[{"prompt": QUESTION}, {"prompt": "Which planet?",
+                                                                              "choices": ["Mars", "Jupiter"]}])).json()
+        ids = [one["request_id"]] + [r["request_id"] for r in batch["results"]]
+        assert len(set(ids)) == 3 and all(i.startswith("vp-") for i in ids)
+        for request_id in ids:
+            r = await client.post("/v1/feedback", json={"request_id": request_id, "correct": True}, headers=auth)
+            assert r.status_code == 200, r.text
+            assert r.json()["recalibration"]["label"] == "new" and r.json()["recalibration"]["used"] is True
+        r = await client.post("/v1/feedback", json={"request_id": "vp-unknown", "correct": True}, headers=auth)
+        assert r.status_code == 404
+
+    run_app(Settings(artifact=str(artifact_file), admin_token="t"), qwen_model, tokenizer, scenario)
