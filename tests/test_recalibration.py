@@ -217,8 +217,12 @@ def test_feedback_on_answers_not_the_local_models_does_not_recalibrate(stacked_f
         rid = r.json()["confidence"]["request_id"]
         fb = (await client.post("/v1/feedback", headers=auth, json={"request_id": rid, "correct": True})).json()
         assert fb["recorded"] and not fb["recalibration"]["used"] and "not the local model" in fb["recalibration"]["reason"]
-        answered = await client.post("/v1/confidence", json={"prompt": "Who?"})  # scored, never answered: no id
-        assert "request_id" not in answered.json()
+        # a prompt scored by /v1/confidence gets an id for its label (issue 29); abstained here, so not refitting
+        scored = (await client.post("/v1/confidence", json={"prompt": "Who?"})).json()
+        assert scored["request_id"].startswith("vp-") and scored["decision"] == "abstain"
+        fb = (await client.post("/v1/feedback", headers=auth, json={"request_id": scored["request_id"],
+                                                                    "correct": True})).json()
+        assert fb["recorded"] and not fb["recalibration"]["used"] and "not the local model" in fb["recalibration"]["reason"]
         other = (await client.post("/v1/feedback", headers=auth,
                                    json={"request_id": "elsewhere", "correct": False, "probability": 0.7})).json()
         assert not other["recalibration"]["used"] and "'kind'" in other["recalibration"]["reason"]
