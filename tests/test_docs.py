@@ -1,6 +1,8 @@
 """The docs name nothing the code lacks: every ``--flag``, route, ``valueprobe`` command and ``VALUEPROBE_*`` setting
-named in README.md and docs/deploy.md exists (flags and commands from the typer app, routes from the FastAPI app,
-settings from :class:`Settings`). Names that belong to other tools are listed here with whose they are."""
+named in README.md and every docs/*.md exists (flags and commands from the typer app, routes from the FastAPI app,
+settings from :class:`Settings`). Names that belong to other tools are listed here with whose they are. Also:
+docs/reference.md is what ``scripts/gen_reference.py`` writes from the code today, and every relative link in the docs
+points at a file (or a heading) that exists."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "docs/deploy.md"]
+DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
+#: docs that name routes, where finding none means the extraction broke
+DOCS_WITH_ROUTES = {"README.md", "docs/deploy.md", "docs/sidecar.md", "docs/guardrails.md", "docs/reference.md"}
 #: flags of other tools the docs name, with whose they are
 FOREIGN_FLAGS = {
     "--no-deps": "pip install",
@@ -92,7 +96,8 @@ def test_every_route_the_docs_name_exists(doc):
         if path.endswith("*") and any(r.startswith(path[:-1]) for r in routes):
             continue
         missing.append(path)
-    assert named, f"{doc}: no route found (the extraction is broken)"
+    if doc in DOCS_WITH_ROUTES:
+        assert named, f"{doc}: no route found (the extraction is broken)"
     assert not missing, f"{doc} names routes the app does not serve: {missing}"
 
 
@@ -115,3 +120,40 @@ def test_every_command_and_setting_the_docs_name_exists(doc):
     named = set(re.findall(r"VALUEPROBE_[A-Z0-9_]*[A-Z0-9]", text))
     unknown = sorted(n for n in named - settings - set(OTHER_ENV) if not n.endswith("_"))
     assert not unknown, f"{doc} names settings that do not exist: {unknown}"
+
+
+def test_the_docs_list_covers_every_doc():
+    assert {"README.md", "docs/deploy.md", "docs/reference.md", "docs/sidecar.md"} <= set(DOCS)
+
+
+def test_reference_is_generated_from_the_code():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_reference", ROOT / "scripts" / "gen_reference.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (ROOT / "docs/reference.md").read_text() == gen.render(), \
+        "docs/reference.md is out of date: run .venv/bin/python scripts/gen_reference.py"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_relative_link_in_the_docs_resolves(doc):
+    text = (ROOT / doc).read_text()
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (ROOT / doc).parent / path if path else ROOT / doc
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)}
+            if anchor not in anchors:
+                broken.append(target)
+    assert not broken, f"{doc} links to what does not exist: {broken}"
