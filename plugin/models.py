@@ -1,7 +1,7 @@
 """Load the causal LMs valueprobe knows by name, with no hub access.
 
 The shipped artifacts name their model (``model_name`` in the metadata). The models themselves come from
-registry packages that carry GGUF weights (see README, "Shipped models"). This module assembles the chunked
+registry packages that carry GGUF weights (see docs/fitting.md, "Known model names"). This module assembles the chunked
 GGUF once, checks its sha256, loads it with transformers (which dequantises to fp32), and caches a converted
 copy in plain safetensors so that later starts skip the slow GGUF dequantisation.
 

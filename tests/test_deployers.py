@@ -365,7 +365,7 @@ def test_a_pinned_sidecar_reloads_a_recalibration_and_refuses_a_forgery(artifact
 
 # -- 5. /v1/confidence gives each scored prompt a request_id that /v1/feedback takes ---------------------------------
 def test_confidence_results_carry_a_request_id_that_feedback_accepts(artifact_file, qwen_model, tokenizer):
-    """The README's promise: score with /v1/confidence (the answer generated elsewhere), then label it by its id, with
+    """The documented promise (docs/sidecar.md, routes): score with /v1/confidence (the answer generated elsewhere), then label it by its id, with
     no probability or kind sent along (the store kept them); an unknown id is a 404."""
     auth = {"Authorization": "Bearer t"}
 

@@ -254,7 +254,7 @@ def test_abstain_aborts_generation_in_vllm(vllm_servers):
 
 
 def test_bring_your_own_async_llm(tmp_path, tokenizer):
-    """The README's AsyncLLM path: attach_async, generate, take_async after the first output."""
+    """The AsyncLLM path of docs/vllm.md: attach_async, generate, take_async after the first output."""
     import asyncio
 
     from vllm.engine.arg_utils import AsyncEngineArgs
