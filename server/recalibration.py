@@ -233,8 +233,12 @@ def calibration_folder(configured: str | None, origin_sha256: str):
 
 
 def next_artifact_path(folder, version: int):
-    """``v<version>.safetensors`` in ``folder`` (``v<version>.<n>.safetensors`` if taken: never overwrite)."""
-    path, n = folder / f"v{version}.safetensors", 1
-    while path.exists():
-        path, n = folder / f"v{version}.{n}.safetensors", n + 1
-    return path
+    """``v<version>.<random>.safetensors`` in ``folder``: never an existing file, and never the name another
+    replica sharing the folder is writing for the same version at the same moment (the loser of a promotion race
+    deletes its own file, not the winner's)."""
+    import uuid
+
+    while True:
+        path = folder / f"v{version}.{uuid.uuid4().hex[:10]}.safetensors"
+        if not path.exists():
+            return path

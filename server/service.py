@@ -24,7 +24,8 @@ from valueprobe.plugin import ArtifactError, ProbeResult, ValueProbe
 from valueprobe.plugin.artifact import ANSWER_END, TOKEN_POSITION
 
 from .engines.base import EngineClient, Finished, Piece, Prompt, final_generation
-from .errors import ClientError, ConflictError, ProbeFailedError, StorageError, UpstreamError, UpstreamRejectedError
+from .errors import (ClientError, ConflictError, ProbeFailedError, StorageError, UpstreamError,
+                     UpstreamRejectedError, ValueprobeError)
 from .feedback import FeedbackLoop
 from .metrics import SidecarMetrics
 from .outcome import Event, Final, Head, Outcome, Query, StepEvent, Text
@@ -454,17 +455,23 @@ class Sidecar:
         """Record a label (:meth:`FeedbackLoop.label`); ``auto`` promotes either artifact's shadow when it is due
         and better (``promoted``, or the reason it did not; the answer-level artifact's under ``answer``)."""
         window, info = await self.calibration.label(self.probe, request_id, correct, probability, kind)
+        # the label is kept by now: a promotion that fails (not better, another replica first, the disk or the
+        # store) is said in the answer and logged, never turned into an error for the label
         if info["used"] and self.calibration.promotion_due():
             try:
                 info["promoted"] = await self.promote(trigger="auto")
-            except ConflictError as exc:
+            except ValueprobeError as exc:
                 info["reason"] = f"not promoted: {exc}"
+                if not isinstance(exc, ClientError):
+                    logger.warning("automatic promotion failed: %s", exc)
         answer = info.get("answer")
         if answer is not None and answer["used"] and self.calibration.promotion_due(answer=True):
             try:
                 answer["promoted"] = await self.promote(trigger="auto", artifact="answer")
-            except (ConflictError, ClientError) as exc:
+            except ValueprobeError as exc:
                 answer["reason"] = f"not promoted: {exc}"
+                if not isinstance(exc, ClientError):
+                    logger.warning("automatic promotion of the answer-level artifact failed: %s", exc)
         return window, info
 
     async def calibration_report(self) -> dict:

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -548,9 +549,18 @@ def _engine(url: str) -> Engine:
             # WAL: readers do not block the writer and replicas on one host can share the file; NORMAL sync in WAL
             # survives a killed process (not a power cut); busy_timeout: wait for another replica's write lock.
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            # switching to WAL needs the file to itself for a moment: SQLite answers "locked" at once (no busy wait)
+            # while another replica opening the same file holds it, so it is tried again
+            for attempt in range(200):
+                try:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if attempt == 199:
+                        raise
+                    time.sleep(0.05)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
             dbapi_conn.isolation_level = None  # SQLAlchemy issues BEGIN itself (below)
 
