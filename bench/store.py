@@ -30,6 +30,15 @@ def _record(i: int, run: str) -> RequestRecord:
                          replica="bench", ood=False)
 
 
+def _in_threads(part, clients: int) -> None:
+    """``part(k)`` for k in 0..clients-1, each on its own thread, all at once; returns when every one ended."""
+    threads = [threading.Thread(target=part, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def write_throughput(url: str, clients: int, requests: int, labels: int) -> dict:
     """One run: ``requests`` scored requests queued by ``clients`` threads, timed until written; then ``labels``
     labels written by ``clients`` threads at once."""
@@ -41,11 +50,7 @@ def write_throughput(url: str, clients: int, requests: int, labels: int) -> dict
                 store.record_request(_record(i, run))
 
         started = time.perf_counter()
-        threads = [threading.Thread(target=queue_part, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(queue_part, clients)
         queued = time.perf_counter() - started
         if not store.flush(120):
             raise RuntimeError("the store did not take the rows in time")
@@ -57,11 +62,7 @@ def write_throughput(url: str, clients: int, requests: int, labels: int) -> dict
                                 slot="open", z0=0.0, used=True)
 
         started = time.perf_counter()
-        threads = [threading.Thread(target=label_part, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _in_threads(label_part, clients)
         labelled = time.perf_counter() - started
         return {"requests_per_s": requests / written, "queue_us_per_request": queued / requests * 1e6,
                 "labels_per_s": labels / labelled, "lost": store.lost}
