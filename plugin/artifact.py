@@ -21,6 +21,9 @@ Metadata (all strings; JSON where structured)
 ---------------------------------------------
 ``format_version``, ``producer``, ``model_name``, ``hidden_size``, ``layer``, ``hook_point``, ``token_position``,
 ``model_fingerprint`` (JSON), ``tokenizer_fingerprint`` (JSON; its ``scheme``, see :mod:`~valueprobe.plugin.fingerprint`),
+``answer_read`` (answer_end artifacts: ``last``, the state at the answer's last token, the default; or ``mean``, the
+states of all its tokens averaged), ``stack_features`` (JSON: the stacker's columns; at the answer's end either
+layout of :data:`~valueprobe.plugin.readout.ANSWER_STACK_LAYOUTS`),
 ``chat_template_sha256``, ``library_versions`` (JSON: valueprobe, transformers, tokenizers, torch at stamping),
 ``restamped_from`` (the ``content_sha256`` a ``valueprobe restamp`` replaced), ``prompt_format``
 (JSON), ``objective``, ``head`` (which head scores), ``calibrator``, ``served_score`` (``value`` or ``stacked``: which
@@ -45,7 +48,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .readout import (ANSWER_STACK_FEATURES, CALIBRATOR_PARAMS, CALIBRATORS, HEAD_PARAMS, HEADS, STACK_FEATURES,
+from .readout import (ANSWER_READS, ANSWER_STACK_LAYOUTS, CALIBRATOR_PARAMS, CALIBRATORS, HEAD_PARAMS, HEADS, STACK_FEATURES,
                       STACK_PARAMS)
 
 __all__ = [
@@ -278,16 +281,23 @@ def _validate_stack(md: dict, ts: dict, where: str) -> None:
     _check(served == "value" or kinds, "served_score 'stacked' needs at least one kind in 'stack_kinds'")
     # The stacker's columns depend on where the artifact reads: a stack fitted on answer log-probabilities must
     # never be fed next-token signals (or the reverse), so the names are part of the contract.
-    expected = list(ANSWER_STACK_FEATURES if md.get("token_position") == ANSWER_END else STACK_FEATURES)
-    _check("stack_features" in md or served == "value" or md.get("token_position") != ANSWER_END,
+    answer_end = md.get("token_position") == ANSWER_END
+    layouts = [list(x) for x in ANSWER_STACK_LAYOUTS] if answer_end else [list(STACK_FEATURES)]
+    expected = layouts[0]
+    _check("stack_features" in md or served == "value" or not answer_end,
            f"an artifact with token_position {ANSWER_END!r} and a stack needs metadata 'stack_features'")
     if "stack_features" in md:
         try:
             names = json.loads(md["stack_features"])
         except json.JSONDecodeError:
             raise ArtifactError("metadata 'stack_features' is not valid JSON") from None
-        _check(names == expected, f"metadata 'stack_features' is {names!r}; an artifact with token_position "
-                                  f"{md.get('token_position')!r} needs {expected!r}")
+        _check(names in layouts, f"metadata 'stack_features' is {names!r}; an artifact with token_position "
+                                 f"{md.get('token_position')!r} needs one of {layouts!r}")
+        expected = names
+    read = md.get("answer_read", "last")
+    _check(read in ANSWER_READS, f"metadata 'answer_read' is {read!r}; expected one of {ANSWER_READS}")
+    _check(read == "last" or answer_end,
+           f"metadata 'answer_read' {read!r} needs token_position {ANSWER_END!r}, not {md.get('token_position')!r}")
     n = len(expected)
     shapes = {"mean": (n,), "scale": (n,), "weight": (n,), "bias": (1,), "calibrator.a": (1,), "calibrator.b": (1,)}
     for kind in kinds:

@@ -47,7 +47,7 @@ from .fingerprint import (
 from .hooks import Hooks, LastTokenReader, capture, find_decoder_layers, with_position_ids
 from .nexttoken import next_token_features, prompt_kind
 from .prompting import Prompt, PromptFormat
-from .readout import answer_signals, calibrate, compose_maps, head_logit, mahalanobis, stack_features, stack_proba
+from .readout import answer_columns, calibrate, pool_answer, compose_maps, head_logit, mahalanobis, stack_features, stack_proba
 
 __all__ = ["ValueProbe", "ProbeResult", "ProbeHandle", "answer_end_column"]
 
@@ -182,6 +182,10 @@ class ValueProbe:
         self._head_params = head_tensors(data, self.head)
         self._calibrator_params = calibrator_arrays(data)
         self.served_score = md.get("served_score", "value")
+        #: answer_end artifacts: which read of the answer the head takes (``last`` token or ``mean`` of its tokens)
+        self.answer_read = md.get("answer_read", "last")
+        #: the stacker's columns (the answer-side ones after the three prompt columns are built per answer)
+        self.stack_columns = tuple(data.json("stack_features", []))
         self._stack = stack_arrays(data)
         self._ood = None
         if "ood.mean" in data.tensors:
@@ -304,8 +308,9 @@ class ValueProbe:
                        next_token: torch.Tensor | None, kinds: Sequence[tuple[str, int]] | None = None, *,
                        prompt_signals: tuple[Sequence[float], Sequence[float]] | None = None,
                        read_at: Sequence[str] | None = None) -> list[ProbeResult]:
-        """Confidence in given answers (an ``answer_end`` artifact): ``[n, k]`` neuron values read at each answer's
-        last token, each answer's token log-probabilities and the ``[n, 2 + letters]`` next-token summary at the
+        """Confidence in given answers (an ``answer_end`` artifact): ``[n, k]`` neuron values of each answer as the
+        artifact reads it (:attr:`answer_read`: at its last token, or averaged over its tokens by
+        :func:`~valueprobe.plugin.readout.pool_answer`), each answer's token log-probabilities and the ``[n, 2 + letters]`` next-token summary at the
         prompt's end (:func:`~valueprobe.plugin.nexttoken.summarize_logits`), all from the same generation (the
         free signals the stack uses) -> one :class:`ProbeResult` per answer, whose ``components`` hold
         ``value_raw``, ``value_probability``, ``max_softmax``, ``entropy``, ``mean_token_logprob``,
@@ -325,7 +330,10 @@ class ValueProbe:
         else:
             prompt = [next_token_features(next_token[i], kind, n) for i, (kind, n) in enumerate(kinds)]
             ms, ent = np.array([f[0] for f in prompt]), np.array([f[1] for f in prompt])
-        signals = np.array([answer_signals(lp) for lp in token_logprobs], dtype=np.float64).reshape(-1, 2)
+        names = self.stack_columns[3:] or ("answer_sum_logprob", "answer_min_logprob")
+        signals = np.array([answer_columns(names, lp, options if kind == "choice" else 0)
+                            for lp, (kind, options) in zip(token_logprobs, kinds)],
+                           dtype=np.float64).reshape(-1, len(names))
         pred = self.predict(values, ms, ent, [k for k, _ in kinds], extra=signals)
         out = []
         for i, lp in enumerate(token_logprobs):
@@ -579,7 +587,7 @@ class ValueProbe:
         log-probabilities and the prompt's next-token distribution (the column that predicts the answer's first
         token) from the same pass -> :meth:`readout_answer`. The one prefill readout of answers: the sidecar's
         transformers engine scores answers generated elsewhere with it, and :meth:`score_answers` wraps it."""
-        from .hooks import position_ids
+        from .hooks import StepStateRecorder, position_ids
         from .nexttoken import summarize_logits
         from .prompting import pad_left
 
@@ -589,8 +597,14 @@ class ValueProbe:
         device = next(model.parameters()).device
         enc = pad_left([list(p) + list(a) for p, a in zip(prompt_ids, answer_ids)], pad_id).to(device)
         keep = 1 + max(len(a) for a in answer_ids)
-        with capture(model, [self.layer], self.neuron_indices, thread_only=thread_only) as cap:
+        # every position of the layer is kept (k values each): the answer's own positions are its last len(a)
+        # columns (left padding), read as the artifact reads them (last token, or their mean)
+        with StepStateRecorder(model, [self.layer], neuron_indices=self.neuron_indices, dtype=torch.float32,
+                               all_positions=True) as recorder:
             logits = model(**enc, position_ids=position_ids(enc["attention_mask"]), logits_to_keep=keep).logits
+        states = recorder.states()[self.layer]
+        values = torch.stack([pool_answer(states[i, states.shape[1] - len(a):] if a else states[i, -1:],
+                                          self.answer_read) for i, a in enumerate(answer_ids)])
         logprobs = []
         for i, a in enumerate(answer_ids):
             # left padding: every row's answer is its last len(a) tokens; column -1 - len(a) + j predicts token j
@@ -598,7 +612,7 @@ class ValueProbe:
             logprobs.append([float(lp[j, t]) for j, t in enumerate(a)])
         first = summarize_logits(torch.stack([logits[i, keep - 1 - len(a)] for i, a in enumerate(answer_ids)]),
                                  letter_ids)
-        return self.readout_answer(cap.batches[0][self.layer], logprobs, first, list(kinds))
+        return self.readout_answer(values, logprobs, first, list(kinds))
 
     def score_answers(self, model, tokenizer, prompts: Sequence[Prompt], answers: Sequence[str], *,
                       batch_size: int = 8, check_fingerprint: bool = True) -> list[ProbeResult]:

@@ -12,7 +12,8 @@ import torch
 from scipy.special import expit, logit
 
 __all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS", "STACK_FEATURES",
-           "STACK_PARAMS", "ANSWER_STACK_FEATURES", "answer_signals", "clipped_logit", "compose_maps", "map_between", "stack_features", "stack_logit", "stack_proba",
+           "STACK_PARAMS", "ANSWER_STACK_FEATURES", "ANSWER_STACK_LAYOUTS", "ANSWER_READS", "answer_signals",
+           "answer_columns", "pool_answer", "clipped_logit", "compose_maps", "map_between", "stack_features", "stack_logit", "stack_proba",
            "mahalanobis"]
 
 HEADS = ("linear", "mlp")
@@ -80,6 +81,44 @@ STACK_PARAMS = ("mean", "scale", "weight", "bias", "calibrator.a", "calibrator.b
 # columns in ``stack_features``.
 ANSWER_STACK_FEATURES = ("value_raw", "logit_max_softmax", "entropy", "answer_sum_logprob", "answer_min_logprob")
 LOGPROB_FLOOR = -30.0  # an empty answer, or a token the model all but ruled out: the stacker sees a finite value
+
+# The second layout (issue 31) adds the answer's mean token log-probability (the sequence likelihood per token:
+# the best free signal on reading-comprehension sources, where answers are long) and the multiple-choice chance
+# level as ``log(options)`` (a two-option question's 50% is not a five-option one's 20%; 0 for open questions).
+ANSWER_STACK_FEATURES_V2 = ANSWER_STACK_FEATURES + ("answer_mean_logprob", "log_options")
+#: every column layout an answer_end artifact may name in ``stack_features`` (older artifacts keep the first)
+ANSWER_STACK_LAYOUTS = (ANSWER_STACK_FEATURES, ANSWER_STACK_FEATURES_V2)
+
+#: where an answer_end artifact reads the answer: ``last`` (the state at its last token) or ``mean`` (the states
+#: of every answer token averaged: a running sum in the decoding hook, so serving it costs no extra pass)
+ANSWER_READS = ("last", "mean")
+
+
+def pool_answer(states, read: str):
+    """One answer's read from ``states`` ``[t, k]``: the values at every position that fed one of its tokens, in
+    order (the last row is the state at its last token). ``last``: that row; ``mean``: all rows averaged. An
+    answer with no positions (empty) passes its single prompt-end row."""
+    states = torch.as_tensor(states)
+    if read == "last":
+        return states[-1]
+    if read == "mean":
+        return states.float().mean(dim=0).to(states.dtype)
+    raise ValueError(f"unknown answer read {read!r}; expected one of {ANSWER_READS}")
+
+
+def answer_columns(names, token_logprobs, n_options: int = 0) -> list[float]:
+    """The free answer-side stack columns ``names`` (those after the three prompt columns of
+    :data:`STACK_FEATURES`) of one answer: from its token log-probabilities and, for multiple choice, its number of
+    options (0 for an open question)."""
+    lp = np.asarray(token_logprobs, dtype=np.float64).reshape(-1)
+    total, low = answer_signals(lp)
+    values = {"answer_sum_logprob": total, "answer_min_logprob": low,
+              "answer_mean_logprob": float(max(lp.mean(), LOGPROB_FLOOR)) if lp.size else LOGPROB_FLOOR,
+              "log_options": float(np.log(n_options)) if n_options and n_options >= 2 else 0.0}
+    try:
+        return [values[name] for name in names]
+    except KeyError as exc:
+        raise ValueError(f"unknown answer stack column {exc.args[0]!r}; known: {sorted(values)}") from None
 
 
 def answer_signals(token_logprobs) -> tuple[float, float]:

@@ -72,7 +72,10 @@ class ProbeWorkerExtension:
         """Hook a probe under ``key``. ``position="answer_end"``: keep, for every request in every step, the ``k``
         values at the last token that step fed it (overwritten each step), so that when a request finishes its
         entry holds the state at the last token it was fed: an answer's last token when it ended at an
-        end-of-answer token (the step that fed it emitted the end). No next-token summary is kept for it."""
+        end-of-answer token (the step that fed it emitted the end). No next-token summary is kept for it.
+        ``position="answer_mean"``: the same, averaged over every decode step (each feeds one answer token):
+        a running sum and count per request (what an ``answer_read: mean`` artifact reads), the prompt's last
+        token while no answer token was fed yet."""
         runner = self.model_runner
         cfg = runner.vllm_config
         mode = getattr(cfg.compilation_config, "mode", None)
@@ -98,17 +101,40 @@ class ProbeWorkerExtension:
             with self._vp_lock:
                 self._vp_results.setdefault(rid, {})[key] = values
 
+        answer = position in ("answer_end", "answer_mean")
+        sums: dict[str, tuple[torch.Tensor, int]] = {}  # answer_mean: request id -> (sum of values, answer tokens)
+
+        def add_to_mean(rid: str, v: torch.Tensor, answer_token: bool) -> list[float]:
+            total, count = sums.get(rid, (None, 0))
+            if not answer_token:  # a prefill (or its recomputation): no answer token fed yet, start again
+                total, count = None, 0
+            elif total is None:
+                total, count = v.clone(), 1
+            else:
+                total, count = total + v, count + 1
+            sums[rid] = (total, count)
+            return (v if total is None else total / count).tolist()
+
         def layer_hook(module, args, output):
             hidden, residual = (output[0], output[1]) if isinstance(output, (tuple, list)) else (output, None)
-            rows = rows_last_fed(runner) if position == "answer_end" else rows_completing_prompt(runner)
+            rows = rows_last_fed(runner) if answer else rows_completing_prompt(runner)
             if not rows:
                 return None
             at = torch.tensor([r for _, r, _ in rows], device=hidden.device)
             state = hidden.index_select(0, at)
             if residual is not None:
                 state = state + residual.index_select(0, at)
-            values = state.index_select(1, idx.to(state.device)).float().cpu().tolist()
-            if hand_off is None or position == "answer_end":
+            picked = state.index_select(1, idx.to(state.device)).double().cpu()
+            if position == "answer_mean":
+                fed_answer = decode_rows(runner, [i for i, _, _ in rows])
+                live = set(runner.input_batch.req_ids)  # finished (or preempted) requests' sums go
+                for rid in [r for r in sums if r not in live]:
+                    del sums[rid]
+                for (_, _, rid), v, a in zip(rows, picked, fed_answer):
+                    store(rid, add_to_mean(rid, v, a))
+                return None
+            values = picked.float().tolist()
+            if hand_off is None or answer:
                 for (_, _, rid), v in zip(rows, values):
                     store(rid, v)
             else:  # completed by the logits hook of this same step (logits are per request: batch index i)
@@ -126,7 +152,7 @@ class ProbeWorkerExtension:
             return None
 
         handles = [block.register_forward_hook(layer_hook)]
-        if letters is not None and position != "answer_end":
+        if letters is not None and not answer:
             handles.append(model.logits_processor.register_forward_hook(logits_hook))
         self._vp_handles[key] = handles
         return True
@@ -212,6 +238,15 @@ def rows_last_fed(runner) -> list[tuple[int, int, str]]:
     n = batch.num_reqs
     starts = runner.query_start_loc.np[: n + 1]
     return [(i, int(starts[i + 1]) - 1, batch.req_ids[i]) for i in range(n) if starts[i + 1] > starts[i]]
+
+
+def decode_rows(runner, batch_indices: Sequence[int]) -> list[bool]:
+    """Per batch index: whether the step feeds that request a token it generated (a decode step: everything
+    before it was computed already, prompt included), rather than prompt tokens."""
+    batch = runner.input_batch
+    computed = batch.num_computed_tokens_cpu
+    prompt = batch.num_prompt_tokens
+    return [bool(computed[i] >= prompt[i]) for i in batch_indices]
 
 
 def internal_request_id(request_id: str, known: Iterable[str]) -> str | None:

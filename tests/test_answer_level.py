@@ -13,7 +13,7 @@ from conftest import MIXED_PROMPTS
 
 from valueprobe.plugin import ArtifactError, ValueProbe, load_artifact, save_artifact
 from valueprobe.plugin.artifact import ArtifactData
-from valueprobe.plugin.hooks import capture
+from valueprobe.plugin.hooks import StepStateRecorder
 from valueprobe.plugin.nexttoken import prompt_kind, summarize_logits
 from valueprobe.plugin.probe import answer_end_column
 from valueprobe.server.engines.base import Prompt, final_generation
@@ -25,21 +25,37 @@ def probe(artifact_file):
     return ValueProbe.load(artifact_file)
 
 
-@pytest.fixture(scope="module")
-def answer_probe(answer_artifact_file):
-    return ValueProbe.load(answer_artifact_file)
+@pytest.fixture(scope="module", params=["last", "mean"])
+def answer_probe(request, answer_artifact_file, tmp_path_factory):
+    """The answer artifact as fitted (read at the answer's last token) and the same tensors marked
+    ``answer_read: mean`` (the answer's tokens averaged, a running sum in the decoding hook): plumbing for the
+    two reads, each checked against its own reference."""
+    if request.param == "last":
+        return ValueProbe.load(answer_artifact_file)
+    data = load_artifact(answer_artifact_file)
+    path = tmp_path_factory.mktemp("answer-mean") / "answer.mean.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), {**data.metadata, "answer_read": "mean"}), path)
+    probe = ValueProbe.load(path)
+    assert probe.answer_read == "mean"
+    return probe
 
 
 def _prefill_readout(model, answer_probe, prompt_ids, answer_ids, kind, tokenizer):
-    """The reference: one forward over prompt + answer, the layer read at its last token, the answer's token
-    log-probabilities and the prompt's next-token distribution from the same pass."""
+    """The reference: one unpadded forward over prompt + answer, the layer read at every position and taken as
+    the artifact reads it (the answer's last token, or the mean over the positions that fed its tokens; the prompt's
+    last token for an empty answer), the answer's token log-probabilities and the prompt's next-token distribution
+    from the same pass."""
     ids = torch.tensor([list(prompt_ids) + list(answer_ids)])
-    with torch.inference_mode(), capture(model, [answer_probe.layer], answer_probe.neuron_indices) as cap:
+    with torch.inference_mode(), StepStateRecorder(model, [answer_probe.layer], neuron_indices=answer_probe.neuron_indices,
+                                                   dtype=torch.float32, all_positions=True) as rec:
         out = model(ids)
+    states = rec.states()[answer_probe.layer][0]
+    fed = states[len(prompt_ids):] if answer_ids else states[len(prompt_ids) - 1 :]
+    values = fed[-1] if answer_probe.answer_read == "last" else fed.mean(dim=0)
     logp = torch.log_softmax(out.logits[0].float(), -1)
     lps = [float(logp[len(prompt_ids) - 1 + j, t]) for j, t in enumerate(answer_ids)]
     first = summarize_logits(out.logits[0, len(prompt_ids) - 1 : len(prompt_ids)], answer_probe.letter_ids(tokenizer))
-    return answer_probe.readout_answer(cap.batches[0][answer_probe.layer], [lps], first, [kind])[0], lps
+    return answer_probe.readout_answer(values[None], [lps], first, [kind])[0], lps
 
 
 def test_answer_end_column_is_the_step_that_feeds_the_last_token():
@@ -101,6 +117,10 @@ def test_an_answer_artifact_is_refused_where_a_prompt_confidence_is_needed_and_i
     md["stack_features"] = '["value_raw", "logit_max_softmax", "entropy"]'
     with pytest.raises(ArtifactError, match="stack_features"):
         save_artifact(ArtifactData(dict(data.tensors), md), answer_artifact_file.parent / "bad.safetensors")
+    # how the answer is read is part of the contract too: an unknown read, or a read on a prompt-level artifact
+    with pytest.raises(ArtifactError, match="answer_read"):
+        save_artifact(ArtifactData(dict(data.tensors), {**data.metadata, "answer_read": "median"}),
+                      answer_artifact_file.parent / "bad.safetensors")
 
 
 @pytest.mark.slow  # a wall-clock bench run end to end (its output is checked, not its timings)
@@ -110,7 +130,7 @@ def test_the_overhead_bench_times_each_variant_interleaved(qwen_model, tokenizer
     lines = []
     result = measure_overhead(qwen_model, tokenizer, probe, answer_probe, reps=3, new_tokens=3, batch=3,
                               echo=lines.append)
-    assert len(lines) == 4 and "both heads vs bare generate" in lines[-1]
+    assert len(lines) == 5 and "both heads vs bare generate" in lines[-1] and "own cost" in lines[-2]
     assert set(result["seconds"]) == {"bare generate", "engine, prompt-only probe", "engine, both heads"}
     assert all(v["min"] > 0 for v in result["seconds"].values()) and result["both_heads_over_bare"]["median"] > 0
 

@@ -58,9 +58,9 @@ def fit_probe(model, tokenizer, name: str, served: str | None = None, position: 
     data, _ = fit_artifact(model, tokenizer, fs, model_name=name, prompt_format=PromptFormat(),
                            config=FitConfig(random_draws=5, progress=False), token_position=position)
     if served == "stacked":  # a stacker per kind, so the next-token summary is read and used too
-        from valueprobe.plugin.readout import ANSWER_STACK_FEATURES, STACK_FEATURES
+        import json
 
-        n = len(ANSWER_STACK_FEATURES if position == "answer_end" else STACK_FEATURES)
+        n = len(json.loads(data.metadata["stack_features"]))
         tensors = dict(data.tensors)
         for kind in ("choice", "open"):
             tensors.update({f"stack.{kind}.mean": torch.zeros(n, dtype=torch.float64),
@@ -350,17 +350,20 @@ def test_reload_releases_the_old_artifact_when_its_last_request_ends(tmp_path, t
     assert final == ([new.artifact_id], [new.artifact_id])
 
 
-def test_vllm_reads_confidence_in_the_answer_given(vllm_assets, tokenizer, tmp_path):
+@pytest.mark.parametrize("read", ["last", "mean"])
+def test_vllm_reads_confidence_in_the_answer_given(vllm_assets, tokenizer, tmp_path, read):
     """The vLLM engine keeps each request's latest state at the answer artifact's layer (inside its own forward
-    passes) and scores the finished answer: equal to a transformers forward read at the last token vLLM fed, with
-    the answer's token log-probabilities and the prompt's next-token signal; many requests at once."""
+    passes) and scores the finished answer: equal to a transformers forward read at the last token vLLM fed (or,
+    for an ``answer_read: mean`` artifact, averaged over the positions that fed the answer's tokens: a running sum
+    in the worker), with the answer's token log-probabilities and the prompt's next-token signal; many requests
+    at once."""
     import asyncio
     import shutil
 
     from conftest import Server
     from transformers import AutoTokenizer
 
-    from valueprobe.plugin.hooks import capture
+    from valueprobe.plugin.hooks import StepStateRecorder
     from valueprobe.plugin.nexttoken import summarize_logits
 
     folder, model, _ = vllm_assets
@@ -369,6 +372,14 @@ def test_vllm_reads_confidence_in_the_answer_given(vllm_assets, tokenizer, tmp_p
     os.symlink(folder / "model", served / "model")
     prompt_probe = fit_probe(model, tokenizer, "tiny-qwen2-vllm", served="stacked")
     answer_probe = fit_probe(model, tokenizer, "tiny-qwen2-vllm", served="stacked", position="answer_end")
+    if read == "mean":
+        from valueprobe.plugin import load_artifact, save_artifact
+        from valueprobe.plugin.artifact import ArtifactData
+
+        data = load_artifact(answer_probe.data.path)
+        save_artifact(ArtifactData(dict(data.tensors), {**data.metadata, "answer_read": "mean"}),
+                      tmp_path / "answer.mean.safetensors")
+        answer_probe = ValueProbe.load(tmp_path / "answer.mean.safetensors")
     shutil.copy(prompt_probe.data.path, served / "probe.safetensors")
     shutil.copy(answer_probe.data.path, served / "probe.answer.safetensors")
     server = Server(served, engine="vllm", vllm_max_model_len=256, vllm_max_num_seqs=8)
@@ -394,15 +405,20 @@ def test_vllm_reads_confidence_in_the_answer_given(vllm_assets, tokenizer, tmp_p
         stopped_at_limit = body["details"]["finish_reason"] == "length"
         assert answer["components"]["read_at"] == ("before_last_token" if stopped_at_limit else "last_token")
         fed = prompt_ids + (answer_ids[:-1] if stopped_at_limit else answer_ids)
-        with torch.inference_mode(), capture(model, [answer_probe.layer], answer_probe.neuron_indices) as cap:
+        with torch.inference_mode(), StepStateRecorder(model, [answer_probe.layer], dtype=torch.float32,
+                                                       neuron_indices=answer_probe.neuron_indices,
+                                                       all_positions=True) as rec:
             model(torch.tensor([fed]))
+        states = rec.states()[answer_probe.layer][0]
+        answer_rows = states[len(prompt_ids):]  # the positions decode steps fed (answer tokens)
+        values = (answer_rows.mean(dim=0) if read == "mean" and len(answer_rows) else states[-1])[None]
         with torch.inference_mode():
             logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0]
         logp = torch.log_softmax(logits.float(), -1)
         lps = [float(logp[len(prompt_ids) - 1 + j, t]) for j, t in enumerate(answer_ids)]
         assert [t["logprob"] for t in body["details"]["tokens"]] == pytest.approx(lps, abs=1e-3)
         first = summarize_logits(logits[len(prompt_ids) - 1 : len(prompt_ids)], answer_probe.letter_ids(served_tokenizer))
-        expected = answer_probe.readout_answer(cap.batches[0][answer_probe.layer], [lps], first, [("open", 0)])[0]
+        expected = answer_probe.readout_answer(values, [lps], first, [("open", 0)])[0]
         assert answer["components"]["value_raw"] == pytest.approx(expected.components["value_raw"], abs=1e-3), \
             (answer["components"], expected.components)
         assert answer["probability"] == pytest.approx(expected.probability, abs=1e-3), (q, body)

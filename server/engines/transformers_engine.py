@@ -30,6 +30,7 @@ import torch
 from valueprobe.plugin import ProbeHandle, ProbeResult, ValueProbe
 from valueprobe.plugin.hooks import StepStateRecorder
 from valueprobe.plugin.probe import answer_end_column
+from valueprobe.plugin.readout import pool_answer
 from valueprobe.plugin.models import eos_token_ids
 from valueprobe.plugin.nexttoken import summarize_logits
 from valueprobe.plugin.prompting import pad_left, pad_token_id
@@ -443,7 +444,10 @@ class TransformersEngine(TokenizerAccess):
     def _read_answers(self, answer_probe, jobs, generations, pending, columns, out) -> None:
         """Each answered row's ``generation.answer``: the answer probe's readout at its answer's last token, with
         its tokens' log-probabilities (``pending``: ``(row, kept tokens, their log-probabilities)``)."""
-        values = [columns[i, kept] for i, kept, _ in pending]
+        # column j is the state after generated token j - 1: the answer's tokens are columns 1..kept (an empty
+        # answer has only the prompt's last token, column 0); the artifact reads the last or their mean
+        values = [pool_answer(columns[i, 1 : kept + 1] if kept else columns[i, :1], answer_probe.answer_read)
+                  for i, kept, _ in pending]
         logprobs = [lps for _, _, lps in pending]
         kinds = [jobs[i].prompt.kind for i, _, _ in pending]
         rows = [i for i, _, _ in pending]

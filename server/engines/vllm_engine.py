@@ -293,7 +293,8 @@ class VllmEngine(TokenizerAccess):
         async with self._attach_lock:
             if key not in self._answer_hooks:
                 await self.llm.collective_rpc("valueprobe_attach", args=attach_args(
-                    answer_probe, None, key=key, position="answer_end"))
+                    answer_probe, None, key=key,
+                    position="answer_mean" if answer_probe.answer_read == "mean" else "answer_end"))
                 self._answer_hooks.add(key)
             self.answer_key = key  # the newest attached is the one served (release_unused detaches the others)
 
