@@ -47,16 +47,16 @@ def _p_true(rows) -> np.ndarray:
 
 
 def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | None, cache_dir="runs/cache",
-        out: Path | None = None, echo=print) -> dict:
+        out: Path | None = None, echo=print, previous_artifact: Path | None = None) -> dict:
     from valueprobe.calibration.data import interleave_sources, load_data
     from valueprobe.calibration.evaluate import ANSWER_BASELINES, format_table, score_metrics
     from valueprobe.calibration.extract import extract_answer_end, extract_features, load_labels
-    from valueprobe.calibration.fit import served_predictions
+    from valueprobe.calibration.fit import served_answer_predictions, served_predictions
     from valueprobe.calibration.semantic import load_samples, score_rows
     from valueprobe.calibration.splits import split_labels
     from valueprobe.calibration.transfer import Side
     from valueprobe.plugin import PromptFormat, ValueProbe, load_model
-    from valueprobe.weights import labels_path
+    from valueprobe.weights import labels_paths
 
     answer_probe, prompt_probe = ValueProbe.load(answer_artifact), ValueProbe.load(prompt_artifact)
     answer_probe.require_position("answer_end")
@@ -64,23 +64,29 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
     specs = card["config"]["extra"]["data_specs"]
     seed, fractions = card["splits"]["seed"], card["splits"]["fractions"]
     questions = interleave_sources([load_data(s, seed=seed) for s in specs])
-    labels = load_labels(labels_path(answer_probe.model_name), model_name=answer_probe.model_name)
+    labels = {}
+    for path in labels_paths(answer_probe.model_name):  # every shipped set of the model's own answers
+        labels.update(load_labels(path, model_name=answer_probe.model_name))
     model, tok = load_model(answer_probe.model_name)
     fmt = PromptFormat()
     prompt_fs, answer_fs = extract_answer_end(model, tok, questions, fmt, labels=labels, cache_dir=cache_dir)
     y = answer_fs.labels
     kind = np.array([r["kind"] for r in answer_fs.rows])
     ids = [r["id"] for r in answer_fs.rows]
-    answer_p = served_predictions(answer_probe, answer_fs.features[:, answer_probe.layer - 1].numpy().astype(np.float64),
-                                  Side.from_answer_rows(answer_fs.rows))["probability"]
+    answer_p = served_answer_predictions(answer_probe, answer_fs)["probability"]
     prompt_p = served_predictions(prompt_probe, prompt_fs.features[:, prompt_probe.layer - 1].numpy().astype(np.float64),
                                   Side.from_rows(prompt_fs.rows))["probability"]
     scores = {"answer-level served score": answer_p, "prompt-only served score": prompt_p}
+    previous = None
+    if previous_artifact is not None:  # the artifact this one replaces, on the same questions
+        previous = ValueProbe.load(previous_artifact)
+        previous.require_position("answer_end")
+        scores[PREVIOUS] = served_answer_predictions(previous, answer_fs)["probability"]
     for name, getter in ANSWER_BASELINES.items():
         vals = getter(answer_fs.rows)
         if all(v is not None for v in vals):
             scores[name] = np.asarray(vals, dtype=np.float64)
-    calibrated = {"answer-level served score", "prompt-only served score"}
+    calibrated = {"answer-level served score", "prompt-only served score", PREVIOUS}
 
     def table(mask, extra: dict | None = None):
         rows = []
@@ -101,6 +107,22 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
     for k, rows in result["test_split"].items():
         lines += ["", f"{k} (n={int((test & (kind == k)).sum())}, accuracy {y[test & (kind == k)].mean():.3f}):", "",
                   format_table(rows, columns=columns)]
+    result["test_split"]["all"] = table(test)
+    lines += ["", f"all kinds (n={int(test.sum())}, accuracy {y[test].mean():.3f}):", "",
+              format_table(result["test_split"]["all"], columns=columns)]
+    if previous is not None:
+        result["previous_artifact"] = previous.artifact_id
+        result["loso_previous_vs_new"] = loso_comparison(previous.eval_card, card)
+        lines += ["", f"The previous answer artifact ({previous.artifact_id}, `{Path(previous_artifact).name}`) is "
+                  f"the row `{PREVIOUS}` above: the same questions (this artifact's test split; a question's split "
+                  "is a hash of its id, so the previous artifact never fitted on them either, and the sources it "
+                  "did not know it never saw at all).", "", "Leave-one-source-out, each from its own card (every "
+                  "source scored by what was fitted on the others):", "",
+                  "| left-out source | previous served | new served | change | best free signal (new card) | "
+                  "new − best free |", "|---|---|---|---|---|---|"]
+        for s_, r in result["loso_previous_vs_new"].items():
+            lines.append(f"| {s_} | {_f(r['previous'])} | {_f(r['new'])} | {_f(r['change'], '+.3f')} | "
+                         f"{_f(r['best_free'])} | {_f(r['new_minus_best_free'], '+.3f')} |")
 
     if samples_path is not None and Path(samples_path).exists():
         samples = load_samples(samples_path)
@@ -138,6 +160,30 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
         Path(f"{out}.md").write_text(section)
         update_card(Path(answer_artifact), section)
     return result
+
+
+PREVIOUS = "answer-level served score (previous artifact)"
+FREE_BASELINES = ("baseline:answer mean token log-prob", "baseline:answer sum log-prob",
+                  "baseline:answer min token log-prob", "baseline:prompt max-softmax")
+
+
+def _f(v, spec: str = ".3f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def loso_comparison(previous_card: dict, card: dict) -> dict:
+    """Per left-out source of either card: the previous and the new served AUROC (each from its own
+    leave-one-source-out), the change, and the new card's best free signal of that source."""
+    old = previous_card.get("loso", {}).get("rows", {})
+    new = card.get("loso", {}).get("rows", {})
+    out = {}
+    for s in sorted(set(old) | set(new)):
+        o, n = old.get(s, {}).get("served"), new.get(s, {}).get("served")
+        free = [new.get(s, {}).get(c) for c in FREE_BASELINES]
+        best = max((v for v in free if v is not None), default=None)
+        out[s] = {"previous": o, "new": n, "change": None if o is None or n is None else n - o, "best_free": best,
+                  "new_minus_best_free": None if n is None or best is None else n - best}
+    return out
 
 
 SECTION = "## Held-out comparison with the prompt-only score, P(True) and semantic entropy (bench answer)"
@@ -182,11 +228,13 @@ def _plot(y, scores: dict, out: Path | None) -> str | None:
 
 
 def measure_overhead(model, tokenizer, probe, answer_probe, *, reps: int = 5, new_tokens: int = 16, batch: int = 8,
-                     echo=print) -> dict:
+                     echo=print, previous_answer_probe=None) -> dict:
     """Seconds per batched greedy generation, side by side in one run (interleaved, rotating order): plain
     ``model.generate`` (bare), the sidecar's transformers engine with the prompt-only probe, and with both heads
-    (prompt-only + answer-level, which also asks generate for its logits). Median and spread of each, and the
-    overhead of both heads over bare as the median of per-repetition ratios."""
+    (prompt-only + answer-level, which also asks generate for its logits), and with ``previous_answer_probe`` as
+    the answer head (the artifact this one replaces). Median and spread of each, the overhead of both heads over
+    bare and the answer readout's own cost (both heads over the prompt-only probe) as medians of per-repetition
+    ratios."""
     import time
 
     from valueprobe.plugin.nexttoken import prompt_kind
@@ -212,6 +260,8 @@ def measure_overhead(model, tokenizer, probe, answer_probe, *, reps: int = 5, ne
 
     runs = {"bare generate": bare, "engine, prompt-only probe": lambda: engine_run(None),
             "engine, both heads": lambda: engine_run(answer_probe)}
+    if previous_answer_probe is not None:
+        runs["engine, both heads (previous answer artifact)"] = lambda: engine_run(previous_answer_probe)
     times = {name: [] for name in runs}
     names = list(runs)
     bare()  # warm-up
@@ -231,6 +281,15 @@ def measure_overhead(model, tokenizer, probe, answer_probe, *, reps: int = 5, ne
                                        "max": float(ratios.max())},
               "prompt_only_over_bare": {"median": float(np.median(prompt_only)), "min": float(prompt_only.min()),
                                         "max": float(prompt_only.max())}}
+    base = np.array(times["engine, prompt-only probe"])
+    for name, key in (("engine, both heads", "answer_readout_over_prompt_only"),
+                      ("engine, both heads (previous answer artifact)", "previous_answer_readout_over_prompt_only")):
+        if name in times:
+            r = np.array(times[name]) / base
+            result[key] = {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max())}
+            echo(f"{name} vs engine with the prompt-only probe (the answer readout's own cost): "
+                 f"{100 * (result[key]['median'] - 1):+.1f}% (range {100 * (r.min() - 1):+.1f}% .. "
+                 f"{100 * (r.max() - 1):+.1f}%)")
     echo(f"both heads vs bare generate: {100 * (result['both_heads_over_bare']['median'] - 1):+.1f}% (median of "
          f"{reps} interleaved reps; range {100 * (ratios.min() - 1):+.1f}% .. {100 * (ratios.max() - 1):+.1f}%); "
          f"prompt-only probe vs bare: {100 * (result['prompt_only_over_bare']['median'] - 1):+.1f}%")

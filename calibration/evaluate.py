@@ -110,9 +110,28 @@ def _loso_table(card: dict) -> list[str]:
         cols[7:7] = [(f"baseline:{name}", name) for name in ("answer sum log-prob", "answer mean token log-prob",
                                                             "answer min token log-prob", "prompt-only served score")]
     out = ["| left-out source | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    out = ["| left-out source | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for s, r in rows.items():
         out.append(f"| {s} | " + " | ".join(_fmt(r.get(c[0]), 1 if c[0] == "value_percentile" else 3) for c in cols) + " |")
     return out
+
+
+def _options_table(card: dict) -> list[str]:
+    """Multiple choice with one option count left out at a time (answer-level fits)."""
+    block = card.get("loso_by_options") or {}
+    rows = block.get("rows", {})
+    if not rows:
+        return []
+    out = ["## Left-out option count (multiple choice)", "",
+           "Multiple-choice questions grouped by how many options they show; each group scored by everything fitted "
+           "on the other groups only (chosen layer, k and head; stack with the chance level `log options`).", "",
+           "| left-out count | sources | n | model acc. | serves | **served** | served ECE (eq. mass) | max-softmax | "
+           "answer sum log-prob |", "|---|---|---|---|---|---|---|---|---|"]
+    for g, r in rows.items():
+        out.append(f"| {g} | {', '.join(block.get('sources', {}).get(g, []))} | {r['n']} | {_fmt(r['accuracy'])} | "
+                   f"{r.get('served_mode')} | {_fmt(r.get('served'))} | {_fmt(r.get('served_ece'))} | "
+                   f"{_fmt(r.get('max_softmax'))} | {_fmt(r.get('baseline:answer sum log-prob'))} |")
+    return out + [""]
 
 
 def render_markdown(card: dict) -> str:
@@ -120,7 +139,10 @@ def render_markdown(card: dict) -> str:
     sel = card["selection"]
     s = card["splits"]
     answer_end = card.get("token_position") == "answer_end"
-    free = ("the prompt's next-token features and the answer's sum and min token log-probability" if answer_end
+    names = card.get("stack_features") or []
+    free = (("the prompt's next-token features and the answer's " +
+             ("sum, min and mean token log-probability and the chance level (log options)"
+              if "log_options" in names else "sum and min token log-probability")) if answer_end
             else "next-token features")
     lines = [
         f"# Eval card: {card['model_name']}" + (" — confidence in the answer given (answer_end)" if answer_end else ""),
@@ -128,10 +150,15 @@ def render_markdown(card: dict) -> str:
         f"- served score: **{card.get('served_score', 'value')}** (value neurons + {free}, per question "
         "kind, Platt-calibrated per kind)" if card.get("served_score") == "stacked" else
         f"- served score: **{card.get('served_score', 'value')}** (value neurons, calibrated)",
-        *([f"- read at the last token of the model's own answer (greedy answers from the labels file; the letter chosen "
+        *([("- read at the last token of the model's own answer" if card.get("answer_read", "last") == "last" else
+            "- read as the mean over the tokens of the model's own answer (`answer_read: mean`)")
+           + " (greedy answers from the labels file; the letter chosen "
            "for multiple choice); `prompt-only served score` is the shipped prompt-only artifact on the same "
            "questions (fitted on every source's train split, so its leave-one-source-out column is not held out)"]
           if answer_end else []),
+        *([f"- served per kind: {', '.join(f'{k}: `{v}`' for k, v in card.get('served_by_kind', {}).items())}; stack "
+           "monotone in the free signals (a column whose weight comes out negative is dropped)"]
+          if card.get("monotone_stack") else []),
         f"- layer **{sel['layer']}** of {sel['n_layers']}, **k = {sel['k']}** value neurons "
         f"({100 * sel['fraction']:.2f}% of width {sel['width']}), head `{card['head']}`; chosen by {sel.get('criterion', '')}",
         "- data: " + ", ".join(f"{d} ({v.get('kind', '')}, n={v['n']}, model accuracy {v['accuracy']:.2f})"
@@ -149,11 +176,14 @@ def render_markdown(card: dict) -> str:
                   "Each row: everything (neurons, heads, stackers, calibrators, OOD model) fitted on the other sources "
                   "only, then every question of the left-out source scored. AUROC unless named.", ""]
         lines += _loso_table(card) + ["",
-                  "`serves`: per kind, the score (value + next-token stack, next-token stack alone, or value neurons "
-                  "alone) with the best mean over that kind's left-out sources. That choice is made on these same "
-                  "numbers, so the **served** column is slightly optimistic; the other columns are not chosen on it. "
-                  "Random-k: 100 draws of k neurons of the same layer, same (linear) head, same weighting; `value pct. "
-                  "of random` is the chosen set's percentile among them.", ""]
+                  "`serves`: the score (value + free stack, free stack alone, one free signal alone (`free:`), or "
+                  "value neurons alone) with the best mean over the *other* left-out sources of that kind: chosen "
+                  "without the source it is scored on (nested), so the **served** column is not picked on the number "
+                  "it reports. The artifact serves, per kind, the mode with the best mean over all of that kind's "
+                  "sources (the line above the verdict). Random-k: draws of k neurons of the same layer (the "
+                  "smallest k of the curve when the served head is dense), same (linear) head, same weighting; "
+                  "`value pct. of random` is the value set's percentile among them.", ""]
+        lines += _options_table(card)
         kc = card["selection"].get("k_curve", {})
         if kc:
             lines += ["### AUROC vs k (value neurons, linear head, mean over left-out sources)", "",
@@ -284,9 +314,9 @@ def evaluate_answers(answer_probe, model, tokenizer, fs, questions, *, cache_dir
     afs = extract_features(model, tokenizer, questions, answer_probe.prompt_format, cache_dir=cache_dir,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, labels=labels, answers=answers,
                            progress=progress)
-    side = Side.from_answer_rows(afs.rows)
-    values = afs.features[:, answer_probe.layer - 1, :][:, answer_probe.neuron_indices]
-    pred = answer_probe.predict(values, side.max_softmax, side.entropy, side.kind, extra=side.extra)
+    from .fit import served_answer_predictions
+
+    pred = served_answer_predictions(answer_probe, afs)
     y = afs.labels
     rows = [{"name": "answer-level served score", **score_metrics(y, pred["probability"], pred["probability"])}]
     for name, getter in ANSWER_BASELINES.items():

@@ -84,6 +84,18 @@ class FeatureSet:
         pooled = None if self.pooled is None else {k: v[at] for k, v in self.pooled.items()}
         return FeatureSet(self.features[at], [self.rows[i] for i in index], pooled)
 
+    def answer_read(self, read: str) -> torch.Tensor:
+        """``[n, n_layers, hidden]`` as an ``answer_read`` artifact reads the answer: ``last`` (:attr:`features`,
+        the state at its last token) or ``mean`` (its tokens averaged: ``pooled["answer_mean"]``)."""
+        if read == "last":
+            return self.features
+        if read == "mean":
+            if not self.pooled or "answer_mean" not in self.pooled:
+                raise ValueError("answer_read 'mean' needs an answer-end extraction with pooled reads (`extract "
+                                 "--answer-end` of this version)")
+            return self.pooled["answer_mean"]
+        raise ValueError(f"unknown answer read {read!r}; expected 'last' or 'mean'")
+
 
 def _cache_key(model, tokenizer, prompt_format: PromptFormat, max_new_tokens: int) -> str:
     fp = model_fingerprint(model, 1)
@@ -578,7 +590,8 @@ def _extract_todo(model, tokenizer, questions, prompt_format, todo, done, prompt
                 if answers is not None:
                     flush(prompt_folder, prompt_feats_pending, prompt_rows_pending, prompt_done)
     features = torch.stack([done[q.id][0] for q in questions])
-    rows = [dict(done[q.id][1]) for q in questions]
+    # the number of options a multiple-choice question shows (its chance level; a stack column at the answer's end)
+    rows = [dict(done[q.id][1], n_options=len(q.choices) if q.choices else 0) for q in questions]
     if not all(math.isfinite(float(v)) for v in features.reshape(-1)[:1000]):
         raise ValueError("non-finite features: check the model dtype")
     pooled = {k: torch.stack([done[q.id][2][k] for q in questions]) for k in POOLS} if answers is not None else None

@@ -19,7 +19,7 @@ from valueprobe.plugin.fingerprint import stamp_metadata
 from valueprobe.plugin.nexttoken import KINDS
 from valueprobe.plugin.probe import ValueProbe
 from valueprobe.plugin.prompting import PromptFormat
-from valueprobe.plugin.readout import ANSWER_STACK_FEATURES, STACK_FEATURES
+from valueprobe.plugin.readout import ANSWER_STACK_FEATURES, ANSWER_STACK_FEATURES_V2, STACK_FEATURES
 
 from .evaluate import ANSWER_BASELINES, BASELINES, reliability_dict, score_metrics
 from .extract import FeatureSet
@@ -39,7 +39,7 @@ from .transfer import (
     prune_path,
 )
 
-__all__ = ["FitConfig", "split_labels", "fit_artifact"]
+__all__ = ["FitConfig", "split_labels", "fit_artifact", "served_answer_predictions"]
 
 
 @dataclass
@@ -61,6 +61,11 @@ class FitConfig:
     risk_delta: float = 0.1
     progress: bool = True
     extra: dict = field(default_factory=dict)
+    # answer_end fits (issue 31): how the answer is read ("last" token or "mean" of its tokens), a stacker that is
+    # monotone in the free signals, and k chosen by the average of the mean and the minimum over left-out sources
+    answer_read: str = "last"
+    monotone: bool = True
+    k_criterion: str = "mean+min"
 
 
 @dataclass
@@ -104,6 +109,14 @@ def served_predictions(probe: ValueProbe, X: np.ndarray, side: Side) -> dict[str
     """The served numbers of rows of one layer's states ``X`` (every unit), as the sidecar computes them."""
     return probe.predict(X[:, probe.neuron_indices.numpy()], side.max_softmax, side.entropy, side.kind,
                          extra=side.extra)
+
+
+def served_answer_predictions(probe: ValueProbe, fs: FeatureSet) -> dict[str, np.ndarray]:
+    """The served numbers of an answer_end artifact on an answer-end extraction ``fs``: the answer read as the
+    artifact reads it (``answer_read``) and the stack columns it names, as the sidecar computes them."""
+    names = probe.stack_columns or ANSWER_STACK_FEATURES
+    X = fs.answer_read(probe.answer_read)[:, probe.layer - 1].numpy().astype(np.float64)
+    return served_predictions(probe, X, Side.from_answer_rows(fs.rows, names))
 
 
 # What the stacker's free columns are called in the card, per read position (see transfer.Side).
@@ -178,8 +191,11 @@ def fit_artifact(
     answer_end = token_position == ANSWER_END
     if token_position not in (TOKEN_POSITION, ANSWER_END):
         raise ValueError(f"token_position must be {TOKEN_POSITION!r} or {ANSWER_END!r}, got {token_position!r}")
-    side = Side.from_answer_rows(features.rows) if answer_end else Side.from_rows(features.rows)
-    stack_names = ANSWER_STACK_FEATURES if answer_end else STACK_FEATURES
+    stack_names = ANSWER_STACK_FEATURES_V2 if answer_end else STACK_FEATURES
+    side = Side.from_answer_rows(features.rows, stack_names) if answer_end else Side.from_rows(features.rows)
+    # the prompt-level recipe is unchanged; the answer-level one is monotone, chooses k on mean and min
+    monotone = cfg.monotone and answer_end
+    k_criterion = cfg.k_criterion if answer_end else "mean"
     loso_baselines = {}
     for name, getter in (ANSWER_BASELINES if answer_end else {}).items():
         vals = getter(features.rows)
@@ -191,7 +207,7 @@ def fit_artifact(
     # 1. Layer: dense probe, leave-one-source-out (pooled CV when there is a single source).
     layers = cfg.layers or _candidate_layers(n_layers)
     many_sources = len([s for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]) >= 2
-    feats = features.features.numpy()
+    feats = (features.answer_read(cfg.answer_read) if answer_end else features.features).numpy()
     if many_sources:
         scan = loso_layer_scan(feats, y, sources, tr, layers, balance=cfg.balance, progress=cfg.progress)
         layer_score = {l: float(np.mean([v for v in per.values() if v is not None])) for l, per in scan.items()}
@@ -205,10 +221,12 @@ def fit_artifact(
     # 2. k, head and the transfer table at that layer.
     study = None
     grid = [k for k in K_GRID if k < width]
+    k_grid = tuple(K_GRID) + ((width,) if (cfg.max_fraction or 1.0) >= 1.0 else ())  # the dense head competes too
     if many_sources:
         study = loso_study(X, y, sources, side, split, max_fraction=cfg.max_fraction or 1.0, tolerance=cfg.tolerance,
                            heads=cfg.heads, random_draws=cfg.random_draws, seed=cfg.seed, balance=cfg.balance,
-                           baselines=loso_baselines, progress=cfg.progress)
+                           baselines=loso_baselines, progress=cfg.progress, k_grid=k_grid, stack_names=stack_names,
+                           monotone=monotone, k_criterion=k_criterion)
         k, head = study.k, study.head
     else:
         cap = max(1, int((cfg.max_fraction or 1.0) * width))
@@ -218,10 +236,12 @@ def fit_artifact(
     weights = balanced_weights(y[tr], sources[tr]) if cfg.balance else None
     neurons = prune_path(X[tr], y[tr], sorted(set(grid) | {k}), seed=cfg.seed, sample_weight=weights)[k]
     modes = study.modes if study is not None else {}
-    served = ConfidenceModel(neurons, head=head, seed=cfg.seed, modes=modes, stack_names=stack_names).fit(
-        X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights)
+    served = ConfidenceModel(neurons, head=head, seed=cfg.seed, modes=modes, stack_names=stack_names,
+                             monotone=monotone).fit(X[tr], y[tr], side[tr], X[cal], y[cal], side[cal],
+                                                    sample_weight=weights)
     other_name = next((h for h in cfg.heads if h != head), None)
-    other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed, modes=modes, stack_names=stack_names).fit(
+    other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed, modes=modes, stack_names=stack_names,
+                             monotone=monotone).fit(
         X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights) if other_name else None)
     rng = np.random.default_rng(cfg.seed + 1)
     random_sets = [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(cfg.random_draws)]
@@ -244,6 +264,7 @@ def fit_artifact(
         "prompt_format": prompt_format.to_json(),
         "objective": cfg.objective,
         **served.readout_metadata(),
+        **({"answer_read": cfg.answer_read} if answer_end else {}),
     }
     probe = _written_and_read_back(ArtifactData(tensors, metadata))
     parts = FittedParts(served=probe, other_head=other, dense=LinearProbe().fit(X[tr], y[tr], sample_weight=weights),
@@ -300,9 +321,28 @@ def fit_artifact(
             if m.sum() >= 20:
                 ood_card[f"loso_ece_{name}"] = score_metrics(ys[m], ps[m], ps[m])["ece_equal_mass"]
                 ood_card[f"loso_n_{name}"] = int(m.sum())
+    # Calibration across option counts: multiple choice grouped by how many options a question shows, each count
+    # left out in turn (fitted on the others at the chosen layer, k and head), so the chance level the stack reads
+    # (log options) is tested where it must extrapolate.
+    by_options = {}
+    if answer_end and study is not None:
+        counts = np.array([int(r.get("n_options", 0)) for r in features.rows])
+        choice = side.kind == "choice"
+        common = [c for c in np.unique(counts[choice]) if (choice & (counts == c)).sum() >= 50]
+        if len(common) >= 2:
+            m = choice & np.isin(counts, common)
+            groups = np.array([f"{c} options" for c in counts])
+            opt = loso_study(X[m], y[m], groups[m], side[m], split[m], max_fraction=1.0, tolerance=cfg.tolerance,
+                             heads=(head,), random_draws=0, seed=cfg.seed, balance=cfg.balance,
+                             baselines={n_: v[m] for n_, v in loso_baselines.items()}, progress=cfg.progress,
+                             k_grid=(k,), stack_names=stack_names, monotone=monotone)
+            by_options = {"rows": opt.rows, "modes": opt.modes,
+                          "sources": {g: sorted({str(d) for d in sources[m & (groups == g)]}) for g in opt.rows}}
     card = {
         "model_name": model_name,
         "token_position": token_position,
+        **({"answer_read": cfg.answer_read, "stack_features": list(stack_names), "monotone_stack": monotone,
+            "loso_by_options": by_options} if answer_end else {}),
         "served_score": served_score,
         "served_by_kind": {kind: (served.modes[kind] if kind in served.stack_ or served.modes[kind] == "value"
                                   else "value (no stacker)") for kind in KINDS},
@@ -379,17 +419,34 @@ def _verdict(card: dict) -> str:
                         "baseline:answer min token log-prob", "baseline:prompt max-softmax")
                 best = [max((r[c] for c in free if r.get(c) is not None), default=0.5) for r in rows]
                 gain = np.mean([r["served"] - b for r, b in zip(rows, best)])
-                out.append(f"{kind}: serves {rows[0]['served_mode']}; served − best free answer-side baseline = "
-                           f"{gain:+.3f} AUROC (mean over left-out sources; target +0.03).")
+                below = sum(1 for r, b in zip(rows, best) if r["served"] is not None and r["served"] < b)
+                out.append(f"{kind}: serves {card['served_by_kind'].get(kind)}; served − best free answer-side "
+                           f"baseline = {gain:+.3f} AUROC (mean over left-out sources; target +0.03); below the "
+                           f"best free signal of the left-out source on {below} of {len(rows)} (target 0).")
             else:
                 gain = np.mean([r["served"] - r["max_softmax"] for r in rows])
-                out.append(f"{kind}: serves {rows[0]['served_mode']}; served − max-softmax = {gain:+.3f} AUROC (mean "
+                out.append(f"{kind}: serves {card['served_by_kind'].get(kind)}; served − max-softmax = {gain:+.3f} AUROC (mean "
                            "over left-out sources; target +0.02).")
+        eces = [r["served_ece"] for r in loso.values() if r.get("served_ece") is not None]
+        if eces:
+            out.append(f"ECE (equal mass) of the served probability on left-out sources: max {max(eces):.3f}, mean "
+                       f"{np.mean(eces):.3f}; ≤ 0.08 on {sum(e <= 0.08 for e in eces)} of {len(eces)} (target: all).")
+        by_options = card.get("loso_by_options", {}).get("rows", {})
+        if by_options:
+            out.append("Left-out option count (multiple choice): " + "; ".join(
+                f"{g}: served AUROC {r['served']:.3f}, ECE {r['served_ece']:.3f}" for g, r in by_options.items()
+                if r.get("served") is not None and r.get("served_ece") is not None) + " (target ECE ≤ 0.08).")
         dense = np.mean([r["dense"] for r in loso.values() if r["dense"] is not None])
-        value = np.mean([r["value_linear"] for r in loso.values() if r.get("value_linear") is not None])
-        rand = np.mean([r["random_mean"] for r in loso.values()])
+        sparse_k = next((r.get("random_k") for r in loso.values() if r.get("random_k")), card["selection"]["k"])
+        value = np.mean([r.get("sparse_value", r.get("value_linear")) for r in loso.values()
+                         if r.get("sparse_value", r.get("value_linear")) is not None])
+        rand_values = [r["random_mean"] for r in loso.values() if r.get("random_mean") is not None]
+        rand = np.mean(rand_values) if rand_values else float("nan")
         sparse_ok = value >= dense - 0.02 and value >= rand + 0.05
-        out.append(f"Sparse set (k={card['selection']['k']}, {100 * card['selection']['fraction']:.2f}% of the width), "
+        if sparse_k != card["selection"]["k"]:
+            out.append(f"The served head reads all {card['selection']['k']} units of the layer (dense won on the "
+                       "leave-one-source-out criterion).")
+        out.append(f"Sparse set (k={sparse_k}, {100 * sparse_k / card['selection']['width']:.2f}% of the width), "
                    f"leave-one-source-out: value neurons {value:.3f}, dense {dense:.3f}, random-k mean {rand:.3f} → "
                    + ("the sparse set earns its name." if sparse_ok else
                       "this model shows NO clear sparse advantage (needs within 0.02 of dense and ≥ 0.05 over random)."))

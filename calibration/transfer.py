@@ -19,7 +19,8 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
-from valueprobe.plugin.readout import STACK_FEATURES, answer_signals, floored_signals, mahalanobis, stack_features, stack_logit, stack_proba
+from valueprobe.plugin.readout import (ANSWER_STACK_FEATURES, LOGPROB_FLOOR, STACK_FEATURES, answer_columns,
+                                       floored_signals, mahalanobis, stack_features, stack_logit, stack_proba)
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
@@ -57,16 +58,26 @@ class Side:
                    np.array(["choice" if r["kind"] == "choice" else "open" for r in rows]))
 
     @classmethod
-    def from_answer_rows(cls, rows: list[dict]) -> Side:
-        """From answer-end extraction rows (``answer_mean_logprob``, ``answer_min_logprob``; see
-        :func:`~valueprobe.calibration.extract.extract_features`)."""
+    def from_answer_rows(cls, rows: list[dict], names=ANSWER_STACK_FEATURES) -> Side:
+        """From answer-end extraction rows (``token_logprobs``, or ``answer_sum_logprob`` / ``answer_min_logprob``
+        / ``answer_mean_logprob`` in older caches, and ``n_options``; see
+        :func:`~valueprobe.calibration.extract.extract_features`): the extra columns ``names[3:]`` of the stack
+        layout ``names`` (the artifact's ``stack_features``), computed as the server computes them
+        (:func:`~valueprobe.plugin.readout.answer_columns`)."""
+        extra_names = tuple(names)[3:]
+
         def signals(r):
-            if not r.get("answer_tokens"):  # empty answer
-                return answer_signals([])
-            return floored_signals(r["answer_sum_logprob"], r["answer_min_logprob"])
+            options = r.get("n_options", 0) if r["kind"] == "choice" else 0
+            if "token_logprobs" in r or not r.get("answer_tokens"):
+                return answer_columns(extra_names, r.get("token_logprobs") or [], options)
+            total, low = floored_signals(r["answer_sum_logprob"], r["answer_min_logprob"])
+            known = {"answer_sum_logprob": total, "answer_min_logprob": low,
+                     "answer_mean_logprob": max(r["answer_mean_logprob"], LOGPROB_FLOOR),
+                     "log_options": float(np.log(options)) if options >= 2 else 0.0}
+            return [known[n] for n in extra_names]
 
         prompt = cls.from_rows(rows)
-        prompt.extra = np.array([signals(r) for r in rows], dtype=np.float64).reshape(-1, 2)
+        prompt.extra = np.array([signals(r) for r in rows], dtype=np.float64).reshape(-1, len(extra_names))
         return prompt
 
     def __getitem__(self, mask) -> Side:
@@ -128,27 +139,44 @@ def _make_head(kind: str, seed: int):
     raise ValueError(f"unknown head {kind!r}")
 
 
+#: stack columns whose larger value never means less confidence. A monotone stacker drops one whose fitted weight
+#: comes out negative and refits the rest, so that on a source unlike the fitting data the stack can only lean
+#: on these signals the way they point, and degrades toward them instead of below them (issue 31).
+MONOTONE_COLUMNS = ("value_raw", "logit_max_softmax", "answer_sum_logprob", "answer_min_logprob", "answer_mean_logprob")
+
+
 class KindStacker:
-    """One question kind's stacker: logistic regression on the stacking features ``[value logit, logit(max-softmax),
-    entropy]`` (:func:`~valueprobe.plugin.readout.stack_features`), then Platt on the calibration rows.
+    """One question kind's stacker: logistic regression on the stacking columns ``names`` (default
+    :data:`~valueprobe.plugin.readout.STACK_FEATURES`: ``[value logit, logit(max-softmax), entropy]``; see
+    :func:`~valueprobe.plugin.readout.stack_features`), then Platt on the calibration rows.
 
-    ``value_weight=False`` leaves the value logit out (weight 0: the next-token signal alone). ``params_`` are the
-    artifact's ``stack.<kind>.*`` arrays; ``predict_proba`` is the serving function on them. ``inverted_``: the
-    Platt slope on the calibration rows is not positive (the stacker ranks them backwards)."""
+    ``value_weight=False`` leaves the value logit out (weight 0: the free signals alone). ``only``: one column
+    name, the rest weight 0 (one free signal served alone, Platt-calibrated). ``monotone``: a column of
+    :data:`MONOTONE_COLUMNS` whose weight comes out negative is dropped and the rest refitted. ``params_`` are the
+    artifact's ``stack.<kind>.*`` arrays (a dropped column: weight 0, mean 0, scale 1); ``predict_proba`` is the
+    serving function on them; ``used_`` names the columns kept. ``inverted_``: the Platt slope on the calibration
+    rows is not positive (the stacker ranks them backwards)."""
 
-    def __init__(self, *, value_weight: bool = True, seed: int = 0, C: float = 1.0):
+    def __init__(self, *, value_weight: bool = True, seed: int = 0, C: float = 1.0, names=None,
+                 monotone: bool = False, only: str | None = None):
         self.value_weight, self.seed, self.C = value_weight, seed, C
+        self.names, self.monotone, self.only = names, monotone, only
 
     def fit(self, features, y, features_cal, y_cal) -> KindStacker:
         features = np.asarray(features, dtype=np.float64)
-        if self.value_weight:
-            lr = LinearProbe(C=self.C, random_state=self.seed).fit(features, y)
-            params = {"mean": lr.standardizer_.mean_, "scale": lr.standardizer_.scale_, "weight": lr.coef_,
-                      "bias": np.array([lr.intercept_])}
-        else:
-            lr = LinearProbe(C=self.C, random_state=self.seed).fit(features[:, 1:], y)
-            params = {"mean": np.r_[0.0, lr.standardizer_.mean_], "scale": np.r_[1.0, lr.standardizer_.scale_],
-                      "weight": np.r_[0.0, lr.coef_], "bias": np.array([lr.intercept_])}
+        n = features.shape[1]
+        names = list(self.names or STACK_FEATURES)[:n]
+        use = [names.index(self.only)] if self.only else list(range(0 if self.value_weight else 1, n))
+        while True:
+            lr = LinearProbe(C=self.C, random_state=self.seed).fit(features[:, use], y)
+            bad = [c for c, w in zip(use, lr.coef_) if self.monotone and names[c] in MONOTONE_COLUMNS and w < 0]
+            if not bad or len(bad) == len(use):
+                break
+            use = [c for c in use if c not in bad]
+        mean, scale, weight = np.zeros(n), np.ones(n), np.zeros(n)
+        mean[use], scale[use], weight[use] = lr.standardizer_.mean_, lr.standardizer_.scale_, lr.coef_
+        params = {"mean": mean, "scale": scale, "weight": weight, "bias": np.array([lr.intercept_])}
+        self.used_ = [names[c] for c in use]
         platt = PlattCalibrator().fit(stack_logit(params, features_cal), y_cal)
         self.slope_ = float(platt.a_)
         self.inverted_ = platt.a_ <= 0
@@ -158,6 +186,13 @@ class KindStacker:
 
     def predict_proba(self, features) -> np.ndarray:
         return stack_proba(self.params_, features)
+
+
+def _stacker_for(mode: str, *, seed: int, names, monotone: bool) -> KindStacker:
+    """The stacker a served mode needs: ``stacked`` (value logit + free columns), ``next_token`` (the free
+    columns alone) or ``free:<column>`` (that free column alone)."""
+    return KindStacker(value_weight=mode != "next_token", seed=seed, names=names, monotone=monotone,
+                       only=mode.split(":", 1)[1] if mode.startswith("free:") else None)
 
 
 class ConfidenceModel:
@@ -173,15 +208,17 @@ class ConfidenceModel:
     """
 
     def __init__(self, neurons, *, head: str = "linear", seed: int = 0, folds: int = 5, ood_quantile: float = 0.99,
-                 modes: dict | None = None, stack_names=STACK_FEATURES):
+                 modes: dict | None = None, stack_names=STACK_FEATURES, monotone: bool = False):
         self.neurons = np.asarray(neurons, dtype=np.int64)
         #: what the stacker's columns are (the artifact's ``stack_features``): next-token signals at the prompt's
         #: end, the answer's token log-probabilities at its end (see :class:`Side`)
         self.stack_names = tuple(stack_names)
         self.head, self.seed, self.folds, self.ood_quantile = head, seed, folds, ood_quantile
         #: per kind, what ``probability`` is: "stacked" (value logit + next-token features), "next_token" (the
-        #: next-token features alone: the value weight is 0) or "value" (the value neurons' calibrated probability)
+        #: free features alone: the value weight is 0), "free:<column>" (one free column alone, Platt-calibrated)
+        #: or "value" (the value neurons' calibrated probability)
         self.modes = {kind: "stacked" for kind in KINDS} | dict(modes or {})
+        self.monotone = monotone  # see KindStacker
 
     def fit(self, X, y, side: Side, X_cal, y_cal, side_cal: Side, sample_weight=None, groups=None) -> ConfidenceModel:
         """``sample_weight`` (e.g. :func:`balanced_weights`) weighs the value head's training rows only.
@@ -217,7 +254,8 @@ class ConfidenceModel:
             m, mc = side.kind == kind, side_cal.kind == kind
             if self.modes[kind] == "value" or len(np.unique(y[m])) < 2 or len(np.unique(y_cal[mc])) < 2:
                 continue
-            stacker = KindStacker(value_weight=self.modes[kind] != "next_token", seed=self.seed).fit(
+            stacker = _stacker_for(self.modes[kind], seed=self.seed, names=self.stack_names,
+                                   monotone=self.monotone).fit(
                 side.stack_inputs(oof[m], m), y[m], side_cal.stack_inputs(raw_cal[mc], mc), y_cal[mc])
             if stacker.inverted_:
                 # Stacker inverted on the calibration rows: that kind is served by the value probability.
@@ -346,13 +384,15 @@ class LosoStudy:
     heads: dict = field(default_factory=dict)          # {head: {source: stacked auroc}}
     rows: dict = field(default_factory=dict)           # {source: {metric: value}}
     predictions: dict = field(default_factory=dict)    # {source: {"y", "probability", "ood"}}
-    modes: dict = field(default_factory=dict)          # {kind: "stacked" | "next_token" | "value"}
+    modes: dict = field(default_factory=dict)          # {kind: "stacked" | "next_token" | "value" | "free:<col>"}
+    random_k: int = 0                                  # size of the random sets (k, or the smallest k when k = width)
 
 
 def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, tolerance: float = 0.01,
                heads=("linear", "mlp"), random_draws: int = 100, seed: int = 0, k_grid=K_GRID,
                balance: bool = True, group_stacking: bool = False, baselines: dict | None = None,
-               progress: bool = True) -> LosoStudy:
+               progress: bool = True, stack_names=STACK_FEATURES, monotone: bool = False,
+               k_criterion: str = "mean") -> LosoStudy:
     """Leave-one-source-out at one layer (``X`` is ``[n, width]``): choose k and head, and measure the served
     score, its parts and its baselines on every left-out source.
 
@@ -360,12 +400,20 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
     sources' ``calibration`` rows; the neurons are pruned on those fitting rows only; every row of s is scored.
     ``baselines`` (name -> a score per row, higher = more confident) adds each one's AUROC on every left-out
     source as ``baseline:<name>``.
+
+    ``stack_names`` / ``monotone``: the stacker's columns and constraint (see :class:`KindStacker`); each free
+    column of :data:`MONOTONE_COLUMNS` is also a candidate served alone (mode ``free:<column>``). ``k_criterion``:
+    ``mean`` (mean AUROC over left-out sources) or ``mean+min`` (the average of mean and minimum: a k that
+    transfers evenly). Per kind the served mode is the candidate with the best mean over that kind's left-out
+    sources (``modes``, what the artifact serves); each row's ``served`` is the mode chosen *without* that row's
+    source (the best mean over the kind's other sources): a nested choice, so the column is not picked on the
+    number it reports.
     """
     width = X.shape[1]
     names = [str(s) for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]
     study = LosoStudy()
     paths, weights = {}, {}
-    grid = [k for k in k_grid if k < width] or [max(1, width // 2)]
+    grid = [k for k in k_grid if k <= width] or [max(1, width // 2)]
     for s in tqdm(names, desc="LOSO pruning", disable=not progress):
         fit = (split == "train") & (sources != s)
         target = sources == s
@@ -377,20 +425,28 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
             p = LinearProbe().fit(X[fit][:, neurons], y[fit], sample_weight=sw)
             study.k_curve.setdefault(k, {})[s] = _auroc(y[target], p.decision_function(X[target][:, neurons]))
     mean_k = {k: float(np.mean([v for v in per.values() if v is not None])) for k, per in study.k_curve.items()}
+    if k_criterion == "mean+min":
+        mean_k = {k: (m + float(np.min([v for v in study.k_curve[k].values() if v is not None]))) / 2
+                  for k, m in mean_k.items()}
     cap = max(1, int(max_fraction * width)) if max_fraction else width
     allowed = [k for k in mean_k if k <= cap] or [min(mean_k)]
     best = max(mean_k[k] for k in allowed)
     study.k = int(min(k for k in allowed if mean_k[k] >= best - tolerance))
 
     rng = np.random.default_rng(seed)
-    draws = [np.sort(rng.choice(width, size=study.k, replace=False)) for _ in range(random_draws)]
+    # random sets of the chosen size; when the chosen set is the whole layer (dense), of the smallest sparse size
+    # instead, compared with the value neurons of that size (the sparse track stays on the card either way)
+    study.random_k = study.k if study.k < width else min(k for k in study.k_curve if k < width) if len(study.k_curve) > 1 else study.k
+    draws = [np.sort(rng.choice(width, size=study.random_k, replace=False)) for _ in range(random_draws)
+             ] if study.random_k < width else []
+    free_modes = [f"free:{n}" for n in list(stack_names)[1:] if n in MONOTONE_COLUMNS]
     for s in tqdm(names, desc="LOSO served score", disable=not progress):
         fit, cal, target = (split == "train") & (sources != s), (split == "calibration") & (sources != s), sources == s
         neurons = paths[s][study.k]
         yt = y[target]
         row = {"n": int(target.sum()), "accuracy": float(yt.mean()), "kind": str(side.kind[target][0])}
         for head in heads:
-            model = ConfidenceModel(neurons, head=head, seed=seed).fit(
+            model = ConfidenceModel(neurons, head=head, seed=seed, stack_names=stack_names, monotone=monotone).fit(
                 X[fit], y[fit], side[fit], X[cal], y[cal], side[cal], sample_weight=weights[s],
                 groups=sources[fit] if group_stacking else None)
             comp = model.components(X[target], side[target])
@@ -418,28 +474,48 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
         nts = NextTokenStack().fit(side[fit], y[fit], side[cal], y[cal]).predict_proba(side[target])
         row["next_token_stack"] = _auroc(yt, nts) if np.isfinite(nts).all() else None
         row["next_token_stack_ece"] = _ece(yt, nts) if np.isfinite(nts).all() else None
+        kind = side.kind[target][0]
+        kf, kc = fit & (side.kind == kind), cal & (side.kind == kind)
+        for mode in free_modes:
+            if len(np.unique(y[kf])) < 2 or len(np.unique(y[kc])) < 2:
+                break
+            stacker = _stacker_for(mode, seed=seed, names=stack_names, monotone=monotone).fit(
+                side.stack_inputs(np.zeros(kf.sum()), kf), y[kf], side.stack_inputs(np.zeros(kc.sum()), kc), y[kc])
+            p = stacker.predict_proba(side.stack_inputs(np.zeros(target.sum()), target))
+            row[mode], row[f"{mode}_ece"] = _auroc(yt, p), _ece(yt, p)
         rand = [_auroc(yt, LinearProbe().fit(X[fit][:, d], y[fit], sample_weight=weights[s]).decision_function(
             X[target][:, d])) for d in draws]
         rand = np.array([r for r in rand if r is not None])
-        row["random_mean"], row["random_sd"] = float(rand.mean()), float(rand.std())
-        row["value_percentile"] = float((rand < row["value_linear"]).mean() * 100) if "value_linear" in row else None
+        row["random_mean"] = float(rand.mean()) if len(rand) else None
+        row["random_sd"] = float(rand.std()) if len(rand) else None
+        sparse_value = row.get("value_linear") if study.random_k == study.k else study.k_curve[study.random_k].get(s)
+        row["random_k"], row["sparse_value"] = study.random_k, sparse_value
+        row["value_percentile"] = (float((rand < sparse_value).mean() * 100)
+                                   if sparse_value is not None and len(rand) else None)
         study.rows[s] = row
     mean_head = {h: float(np.mean([v for v in per.values() if v is not None])) for h, per in study.heads.items()}
     study.head = max(mean_head, key=mean_head.get)
     # Per kind, serve what transfers best on average over that kind's left-out sources (a choice among three
     # scores, made on these same numbers: the card says so).
-    columns = {"stacked": f"served_{study.head}", "next_token": "next_token_stack", "value": f"value_{study.head}"}
+    columns = {"stacked": f"served_{study.head}", "next_token": "next_token_stack", "value": f"value_{study.head}",
+               **{m: m for m in free_modes}}
+    ece_columns = {"stacked": f"served_{study.head}_ece", "next_token": "next_token_stack_ece",
+                   "value": f"value_{study.head}_ece", **{m: f"{m}_ece" for m in free_modes}}
+
+    def best_mode(rows) -> str:
+        means = {mode: np.mean([r[col] if r.get(col) is not None else 0.5 for r in rows])
+                 for mode, col in columns.items()}
+        return max(means, key=lambda m: (means[m], m == "stacked"))
+
     study.modes = {}
     for kind in KINDS:
         rows = [r for r in study.rows.values() if r["kind"] == kind]
-        if not rows:
-            continue
-        means = {mode: np.mean([r[col] if r.get(col) is not None else 0.5 for r in rows]) for mode, col in columns.items()}
-        study.modes[kind] = max(means, key=lambda m: (means[m], m == "stacked"))
-    for r in study.rows.values():
-        mode = study.modes.get(r["kind"], "stacked")
+        if rows:
+            study.modes[kind] = best_mode(rows)
+    for s, r in study.rows.items():
+        others = [o for t, o in study.rows.items() if t != s and o["kind"] == r["kind"]]
+        mode = best_mode(others) if others else study.modes.get(r["kind"], "stacked")
         r["served_mode"] = mode
         r["served"] = r.get(columns[mode])
-        r["served_ece"] = r.get({"stacked": f"served_{study.head}_ece", "next_token": "next_token_stack_ece",
-                                 "value": f"value_{study.head}_ece"}[mode])
+        r["served_ece"] = r.get(ece_columns[mode])
     return study

@@ -37,3 +37,12 @@ def labels_path(model_name: str) -> Path | None:
     so refits and ``valueprobe bench quality`` repeat only the prefill; ``None`` if none ships."""
     path = Path(str(files(__name__) / "labels" / f"{model_name.lower()}.jsonl"))
     return path if path.exists() else None
+
+
+def labels_paths(model_name: str) -> list[Path]:
+    """Every shipped labels file of a model: ``<model>.jsonl`` and the ones of later question sets
+    (``<set>.<model>.jsonl``, e.g. ``transfer-open.``), not the sampled answers (``.samples.jsonl``)."""
+    name = model_name.lower()
+    folder = Path(str(files(__name__) / "labels"))
+    return sorted(p for p in folder.glob("*.jsonl") if p.name == f"{name}.jsonl" or p.name.endswith(f".{name}.jsonl"))
+

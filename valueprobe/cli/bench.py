@@ -213,6 +213,10 @@ def bench_answer(
     out: Annotated[Optional[Path], typer.Option(help="Write <out>.json, <out>.md and <out>.risk_coverage.png.")] = None,
     overhead_reps: Annotated[int, typer.Option(help="Also time generate with both heads vs bare (0: skip).")] = 0,
     overhead_only: Annotated[bool, typer.Option(help="Only the overhead measurement.")] = False,
+    previous_artifact: Annotated[Optional[Path], typer.Option(help="The answer artifact this one replaces: scored "
+                                                              "on the same questions, its leave-one-source-out "
+                                                              "table beside this one's, and its readout timed "
+                                                              "beside this one's in the overhead run.")] = None,
 ):
     """Confidence in the answer given vs the prompt-only score, the answer's token log-probabilities, P(True) and
     semantic entropy, on held-out questions: AUROC, ECE, selective accuracy at 50% and 80% coverage. With
@@ -223,7 +227,7 @@ def bench_answer(
     try:
         if not overhead_only:
             run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact or default_artifact(),
-                samples_path=samples, cache_dir=cache, out=out, echo=typer.echo)
+                samples_path=samples, cache_dir=cache, out=out, echo=typer.echo, previous_artifact=previous_artifact)
         if overhead_reps:
             import json
 
@@ -232,7 +236,9 @@ def bench_answer(
 
             answer_probe = ValueProbe.load(answer_artifact)
             probe, mdl, tok = probe_and_model(prompt_artifact or default_artifact(), None, "float32")
-            result = measure_overhead(mdl, tok, probe, answer_probe, reps=overhead_reps, echo=typer.echo)
+            result = measure_overhead(mdl, tok, probe, answer_probe, reps=overhead_reps, echo=typer.echo,
+                                      previous_answer_probe=ValueProbe.load(previous_artifact)
+                                      if previous_artifact else None)
             if out:
                 Path(f"{out}.overhead.json").write_text(json.dumps(result, indent=2))
     except ValueError as exc:
