@@ -66,6 +66,10 @@ class FitConfig:
     answer_read: str = "last"
     monotone: bool = True
     k_criterion: str = "mean+min"
+    # the served probability's last map per kind: "split" (Platt on the calibration split, in distribution),
+    # "out_of_source" (Platt on the leave-one-source-out predictions: what a probability means on a source the
+    # model never saw) or "auto" (the one with the lower mean cross-fitted ECE over left-out sources)
+    answer_calibration: str = "auto"
 
 
 @dataclass
@@ -239,6 +243,8 @@ def fit_artifact(
     served = ConfidenceModel(neurons, head=head, seed=cfg.seed, modes=modes, stack_names=stack_names,
                              monotone=monotone).fit(X[tr], y[tr], side[tr], X[cal], y[cal], side[cal],
                                                     sample_weight=weights)
+    calibration_choice = _out_of_source_calibration(served, study, cfg.answer_calibration) if (
+        answer_end and study is not None) else None
     other_name = next((h for h in cfg.heads if h != head), None)
     other = (ConfidenceModel(neurons, head=other_name, seed=cfg.seed, modes=modes, stack_names=stack_names,
                              monotone=monotone).fit(
@@ -342,7 +348,7 @@ def fit_artifact(
         "model_name": model_name,
         "token_position": token_position,
         **({"answer_read": cfg.answer_read, "stack_features": list(stack_names), "monotone_stack": monotone,
-            "loso_by_options": by_options} if answer_end else {}),
+            "loso_by_options": by_options, "calibration_choice": calibration_choice} if answer_end else {}),
         "served_score": served_score,
         "served_by_kind": {kind: (served.modes[kind] if kind in served.stack_ or served.modes[kind] == "value"
                                   else "value (no stacker)") for kind in KINDS},
@@ -376,6 +382,41 @@ def fit_artifact(
     metadata["thresholds"] = json.dumps(thresholds, sort_keys=True)
     metadata["eval_card"] = json.dumps(card, sort_keys=True, default=_json_default)
     return ArtifactData(tensors, metadata), card
+
+
+def _out_of_source_calibration(served: ConfidenceModel, study, choice: str) -> dict:
+    """Per kind, Platt on the leave-one-source-out predictions of the mode the kind serves (each source predicted
+    by models that never saw it), composed after the stacker's own Platt when ``choice`` says so (``auto``: when
+    its cross-fitted ECE over left-out sources is lower on average than the calibration split's). The study's
+    rows then report, as ``served_ece``, the ECE of the calibration the artifact serves."""
+    from valueprobe.plugin.readout import compose_maps
+
+    from .transfer import out_of_source_platt
+
+    rows = study.rows
+    split_ece = [r["served_ece"] for r in rows.values() if r.get("served_ece") is not None]
+    cross_ece = [r["served_ece_cross_fitted"] for r in rows.values() if r.get("served_ece_cross_fitted") is not None]
+    maps = {}
+    for kind, mode in study.modes.items():
+        sources = [s for s, r in rows.items() if r["kind"] == kind
+                   and mode in study.predictions.get(s, {}).get("by_mode", {})]
+        if kind in served.stack_ and mode != "value" and len(sources) >= 2:
+            maps[kind] = out_of_source_platt([study.predictions[s]["by_mode"][mode] for s in sources],
+                                             [study.predictions[s]["y"] for s in sources])
+    use = bool(maps) and (choice == "out_of_source" or (
+        choice == "auto" and cross_ece and split_ece and np.mean(cross_ece) < np.mean(split_ece)))
+    if use:
+        for kind, (a2, b2) in maps.items():
+            params = served.stack_[kind]
+            a, b = compose_maps((a2, b2), (float(params["calibrator.a"][0]), float(params["calibrator.b"][0])))
+            params["calibrator.a"], params["calibrator.b"] = np.array([a]), np.array([b])
+        for r in rows.values():
+            r["served_ece_split"] = r.get("served_ece")
+            r["served_ece"] = r.get("served_ece_cross_fitted", r.get("served_ece"))
+    return {"choice": choice, "used": "out_of_source" if use else "split",
+            "split_ece_mean": float(np.mean(split_ece)) if split_ece else None,
+            "out_of_source_ece_mean": float(np.mean(cross_ece)) if cross_ece else None,
+            "maps": {k: list(v) for k, v in maps.items()}}
 
 
 def _written_and_read_back(data: ArtifactData) -> ValueProbe:
@@ -431,6 +472,11 @@ def _verdict(card: dict) -> str:
         if eces:
             out.append(f"ECE (equal mass) of the served probability on left-out sources: max {max(eces):.3f}, mean "
                        f"{np.mean(eces):.3f}; ≤ 0.08 on {sum(e <= 0.08 for e in eces)} of {len(eces)} (target: all).")
+        cc = card.get("calibration_choice") or {}
+        if cc.get("split_ece_mean") is not None and cc.get("out_of_source_ece_mean") is not None:
+            out.append(f"Calibration served: {cc['used']} (mean ECE over left-out sources {cc['split_ece_mean']:.3f} "
+                       f"with Platt on the calibration split, {cc['out_of_source_ece_mean']:.3f} with Platt on the "
+                       "other sources' left-out predictions, cross-fitted).")
         by_options = card.get("loso_by_options", {}).get("rows", {})
         if by_options:
             out.append("Left-out option count (multiple choice): " + "; ".join(

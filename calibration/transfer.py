@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.covariance import LedoitWolf
 from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
 from valueprobe.plugin.readout import (ANSWER_STACK_FEATURES, LOGPROB_FLOOR, STACK_FEATURES, answer_columns,
-                                       floored_signals, mahalanobis, stack_features, stack_logit, stack_proba)
+                                       clipped_logit, floored_signals, mahalanobis, stack_features, stack_logit, stack_proba)
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
@@ -464,7 +465,8 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
                 d_other = model.components(X[others], side[others])["ood_distance"]
                 row["ood_auroc"] = _auroc(np.r_[np.ones(len(d_target)), np.zeros(len(d_other))], np.r_[d_target, d_other])
                 row["ood_flagged"] = float(comp["ood"].mean())
-                study.predictions[s] = {"y": yt, "probability": comp["probability"], "ood": comp["ood"]}
+                study.predictions[s] = {"y": yt, "probability": comp["probability"], "ood": comp["ood"],
+                                        "by_mode": {"stacked": comp["probability"], "value": comp["value_probability"]}}
         row["dense"] = study.dense[s]
         row["max_softmax"] = _auroc(yt, side.max_softmax[target])
         row["neg_entropy"] = _auroc(yt, -side.entropy[target])
@@ -474,6 +476,8 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
         nts = NextTokenStack().fit(side[fit], y[fit], side[cal], y[cal]).predict_proba(side[target])
         row["next_token_stack"] = _auroc(yt, nts) if np.isfinite(nts).all() else None
         row["next_token_stack_ece"] = _ece(yt, nts) if np.isfinite(nts).all() else None
+        if s in study.predictions and np.isfinite(nts).all():
+            study.predictions[s]["by_mode"]["next_token"] = nts
         kind = side.kind[target][0]
         kf, kc = fit & (side.kind == kind), cal & (side.kind == kind)
         for mode in free_modes:
@@ -483,6 +487,8 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
                 side.stack_inputs(np.zeros(kf.sum()), kf), y[kf], side.stack_inputs(np.zeros(kc.sum()), kc), y[kc])
             p = stacker.predict_proba(side.stack_inputs(np.zeros(target.sum()), target))
             row[mode], row[f"{mode}_ece"] = _auroc(yt, p), _ece(yt, p)
+            if s in study.predictions:
+                study.predictions[s]["by_mode"][mode] = p
         rand = [_auroc(yt, LinearProbe().fit(X[fit][:, d], y[fit], sample_weight=weights[s]).decision_function(
             X[target][:, d])) for d in draws]
         rand = np.array([r for r in rand if r is not None])
@@ -518,4 +524,24 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
         r["served_mode"] = mode
         r["served"] = r.get(columns[mode])
         r["served_ece"] = r.get(ece_columns[mode])
+        # calibrated out of source: Platt on what the same mode predicted for the kind's *other* left-out sources
+        # (each by models that never saw it), then applied here (cross-fitted: never fitted on this source)
+        pool = [t for t, o in study.rows.items() if t != s and o["kind"] == r["kind"]
+                and mode in study.predictions.get(t, {}).get("by_mode", {})]
+        if pool and mode in study.predictions.get(s, {}).get("by_mode", {}):
+            a, b = out_of_source_platt([study.predictions[t]["by_mode"][mode] for t in pool],
+                                       [study.predictions[t]["y"] for t in pool])
+            p = expit(a * clipped_logit(study.predictions[s]["by_mode"][mode]) + b)
+            r["served_ece_cross_fitted"] = _ece(study.predictions[s]["y"], p)
     return study
+
+
+def out_of_source_platt(probabilities, labels) -> tuple[float, float]:
+    """Platt ``(a, b)`` on the logits of probabilities predicted for sources their models never saw (a list of
+    arrays, one per source, each weighing the same): the map that makes a served probability mean on a new source
+    what it meant on the left-out ones."""
+    z = np.concatenate([clipped_logit(p) for p in probabilities])
+    y = np.concatenate([np.asarray(t) for t in labels])
+    w = np.concatenate([np.full(len(p), 1.0 / len(p)) for p in probabilities]) * len(z) / len(probabilities)
+    platt = PlattCalibrator().fit(z, y, sample_weight=w)
+    return float(platt.a_), float(platt.b_)

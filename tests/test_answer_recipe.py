@@ -104,3 +104,23 @@ def test_the_served_mode_of_a_left_out_source_is_chosen_without_it():
         assert means[r["served_mode"]] == max(means.values())
         assert r["served"] == r[columns[r["served_mode"]]]
     assert study.k == 16 and all(r["random_k"] == 4 for r in study.rows.values())  # dense: random sets at k=4
+
+
+def test_out_of_source_platt_flattens_probabilities_that_were_too_sure_on_left_out_sources():
+    from valueprobe.calibration.transfer import out_of_source_platt
+
+    rng = np.random.default_rng(2)
+    probs, labels = [], []
+    for _ in range(3):  # each left-out source: confident predictions that are right only 65% of the time
+        p = rng.uniform(0.85, 0.99, 400)
+        probs.append(p)
+        labels.append((rng.uniform(size=400) < 0.65).astype(int))
+    a, b = out_of_source_platt(probs, labels)
+    from scipy.special import expit, logit
+
+    flattened = expit(a * logit(np.concatenate(probs)) + b)
+    assert abs(flattened.mean() - np.concatenate(labels).mean()) < 0.03  # now means what it says on average
+    # a source is weighed as one source, however many questions it has
+    a2, b2 = out_of_source_platt([probs[0], np.repeat(probs[1], 5)], [labels[0], np.repeat(labels[1], 5)])
+    a3, b3 = out_of_source_platt([probs[0], probs[1]], [labels[0], labels[1]])
+    assert a2 == pytest.approx(a3, rel=0.05) and b2 == pytest.approx(b3, rel=0.05, abs=0.05)
