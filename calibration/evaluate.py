@@ -156,6 +156,10 @@ def render_markdown(card: dict) -> str:
            "for multiple choice); `prompt-only served score` is the shipped prompt-only artifact on the same "
            "questions (fitted on every source's train split, so its leave-one-source-out column is not held out)"]
           if answer_end else []),
+        *([f"- how the answer is read, chosen by the leave-one-source-out layer scan (dense probe, mean and minimum "
+           "over left-out sources averaged): " + "; ".join(
+               f"{r}: best {max(sc.values()):.3f} at layer {max(sc, key=sc.get)}" for r, sc in card["read_scan"].items())]
+          if len(card.get("read_scan") or {}) > 1 else []),
         *([f"- served per kind: {', '.join(f'{k}: `{v}`' for k, v in card.get('served_by_kind', {}).items())}; stack "
            "monotone in the free signals (a column whose weight comes out negative is dropped)"]
           if card.get("monotone_stack") else []),

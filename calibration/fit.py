@@ -208,18 +208,29 @@ def fit_artifact(
     n_layers, width = features.features.shape[1], features.features.shape[2]
     tr, cal, te = split == "train", split == "calibration", split == "test"
 
-    # 1. Layer: dense probe, leave-one-source-out (pooled CV when there is a single source).
+    # 1. Layer (and, at the answer's end with answer_read "auto", how the answer is read): dense probe,
+    # leave-one-source-out (pooled CV when there is a single source).
     layers = cfg.layers or _candidate_layers(n_layers)
     many_sources = len([s for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]) >= 2
-    feats = (features.answer_read(cfg.answer_read) if answer_end else features.features).numpy()
-    if many_sources:
-        scan = loso_layer_scan(feats, y, sources, tr, layers, balance=cfg.balance, progress=cfg.progress)
-        layer_score = {l: float(np.mean([v for v in per.values() if v is not None])) for l, per in scan.items()}
-    else:
-        scan = {}
-        layer_score = {l: cv_auroc(np.asarray(feats[tr][:, l - 1, :], dtype=np.float64), y[tr], seed=cfg.seed)
-                       for l in layers}
-    layer = max(layer_score, key=layer_score.get)
+    reads = (("last", "mean") if cfg.answer_read == "auto" else (cfg.answer_read,)) if answer_end else ("last",)
+    read_scans, read_scores = {}, {}
+    for read in reads:
+        feats = (features.answer_read(read) if answer_end else features.features).numpy()
+        if many_sources:
+            scan = loso_layer_scan(feats, y, sources, tr, layers, balance=cfg.balance, progress=cfg.progress)
+            score = {}
+            for l_, per in scan.items():
+                values = [v for v in per.values() if v is not None]
+                # mean over left-out sources; at the answer's end the average of mean and minimum (even transfer)
+                score[l_] = float(np.mean(values) + np.min(values)) / 2 if k_criterion == "mean+min" else float(np.mean(values))
+        else:
+            scan = {}
+            score = {l_: cv_auroc(np.asarray(feats[tr][:, l_ - 1, :], dtype=np.float64), y[tr], seed=cfg.seed)
+                     for l_ in layers}
+        read_scans[read], read_scores[read] = scan, score
+    answer_read, layer = max(((r, l_) for r in reads for l_ in read_scores[r]), key=lambda rl: read_scores[rl[0]][rl[1]])
+    scan, layer_score = read_scans[answer_read], read_scores[answer_read]
+    feats = (features.answer_read(answer_read) if answer_end else features.features).numpy()
     X = np.asarray(feats[:, layer - 1, :], dtype=np.float64)
 
     # 2. k, head and the transfer table at that layer.
@@ -270,7 +281,7 @@ def fit_artifact(
         "prompt_format": prompt_format.to_json(),
         "objective": cfg.objective,
         **served.readout_metadata(),
-        **({"answer_read": cfg.answer_read} if answer_end else {}),
+        **({"answer_read": answer_read} if answer_end else {}),
     }
     probe = _written_and_read_back(ArtifactData(tensors, metadata))
     parts = FittedParts(served=probe, other_head=other, dense=LinearProbe().fit(X[tr], y[tr], sample_weight=weights),
@@ -347,7 +358,9 @@ def fit_artifact(
     card = {
         "model_name": model_name,
         "token_position": token_position,
-        **({"answer_read": cfg.answer_read, "stack_features": list(stack_names), "monotone_stack": monotone,
+        **({"answer_read": answer_read, "read_scan": {r: {str(l_): v for l_, v in sc.items()}
+                                                      for r, sc in read_scores.items()},
+            "stack_features": list(stack_names), "monotone_stack": monotone,
             "loso_by_options": by_options, "calibration_choice": calibration_choice} if answer_end else {}),
         "served_score": served_score,
         "served_by_kind": {kind: (served.modes[kind] if kind in served.stack_ or served.modes[kind] == "value"

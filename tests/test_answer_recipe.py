@@ -124,3 +124,43 @@ def test_out_of_source_platt_flattens_probabilities_that_were_too_sure_on_left_o
     a2, b2 = out_of_source_platt([probs[0], np.repeat(probs[1], 5)], [labels[0], np.repeat(labels[1], 5)])
     a3, b3 = out_of_source_platt([probs[0], probs[1]], [labels[0], labels[1]])
     assert a2 == pytest.approx(a3, rel=0.05) and b2 == pytest.approx(b3, rel=0.05, abs=0.05)
+
+
+def test_fit_chooses_how_the_answer_is_read_and_the_artifact_says_so(qwen_model, tokenizer):
+    """answer_read "auto": the leave-one-source-out layer scan of both reads decides; here only the answer's mean
+    carries the (planted) signal, so the artifact reads the mean, and its served numbers come from that read."""
+    from conftest import synthetic_featureset
+
+    from valueprobe.calibration.extract import FeatureSet
+    from valueprobe.calibration.fit import FitConfig, fit_artifact, served_answer_predictions
+    from valueprobe.plugin import ArtifactData, PromptFormat, ValueProbe, save_artifact
+
+    fs, _ = synthetic_featureset(qwen_model, tokenizer)
+    rng = np.random.default_rng(4)
+    for i, r in enumerate(fs.rows):
+        lp = list(-rng.uniform(0, 2, 3))
+        r.update(token_logprobs=lp, answer_tokens=3, answer="A", n_options=2 + 2 * (i % 2))
+    shuffled = fs.features[torch.as_tensor(rng.permutation(len(fs.rows)))]  # the last token: no signal
+    fs = FeatureSet(shuffled, fs.rows, {"answer_mean": fs.features, "answer_min_token": shuffled})
+    data, card = fit_artifact(qwen_model, tokenizer, fs, model_name="tiny-qwen2", prompt_format=PromptFormat(),
+                              config=FitConfig(random_draws=3, progress=False, answer_read="auto", heads=("linear",)),
+                              token_position="answer_end")
+    assert data.metadata["answer_read"] == "mean" and card["answer_read"] == "mean"
+    assert set(card["read_scan"]) == {"last", "mean"}
+    assert max(card["read_scan"]["mean"].values()) > max(card["read_scan"]["last"].values())
+    assert json_list(data.metadata["stack_features"]) == list(V2)
+    import tempfile
+
+    path = tempfile.mkdtemp() + "/a.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), dict(data.metadata)), path)
+    probe = ValueProbe.load(path)
+    p = served_answer_predictions(probe, fs)["probability"]
+    from valueprobe.calibration.metrics import auroc_score
+
+    assert auroc_score(fs.labels, p) > 0.75  # read from the mean, where the signal is
+
+
+def json_list(text):
+    import json
+
+    return json.loads(text)

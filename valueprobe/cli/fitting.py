@@ -92,9 +92,10 @@ def fit(
                                              "the answer's token log-probabilities (token_position answer_end).")] = False,
     prompt_artifact: Annotated[Optional[Path], typer.Option(help="With --answer-end: the prompt-only artifact of the "
                                                             "same model, compared as a baseline on the same questions.")] = None,
-    answer_read: Annotated[str, typer.Option(help="With --answer-end: read the answer at its last token (last) or "
-                                                  "as the mean over its tokens (mean; a running sum in the "
-                                                  "serving hooks, no extra pass).")] = "last",
+    answer_read: Annotated[str, typer.Option(help="With --answer-end: read the answer at its last token (last), as "
+                                                  "the mean over its tokens (mean; a running sum in the serving "
+                                                  "hooks, no extra pass), or whichever the leave-one-source-out "
+                                                  "layer scan prefers (auto).")] = "auto",
 ):
     """Find value neurons by leave-one-source-out AUROC, stack them with the free next-token signal per question
     kind, calibrate, evaluate against baselines (transfer and test split) and write the artifact and its card.
@@ -132,8 +133,8 @@ def fit(
     else:
         features = extract_features(mdl, tok, questions, fmt, cache_dir=cache, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens, labels=known)
-    if answer_read not in ("last", "mean"):
-        fail(f"--answer-read must be last or mean, not {answer_read!r}")
+    if answer_read not in ("last", "mean", "auto"):
+        fail(f"--answer-read must be last, mean or auto, not {answer_read!r}")
     cfg = FitConfig(seed=seed, tolerance=tolerance, max_fraction=max_fraction, layers=layer, heads=tuple(head),
                     random_draws=random_draws, extra=extra, answer_read=answer_read)
     try:
