@@ -81,6 +81,11 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
     if previous_artifact is not None:  # the artifact this one replaces, on the same questions
         previous = ValueProbe.load(previous_artifact)
         previous.require_position("answer_end")
+        old_splits = previous.eval_card.get("splits", {})
+        if (old_splits.get("seed"), old_splits.get("fractions")) != (seed, fractions):
+            raise ValueError(f"the previous artifact's split (seed {old_splits.get('seed')}, fractions "
+                             f"{old_splits.get('fractions')}) is not this one's (seed {seed}, fractions {fractions}): "
+                             "its fitting questions could be in this test split")
         scores[PREVIOUS] = served_answer_predictions(previous, answer_fs)["probability"]
     for name, getter in ANSWER_BASELINES.items():
         vals = getter(answer_fs.rows)
@@ -117,7 +122,8 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
                   f"the row `{PREVIOUS}` above: the same questions (this artifact's test split; a question's split "
                   "is a hash of its id, so the previous artifact never fitted on them either, and the sources it "
                   "did not know it never saw at all).", "", "Leave-one-source-out, each from its own card (every "
-                  "source scored by what was fitted on the others):", "",
+                  "source scored by what was fitted on the others; the previous card chose its served mode on all "
+                  "sources, this one without the source scored, so `change` leans against the new artifact):", "",
                   "| left-out source | previous served | new served | change | best free signal (new card) | "
                   "new − best free |", "|---|---|---|---|---|---|"]
         for s_, r in result["loso_previous_vs_new"].items():

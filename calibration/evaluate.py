@@ -110,7 +110,6 @@ def _loso_table(card: dict) -> list[str]:
         cols[7:7] = [(f"baseline:{name}", name) for name in ("answer sum log-prob", "answer mean token log-prob",
                                                             "answer min token log-prob", "prompt-only served score")]
     out = ["| left-out source | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    out = ["| left-out source | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for s, r in rows.items():
         out.append(f"| {s} | " + " | ".join(_fmt(r.get(c[0]), 1 if c[0] == "value_percentile" else 3) for c in cols) + " |")
     return out
@@ -180,11 +179,16 @@ def render_markdown(card: dict) -> str:
                   "Each row: everything (neurons, heads, stackers, calibrators, OOD model) fitted on the other sources "
                   "only, then every question of the left-out source scored. AUROC unless named.", ""]
         lines += _loso_table(card) + ["",
-                  "`serves`: the score (value + free stack, free stack alone, one free signal alone (`free:`), or "
-                  "value neurons alone) with the best mean over the *other* left-out sources of that kind: chosen "
-                  "without the source it is scored on (nested), so the **served** column is not picked on the number "
-                  "it reports. The artifact serves, per kind, the mode with the best mean over all of that kind's "
-                  "sources (the line above the verdict). Random-k: draws of k neurons of the same layer (the "
+                  ("`serves`: the score (value + free stack, free stack alone, one free signal alone (`free:`), or "
+                   "value neurons alone) with the best mean over the *other* left-out sources of that kind: the mode "
+                   "is chosen without the source it is scored on (nested). The read, layer, k, head and calibration "
+                   "were chosen on every source's left-out numbers, this one's included, so the **served** column "
+                   "stays mildly optimistic. The " if card["loso"].get("nested_mode") else
+                   "`serves`: per kind, the score (value + next-token stack, next-token stack alone, or value neurons "
+                   "alone) with the best mean over that kind's left-out sources. That choice is made on these same "
+                   "numbers, so the **served** column is slightly optimistic; the other columns are not chosen on it. "
+                   "The ") +
+                  "artifact serves, per kind, the mode with the best mean over all of that kind's sources. Random-k: draws of k neurons of the same layer (the "
                   "smallest k of the curve when the served head is dense), same (linear) head, same weighting; "
                   "`value pct. of random` is the value set's percentile among them.", ""]
         lines += _options_table(card)

@@ -236,12 +236,13 @@ def fit_artifact(
     # 2. k, head and the transfer table at that layer.
     study = None
     grid = [k for k in K_GRID if k < width]
-    k_grid = tuple(K_GRID) + ((width,) if (cfg.max_fraction or 1.0) >= 1.0 else ())  # the dense head competes too
+    # at the answer's end the dense head competes too (the prompt-level recipe keeps its grid)
+    k_grid = tuple(K_GRID) + ((width,) if answer_end and (cfg.max_fraction or 1.0) >= 1.0 else ())
     if many_sources:
         study = loso_study(X, y, sources, side, split, max_fraction=cfg.max_fraction or 1.0, tolerance=cfg.tolerance,
                            heads=cfg.heads, random_draws=cfg.random_draws, seed=cfg.seed, balance=cfg.balance,
                            baselines=loso_baselines, progress=cfg.progress, k_grid=k_grid, stack_names=stack_names,
-                           monotone=monotone, k_criterion=k_criterion)
+                           monotone=monotone, k_criterion=k_criterion, free_modes=answer_end)
         k, head = study.k, study.head
     else:
         cap = max(1, int((cfg.max_fraction or 1.0) * width))
@@ -261,7 +262,9 @@ def fit_artifact(
                              monotone=monotone).fit(
         X[tr], y[tr], side[tr], X[cal], y[cal], side[cal], sample_weight=weights) if other_name else None)
     rng = np.random.default_rng(cfg.seed + 1)
-    random_sets = [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(cfg.random_draws)]
+    # random sets of the value set's size; of the smallest sparse size when the served head reads the whole layer
+    random_k = study.random_k if study is not None and study.random_k else k
+    random_sets = [np.sort(rng.choice(width, size=random_k, replace=False)) for _ in range(cfg.random_draws)]
 
     # The artifact's tensors and readout metadata, written and read back: every served number below (the card's
     # tables, reliability, thresholds) is computed by ValueProbe, the code that serves it.
@@ -352,7 +355,7 @@ def fit_artifact(
             opt = loso_study(X[m], y[m], groups[m], side[m], split[m], max_fraction=1.0, tolerance=cfg.tolerance,
                              heads=(head,), random_draws=0, seed=cfg.seed, balance=cfg.balance,
                              baselines={n_: v[m] for n_, v in loso_baselines.items()}, progress=cfg.progress,
-                             k_grid=(k,), stack_names=stack_names, monotone=monotone)
+                             k_grid=(k,), stack_names=stack_names, monotone=monotone, free_modes=True)
             by_options = {"rows": opt.rows, "modes": opt.modes,
                           "sources": {g: sorted({str(d) for d in sources[m & (groups == g)]}) for g in opt.rows}}
     card = {
@@ -382,7 +385,8 @@ def fit_artifact(
                       "k_curve": ({str(kk): v for kk, v in study.k_curve.items()} if study else {}),
                       "heads": (study.heads if study else {}), "tolerance": cfg.tolerance,
                       "max_fraction": cfg.max_fraction},
-        "loso": ({"rows": study.rows, "served_mean": served_loso, "value_mean": value_loso} if study else {}),
+        "loso": ({"rows": study.rows, "served_mean": served_loso, "value_mean": value_loso, "nested_mode": True}
+                 if study else {}),
         "test": test,
         "test_by_dataset": test_by_dataset,
         "reliability": reliability,
@@ -414,8 +418,10 @@ def _out_of_source_calibration(served: ConfidenceModel, study, choice: str) -> d
         sources = [s for s, r in rows.items() if r["kind"] == kind
                    and mode in study.predictions.get(s, {}).get("by_mode", {})]
         if kind in served.stack_ and mode != "value" and len(sources) >= 2:
-            maps[kind] = out_of_source_platt([study.predictions[s]["by_mode"][mode] for s in sources],
-                                             [study.predictions[s]["y"] for s in sources])
+            a2, b2 = out_of_source_platt([study.predictions[s]["by_mode"][mode] for s in sources],
+                                         [study.predictions[s]["y"] for s in sources])
+            if a2 > 0:  # a map that inverts the ranking is no calibration: that kind keeps the split's
+                maps[kind] = (a2, b2)
     use = bool(maps) and (choice == "out_of_source" or (
         choice == "auto" and cross_ece and split_ece and np.mean(cross_ece) < np.mean(split_ece)))
     if use:
@@ -424,8 +430,9 @@ def _out_of_source_calibration(served: ConfidenceModel, study, choice: str) -> d
             a, b = compose_maps((a2, b2), (float(params["calibrator.a"][0]), float(params["calibrator.b"][0])))
             params["calibrator.a"], params["calibrator.b"] = np.array([a]), np.array([b])
         for r in rows.values():
-            r["served_ece_split"] = r.get("served_ece")
-            r["served_ece"] = r.get("served_ece_cross_fitted", r.get("served_ece"))
+            if r["kind"] in maps and r.get("served_ece_cross_fitted") is not None:  # kinds served with the map
+                r["served_ece_split"] = r.get("served_ece")
+                r["served_ece"] = r["served_ece_cross_fitted"]
     return {"choice": choice, "used": "out_of_source" if use else "split",
             "split_ece_mean": float(np.mean(split_ece)) if split_ece else None,
             "out_of_source_ece_mean": float(np.mean(cross_ece)) if cross_ece else None,

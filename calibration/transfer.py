@@ -144,6 +144,8 @@ def _make_head(kind: str, seed: int):
 #: comes out negative and refits the rest, so that on a source unlike the fitting data the stack can only lean
 #: on these signals the way they point, and degrades toward them instead of below them (issue 31).
 MONOTONE_COLUMNS = ("value_raw", "logit_max_softmax", "answer_sum_logprob", "answer_min_logprob", "answer_mean_logprob")
+#: ... and those whose larger value never means more confidence (the prompt's next-token entropy)
+ANTITONE_COLUMNS = ("entropy",)
 
 
 class KindStacker:
@@ -170,13 +172,21 @@ class KindStacker:
         use = [names.index(self.only)] if self.only else list(range(0 if self.value_weight else 1, n))
         while True:
             lr = LinearProbe(C=self.C, random_state=self.seed).fit(features[:, use], y)
-            bad = [c for c, w in zip(use, lr.coef_) if self.monotone and names[c] in MONOTONE_COLUMNS and w < 0]
-            if not bad or len(bad) == len(use):
+            bad = [c for c, w in zip(use, lr.coef_) if self.monotone and (
+                (names[c] in MONOTONE_COLUMNS and w < 0) or (names[c] in ANTITONE_COLUMNS and w > 0))]
+            if not bad:
                 break
             use = [c for c in use if c not in bad]
+            if not use:  # every column points the wrong way: no signal to serve but the base rate
+                break
         mean, scale, weight = np.zeros(n), np.ones(n), np.zeros(n)
-        mean[use], scale[use], weight[use] = lr.standardizer_.mean_, lr.standardizer_.scale_, lr.coef_
-        params = {"mean": mean, "scale": scale, "weight": weight, "bias": np.array([lr.intercept_])}
+        if use:
+            mean[use], scale[use], weight[use] = lr.standardizer_.mean_, lr.standardizer_.scale_, lr.coef_
+            bias = float(lr.intercept_)
+        else:
+            rate = float(np.clip(np.mean(y), 1e-3, 1 - 1e-3))
+            bias = float(np.log(rate / (1 - rate)))
+        params = {"mean": mean, "scale": scale, "weight": weight, "bias": np.array([bias])}
         self.used_ = [names[c] for c in use]
         platt = PlattCalibrator().fit(stack_logit(params, features_cal), y_cal)
         self.slope_ = float(platt.a_)
@@ -393,7 +403,7 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
                heads=("linear", "mlp"), random_draws: int = 100, seed: int = 0, k_grid=K_GRID,
                balance: bool = True, group_stacking: bool = False, baselines: dict | None = None,
                progress: bool = True, stack_names=STACK_FEATURES, monotone: bool = False,
-               k_criterion: str = "mean") -> LosoStudy:
+               k_criterion: str = "mean", free_modes: bool = False) -> LosoStudy:
     """Leave-one-source-out at one layer (``X`` is ``[n, width]``): choose k and head, and measure the served
     score, its parts and its baselines on every left-out source.
 
@@ -402,7 +412,8 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
     ``baselines`` (name -> a score per row, higher = more confident) adds each one's AUROC on every left-out
     source as ``baseline:<name>``.
 
-    ``stack_names`` / ``monotone``: the stacker's columns and constraint (see :class:`KindStacker`); each free
+    ``stack_names`` / ``monotone``: the stacker's columns and constraint (see :class:`KindStacker`; a monotone
+    study also scores the ``next_token`` mode as the monotone stacker it serves); with ``free_modes`` each free
     column of :data:`MONOTONE_COLUMNS` is also a candidate served alone (mode ``free:<column>``). ``k_criterion``:
     ``mean`` (mean AUROC over left-out sources) or ``mean+min`` (the average of mean and minimum: a k that
     transfers evenly). Per kind the served mode is the candidate with the best mean over that kind's left-out
@@ -440,7 +451,8 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
     study.random_k = study.k if study.k < width else min(k for k in study.k_curve if k < width) if len(study.k_curve) > 1 else study.k
     draws = [np.sort(rng.choice(width, size=study.random_k, replace=False)) for _ in range(random_draws)
              ] if study.random_k < width else []
-    free_modes = [f"free:{n}" for n in list(stack_names)[1:] if n in MONOTONE_COLUMNS]
+    free_modes = [f"free:{n}" for n in list(stack_names)[1:] if n in MONOTONE_COLUMNS] if free_modes else []
+    by_head: dict[str, dict[str, dict]] = {}  # source -> head -> {mode: probabilities} (out-of-source calibration)
     for s in tqdm(names, desc="LOSO served score", disable=not progress):
         fit, cal, target = (split == "train") & (sources != s), (split == "calibration") & (sources != s), sources == s
         neurons = paths[s][study.k]
@@ -451,6 +463,7 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
                 X[fit], y[fit], side[fit], X[cal], y[cal], side[cal], sample_weight=weights[s],
                 groups=sources[fit] if group_stacking else None)
             comp = model.components(X[target], side[target])
+            by_head.setdefault(s, {})[head] = {"stacked": comp["probability"], "value": comp["value_probability"]}
             study.heads.setdefault(head, {})[s] = _auroc(yt, comp["probability"])
             row[f"served_{head}"] = study.heads[head][s]
             row[f"value_{head}"] = _auroc(yt, comp["value_raw"])
@@ -465,21 +478,25 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
                 d_other = model.components(X[others], side[others])["ood_distance"]
                 row["ood_auroc"] = _auroc(np.r_[np.ones(len(d_target)), np.zeros(len(d_other))], np.r_[d_target, d_other])
                 row["ood_flagged"] = float(comp["ood"].mean())
-                study.predictions[s] = {"y": yt, "probability": comp["probability"], "ood": comp["ood"],
-                                        "by_mode": {"stacked": comp["probability"], "value": comp["value_probability"]}}
+                study.predictions[s] = {"y": yt, "probability": comp["probability"], "ood": comp["ood"], "by_mode": {}}
         row["dense"] = study.dense[s]
         row["max_softmax"] = _auroc(yt, side.max_softmax[target])
         row["neg_entropy"] = _auroc(yt, -side.entropy[target])
         for name, score in (baselines or {}).items():
             score = np.asarray(score, dtype=np.float64)[target]
             row[f"baseline:{name}"] = _auroc(yt, score) if np.isfinite(score).all() else None
-        nts = NextTokenStack().fit(side[fit], y[fit], side[cal], y[cal]).predict_proba(side[target])
+        kind = side.kind[target][0]
+        kf, kc = fit & (side.kind == kind), cal & (side.kind == kind)
+        if monotone and len(np.unique(y[kf])) == 2 and len(np.unique(y[kc])) == 2:  # the next_token mode as served
+            nts = _stacker_for("next_token", seed=seed, names=stack_names, monotone=True).fit(
+                side.stack_inputs(np.zeros(kf.sum()), kf), y[kf], side.stack_inputs(np.zeros(kc.sum()), kc),
+                y[kc]).predict_proba(side.stack_inputs(np.zeros(target.sum()), target))
+        else:
+            nts = NextTokenStack().fit(side[fit], y[fit], side[cal], y[cal]).predict_proba(side[target])
         row["next_token_stack"] = _auroc(yt, nts) if np.isfinite(nts).all() else None
         row["next_token_stack_ece"] = _ece(yt, nts) if np.isfinite(nts).all() else None
         if s in study.predictions and np.isfinite(nts).all():
             study.predictions[s]["by_mode"]["next_token"] = nts
-        kind = side.kind[target][0]
-        kf, kc = fit & (side.kind == kind), cal & (side.kind == kind)
         for mode in free_modes:
             if len(np.unique(y[kf])) < 2 or len(np.unique(y[kc])) < 2:
                 break
@@ -501,6 +518,9 @@ def loso_study(X, y, sources, side: Side, split, *, max_fraction: float = 0.01, 
         study.rows[s] = row
     mean_head = {h: float(np.mean([v for v in per.values() if v is not None])) for h, per in study.heads.items()}
     study.head = max(mean_head, key=mean_head.get)
+    for s, heads_ in by_head.items():  # the stacked and value predictions of the head that is served
+        if s in study.predictions:
+            study.predictions[s]["by_mode"].update(heads_[study.head])
     # Per kind, serve what transfers best on average over that kind's left-out sources (a choice among three
     # scores, made on these same numbers: the card says so).
     columns = {"stacked": f"served_{study.head}", "next_token": "next_token_stack", "value": f"value_{study.head}",

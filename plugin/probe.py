@@ -586,7 +586,9 @@ class ValueProbe:
         answer, left-padded in one batch, the artifact's layer read at each answer's last token, the answer's token
         log-probabilities and the prompt's next-token distribution (the column that predicts the answer's first
         token) from the same pass -> :meth:`readout_answer`. The one prefill readout of answers: the sidecar's
-        transformers engine scores answers generated elsewhere with it, and :meth:`score_answers` wraps it."""
+        transformers engine scores answers generated elsewhere with it, and :meth:`score_answers` wraps it.
+        The layer is read only in forwards the calling thread runs (``thread_only`` is kept for callers; it is
+        always so)."""
         from .hooks import StepStateRecorder, position_ids
         from .nexttoken import summarize_logits
         from .prompting import pad_left

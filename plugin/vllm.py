@@ -102,37 +102,49 @@ class ProbeWorkerExtension:
                 self._vp_results.setdefault(rid, {})[key] = values
 
         answer = position in ("answer_end", "answer_mean")
-        sums: dict[str, tuple[torch.Tensor, int]] = {}  # answer_mean: request id -> (sum of values, answer tokens)
+        # answer_mean: request id -> (sum of the k values over the answer positions summed so far, how many, the
+        # values at the last token fed): by absolute position, so a request skipped for a step, preempted and
+        # recomputed, or fed several answer tokens in one step (a prefix-cache hit on resume) counts each answer
+        # position once. Kept until vLLM forgets the request (``runner.requests``), not just while it is scheduled.
+        sums: dict[str, tuple[torch.Tensor | None, int, torch.Tensor]] = {}
 
-        def add_to_mean(rid: str, v: torch.Tensor, answer_token: bool) -> list[float]:
-            total, count = sums.get(rid, (None, 0))
-            if not answer_token:  # a prefill (or its recomputation): no answer token fed yet, start again
-                total, count = None, 0
-            elif total is None:
-                total, count = v.clone(), 1
-            else:
-                total, count = total + v, count + 1
-            sums[rid] = (total, count)
-            return (v if total is None else total / count).tolist()
+        def sum_answer_positions(hidden, residual, rows) -> None:
+            batch, starts = runner.input_batch, runner.query_start_loc.np
+            live = getattr(runner, "requests", None)
+            live = set(live) if live is not None else set(batch.req_ids)
+            for rid in [r for r in sums if r not in live]:
+                del sums[rid]
+            device_idx = idx.to(hidden.device)
+            for i, last_row, rid in rows:
+                total, count, _ = sums.get(rid, (None, 0, None))
+                first, end = int(starts[i]), int(starts[i + 1])
+                computed, prompt = int(batch.num_computed_tokens_cpu[i]), int(batch.num_prompt_tokens[i])
+                # this step feeds positions computed .. computed + (end - first) - 1; answer positions not yet
+                # summed start at prompt + count
+                start = max(prompt + count, computed)
+                if start < computed + (end - first):
+                    r0 = first + start - computed
+                    seg = hidden[r0:end] if residual is None else hidden[r0:end] + residual[r0:end]
+                    part = seg.index_select(1, device_idx).double().sum(dim=0).cpu()
+                    total = part if total is None else total + part
+                    count += end - r0
+                last = hidden[last_row] if residual is None else hidden[last_row] + residual[last_row]
+                sums[rid] = entry = (total, count, last.index_select(0, device_idx).double().cpu())
+                store(rid, entry)  # made a list of k values when taken (_readout_values), not every step
 
         def layer_hook(module, args, output):
             hidden, residual = (output[0], output[1]) if isinstance(output, (tuple, list)) else (output, None)
             rows = rows_last_fed(runner) if answer else rows_completing_prompt(runner)
             if not rows:
                 return None
+            if position == "answer_mean":
+                sum_answer_positions(hidden, residual, rows)
+                return None
             at = torch.tensor([r for _, r, _ in rows], device=hidden.device)
             state = hidden.index_select(0, at)
             if residual is not None:
                 state = state + residual.index_select(0, at)
             picked = state.index_select(1, idx.to(state.device)).double().cpu()
-            if position == "answer_mean":
-                fed_answer = decode_rows(runner, [i for i, _, _ in rows])
-                live = set(runner.input_batch.req_ids)  # finished (or preempted) requests' sums go
-                for rid in [r for r in sums if r not in live]:
-                    del sums[rid]
-                for (_, _, rid), v, a in zip(rows, picked, fed_answer):
-                    store(rid, add_to_mean(rid, v, a))
-                return None
             values = picked.float().tolist()
             if hand_off is None or answer:
                 for (_, _, rid), v in zip(rows, values):
@@ -177,13 +189,13 @@ class ProbeWorkerExtension:
         with self._vp_lock:
             if request_ids is None:
                 out, self._vp_results = self._vp_results, {}
-                return out
-            out = {}
-            for asked in request_ids:
-                internal = internal_request_id(asked, self._vp_results)
-                if internal is not None:
-                    out[asked] = self._vp_results.pop(internal)
-            return out
+            else:
+                out = {}
+                for asked in request_ids:
+                    internal = internal_request_id(asked, self._vp_results)
+                    if internal is not None:
+                        out[asked] = self._vp_results.pop(internal)
+        return {rid: {key: _readout_values(v) for key, v in entry.items()} for rid, entry in out.items()}
 
     def valueprobe_fingerprint(self, layer: int) -> dict[str, str]:
         """Config fields and the hooked layer's weight hash, read from the checkpoint files vLLM loaded (its
@@ -240,13 +252,13 @@ def rows_last_fed(runner) -> list[tuple[int, int, str]]:
     return [(i, int(starts[i + 1]) - 1, batch.req_ids[i]) for i in range(n) if starts[i + 1] > starts[i]]
 
 
-def decode_rows(runner, batch_indices: Sequence[int]) -> list[bool]:
-    """Per batch index: whether the step feeds that request a token it generated (a decode step: everything
-    before it was computed already, prompt included), rather than prompt tokens."""
-    batch = runner.input_batch
-    computed = batch.num_computed_tokens_cpu
-    prompt = batch.num_prompt_tokens
-    return [bool(computed[i] >= prompt[i]) for i in batch_indices]
+def _readout_values(value) -> list[float]:
+    """A stored readout as the caller gets it: a list as stored, or an answer_mean entry ``(sum, count, last)``
+    as the mean of its answer positions (the values at the last token fed while no answer token was fed yet)."""
+    if isinstance(value, tuple):
+        total, count, last = value
+        return (total / count).tolist() if count else last.tolist()
+    return value
 
 
 def internal_request_id(request_id: str, known: Iterable[str]) -> str | None:

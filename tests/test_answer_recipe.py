@@ -94,7 +94,8 @@ def test_the_served_mode_of_a_left_out_source_is_chosen_without_it():
                 np.c_[rng.standard_normal(n) + y, rng.standard_normal(n), rng.standard_normal(n), np.zeros(n)])
     split = np.array(["train", "train", "calibration", "test"] * (n // 4))[rng.permutation(n)]
     study = loso_study(X, y, sources, side, split, max_fraction=1.0, tolerance=0.0, heads=("linear",), random_draws=3,
-                       progress=False, k_grid=(16, 8, 4), stack_names=V2, monotone=True, k_criterion="mean+min")
+                       progress=False, k_grid=(16, 8, 4), stack_names=V2, monotone=True, k_criterion="mean+min",
+                       free_modes=True)
     columns = {"stacked": "served_linear", "next_token": "next_token_stack", "value": "value_linear",
                **{m: m for m in ("free:logit_max_softmax", "free:answer_sum_logprob", "free:answer_min_logprob",
                                  "free:answer_mean_logprob")}}
@@ -164,3 +165,12 @@ def json_list(text):
     import json
 
     return json.loads(text)
+
+
+def test_a_monotone_stack_whose_every_signal_points_the_wrong_way_serves_the_base_rate():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 400)
+    X = np.c_[np.zeros(400), -y + rng.standard_normal(400), y + rng.standard_normal(400)]  # ms down, entropy up
+    stack = KindStacker(value_weight=False, monotone=True).fit(X, y, X, y)
+    assert stack.used_ == [] and not stack.params_["weight"].any()
+    assert stack.predict_proba(X[:3]) == pytest.approx([y.mean()] * 3, abs=0.05)
