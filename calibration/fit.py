@@ -70,6 +70,10 @@ class FitConfig:
     # "out_of_source" (Platt on the leave-one-source-out predictions: what a probability means on a source the
     # model never saw) or "auto" (the one with the lower mean cross-fitted ECE over left-out sources)
     answer_calibration: str = "auto"
+    # ablations of the answer-level recipe: the first stack layout (no mean log-prob, no log options) and no free
+    # signal served alone (the modes of the first recipe: stacked, next_token, value)
+    answer_layout: str = "v2"
+    answer_free_modes: bool = True
 
 
 @dataclass
@@ -195,7 +199,8 @@ def fit_artifact(
     answer_end = token_position == ANSWER_END
     if token_position not in (TOKEN_POSITION, ANSWER_END):
         raise ValueError(f"token_position must be {TOKEN_POSITION!r} or {ANSWER_END!r}, got {token_position!r}")
-    stack_names = ANSWER_STACK_FEATURES_V2 if answer_end else STACK_FEATURES
+    stack_names = ((ANSWER_STACK_FEATURES if cfg.answer_layout == "v1" else ANSWER_STACK_FEATURES_V2) if answer_end
+                   else STACK_FEATURES)
     side = Side.from_answer_rows(features.rows, stack_names) if answer_end else Side.from_rows(features.rows)
     # the prompt-level recipe is unchanged; the answer-level one is monotone, chooses k on mean and min
     monotone = cfg.monotone and answer_end
@@ -242,7 +247,7 @@ def fit_artifact(
         study = loso_study(X, y, sources, side, split, max_fraction=cfg.max_fraction or 1.0, tolerance=cfg.tolerance,
                            heads=cfg.heads, random_draws=cfg.random_draws, seed=cfg.seed, balance=cfg.balance,
                            baselines=loso_baselines, progress=cfg.progress, k_grid=k_grid, stack_names=stack_names,
-                           monotone=monotone, k_criterion=k_criterion, free_modes=answer_end)
+                           monotone=monotone, k_criterion=k_criterion, free_modes=answer_end and cfg.answer_free_modes)
         k, head = study.k, study.head
     else:
         cap = max(1, int((cfg.max_fraction or 1.0) * width))
