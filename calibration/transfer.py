@@ -20,8 +20,8 @@ from sklearn.model_selection import StratifiedKFold
 from tqdm.auto import tqdm
 
 from valueprobe.plugin.nexttoken import KINDS
-from valueprobe.plugin.readout import (ANSWER_STACK_FEATURES, LOGPROB_FLOOR, STACK_FEATURES, answer_columns,
-                                       clipped_logit, floored_signals, mahalanobis, stack_features, stack_logit, stack_proba)
+from valueprobe.plugin.readout import (ANSWER_STACK_FEATURES, STACK_FEATURES, answer_columns, clipped_logit,
+                                       mahalanobis, stack_features, stack_logit, stack_proba, summary_columns)
 
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, brier_loss, expected_calibration_error
@@ -71,11 +71,8 @@ class Side:
             options = r.get("n_options", 0) if r["kind"] == "choice" else 0
             if "token_logprobs" in r or not r.get("answer_tokens"):
                 return answer_columns(extra_names, r.get("token_logprobs") or [], options)
-            total, low = floored_signals(r["answer_sum_logprob"], r["answer_min_logprob"])
-            known = {"answer_sum_logprob": total, "answer_min_logprob": low,
-                     "answer_mean_logprob": max(r["answer_mean_logprob"], LOGPROB_FLOOR),
-                     "log_options": float(np.log(options)) if options >= 2 else 0.0}
-            return [known[n] for n in extra_names]
+            return summary_columns(extra_names, r["answer_sum_logprob"], r["answer_min_logprob"],
+                                   r["answer_mean_logprob"], options)
 
         prompt = cls.from_rows(rows)
         prompt.extra = np.array([signals(r) for r in rows], dtype=np.float64).reshape(-1, len(extra_names))

@@ -47,7 +47,7 @@ from .fingerprint import (
 from .hooks import Hooks, LastTokenReader, capture, find_decoder_layers, with_position_ids
 from .nexttoken import next_token_features, prompt_kind
 from .prompting import Prompt, PromptFormat
-from .readout import answer_columns, calibrate, pool_answer, compose_maps, head_logit, mahalanobis, stack_features, stack_proba
+from .readout import ANSWER_STACK_FEATURES, answer_columns, calibrate, pool_answer, compose_maps, head_logit, mahalanobis, stack_features, stack_proba
 
 __all__ = ["ValueProbe", "ProbeResult", "ProbeHandle", "answer_end_column"]
 
@@ -330,7 +330,7 @@ class ValueProbe:
         else:
             prompt = [next_token_features(next_token[i], kind, n) for i, (kind, n) in enumerate(kinds)]
             ms, ent = np.array([f[0] for f in prompt]), np.array([f[1] for f in prompt])
-        names = self.stack_columns[3:] or ("answer_sum_logprob", "answer_min_logprob")
+        names = (self.stack_columns or ANSWER_STACK_FEATURES)[3:]
         signals = np.array([answer_columns(names, lp, options if kind == "choice" else 0)
                             for lp, (kind, options) in zip(token_logprobs, kinds)],
                            dtype=np.float64).reshape(-1, len(names))

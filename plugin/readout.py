@@ -13,7 +13,7 @@ from scipy.special import expit, logit
 
 __all__ = ["HEADS", "CALIBRATORS", "head_logit", "calibrate", "CALIBRATOR_PARAMS", "HEAD_PARAMS", "STACK_FEATURES",
            "STACK_PARAMS", "ANSWER_STACK_FEATURES", "ANSWER_STACK_LAYOUTS", "ANSWER_READS", "answer_signals",
-           "answer_columns", "pool_answer", "clipped_logit", "compose_maps", "map_between", "stack_features", "stack_logit", "stack_proba",
+           "answer_columns", "summary_columns", "pool_answer", "clipped_logit", "compose_maps", "map_between", "stack_features", "stack_logit", "stack_proba",
            "mahalanobis"]
 
 HEADS = ("linear", "mlp")
@@ -111,9 +111,18 @@ def answer_columns(names, token_logprobs, n_options: int = 0) -> list[float]:
     :data:`STACK_FEATURES`) of one answer: from its token log-probabilities and, for multiple choice, its number of
     options (0 for an open question)."""
     lp = np.asarray(token_logprobs, dtype=np.float64).reshape(-1)
-    total, low = answer_signals(lp)
+    if not lp.size:  # an empty answer: every log-probability column at the floor
+        return summary_columns(names, LOGPROB_FLOOR, LOGPROB_FLOOR, LOGPROB_FLOOR, n_options)
+    return summary_columns(names, lp.sum(), lp.min(), lp.mean(), n_options)
+
+
+def summary_columns(names, sum_logprob: float, min_logprob: float, mean_logprob: float,
+                    n_options: int = 0) -> list[float]:
+    """:func:`answer_columns` from an answer's summaries (rows that carry the three numbers rather than the list),
+    floored as :func:`floored_signals` floors them."""
+    total, low = floored_signals(sum_logprob, min_logprob)
     values = {"answer_sum_logprob": total, "answer_min_logprob": low,
-              "answer_mean_logprob": float(max(lp.mean(), LOGPROB_FLOOR)) if lp.size else LOGPROB_FLOOR,
+              "answer_mean_logprob": float(max(mean_logprob, LOGPROB_FLOOR)),
               "log_options": float(np.log(n_options)) if n_options and n_options >= 2 else 0.0}
     try:
         return [values[name] for name in names]

@@ -144,8 +144,7 @@ class ProbeWorkerExtension:
             state = hidden.index_select(0, at)
             if residual is not None:
                 state = state + residual.index_select(0, at)
-            picked = state.index_select(1, idx.to(state.device)).double().cpu()
-            values = picked.float().tolist()
+            values = state.index_select(1, idx.to(state.device)).float().cpu().tolist()
             if hand_off is None or answer:
                 for (_, _, rid), v in zip(rows, values):
                     store(rid, v)
