@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 
+from ..plugin.readout import clipped_logit
 from .calibrators import PlattCalibrator
 from .metrics import auroc_score, expected_calibration_error
 from .probes import LinearProbe
-from .transfer import balanced_weights, prune_path
+from .transfer import KindStacker, balanced_weights, prune_path
 
 __all__ = ["AnswerData", "load_answer_cache", "read_features", "study", "report_markdown"]
 
@@ -107,39 +107,23 @@ def _probe_logit(X, y, sources, fit, score) -> np.ndarray:
     return probe.decision_function(X[score])
 
 
+#: the study's stack columns, named as the served stacker names them, so :class:`KindStacker` knows which must
+#: not count against confidence (a higher log-probability or max-softmax never lowers it)
+STACK_COLUMNS = ("value_raw",) + FREE[:3] + ("logit_max_softmax", "log_options")
+
+
 def _stack_columns(data: AnswerData, probe_logit: np.ndarray, rows: np.ndarray, kind: str) -> np.ndarray:
-    cols = [probe_logit] + [data.free(name)[rows] for name in FREE]
+    cols = [probe_logit] + [data.free(name)[rows] for name in FREE[:3]]
+    cols.append(clipped_logit(data.free("max_softmax")[rows]))
     if kind == "choice":
         cols.append(np.log(np.maximum(data.n_options[rows], 2)))
     return np.column_stack(cols)
 
 
-#: stack columns that must not count against confidence (a higher log-probability or max-softmax never lowers it)
-MONOTONE = (1, 2, 3, 4)
-
-
-class MonotoneStack:
-    """A logistic stack whose coefficients on the free signals are kept non-negative: a column whose fitted
-    coefficient comes out negative is dropped and the rest refitted, so a source unlike the fitting data cannot be
-    pushed below what its own log-probabilities say."""
-
-    def __init__(self, C: float = 1.0):
-        self.C = C
-
-    def fit(self, X, y):
-        self.mu_, self.sd_ = X.mean(0), X.std(0) + 1e-9
-        keep = list(range(X.shape[1]))
-        while True:
-            lr = LogisticRegression(C=self.C, max_iter=2000).fit(((X - self.mu_) / self.sd_)[:, keep], y)
-            bad = [c for c, w in zip(keep, lr.coef_[0]) if c in MONOTONE and w < 0]
-            if not bad:
-                break
-            keep = [c for c in keep if c not in bad]
-        self.keep_, self.lr_ = keep, lr
-        return self
-
-    def decision_function(self, X):
-        return self.lr_.decision_function(((X - self.mu_) / self.sd_)[:, self.keep_])
+def _monotone_stack(columns: np.ndarray, y: np.ndarray) -> KindStacker:
+    """The served answer fit's monotone stacker (a column of the wrong sign is dropped, not flipped); its Platt
+    step is fitted on the same rows and unused here: the study ranks by, and calibrates, the raw logit."""
+    return KindStacker(monotone=True, names=STACK_COLUMNS).fit(columns, y, columns, y)
 
 
 def _cross_fitted_logit(X, y, sources, fit_rows: np.ndarray) -> np.ndarray:
@@ -164,7 +148,7 @@ def _candidates(data: AnswerData, X, fit_rows, score_rows, kind) -> dict[str, np
     kind_fit = fit_rows[data.kinds[fit_rows] == kind]
     if len(np.unique(sources[kind_fit])) >= 2 and len(np.unique(y[kind_fit])) == 2:
         fit_logit = _cross_fitted_logit(X, y, sources, kind_fit)
-        stack = MonotoneStack().fit(_stack_columns(data, fit_logit, kind_fit, kind), y[kind_fit])
+        stack = _monotone_stack(_stack_columns(data, fit_logit, kind_fit, kind), y[kind_fit])
         out["stack"] = stack.decision_function(_stack_columns(data, probe_score, score_rows, kind))
     return out
 
@@ -246,7 +230,7 @@ def _candidates_on(data: AnswerData, X, rows, kind, chosen) -> np.ndarray:
     logit = _cross_fitted_logit(X, y, sources, rows)
     if chosen == "probe":
         return logit
-    stack = MonotoneStack().fit(_stack_columns(data, logit, rows, kind), y[rows])
+    stack = _monotone_stack(_stack_columns(data, logit, rows, kind), y[rows])
     return stack.decision_function(_stack_columns(data, logit, rows, kind))
 
 

@@ -192,6 +192,10 @@ class KindStacker:
         self.params_ = params
         return self
 
+    def decision_function(self, features) -> np.ndarray:
+        """The stacker's logit before Platt (what a ranking, or a second calibration, needs)."""
+        return stack_logit(self.params_, features)
+
     def predict_proba(self, features) -> np.ndarray:
         return stack_proba(self.params_, features)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from valueprobe.calibration.answer_study import AnswerData, MonotoneStack, report_markdown, study
+from valueprobe.calibration.answer_study import STACK_COLUMNS, AnswerData, _monotone_stack, report_markdown, study
 
 
 def planted(n_per=60, sources=("s1", "s2", "s3", "s4"), width=16, seed=0) -> AnswerData:
@@ -32,8 +32,9 @@ def test_the_monotone_stack_drops_a_free_signal_of_the_wrong_sign():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 400)
     X = np.column_stack([rng.normal(y, 1), -y + rng.normal(0, 0.5, 400), rng.normal(0, 1, (400, 3))])
-    stack = MonotoneStack().fit(X, y)
-    assert 1 not in stack.keep_ and 0 in stack.keep_  # column 1 ranks the wrong way: dropped, not flipped
+    stack = _monotone_stack(X, y)  # the served fit's KindStacker(monotone=True), on the study's columns
+    assert STACK_COLUMNS[1] not in stack.used_ and STACK_COLUMNS[0] in stack.used_  # wrong way: dropped, not flipped
+    assert stack.params_["weight"][1] == 0
 
 
 def test_the_study_scores_every_source_left_out_and_chooses_nested():
