@@ -213,28 +213,11 @@ def fit_artifact(
     n_layers, width = features.features.shape[1], features.features.shape[2]
     tr, cal, te = split == "train", split == "calibration", split == "test"
 
-    # 1. Layer (and, at the answer's end with answer_read "auto", how the answer is read): dense probe,
-    # leave-one-source-out (pooled CV when there is a single source).
-    layers = cfg.layers or _candidate_layers(n_layers)
+    # 1. Layer (and, at the answer's end with answer_read "auto", how the answer is read).
     many_sources = len([s for s in np.unique(sources) if len(np.unique(y[sources == s])) == 2]) >= 2
-    reads = (("last", "mean") if cfg.answer_read == "auto" else (cfg.answer_read,)) if answer_end else ("last",)
-    read_scans, read_scores = {}, {}
-    for read in reads:
-        feats = (features.answer_read(read) if answer_end else features.features).numpy()
-        if many_sources:
-            scan = loso_layer_scan(feats, y, sources, tr, layers, balance=cfg.balance, progress=cfg.progress)
-            score = {}
-            for l_, per in scan.items():
-                values = [v for v in per.values() if v is not None]
-                # mean over left-out sources; at the answer's end the average of mean and minimum (even transfer)
-                score[l_] = float(np.mean(values) + np.min(values)) / 2 if k_criterion == "mean+min" else float(np.mean(values))
-        else:
-            scan = {}
-            score = {l_: cv_auroc(np.asarray(feats[tr][:, l_ - 1, :], dtype=np.float64), y[tr], seed=cfg.seed)
-                     for l_ in layers}
-        read_scans[read], read_scores[read] = scan, score
-    answer_read, layer = max(((r, l_) for r in reads for l_ in read_scores[r]), key=lambda rl: read_scores[rl[0]][rl[1]])
-    scan, layer_score = read_scans[answer_read], read_scores[answer_read]
+    scan_result = _scan_layers(features, y, sources, tr, cfg, answer_end=answer_end, many_sources=many_sources,
+                               k_criterion=k_criterion)
+    answer_read, layer, scan, layer_score, read_scores = scan_result
     feats = (features.answer_read(answer_read) if answer_end else features.features).numpy()
     X = np.asarray(feats[:, layer - 1, :], dtype=np.float64)
 
@@ -335,34 +318,10 @@ def fit_artifact(
         },
         "source": "calibration split",
     }
-    ood_card = {"threshold": served.ood_threshold_, "quantile": served.ood_quantile, "space": f"{k} value neurons",
-                "test_flagged": float(test_comp["ood"].mean())}
-    if study is not None:
-        ood_card["loso_auroc"] = {s: r.get("ood_auroc") for s, r in study.rows.items()}
-        flagged = np.concatenate([p["ood"] for p in study.predictions.values()])
-        ys = np.concatenate([p["y"] for p in study.predictions.values()])
-        ps = np.concatenate([p["probability"] for p in study.predictions.values()])
-        for name, m in (("flagged", flagged), ("not_flagged", ~flagged)):
-            if m.sum() >= 20:
-                ood_card[f"loso_ece_{name}"] = score_metrics(ys[m], ps[m], ps[m])["ece_equal_mass"]
-                ood_card[f"loso_n_{name}"] = int(m.sum())
-    # Calibration across option counts: multiple choice grouped by how many options a question shows, each count
-    # left out in turn (fitted on the others at the chosen layer, k and head), so the chance level the stack reads
-    # (log options) is tested where it must extrapolate.
-    by_options = {}
-    if answer_end and study is not None:
-        counts = np.array([int(r.get("n_options", 0)) for r in features.rows])
-        choice = side.kind == "choice"
-        common = [c for c in np.unique(counts[choice]) if (choice & (counts == c)).sum() >= 50]
-        if len(common) >= 2:
-            m = choice & np.isin(counts, common)
-            groups = np.array([f"{c} options" for c in counts])
-            opt = loso_study(X[m], y[m], groups[m], side[m], split[m], max_fraction=1.0, tolerance=cfg.tolerance,
-                             heads=(head,), random_draws=0, seed=cfg.seed, balance=cfg.balance,
-                             baselines={n_: v[m] for n_, v in loso_baselines.items()}, progress=cfg.progress,
-                             k_grid=(k,), stack_names=stack_names, monotone=monotone, free_modes=True)
-            by_options = {"rows": opt.rows, "modes": opt.modes,
-                          "sources": {g: sorted({str(d) for d in sources[m & (groups == g)]}) for g in opt.rows}}
+    ood_card = _ood_card(served, study, k, test_comp["ood"])
+    by_options = (_loso_by_options(features, X, y, sources, side, split, cfg, head=head, k=k,
+                                   stack_names=stack_names, monotone=monotone, baselines=loso_baselines)
+                  if answer_end and study is not None else {})
     card = {
         "model_name": model_name,
         "token_position": token_position,
@@ -404,6 +363,71 @@ def fit_artifact(
     metadata["thresholds"] = json.dumps(thresholds, sort_keys=True)
     metadata["eval_card"] = json.dumps(card, sort_keys=True, default=_json_default)
     return ArtifactData(tensors, metadata), card
+
+
+def _scan_layers(features: FeatureSet, y, sources, tr, cfg: FitConfig, *, answer_end: bool, many_sources: bool,
+                 k_criterion: str):
+    """The dense probe's layer scan, leave-one-source-out (pooled CV when there is a single source), on each read
+    the config allows (at the answer's end with ``answer_read="auto"``: the last token and the answer's mean).
+    Returns ``(read, layer, scan, layer_scores, scores_by_read)`` for the best read and layer; at the answer's end
+    a layer is scored by the average of the mean and the minimum over left-out sources (even transfer)."""
+    layers = cfg.layers or _candidate_layers(features.features.shape[1])
+    reads = (("last", "mean") if cfg.answer_read == "auto" else (cfg.answer_read,)) if answer_end else ("last",)
+    read_scans, read_scores = {}, {}
+    for read in reads:
+        feats = (features.answer_read(read) if answer_end else features.features).numpy()
+        if many_sources:
+            scan = loso_layer_scan(feats, y, sources, tr, layers, balance=cfg.balance, progress=cfg.progress)
+            score = {}
+            for l_, per in scan.items():
+                values = [v for v in per.values() if v is not None]
+                score[l_] = (float(np.mean(values) + np.min(values)) / 2 if k_criterion == "mean+min"
+                             else float(np.mean(values)))
+        else:
+            scan = {}
+            score = {l_: cv_auroc(np.asarray(feats[tr][:, l_ - 1, :], dtype=np.float64), y[tr], seed=cfg.seed)
+                     for l_ in layers}
+        read_scans[read], read_scores[read] = scan, score
+    read, layer = max(((r, l_) for r in reads for l_ in read_scores[r]), key=lambda rl: read_scores[rl[0]][rl[1]])
+    return read, layer, read_scans[read], read_scores[read], read_scores
+
+
+def _ood_card(served: ConfidenceModel, study, k: int, test_flags: np.ndarray) -> dict:
+    """The card's OOD entry: threshold, share of the test split flagged and, with a leave-one-source-out study,
+    how well the distance flags a left-out source and the left-out ECE of flagged and unflagged questions."""
+    card = {"threshold": served.ood_threshold_, "quantile": served.ood_quantile, "space": f"{k} value neurons",
+            "test_flagged": float(test_flags.mean())}
+    if study is not None:
+        card["loso_auroc"] = {s: r.get("ood_auroc") for s, r in study.rows.items()}
+        flagged = np.concatenate([p["ood"] for p in study.predictions.values()])
+        ys = np.concatenate([p["y"] for p in study.predictions.values()])
+        ps = np.concatenate([p["probability"] for p in study.predictions.values()])
+        for name, m in (("flagged", flagged), ("not_flagged", ~flagged)):
+            if m.sum() >= 20:
+                card[f"loso_ece_{name}"] = score_metrics(ys[m], ps[m], ps[m])["ece_equal_mass"]
+                card[f"loso_n_{name}"] = int(m.sum())
+    return card
+
+
+def _loso_by_options(features: FeatureSet, X, y, sources, side: Side, split, cfg: FitConfig, *, head: str, k: int,
+                     stack_names, monotone: bool, baselines: dict) -> dict:
+    """Calibration across option counts: multiple choice grouped by how many options a question shows, each count
+    (with at least 50 questions) left out in turn, fitted on the others at the chosen layer, k and head, so the
+    chance level the stack reads (log options) is tested where it must extrapolate. Empty with fewer than two
+    such counts."""
+    counts = np.array([int(r.get("n_options", 0)) for r in features.rows])
+    choice = side.kind == "choice"
+    common = [c for c in np.unique(counts[choice]) if (choice & (counts == c)).sum() >= 50]
+    if len(common) < 2:
+        return {}
+    m = choice & np.isin(counts, common)
+    groups = np.array([f"{c} options" for c in counts])
+    opt = loso_study(X[m], y[m], groups[m], side[m], split[m], max_fraction=1.0, tolerance=cfg.tolerance,
+                     heads=(head,), random_draws=0, seed=cfg.seed, balance=cfg.balance,
+                     baselines={n_: v[m] for n_, v in baselines.items()}, progress=cfg.progress,
+                     k_grid=(k,), stack_names=stack_names, monotone=monotone, free_modes=True)
+    return {"rows": opt.rows, "modes": opt.modes,
+            "sources": {g: sorted({str(d) for d in sources[m & (groups == g)]}) for g in opt.rows}}
 
 
 def _out_of_source_calibration(served: ConfidenceModel, study, choice: str) -> dict:

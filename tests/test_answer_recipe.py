@@ -150,6 +150,9 @@ def test_fit_chooses_how_the_answer_is_read_and_the_artifact_says_so(qwen_model,
     assert set(card["read_scan"]) == {"last", "mean"}
     assert max(card["read_scan"]["mean"].values()) > max(card["read_scan"]["last"].values())
     assert json_list(data.metadata["stack_features"]) == list(V2)
+    # each option count left out in turn, and the OOD distance scored on left-out sources
+    assert set(card["loso_by_options"]["rows"]) == {"2 options", "4 options"}
+    assert set(card["ood"]["loso_auroc"]) == set(card["loso"]["rows"]) and 0 <= card["ood"]["test_flagged"] <= 1
     import tempfile
 
     path = tempfile.mkdtemp() + "/a.safetensors"
