@@ -1,6 +1,7 @@
 """confidence.answer end to end: a real sidecar (uvicorn on loopback) that finds the answer-level artifact beside
-the served one, driven by many clients at once through the stock openai and text_generation clients, whole and
-streamed, with --flag-below, its header, and the Prometheus histogram parsed back."""
+the served one (read at the answer's last token, and averaged over its tokens), driven by many clients at once
+through the stock openai and text_generation clients, whole and streamed, with --flag-below, its header, and the
+Prometheus histogram parsed back."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from conftest import Server
 from prometheus_client.parser import text_string_to_metric_families
 
-from valueprobe.plugin import ValueProbe
+from valueprobe.plugin import ArtifactData, ValueProbe, load_artifact, save_artifact
 
 QUESTIONS = ["What is the capital of France?", "Which planet is largest?", "Who wrote the Iliad?",
              "How many legs does a spider have?"]
@@ -32,6 +33,29 @@ def server(assets, answer_artifact_file, tmp_path_factory):
         s.stop()
 
 
+@pytest.fixture(scope="module", params=["last", "mean"])
+def any_read_server(request, assets, answer_artifact_file, tmp_path_factory):
+    """The sidecar above, and one serving the same answer artifact marked ``answer_read: mean`` (the answer's tokens
+    averaged in the decoding hook): ``(server, artifact id, answer artifact path)``."""
+    if request.param == "last":
+        sidecar, artifact_id = request.getfixturevalue("server")
+        yield sidecar, artifact_id, answer_artifact_file
+        return
+    data = load_artifact(answer_artifact_file)
+    folder = tmp_path_factory.mktemp("answer-sidecar-mean")
+    os.symlink(assets / "model", folder / "model")
+    shutil.copy(assets / "probe.safetensors", folder / "probe.safetensors")
+    save_artifact(ArtifactData(dict(data.tensors), {**data.metadata, "answer_read": "mean"}),
+                  folder / "probe.answer.safetensors")
+    probe = ValueProbe.load(folder / "probe.answer.safetensors")
+    assert probe.answer_read == "mean"
+    s = Server(folder, flag_below=0.5)
+    try:
+        yield s.wait_ready(), probe.artifact_id, folder / "probe.answer.safetensors"
+    finally:
+        s.stop()
+
+
 def _check(answer: dict, artifact_id: str, max_tokens: int):
     assert 0 <= answer["probability"] <= 1 and answer["artifact_id"] == artifact_id
     assert answer["flagged"] == (answer["probability"] < 0.5)
@@ -39,11 +63,11 @@ def _check(answer: dict, artifact_id: str, max_tokens: int):
     assert 0 < comps["answer_tokens"] <= max_tokens and comps["min_token_logprob"] <= comps["mean_token_logprob"] <= 0
 
 
-def test_every_answer_shape_carries_confidence_in_the_answer_under_concurrency(server):
+def test_every_answer_shape_carries_confidence_in_the_answer_under_concurrency(any_read_server):
     from openai import AsyncOpenAI
     from text_generation import AsyncClient
 
-    sidecar, artifact_id = server
+    sidecar, artifact_id, _ = any_read_server
     openai = AsyncOpenAI(base_url=sidecar.url + "/v1", api_key="unused")
     tgi = AsyncClient(sidecar.url, timeout=120)
 
@@ -98,15 +122,15 @@ def test_every_answer_shape_carries_confidence_in_the_answer_under_concurrency(s
     assert all(dict(k)["artifact"] == artifact_id for k in counts)
 
 
-def test_confidence_in_an_answer_generated_elsewhere_is_the_prefill_readout(server, qwen_model, tokenizer,
-                                                                           artifact_file, answer_artifact_file):
+def test_confidence_in_an_answer_generated_elsewhere_is_the_prefill_readout(any_read_server, qwen_model, tokenizer,
+                                                                           artifact_file):
     """Gateway mode's path: POST /v1/confidence with answers, many at once, equals the readout of one prefill of
     prompt + answer computed here; and an answer the sidecar generated scores as it was served (where its text
     re-tokenizes to the generated tokens)."""
     from test_answer_level import _prefill_readout
 
-    sidecar, artifact_id = server
-    probe, answer_probe = ValueProbe.load(artifact_file), ValueProbe.load(answer_artifact_file)
+    sidecar, artifact_id, answer_artifact = any_read_server
+    probe, answer_probe = ValueProbe.load(artifact_file), ValueProbe.load(answer_artifact)
     given = ["Paris", "Jupiter, the largest", "eight", "Homer"]
 
     async def main():
