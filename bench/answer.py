@@ -60,6 +60,9 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
 
     answer_probe, prompt_probe = ValueProbe.load(answer_artifact), ValueProbe.load(prompt_artifact)
     answer_probe.require_position("answer_end")
+    if prompt_probe.model_name != answer_probe.model_name:
+        raise ValueError(f"the prompt artifact's model_name is {prompt_probe.model_name!r}, the answer artifact's "
+                         f"{answer_probe.model_name!r}: both must read the same model")
     card = answer_probe.eval_card
     specs = card["config"]["extra"]["data_specs"]
     seed, fractions = card["splits"]["seed"], card["splits"]["fractions"]
@@ -81,6 +84,9 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
     if previous_artifact is not None:  # the artifact this one replaces, on the same questions
         previous = ValueProbe.load(previous_artifact)
         previous.require_position("answer_end")
+        if previous.model_name != answer_probe.model_name:
+            raise ValueError(f"the previous artifact's model_name is {previous.model_name!r}, this one's "
+                             f"{answer_probe.model_name!r}")
         old_splits = previous.eval_card.get("splits", {})
         if (old_splits.get("seed"), old_splits.get("fractions")) != (seed, fractions):
             raise ValueError(f"the previous artifact's split (seed {old_splits.get('seed')}, fractions "
@@ -132,6 +138,10 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
 
     if samples_path is not None and Path(samples_path).exists():
         samples = load_samples(samples_path)
+        other = {r.get("model_name") for r in samples.values()} - {answer_probe.model_name, None}
+        if other:
+            raise ValueError(f"{samples_path}: the samples' model_name is {sorted(other)}, the answer artifact's "
+                             f"{answer_probe.model_name!r}: semantic entropy must come from the same model's answers")
         index = {i: n for n, i in enumerate(ids)}
         se_ids = [i for i in samples if i in index]
         rows_idx = np.array([index[i] for i in se_ids])

@@ -227,3 +227,17 @@ def test_heap_fragmentation_limit_applies_on_glibc_and_yields_to_the_environment
         assert limit_heap_fragmentation() is True
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert limit_heap_fragmentation() is False  # the user's own setting wins
+
+
+def test_bench_answer_refuses_artifacts_of_two_models_and_names_the_field(answer_artifact_file, artifact_file,
+                                                                          tmp_path):
+    """A prompt artifact (or previous answer artifact) of another model would be read at layers the model may not
+    have (0.5B answer artifact + the 1.5B default: an IndexError before this check): refused, the field named."""
+    from valueprobe.plugin import ArtifactData, load_artifact, save_artifact
+
+    data = load_artifact(artifact_file)
+    other = tmp_path / "other-model.safetensors"
+    save_artifact(ArtifactData(dict(data.tensors), {**data.metadata, "model_name": "another-model"}), other)
+    result = runner.invoke(app, ["bench", "answer", "--answer-artifact", str(answer_artifact_file),
+                                 "--prompt-artifact", str(other), "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 2 and "model_name is 'another-model'" in result.output, result.output

@@ -206,9 +206,10 @@ def bench_answer(
     answer_artifact: Annotated[Path, typer.Option(help="The answer-level artifact (`fit --answer-end`).")] =
         Path("weights/qwen2.5-coder-1.5b-instruct.answer.safetensors"),
     prompt_artifact: Annotated[Optional[Path], typer.Option(help="The prompt-only artifact; default: the shipped "
-                                                            "default.")] = None,
-    samples: Annotated[Optional[Path], typer.Option(help="Sampled answers (`sample-answers`) for semantic entropy.")] =
-        Path("weights/labels/qwen2.5-coder-1.5b-instruct.samples.jsonl"),
+                                                            "one of the answer artifact's model.")] = None,
+    samples: Annotated[Optional[Path], typer.Option(help="Sampled answers (`sample-answers`) for semantic entropy; "
+                                                    "default: the shipped ones of the answer artifact's model, if "
+                                                    "any.")] = None,
     cache: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("runs/cache"),
     out: Annotated[Optional[Path], typer.Option(help="Write <out>.json, <out>.md and <out>.risk_coverage.png.")] = None,
     overhead_reps: Annotated[int, typer.Option(help="Also time generate with both heads vs bare (0: skip).")] = 0,
@@ -222,20 +223,23 @@ def bench_answer(
     semantic entropy, on held-out questions: AUROC, ECE, selective accuracy at 50% and 80% coverage. With
     --overhead-reps N, also the cost of both heads: generate with them vs bare, N interleaved repetitions."""
     from valueprobe.bench.answer import run
-    from valueprobe.weights import default_artifact
+    from valueprobe.plugin import ValueProbe
+    from valueprobe.weights import prompt_artifact_for, samples_path
 
     try:
+        model_name = ValueProbe.load(answer_artifact).model_name
+        prompt_artifact = prompt_artifact or prompt_artifact_for(model_name)
         if not overhead_only:
-            run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact or default_artifact(),
-                samples_path=samples, cache_dir=cache, out=out, echo=typer.echo, previous_artifact=previous_artifact)
+            run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact,
+                samples_path=samples or samples_path(model_name), cache_dir=cache, out=out, echo=typer.echo,
+                previous_artifact=previous_artifact)
         if overhead_reps:
             import json
 
             from valueprobe.bench.answer import measure_overhead
-            from valueprobe.plugin import ValueProbe
 
             answer_probe = ValueProbe.load(answer_artifact)
-            probe, mdl, tok = probe_and_model(prompt_artifact or default_artifact(), None, "float32")
+            probe, mdl, tok = probe_and_model(prompt_artifact, None, "float32")
             result = measure_overhead(mdl, tok, probe, answer_probe, reps=overhead_reps, echo=typer.echo,
                                       previous_answer_probe=ValueProbe.load(previous_artifact)
                                       if previous_artifact else None)
