@@ -135,6 +135,16 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
         for s_, r in result["loso_previous_vs_new"].items():
             lines.append(f"| {s_} | {_f(r['previous'])} | {_f(r['new'])} | {_f(r['change'], '+.3f')} | "
                          f"{_f(r['best_free'])} | {_f(r['new_minus_best_free'], '+.3f')} |")
+        source = np.array([r["dataset"] for r in answer_fs.rows])
+        by_source = by_source_on_test_split(y, source, test, scores["answer-level served score"], scores[PREVIOUS],
+                                         fitted_by_previous=set(previous.eval_card.get("data", {})))
+        result["test_split_by_source"] = by_source
+        lines += ["", "The test split by source, and pooled over the sources the previous artifact was fitted on and "
+                  "those it never saw (this artifact was fitted on other questions of every source, so the second "
+                  "group is in distribution for it only: a transfer comparison is the table above):", "",
+                  "| test questions | n | new served | previous served | change |", "|---|---|---|---|---|"]
+        for s_, r in by_source.items():
+            lines.append(f"| {s_} | {r['n']} | {_f(r['new'])} | {_f(r['previous'])} | {_f(r['change'], '+.3f')} |")
 
     if samples_path is not None and Path(samples_path).exists():
         samples = load_samples(samples_path)
@@ -199,6 +209,24 @@ def loso_comparison(previous_card: dict, card: dict) -> dict:
         best = max((v for v in free if v is not None), default=None)
         out[s] = {"previous": o, "new": n, "change": None if o is None or n is None else n - o, "best_free": best,
                   "new_minus_best_free": None if n is None or best is None else n - best}
+    return out
+
+
+def by_source_on_test_split(y, source, test, new, previous, *, fitted_by_previous: set) -> dict:
+    """AUROC of the new and the previous served score on the test split, per source (marked where the previous
+    artifact was fitted on it) and pooled over the sources the previous artifact was fitted on / never saw."""
+    from valueprobe.calibration.metrics import auroc_score
+
+    groups = {f"{s}{' (previous fitted on it)' if s in fitted_by_previous else ''}": test & (source == s)
+              for s in sorted(set(source.tolist()))}
+    seen = np.isin(source, sorted(fitted_by_previous))
+    groups["all sources the previous artifact was fitted on"] = test & seen
+    groups["all sources it never saw"] = test & ~seen
+    out = {}
+    for name, m in groups.items():
+        two = m.sum() > 0 and len(np.unique(y[m])) == 2
+        n_, p_ = ((auroc_score(y[m], new[m]), auroc_score(y[m], previous[m])) if two else (None, None))
+        out[name] = {"n": int(m.sum()), "new": n_, "previous": p_, "change": None if n_ is None else n_ - p_}
     return out
 
 

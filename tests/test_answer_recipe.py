@@ -177,3 +177,21 @@ def test_a_monotone_stack_whose_every_signal_points_the_wrong_way_serves_the_bas
     stack = KindStacker(value_weight=False, monotone=True).fit(X, y, X, y)
     assert stack.used_ == [] and not stack.params_["weight"].any()
     assert stack.predict_proba(X[:3]) == pytest.approx([y.mean()] * 3, abs=0.05)
+
+
+def test_bench_answer_splits_the_test_set_by_what_the_previous_artifact_saw():
+    from valueprobe.bench.answer import by_source_on_test_split
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, n)
+    source = np.array(["seen", "new"] * (n // 2))
+    test = rng.random(n) < 0.5
+    new = y + rng.normal(0, 1, n)  # ranks both sources
+    previous = np.where(source == "seen", y + rng.normal(0, 1, n), rng.normal(0, 1, n))  # only the one it saw
+    table = by_source_on_test_split(y, source, test, new, previous, fitted_by_previous={"seen"})
+    assert set(table) == {"new", "seen (previous fitted on it)", "all sources the previous artifact was fitted on",
+                          "all sources it never saw"}
+    assert table["new"]["n"] == int((test & (source == "new")).sum())
+    assert table["all sources it never saw"]["change"] > 0.2
+    assert abs(table["all sources the previous artifact was fitted on"]["change"]) < 0.2

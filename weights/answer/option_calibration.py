@@ -39,7 +39,8 @@ def load(size: str):
     for shard in sorted(Path(f"runs/cache/answer31-{size}").glob("*-answer_end/shard-*.json")):
         rows += [r for r in json.loads(shard.read_text()) if r["kind"] == "choice" and r["id"] in options]
     if not rows:
-        raise SystemExit(f"no multiple-choice rows in runs/cache/answer31-{size}: run weights/answer-study/extract.sh {size}")
+        raise SystemExit(f"no multiple-choice rows in runs/cache/answer31-{size}: "
+                         f"run weights/answer-study/extract.sh {size}")
     y = np.array([r["label"] for r in rows])
     source = np.array([r["dataset"] for r in rows])
     k = np.array([options[r["id"]] for r in rows])
