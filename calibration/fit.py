@@ -99,6 +99,9 @@ class FittedParts:
     random_sets: list
     random_probes: list
     calibration: SplitData
+    #: what the served score is per kind where it is not the value neurons stacked with the free signal
+    #: (``{"choice": "free:answer_sum_logprob", ...}``): names the served row, which would otherwise claim neurons
+    served_modes: dict | None = None
 
 
 def _candidate_layers(n_layers: int) -> list[int]:
@@ -136,8 +139,11 @@ def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
     y = data.y
     comp = served_predictions(parts.served, data.X, data.side)
     free = FREE_SIGNALS[parts.served.token_position]
+    modes = parts.served_modes or {}
+    label = (f"served score (value neurons + {free}, per kind)" if all(m == "stacked" for m in modes.values())
+             else "served score (" + ", ".join(f"{k}: {m}" for k, m in sorted(modes.items())) + ")")
     rows = [
-        _row(f"served score (value neurons + {free}, per kind)", y, comp["probability"], comp["probability"]),
+        _row(label, y, comp["probability"], comp["probability"]),
         _row("value neurons, calibrated", y, comp["value_raw"], comp["value_probability"]),
     ]
     if parts.other_head is not None:
@@ -278,7 +284,8 @@ def fit_artifact(
     parts = FittedParts(served=probe, other_head=other, dense=LinearProbe().fit(X[tr], y[tr], sample_weight=weights),
                         next_token=NextTokenStack().fit(side[tr], y[tr], side[cal], y[cal]), random_sets=random_sets,
                         random_probes=[LinearProbe().fit(X[tr][:, s], y[tr], sample_weight=weights) for s in random_sets],
-                        calibration=SplitData(X[cal], y[cal], side[cal], [r for r, m in zip(features.rows, cal) if m]))
+                        calibration=SplitData(X[cal], y[cal], side[cal], [r for r, m in zip(features.rows, cal) if m]),
+                        served_modes={kind: served.modes[kind] for kind in served.stack_})
 
     def subset(mask) -> SplitData:
         return SplitData(X[mask], y[mask], side[mask], [r for r, m in zip(features.rows, mask) if m])
