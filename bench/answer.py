@@ -59,13 +59,17 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
     from valueprobe.weights import labels_paths
 
     answer_probe, prompt_probe = ValueProbe.load(answer_artifact), ValueProbe.load(prompt_artifact)
-    answer_probe.require_position("answer_end")
-    if prompt_probe.model_name != answer_probe.model_name:
-        raise ValueError(f"the prompt artifact's model_name is {prompt_probe.model_name!r}, the answer artifact's "
-                         f"{answer_probe.model_name!r}: both must read the same model")
+    previous = ValueProbe.load(previous_artifact) if previous_artifact is not None else None
+    check_inputs(answer_probe, prompt_probe, previous, samples_path)
     card = answer_probe.eval_card
     specs = card["config"]["extra"]["data_specs"]
     seed, fractions = card["splits"]["seed"], card["splits"]["fractions"]
+    if previous is not None:  # its test split must be this one's, or its fitting questions could be scored here
+        old_splits = previous.eval_card.get("splits", {})
+        if (old_splits.get("seed"), old_splits.get("fractions")) != (seed, fractions):
+            raise ValueError(f"the previous artifact's split (seed {old_splits.get('seed')}, fractions "
+                             f"{old_splits.get('fractions')}) is not this one's (seed {seed}, fractions {fractions}): "
+                             "its fitting questions could be in this test split")
     questions = interleave_sources([load_data(s, seed=seed) for s in specs])
     labels = {}
     for path in labels_paths(answer_probe.model_name):  # every shipped set of the model's own answers
@@ -80,18 +84,7 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
     prompt_p = served_predictions(prompt_probe, prompt_fs.features[:, prompt_probe.layer - 1].numpy().astype(np.float64),
                                   Side.from_rows(prompt_fs.rows))["probability"]
     scores = {"answer-level served score": answer_p, "prompt-only served score": prompt_p}
-    previous = None
-    if previous_artifact is not None:  # the artifact this one replaces, on the same questions
-        previous = ValueProbe.load(previous_artifact)
-        previous.require_position("answer_end")
-        if previous.model_name != answer_probe.model_name:
-            raise ValueError(f"the previous artifact's model_name is {previous.model_name!r}, this one's "
-                             f"{answer_probe.model_name!r}")
-        old_splits = previous.eval_card.get("splits", {})
-        if (old_splits.get("seed"), old_splits.get("fractions")) != (seed, fractions):
-            raise ValueError(f"the previous artifact's split (seed {old_splits.get('seed')}, fractions "
-                             f"{old_splits.get('fractions')}) is not this one's (seed {seed}, fractions {fractions}): "
-                             "its fitting questions could be in this test split")
+    if previous is not None:  # the artifact this one replaces, on the same questions
         scores[PREVIOUS] = served_answer_predictions(previous, answer_fs)["probability"]
     for name, getter in ANSWER_BASELINES.items():
         vals = getter(answer_fs.rows)
@@ -146,12 +139,8 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
         for s_, r in by_source.items():
             lines.append(f"| {s_} | {r['n']} | {_f(r['new'])} | {_f(r['previous'])} | {_f(r['change'], '+.3f')} |")
 
-    if samples_path is not None and Path(samples_path).exists():
+    if samples_path is not None:
         samples = load_samples(samples_path)
-        other = {r.get("model_name") for r in samples.values()} - {answer_probe.model_name, None}
-        if other:
-            raise ValueError(f"{samples_path}: the samples' model_name is {sorted(other)}, the answer artifact's "
-                             f"{answer_probe.model_name!r}: semantic entropy must come from the same model's answers")
         index = {i: n for n, i in enumerate(ids)}
         se_ids = [i for i in samples if i in index]
         rows_idx = np.array([index[i] for i in se_ids])
@@ -186,6 +175,30 @@ def run(*, answer_artifact: Path, prompt_artifact: Path, samples_path: Path | No
         Path(f"{out}.md").write_text(section)
         update_card(Path(answer_artifact), section)
     return result
+
+
+def check_inputs(answer_probe, prompt_probe, previous=None, samples_path=None) -> None:
+    """Refuse, before any model is loaded, what would be read against another model: a prompt artifact, a previous
+    answer artifact or a samples file (semantic entropy) whose ``model_name`` is not the answer artifact's; and a
+    previous artifact that does not read the answer's end. Samples rows without ``model_name`` are accepted."""
+    answer_probe.require_position("answer_end")
+    want = answer_probe.model_name
+    if prompt_probe is not None and prompt_probe.model_name != want:
+        raise ValueError(f"the prompt artifact's model_name is {prompt_probe.model_name!r}, the answer artifact's "
+                         f"{want!r}: both must read the same model")
+    if previous is not None:
+        previous.require_position("answer_end")
+        if previous.model_name != want:
+            raise ValueError(f"the previous artifact's model_name is {previous.model_name!r}, this one's {want!r}")
+    if samples_path is not None:
+        if not Path(samples_path).exists():
+            raise ValueError(f"{samples_path}: no such samples file")
+        from valueprobe.calibration.semantic import load_samples
+
+        other = {r.get("model_name") for r in load_samples(samples_path).values()} - {want, None}
+        if other:
+            raise ValueError(f"{samples_path}: the samples' model_name is {sorted(other)}, the answer artifact's "
+                             f"{want!r}: semantic entropy must come from the same model's answers")
 
 
 PREVIOUS = "answer-level served score (previous artifact)"

@@ -107,9 +107,10 @@ def _probe_logit(X, y, sources, fit, score) -> np.ndarray:
     return probe.decision_function(X[score])
 
 
-#: the study's stack columns, named as the served stacker names them, so :class:`KindStacker` knows which must
-#: not count against confidence (a higher log-probability or max-softmax never lowers it)
-STACK_COLUMNS = ("value_raw",) + FREE[:3] + ("logit_max_softmax", "log_options")
+#: the study's stack columns, the free ones named as the served stacker names them, so :class:`KindStacker` knows
+#: which must not count against confidence (a higher log-probability or max-softmax never lowers it); the probe's
+#: cross-fitted logit (``probe_logit``, not a served column name) and ``log_options`` stay unconstrained
+STACK_COLUMNS = ("probe_logit",) + FREE[:3] + ("logit_max_softmax", "log_options")
 
 
 def _stack_columns(data: AnswerData, probe_logit: np.ndarray, rows: np.ndarray, kind: str) -> np.ndarray:

@@ -133,6 +133,20 @@ def _options_table(card: dict) -> list[str]:
     return out + [""]
 
 
+def served_label(served_by_kind: dict, free: str) -> str:
+    """What the served score is, in words: ``value neurons + <free>, per kind`` when every kind stacks them, else
+    per kind (``choice: answer_sum_logprob alone, open: ...``), so no row or header claims neurons a kind does not
+    serve."""
+    modes = dict(served_by_kind or {})
+    if not modes or all(m == "stacked" for m in modes.values()):
+        return f"value neurons + {free}, per kind"
+    if all(m.startswith("value") for m in modes.values()):
+        return "value neurons, calibrated"
+    words = {"stacked": f"value neurons + {free}", "next_token": "free signals stacked", "value": "value neurons",
+             "value (no stacker)": "value neurons"}
+    return ", ".join(f"{k}: {words.get(m, m.removeprefix('free:') + ' alone')}" for k, m in sorted(modes.items()))
+
+
 def render_markdown(card: dict) -> str:
     """The card as a human report: transfer first (the headline), then the within-distribution test split."""
     sel = card["selection"]
@@ -146,8 +160,8 @@ def render_markdown(card: dict) -> str:
     lines = [
         f"# Eval card: {card['model_name']}" + (" — confidence in the answer given (answer_end)" if answer_end else ""),
         "",
-        f"- served score: **{card.get('served_score', 'value')}** (value neurons + {free}, per question "
-        "kind, Platt-calibrated per kind)" if card.get("served_score") == "stacked" else
+        f"- served score: **{card.get('served_score', 'value')}** ({served_label(card.get('served_by_kind'), free)}; "
+        "Platt-calibrated per kind)" if card.get("served_score") == "stacked" else
         f"- served score: **{card.get('served_score', 'value')}** (value neurons, calibrated)",
         *([("- read at the last token of the model's own answer" if card.get("answer_read", "last") == "last" else
             "- read as the mean over the tokens of the model's own answer (`answer_read: mean`)")

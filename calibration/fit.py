@@ -21,7 +21,7 @@ from valueprobe.plugin.probe import ValueProbe
 from valueprobe.plugin.prompting import PromptFormat
 from valueprobe.plugin.readout import ANSWER_STACK_FEATURES, ANSWER_STACK_FEATURES_V2, STACK_FEATURES
 
-from .evaluate import ANSWER_BASELINES, BASELINES, reliability_dict, score_metrics
+from .evaluate import ANSWER_BASELINES, BASELINES, reliability_dict, score_metrics, served_label
 from .extract import FeatureSet
 from .metrics import auroc_score
 from .probes import LinearProbe
@@ -99,8 +99,7 @@ class FittedParts:
     random_sets: list
     random_probes: list
     calibration: SplitData
-    #: what the served score is per kind where it is not the value neurons stacked with the free signal
-    #: (``{"choice": "free:answer_sum_logprob", ...}``): names the served row, which would otherwise claim neurons
+    #: the served mode per kind (the card's ``served_by_kind``): names the served row (:func:`served_label`)
     served_modes: dict | None = None
 
 
@@ -139,11 +138,8 @@ def _evaluate(parts: FittedParts, data: SplitData) -> list[dict]:
     y = data.y
     comp = served_predictions(parts.served, data.X, data.side)
     free = FREE_SIGNALS[parts.served.token_position]
-    modes = parts.served_modes or {}
-    label = (f"served score (value neurons + {free}, per kind)" if all(m == "stacked" for m in modes.values())
-             else "served score (" + ", ".join(f"{k}: {m}" for k, m in sorted(modes.items())) + ")")
     rows = [
-        _row(label, y, comp["probability"], comp["probability"]),
+        _row(f"served score ({served_label(parts.served_modes, free)})", y, comp["probability"], comp["probability"]),
         _row("value neurons, calibrated", y, comp["value_raw"], comp["value_probability"]),
     ]
     if parts.other_head is not None:
@@ -285,7 +281,7 @@ def fit_artifact(
                         next_token=NextTokenStack().fit(side[tr], y[tr], side[cal], y[cal]), random_sets=random_sets,
                         random_probes=[LinearProbe().fit(X[tr][:, s], y[tr], sample_weight=weights) for s in random_sets],
                         calibration=SplitData(X[cal], y[cal], side[cal], [r for r, m in zip(features.rows, cal) if m]),
-                        served_modes={kind: served.modes[kind] for kind in served.stack_})
+                        served_modes=_served_by_kind(served))
 
     def subset(mask) -> SplitData:
         return SplitData(X[mask], y[mask], side[mask], [r for r, m in zip(features.rows, mask) if m])
@@ -337,8 +333,7 @@ def fit_artifact(
             "stack_features": list(stack_names), "monotone_stack": monotone,
             "loso_by_options": by_options, "calibration_choice": calibration_choice} if answer_end else {}),
         "served_score": served_score,
-        "served_by_kind": {kind: (served.modes[kind] if kind in served.stack_ or served.modes[kind] == "value"
-                                  else "value (no stacker)") for kind in KINDS},
+        "served_by_kind": _served_by_kind(served),
         "stack_kinds": sorted(served.stack_),
         "stack_dropped": served.dropped_kinds_,
         "head": head,
@@ -370,6 +365,12 @@ def fit_artifact(
     metadata["thresholds"] = json.dumps(thresholds, sort_keys=True)
     metadata["eval_card"] = json.dumps(card, sort_keys=True, default=_json_default)
     return ArtifactData(tensors, metadata), card
+
+
+def _served_by_kind(served: ConfidenceModel) -> dict[str, str]:
+    """Per kind, the served mode; a kind whose stacker could not be fitted serves the value neurons."""
+    return {kind: (served.modes[kind] if kind in served.stack_ or served.modes[kind] == "value"
+                   else "value (no stacker)") for kind in KINDS}
 
 
 def _scan_layers(features: FeatureSet, y, sources, tr, cfg: FitConfig, *, answer_end: bool, many_sources: bool,

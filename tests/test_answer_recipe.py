@@ -152,7 +152,13 @@ def test_fit_chooses_how_the_answer_is_read_and_the_artifact_says_so(qwen_model,
     assert json_list(data.metadata["stack_features"]) == list(V2)
     # each option count left out in turn, and the OOD distance scored on left-out sources
     assert set(card["loso_by_options"]["rows"]) == {"2 options", "4 options"}
-    assert set(card["ood"]["loso_auroc"]) == set(card["loso"]["rows"]) and 0 <= card["ood"]["test_flagged"] <= 1
+    assert all(v is None or 0 <= v <= 1 for v in card["ood"]["loso_auroc"].values())
+    assert 0 <= card["ood"]["test_flagged"] <= 1
+    # the served row names what each kind serves
+    from valueprobe.calibration.evaluate import served_label
+
+    label = served_label(card["served_by_kind"], "answer token log-probs")
+    assert card["test"]["all"][0]["name"] == f"served score ({label})"
     import tempfile
 
     path = tempfile.mkdtemp() + "/a.safetensors"
@@ -185,13 +191,32 @@ def test_bench_answer_splits_the_test_set_by_what_the_previous_artifact_saw():
     rng = np.random.default_rng(0)
     n = 400
     y = rng.integers(0, 2, n)
-    source = np.array(["seen", "new"] * (n // 2))
+    source = np.array(["seen-a", "new", "seen-b", "new"] * (n // 4))
     test = rng.random(n) < 0.5
     new = y + rng.normal(0, 1, n)  # ranks both sources
-    previous = np.where(source == "seen", y + rng.normal(0, 1, n), rng.normal(0, 1, n))  # only the one it saw
-    table = by_source_on_test_split(y, source, test, new, previous, fitted_by_previous={"seen"})
-    assert set(table) == {"new", "seen (previous fitted on it)", "all sources the previous artifact was fitted on",
-                          "all sources it never saw"}
-    assert table["new"]["n"] == int((test & (source == "new")).sum())
+    seen = np.isin(source, ["seen-a", "seen-b"])
+    previous = np.where(seen, y + rng.normal(0, 1, n), rng.normal(0, 1, n))  # ranks only the sources it saw
+    table = by_source_on_test_split(y, source, test, new, previous, fitted_by_previous={"seen-a", "seen-b"})
+    assert set(table) == {"new", "seen-a (previous fitted on it)", "seen-b (previous fitted on it)",
+                          "all sources the previous artifact was fitted on", "all sources it never saw"}
+    pooled = table["all sources the previous artifact was fitted on"]
+    assert pooled["n"] == int((test & seen).sum()) == sum(table[f"{s} (previous fitted on it)"]["n"] for s in
+                                                          ("seen-a", "seen-b"))
+    from valueprobe.calibration.metrics import auroc_score
+
+    assert pooled["new"] == pytest.approx(auroc_score(y[test & seen], new[test & seen]))
     assert table["all sources it never saw"]["change"] > 0.2
     assert abs(table["all sources the previous artifact was fitted on"]["change"]) < 0.2
+
+
+@pytest.mark.parametrize("modes,want", [
+    ({"choice": "stacked", "open": "stacked"}, "value neurons + F, per kind"),
+    ({"choice": "free:answer_sum_logprob", "open": "next_token"},
+     "choice: answer_sum_logprob alone, open: free signals stacked"),
+    ({"choice": "value (no stacker)", "open": "value"}, "value neurons, calibrated"),
+    ({"choice": "stacked", "open": "value (no stacker)"}, "choice: value neurons + F, open: value neurons"),
+])
+def test_the_served_score_is_named_by_what_each_kind_serves(modes, want):
+    from valueprobe.calibration.evaluate import served_label
+
+    assert served_label(modes, "F") == want

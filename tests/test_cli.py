@@ -229,10 +229,11 @@ def test_heap_fragmentation_limit_applies_on_glibc_and_yields_to_the_environment
     assert limit_heap_fragmentation() is False  # the user's own setting wins
 
 
-def test_bench_answer_refuses_artifacts_of_two_models_and_names_the_field(answer_artifact_file, artifact_file,
+def test_bench_answer_refuses_inputs_of_another_model_and_names_the_field(answer_artifact_file, artifact_file,
                                                                           tmp_path):
-    """A prompt artifact (or previous answer artifact) of another model would be read at layers the model may not
-    have (0.5B answer artifact + the 1.5B default: an IndexError before this check): refused, the field named."""
+    """A prompt artifact, previous answer artifact or samples file of another model would be read against the wrong
+    model (0.5B answer artifact + the 1.5B default: an IndexError at layer 24 before this check): refused before
+    any model is loaded, the field named, with --overhead-only too; a samples file that is not there is said."""
     from valueprobe.plugin import ArtifactData, load_artifact, save_artifact
 
     data = load_artifact(artifact_file)
@@ -241,3 +242,17 @@ def test_bench_answer_refuses_artifacts_of_two_models_and_names_the_field(answer
     result = runner.invoke(app, ["bench", "answer", "--answer-artifact", str(answer_artifact_file),
                                  "--prompt-artifact", str(other), "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 2 and "model_name is 'another-model'" in result.output, result.output
+    answer = load_artifact(answer_artifact_file)
+    previous = tmp_path / "previous-other-model.safetensors"
+    save_artifact(ArtifactData(dict(answer.tensors), {**answer.metadata, "model_name": "another-model"}), previous)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"id": "q1", "answers": ["a", "b"], "model_name": "another-model"}) + "\n")
+    base = ["bench", "answer", "--answer-artifact", str(answer_artifact_file), "--prompt-artifact", str(artifact_file),
+            "--cache", str(tmp_path / "cache")]
+    for extra, says in ((["--previous-artifact", str(previous)], "previous artifact's model_name is 'another-model'"),
+                        (["--samples", str(samples)], "samples' model_name is ['another-model']"),
+                        (["--samples", str(tmp_path / "none.jsonl")], "no such samples file"),
+                        (["--previous-artifact", str(previous), "--overhead-only", "--overhead-reps", "1"],
+                         "previous artifact's model_name")):  # --overhead-only is checked too
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 2 and says in result.output, (extra, result.output)

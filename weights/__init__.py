@@ -32,11 +32,10 @@ def answer_artifact_beside(prompt_artifact) -> Path | None:
     return sibling if sibling.exists() else None
 
 
-def prompt_artifact_for(model_name: str) -> Path:
-    """The shipped prompt-only artifact of a model (``<model>.safetensors``), or the default artifact when none
-    ships for it."""
+def prompt_artifact_for(model_name: str) -> Path | None:
+    """The shipped prompt-only artifact of a model (``<model>.safetensors``), if one ships."""
     path = Path(str(files(__name__) / f"{model_name.lower()}.safetensors"))
-    return path if path.exists() else default_artifact()
+    return path if path.exists() else None
 
 
 def samples_path(model_name: str) -> Path | None:

@@ -222,23 +222,29 @@ def bench_answer(
     """Confidence in the answer given vs the prompt-only score, the answer's token log-probabilities, P(True) and
     semantic entropy, on held-out questions: AUROC, ECE, selective accuracy at 50% and 80% coverage. With
     --overhead-reps N, also the cost of both heads: generate with them vs bare, N interleaved repetitions."""
-    from valueprobe.bench.answer import run
+    from valueprobe.bench.answer import check_inputs, run
     from valueprobe.plugin import ValueProbe
     from valueprobe.weights import prompt_artifact_for, samples_path
 
     try:
-        model_name = ValueProbe.load(answer_artifact).model_name
+        answer_probe = ValueProbe.load(answer_artifact)
+        model_name = answer_probe.model_name
         prompt_artifact = prompt_artifact or prompt_artifact_for(model_name)
+        if prompt_artifact is None:
+            fail(f"no prompt-only artifact ships for {model_name}: pass --prompt-artifact")
+        samples = samples or samples_path(model_name)
+        check_inputs(answer_probe, ValueProbe.load(prompt_artifact),
+                     ValueProbe.load(previous_artifact) if previous_artifact else None,
+                     None if overhead_only else samples)
         if not overhead_only:
             run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact,
-                samples_path=samples or samples_path(model_name), cache_dir=cache, out=out, echo=typer.echo,
+                samples_path=samples, cache_dir=cache, out=out, echo=typer.echo,
                 previous_artifact=previous_artifact)
         if overhead_reps:
             import json
 
             from valueprobe.bench.answer import measure_overhead
 
-            answer_probe = ValueProbe.load(answer_artifact)
             probe, mdl, tok = probe_and_model(prompt_artifact, None, "float32")
             result = measure_overhead(mdl, tok, probe, answer_probe, reps=overhead_reps, echo=typer.echo,
                                       previous_answer_probe=ValueProbe.load(previous_artifact)
