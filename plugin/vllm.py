@@ -73,9 +73,9 @@ class ProbeWorkerExtension:
         values at the last token that step fed it (overwritten each step), so that when a request finishes its
         entry holds the state at the last token it was fed: an answer's last token when it ended at an
         end-of-answer token (the step that fed it emitted the end). No next-token summary is kept for it.
-        ``position="answer_mean"``: the same, averaged over every decode step (each feeds one answer token):
-        a running sum and count per request (what an ``answer_read: mean`` artifact reads), the prompt's last
-        token while no answer token was fed yet."""
+        ``position="answer_mean"``: the same, averaged over the answer positions fed so far (each counted once,
+        by absolute position): a running sum and count per request (what an ``answer_read: mean`` artifact reads),
+        the prompt's last token while no answer token was fed yet."""
         runner = self.model_runner
         cfg = runner.vllm_config
         mode = getattr(cfg.compilation_config, "mode", None)
@@ -88,7 +88,7 @@ class ProbeWorkerExtension:
                 "or CUDA graphs: start vLLM with enforce_eager=True (serve --engine vllm does)")
         if not hasattr(self, "_vp_lock"):
             self._vp_lock = threading.Lock()
-            self._vp_results: dict[str, dict[str, list[float]]] = {}
+            self._vp_results: dict[str, dict] = {}  # request id -> key -> values (see store)
             self._vp_handles: dict[str, list] = {}
         self.valueprobe_detach(key)
         model = runner.get_model()
@@ -97,7 +97,7 @@ class ProbeWorkerExtension:
         letters = list(letter_ids) if letter_ids is not None else None
         hand_off = LogitsHandOff(letters) if letters is not None else None
 
-        def store(rid: str, values: list[float]) -> None:
+        def store(rid: str, values) -> None:  # k values, or an answer_mean entry (see sums)
             with self._vp_lock:
                 self._vp_results.setdefault(rid, {})[key] = values
 
@@ -115,7 +115,14 @@ class ProbeWorkerExtension:
             for rid in [r for r in sums if r not in live]:
                 del sums[rid]
             device_idx = idx.to(hidden.device)
-            for i, last_row, rid in rows:
+            # the k values at every row's last fed token in one gather; sums and values stay on the device until
+            # taken (_readout_values), so a step costs no device-to-host copy per request
+            at = torch.tensor([r for _, r, _ in rows], device=hidden.device)
+            lasts = hidden.index_select(0, at)
+            if residual is not None:
+                lasts = lasts + residual.index_select(0, at)
+            lasts = lasts.index_select(1, device_idx).double()
+            for (i, _, rid), last in zip(rows, lasts):
                 total, count, _ = sums.get(rid, (None, 0, None))
                 first, end = int(starts[i]), int(starts[i + 1])
                 computed, prompt = int(batch.num_computed_tokens_cpu[i]), int(batch.num_prompt_tokens[i])
@@ -125,11 +132,10 @@ class ProbeWorkerExtension:
                 if start < computed + (end - first):
                     r0 = first + start - computed
                     seg = hidden[r0:end] if residual is None else hidden[r0:end] + residual[r0:end]
-                    part = seg.index_select(1, device_idx).double().sum(dim=0).cpu()
+                    part = seg.index_select(1, device_idx).double().sum(dim=0)
                     total = part if total is None else total + part
                     count += end - r0
-                last = hidden[last_row] if residual is None else hidden[last_row] + residual[last_row]
-                sums[rid] = entry = (total, count, last.index_select(0, device_idx).double().cpu())
+                sums[rid] = entry = (total, count, last)
                 store(rid, entry)  # made a list of k values when taken (_readout_values), not every step
 
         def layer_hook(module, args, output):
