@@ -32,23 +32,26 @@ def answer_artifact_beside(prompt_artifact) -> Path | None:
     return sibling if sibling.exists() else None
 
 
+def _shipped(*parts: str) -> Path | None:
+    """A file shipped in this package, if it is there."""
+    path = Path(str(files(__name__).joinpath(*parts)))
+    return path if path.exists() else None
+
+
 def prompt_artifact_for(model_name: str) -> Path | None:
     """The shipped prompt-only artifact of a model (``<model>.safetensors``), if one ships."""
-    path = Path(str(files(__name__) / f"{model_name.lower()}.safetensors"))
-    return path if path.exists() else None
+    return _shipped(f"{model_name.lower()}.safetensors")
 
 
 def samples_path(model_name: str) -> Path | None:
     """The shipped sampled answers of a model (``labels/<model>.samples.jsonl``, for semantic entropy), if any."""
-    path = Path(str(files(__name__) / "labels" / f"{model_name.lower()}.samples.jsonl"))
-    return path if path.exists() else None
+    return _shipped("labels", f"{model_name.lower()}.samples.jsonl")
 
 
 def labels_path(model_name: str) -> Path | None:
     """The shipped labels file (generated answers and grades, from ``valueprobe extract --labels``) of a model,
     so refits and ``valueprobe bench quality`` repeat only the prefill; ``None`` if none ships."""
-    path = Path(str(files(__name__) / "labels" / f"{model_name.lower()}.jsonl"))
-    return path if path.exists() else None
+    return _shipped("labels", f"{model_name.lower()}.jsonl")
 
 
 def labels_paths(model_name: str) -> list[Path]:

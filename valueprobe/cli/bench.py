@@ -233,10 +233,10 @@ def bench_answer(
         if prompt_artifact is None:
             fail(f"no prompt-only artifact ships for {model_name}: pass --prompt-artifact")
         samples = samples or samples_path(model_name)
-        check_inputs(answer_probe, ValueProbe.load(prompt_artifact),
-                     ValueProbe.load(previous_artifact) if previous_artifact else None,
-                     None if overhead_only else samples)
-        if not overhead_only:
+        if overhead_only:  # run() checks its own inputs first
+            check_inputs(answer_probe, ValueProbe.load(prompt_artifact),
+                         ValueProbe.load(previous_artifact) if previous_artifact else None)
+        else:
             run(answer_artifact=answer_artifact, prompt_artifact=prompt_artifact,
                 samples_path=samples, cache_dir=cache, out=out, echo=typer.echo,
                 previous_artifact=previous_artifact)
